@@ -1,0 +1,48 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "svsp",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "svsp-ctl", targets: ["svsp-ctl"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "5.0.0"),
+    ],
+    targets: [
+        // C core: libaio (no .pc file in Debian, linked by name) and ISA-L.
+        .target(
+            name: "CIOCore",
+            cSettings: [
+                .define("_GNU_SOURCE"),
+                .unsafeFlags(["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]),
+            ],
+            linkerSettings: [.linkedLibrary("aio"), .linkedLibrary("isal"), .linkedLibrary("pthread")]
+        ),
+        .target(name: "IOEngine", dependencies: ["CIOCore"]),
+        .target(
+            name: "Controller",
+            dependencies: [
+                "IOEngine",
+                .product(name: "Yams", package: "Yams"),
+            ]
+        ),
+        .executableTarget(
+            name: "svsp-ctl",
+            dependencies: [
+                "Controller",
+                "IOEngine",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        .testTarget(name: "CIOCoreTests", dependencies: ["CIOCore"]),
+        .testTarget(name: "IOEngineTests", dependencies: ["IOEngine", "CIOCore"]),
+        .testTarget(name: "ControllerTests", dependencies: ["Controller", "IOEngine"]),
+        .testTarget(name: "EndToEndTests", dependencies: []),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,501 @@
+/* engine.c — Linux AIO engine: staged batches into io_submit, an eventfd-driven
+ * reaper thread that finishes short transfers, retries -EAGAIN, and runs the
+ * callbacks after each reaped batch (never inside reaping, so a callback that
+ * preps new I/O never recurses). Per-request state lives in a table sized by
+ * the queue depth, allocated once. */
+#include "cio_internal.h"
+
+#include <errno.h>
+#include <libaio.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#ifndef RWF_DSYNC
+#define RWF_DSYNC 0x00000002
+#endif
+
+enum cio_op { CIO_OP_READ, CIO_OP_WRITE, CIO_OP_FLUSH };
+
+/* How long staged requests may make no progress (kernel keeps refusing with
+ * -EAGAIN and nothing is in flight) before they fail: 5000 × 1 ms. */
+#define CIO_MAX_STALLED_ROUNDS 5000
+#define CIO_STALL_POLL_MS 1
+
+struct cio_req {
+    /* iocb must stay first: reaped events carry its address (container_of at offset 0). */
+    struct iocb iocb; /* first: the event's obj points here */
+    struct cio_req *next;
+    cio_completion_fn cb;
+    void *ctx;
+    uint64_t cookie;
+    struct cio_lun *lun;
+    uint8_t *buf;
+    uint64_t len;
+    uint64_t offset;
+    uint64_t done_bytes; /* finished so far; a short transfer resubmits the rest */
+    int64_t result;
+    uint8_t op;
+    bool fua;
+};
+
+struct cio_completion {
+    cio_completion_fn cb;
+    void *ctx;
+    uint64_t cookie;
+    int64_t result;
+};
+
+struct req_list {
+    struct cio_req *head, *tail;
+    uint32_t count;
+};
+
+struct cio_engine {
+    io_context_t aio;
+    int efd;
+    uint32_t depth;
+    pthread_t reaper;
+    bool reaper_started;
+    cio_batch_end_fn batch_end;
+    void *batch_end_ctx;
+
+    struct cio_req *reqs;               /* [depth] */
+    struct io_event *events;            /* [depth], reaper only */
+    struct cio_completion *completions; /* [depth], reaper only */
+    struct iocb **submit_vec;           /* [depth], under submit_lock */
+
+    pthread_mutex_t lock; /* free list, staged, done, counters below */
+    struct cio_req *free_head;
+    struct req_list staged;
+    struct req_list done; /* finished outside the kernel: submit errors, fdatasync fallback */
+    uint32_t inflight;    /* accepted by prep, callback not yet delivered */
+    uint32_t in_kernel;   /* handed to io_submit, not yet reaped */
+    bool stopping;
+    struct cio_engine_stats stats;
+
+    pthread_mutex_t submit_lock; /* serializes io_submit so staged order is kept */
+};
+
+static void list_push(struct req_list *l, struct cio_req *r) {
+    r->next = NULL;
+    if (l->tail) l->tail->next = r;
+    else l->head = r;
+    l->tail = r;
+    l->count++;
+}
+
+static void list_push_front(struct req_list *l, struct cio_req *r) {
+    r->next = l->head;
+    l->head = r;
+    if (l->tail == NULL) l->tail = r;
+    l->count++;
+}
+
+static struct cio_req *list_pop(struct req_list *l) {
+    struct cio_req *r = l->head;
+    if (r == NULL) return NULL;
+    l->head = r->next;
+    if (l->head == NULL) l->tail = NULL;
+    l->count--;
+    r->next = NULL;
+    return r;
+}
+
+static void wake_reaper(struct cio_engine *e) {
+    uint64_t one = 1;
+    ssize_t rc;
+    do {
+        rc = write(e->efd, &one, sizeof one);
+    } while (rc < 0 && errno == EINTR);
+}
+
+void cio_engine_opts_init(struct cio_engine_opts *opts) {
+    memset(opts, 0, sizeof *opts);
+    opts->size = sizeof *opts;
+    opts->queue_depth = 128;
+}
+
+/* ---------------------------------------------------------------- prep */
+
+static void fill_iocb(struct cio_engine *e, struct cio_req *r) {
+    uint8_t *buf = r->buf + r->done_bytes;
+    uint64_t len = r->len - r->done_bytes;
+    long long off = (long long)(r->offset + r->done_bytes);
+    switch (r->op) {
+    case CIO_OP_READ: io_prep_pread(&r->iocb, r->lun->fd, buf, len, off); break;
+    case CIO_OP_WRITE:
+        io_prep_pwrite(&r->iocb, r->lun->fd, buf, len, off);
+        if (r->fua) r->iocb.aio_rw_flags = RWF_DSYNC;
+        break;
+    default: io_prep_fdsync(&r->iocb, r->lun->fd); break;
+    }
+    io_set_eventfd(&r->iocb, e->efd);
+}
+
+static int check_io(const struct cio_lun *lun, const void *buf, uint64_t len, uint64_t offset) {
+    uint64_t a = lun->info.logical_block_size;
+    if (buf == NULL || len == 0 || ((uintptr_t)buf % a) != 0 || len % a != 0 || offset % a != 0) return -EINVAL;
+    if (offset > lun->info.size_bytes || len > lun->info.size_bytes - offset) return -ERANGE;
+    if (len > (uint64_t)1 << 31) return -EINVAL; /* one iocb moves at most 2 GiB */
+    return 0;
+}
+
+static int prep(struct cio_engine *e, struct cio_lun *lun, enum cio_op op, void *buf, uint64_t len, uint64_t offset,
+                bool fua, cio_completion_fn cb, void *ctx, uint64_t cookie) {
+    if (e == NULL || lun == NULL || cb == NULL) return -EINVAL;
+    if (op != CIO_OP_FLUSH) {
+        int rc = check_io(lun, buf, len, offset);
+        if (rc != 0) return rc;
+        if (op == CIO_OP_WRITE && lun->info.read_only) return -EBADF;
+    }
+    pthread_mutex_lock(&e->lock);
+    if (e->stopping) {
+        pthread_mutex_unlock(&e->lock);
+        return -ESHUTDOWN;
+    }
+    struct cio_req *r = e->free_head;
+    if (r == NULL) {
+        pthread_mutex_unlock(&e->lock);
+        return -EBUSY;
+    }
+    e->free_head = r->next;
+    e->inflight++;
+    r->cb = cb;
+    r->ctx = ctx;
+    r->cookie = cookie;
+    r->lun = lun;
+    r->buf = buf;
+    r->len = len;
+    r->offset = offset;
+    r->done_bytes = 0;
+    r->result = 0;
+    r->op = (uint8_t)op;
+    r->fua = fua;
+    fill_iocb(e, r);
+    list_push(&e->staged, r);
+    pthread_mutex_unlock(&e->lock);
+    return 0;
+}
+
+int cio_engine_prep_read(struct cio_engine *e, struct cio_lun *lun, void *buf, uint64_t len, uint64_t offset,
+                         cio_completion_fn cb, void *ctx, uint64_t cookie) {
+    return prep(e, lun, CIO_OP_READ, buf, len, offset, false, cb, ctx, cookie);
+}
+
+int cio_engine_prep_write(struct cio_engine *e, struct cio_lun *lun, const void *buf, uint64_t len, uint64_t offset,
+                          bool fua, cio_completion_fn cb, void *ctx, uint64_t cookie) {
+    return prep(e, lun, CIO_OP_WRITE, (void *)buf, len, offset, fua, cb, ctx, cookie);
+}
+
+int cio_engine_prep_flush(struct cio_engine *e, struct cio_lun *lun, cio_completion_fn cb, void *ctx,
+                          uint64_t cookie) {
+    return prep(e, lun, CIO_OP_FLUSH, NULL, 0, 0, false, cb, ctx, cookie);
+}
+
+/* -------------------------------------------------------------- submit */
+
+/* A request that finished without the kernel's completion queue. Caller holds e->lock. */
+static void finish_outside_kernel(struct cio_engine *e, struct cio_req *r, int64_t result) {
+    r->result = result;
+    list_push(&e->done, r);
+}
+
+/* Flush where the kernel refused IOCB_CMD_FDSYNC: fdatasync covers every write
+ * completed before it was issued, which is what a flush promises. */
+static int64_t fdatasync_fallback(struct cio_lun *lun) {
+    int rc;
+    do {
+        rc = fdatasync(lun->fd);
+    } while (rc != 0 && errno == EINTR);
+    return rc == 0 ? 0 : -errno;
+}
+
+int cio_engine_submit(struct cio_engine *e) {
+    pthread_mutex_lock(&e->submit_lock);
+    int total = 0;
+    int result = 0;
+    bool wake = false;
+    for (;;) {
+        /* Detach up to depth staged requests; put back what the kernel refuses. */
+        pthread_mutex_lock(&e->lock);
+        uint32_t n = 0;
+        struct cio_req *r;
+        while (n < e->depth && (r = list_pop(&e->staged)) != NULL) {
+            if (r->op == CIO_OP_FLUSH && atomic_load(&r->lun->fdsync_refused)) {
+                /* Run the fallback outside the lock below; mark with a NULL vec entry. */
+                pthread_mutex_unlock(&e->lock);
+                int64_t res = fdatasync_fallback(r->lun);
+                pthread_mutex_lock(&e->lock);
+                e->stats.fdsync_fallbacks++;
+                finish_outside_kernel(e, r, res);
+                wake = true;
+                continue;
+            }
+            e->submit_vec[n++] = &r->iocb;
+        }
+        pthread_mutex_unlock(&e->lock);
+        if (n == 0) break;
+
+        int rc;
+        do {
+            rc = io_submit(e->aio, (long)n, e->submit_vec);
+        } while (rc == -EINTR);
+
+        pthread_mutex_lock(&e->lock);
+        e->stats.submit_calls++;
+        uint32_t accepted = rc > 0 ? (uint32_t)rc : 0;
+        e->in_kernel += accepted;
+        e->stats.submitted += accepted;
+        total += (int)accepted;
+        uint32_t first_refused = accepted;
+        if (rc < 0 && rc != -EAGAIN) {
+            /* The first iocb is bad: finish it with the error (or its flush fallback). */
+            struct cio_req *bad = (struct cio_req *)e->submit_vec[0];
+            first_refused = 1;
+            if (bad->op == CIO_OP_FLUSH && rc == -EINVAL) {
+                atomic_store(&bad->lun->fdsync_refused, true);
+                pthread_mutex_unlock(&e->lock);
+                int64_t res = fdatasync_fallback(bad->lun);
+                pthread_mutex_lock(&e->lock);
+                e->stats.fdsync_fallbacks++;
+                finish_outside_kernel(e, bad, res);
+            } else {
+                finish_outside_kernel(e, bad, rc);
+            }
+            wake = true;
+        }
+        /* Return the refused tail to the front of staged, keeping order. */
+        for (uint32_t i = n; i > first_refused; i--)
+            list_push_front(&e->staged, (struct cio_req *)e->submit_vec[i - 1]);
+        bool stalled = (rc == -EAGAIN) || (rc >= 0 && accepted < n);
+        pthread_mutex_unlock(&e->lock);
+        if (stalled) {
+            result = -EAGAIN;
+            wake = true; /* the reaper retries with a bounded backoff */
+            break;
+        }
+    }
+    pthread_mutex_unlock(&e->submit_lock);
+    if (wake && !pthread_equal(pthread_self(), e->reaper)) wake_reaper(e);
+    return total > 0 ? total : result;
+}
+
+/* -------------------------------------------------------------- reaper */
+
+/* Decide what a reaped event means: finished, or resubmit the rest. Caller holds e->lock. */
+static void handle_event(struct cio_engine *e, struct cio_req *r, long res) {
+    if (res == -EAGAIN) {
+        e->stats.resubmits++;
+        fill_iocb(e, r);
+        list_push(&e->staged, r);
+        return;
+    }
+    if (res < 0) {
+        finish_outside_kernel(e, r, res);
+        return;
+    }
+    if (r->op == CIO_OP_FLUSH) {
+        finish_outside_kernel(e, r, 0);
+        return;
+    }
+    uint64_t remaining = r->len - r->done_bytes;
+    if ((uint64_t)res >= remaining) {
+        finish_outside_kernel(e, r, (int64_t)r->len);
+    } else if (res == 0) {
+        finish_outside_kernel(e, r, -EIO); /* no progress: the LUN shrank under us */
+    } else {
+        r->done_bytes += (uint64_t)res;
+        e->stats.resubmits++;
+        fill_iocb(e, r);
+        list_push(&e->staged, r);
+    }
+}
+
+static void reap_kernel_events(struct cio_engine *e) {
+    struct timespec zero = {0, 0};
+    for (;;) {
+        int n;
+        do {
+            n = io_getevents(e->aio, 0, (long)e->depth, e->events, &zero);
+        } while (n == -EINTR);
+        if (n <= 0) return;
+        pthread_mutex_lock(&e->lock);
+        e->in_kernel -= (uint32_t)n;
+        for (int i = 0; i < n; i++)
+            handle_event(e, (struct cio_req *)e->events[i].obj, (long)e->events[i].res);
+        pthread_mutex_unlock(&e->lock);
+        if ((uint32_t)n < e->depth) return;
+    }
+}
+
+/* Free every done request first (copying what the callback needs), then call
+ * out: a callback may prep into the slots just freed. */
+static uint32_t deliver_completions(struct cio_engine *e) {
+    pthread_mutex_lock(&e->lock);
+    uint32_t n = 0;
+    struct cio_req *r;
+    while ((r = list_pop(&e->done)) != NULL) {
+        e->completions[n++] = (struct cio_completion){r->cb, r->ctx, r->cookie, r->result};
+        r->next = e->free_head;
+        e->free_head = r;
+    }
+    pthread_mutex_unlock(&e->lock);
+    for (uint32_t i = 0; i < n; i++) {
+        struct cio_completion *c = &e->completions[i];
+        c->cb(c->ctx, c->cookie, c->result);
+    }
+    if (n > 0) {
+        pthread_mutex_lock(&e->lock);
+        e->inflight -= n;
+        e->stats.completed += n;
+        e->stats.reap_batches++;
+        pthread_mutex_unlock(&e->lock);
+        if (e->batch_end) e->batch_end(e->batch_end_ctx);
+    }
+    return n;
+}
+
+/* Staged requests the kernel would not take for too long fail with -EAGAIN. */
+static void fail_stalled(struct cio_engine *e) {
+    pthread_mutex_lock(&e->lock);
+    struct cio_req *r;
+    while ((r = list_pop(&e->staged)) != NULL) finish_outside_kernel(e, r, -EAGAIN);
+    pthread_mutex_unlock(&e->lock);
+}
+
+static void wait_for_event(struct cio_engine *e, bool have_staged) {
+    uint64_t count;
+    if (have_staged) {
+        struct pollfd p = {.fd = e->efd, .events = POLLIN};
+        if (poll(&p, 1, CIO_STALL_POLL_MS) <= 0) return;
+    }
+    ssize_t rc;
+    do {
+        rc = read(e->efd, &count, sizeof count);
+    } while (rc < 0 && errno == EINTR);
+}
+
+static void *reaper_main(void *arg) {
+    struct cio_engine *e = arg;
+    uint32_t stalled_rounds = 0;
+    for (;;) {
+        pthread_mutex_lock(&e->lock);
+        bool have_staged = e->staged.count > 0;
+        bool exit_now = e->stopping && e->inflight == 0;
+        pthread_mutex_unlock(&e->lock);
+        if (exit_now) break;
+
+        wait_for_event(e, have_staged);
+        reap_kernel_events(e);
+        uint32_t delivered = deliver_completions(e);
+        int submitted = cio_engine_submit(e);
+
+        pthread_mutex_lock(&e->lock);
+        bool stuck = e->staged.count > 0 && e->in_kernel == 0;
+        pthread_mutex_unlock(&e->lock);
+        if (stuck && delivered == 0 && submitted <= 0) {
+            if (++stalled_rounds >= CIO_MAX_STALLED_ROUNDS) {
+                fail_stalled(e);
+                deliver_completions(e);
+                stalled_rounds = 0;
+            }
+        } else {
+            stalled_rounds = 0;
+        }
+    }
+    return NULL;
+}
+
+/* ----------------------------------------------------------- lifecycle */
+
+static void engine_free(struct cio_engine *e) {
+    if (e->efd >= 0) close(e->efd);
+    free(e->reqs);
+    free(e->events);
+    free(e->completions);
+    free(e->submit_vec);
+    free(e);
+}
+
+int cio_engine_create(const struct cio_engine_opts *opts, struct cio_engine **out) {
+    if (opts == NULL || out == NULL || opts->size < sizeof(struct cio_engine_opts) || opts->queue_depth == 0 ||
+        opts->queue_depth > 65536)
+        return -EINVAL;
+    struct cio_engine *e = calloc(1, sizeof *e);
+    if (e == NULL) return -ENOMEM;
+    e->efd = -1;
+    e->depth = opts->queue_depth;
+    e->batch_end = opts->batch_end;
+    e->batch_end_ctx = opts->batch_end_ctx;
+    e->reqs = calloc(e->depth, sizeof *e->reqs);
+    e->events = calloc(e->depth, sizeof *e->events);
+    e->completions = calloc(e->depth, sizeof *e->completions);
+    e->submit_vec = calloc(e->depth, sizeof *e->submit_vec);
+    if (!e->reqs || !e->events || !e->completions || !e->submit_vec) {
+        engine_free(e);
+        return -ENOMEM;
+    }
+    for (uint32_t i = 0; i < e->depth; i++) {
+        e->reqs[i].next = (i + 1 < e->depth) ? &e->reqs[i + 1] : NULL;
+    }
+    e->free_head = &e->reqs[0];
+    e->efd = eventfd(0, EFD_CLOEXEC);
+    if (e->efd < 0) {
+        int err = -errno;
+        engine_free(e);
+        return err;
+    }
+    int rc = io_setup((int)e->depth, &e->aio);
+    if (rc != 0) {
+        engine_free(e);
+        return rc;
+    }
+    pthread_mutex_init(&e->lock, NULL);
+    pthread_mutex_init(&e->submit_lock, NULL);
+    rc = pthread_create(&e->reaper, NULL, reaper_main, e);
+    if (rc != 0) {
+        io_destroy(e->aio);
+        pthread_mutex_destroy(&e->lock);
+        pthread_mutex_destroy(&e->submit_lock);
+        engine_free(e);
+        return -rc;
+    }
+    e->reaper_started = true;
+    *out = e;
+    return 0;
+}
+
+void cio_engine_destroy(struct cio_engine *e) {
+    if (e == NULL) return;
+    pthread_mutex_lock(&e->lock);
+    e->stopping = true;
+    pthread_mutex_unlock(&e->lock);
+    cio_engine_submit(e); /* anything staged but never submitted still completes */
+    wake_reaper(e);
+    if (e->reaper_started) pthread_join(e->reaper, NULL);
+    io_destroy(e->aio);
+    pthread_mutex_destroy(&e->lock);
+    pthread_mutex_destroy(&e->submit_lock);
+    engine_free(e);
+}
+
+uint32_t cio_engine_inflight(struct cio_engine *e) {
+    pthread_mutex_lock(&e->lock);
+    uint32_t n = e->inflight;
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+void cio_engine_get_stats(struct cio_engine *e, struct cio_engine_stats *stats) {
+    pthread_mutex_lock(&e->lock);
+    *stats = e->stats;
+    pthread_mutex_unlock(&e->lock);
+}
+
+_Static_assert(offsetof(struct cio_req, iocb) == 0, "events are mapped back to requests by address");

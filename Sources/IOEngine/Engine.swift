@@ -1,0 +1,94 @@
+import CIOCore
+
+/// Receives completions on the engine's reaper thread. Subclass it once per
+/// owner (a benchmark, a mirror, a front end) and tell requests apart by their
+/// cookie: the hot path then allocates nothing per I/O.
+/// `result` is the byte count (or 0 for a flush) when ≥ 0, else -errno.
+open class CompletionSink: @unchecked Sendable {
+    public init() {}
+    open func ioCompleted(cookie: UInt64, result: Int64) {}
+    /// Called after each batch of completions, before the engine submits what they staged.
+    open func batchCompleted() {}
+}
+
+/// The one C callback every request uses: recover the sink (retained at prep) and call it.
+private let completionTrampoline: cio_completion_fn = { ctx, cookie, result in
+    let sink = Unmanaged<CompletionSink>.fromOpaque(ctx!).takeRetainedValue()
+    sink.ioCompleted(cookie: cookie, result: result)
+}
+
+/// Owner of a Linux AIO engine (io_setup context, eventfd, reaper thread).
+/// `deinit` stops new requests, delivers every completion of those in flight,
+/// then releases the context.
+public struct Engine: ~Copyable, @unchecked Sendable {
+    public let handle: EngineHandle
+
+    public init(queueDepth: Int) throws(IOError) {
+        var opts = cio_engine_opts()
+        cio_engine_opts_init(&opts)
+        opts.queue_depth = UInt32(clamping: queueDepth)
+        var raw: OpaquePointer?
+        let rc = cio_engine_create(&opts, &raw)
+        guard rc == 0, let raw else { throw IOError(result: rc, operation: .engineCreate) }
+        handle = EngineHandle(raw: raw, queueDepth: queueDepth)
+    }
+
+    deinit { cio_engine_destroy(handle.raw) }
+}
+
+/// A copyable view of an engine, valid while its `Engine` owner lives; safe to
+/// use from any thread, including completion callbacks.
+public struct EngineHandle: @unchecked Sendable {
+    let raw: OpaquePointer
+    public let queueDepth: Int
+
+    /// Stages a read into `buffer` (aligned memory you own until completion).
+    /// On success the sink gets exactly one `ioCompleted`; on a thrown error never.
+    @inline(__always)
+    public func prepRead(lun: LUNHandle, buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64,
+                         sink: CompletionSink, cookie: UInt64) throws(IOError) {
+        let ctx = Unmanaged.passRetained(sink)
+        let rc = cio_engine_prep_read(raw, lun.raw, buffer, UInt64(length), offset, completionTrampoline,
+                                      ctx.toOpaque(), cookie)
+        if rc != 0 {
+            ctx.release()
+            throw IOError(result: rc, operation: .read, lun: lun.path, offset: offset)
+        }
+    }
+
+    /// Stages a write; `fua` makes it durable before it completes.
+    @inline(__always)
+    public func prepWrite(lun: LUNHandle, buffer: UnsafeRawPointer, length: Int, offset: UInt64, fua: Bool = false,
+                          sink: CompletionSink, cookie: UInt64) throws(IOError) {
+        let ctx = Unmanaged.passRetained(sink)
+        let rc = cio_engine_prep_write(raw, lun.raw, buffer, UInt64(length), offset, fua, completionTrampoline,
+                                       ctx.toOpaque(), cookie)
+        if rc != 0 {
+            ctx.release()
+            throw IOError(result: rc, operation: .write, lun: lun.path, offset: offset)
+        }
+    }
+
+    /// Stages a flush of the LUN's volatile caches.
+    public func prepFlush(lun: LUNHandle, sink: CompletionSink, cookie: UInt64) throws(IOError) {
+        let ctx = Unmanaged.passRetained(sink)
+        let rc = cio_engine_prep_flush(raw, lun.raw, completionTrampoline, ctx.toOpaque(), cookie)
+        if rc != 0 {
+            ctx.release()
+            throw IOError(result: rc, operation: .flush, lun: lun.path)
+        }
+    }
+
+    /// Hands staged requests to the kernel. Inside a completion callback there is
+    /// no need: the engine submits after each batch.
+    @discardableResult
+    public func submit() -> Int { Int(cio_engine_submit(raw)) }
+
+    public var inflight: Int { Int(cio_engine_inflight(raw)) }
+
+    public var stats: cio_engine_stats {
+        var s = cio_engine_stats()
+        cio_engine_get_stats(raw, &s)
+        return s
+    }
+}
