@@ -1,0 +1,9 @@
+import Glibc
+
+/// CLOCK_MONOTONIC in nanoseconds (no allocation, no Foundation).
+@inline(__always)
+func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}

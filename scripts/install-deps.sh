@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the Debian packages svsp builds and tests with (needs root or sudo).
+set -euo pipefail
+PACKAGES=(libaio-dev libisal-dev fio util-linux)
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+missing=()
+for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+echo "install-deps: ${PACKAGES[*]} present"
