@@ -42,7 +42,7 @@ let package = Package(
         .testTarget(name: "CIOCoreTests", dependencies: ["CIOCore"]),
         .testTarget(name: "IOEngineTests", dependencies: ["IOEngine", "CIOCore"]),
         .testTarget(name: "ControllerTests", dependencies: ["Controller", "IOEngine"]),
-        .testTarget(name: "EndToEndTests", dependencies: []),
+        .testTarget(name: "EndToEndTests", dependencies: ["svsp-ctl"]),
     ],
     swiftLanguageModes: [.v6]
 )

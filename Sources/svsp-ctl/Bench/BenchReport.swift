@@ -15,6 +15,7 @@ struct BenchReport: Codable {
     var queueDepth: Int
     var seconds: Double
     var phase: String
+    var seed: UInt64?
     var read: Direction?
     var write: Direction?
 

@@ -27,6 +27,9 @@ struct RawBench: ParsableCommand {
     @Option(help: "Bytes of the target to use (default: all of it).") var size: String?
     @Option(name: .customLong("rwmix-read"), help: "Percent reads for randrw.") var rwmixRead: Int = 50
     @Flag(help: "Write patterned blocks over the area, read them back, compare.") var verify = false
+    @Option(name: .customLong("verify-phase"), help: "write|read|both: write the pattern, check it, or both.")
+    var verifyPhase: String = "both"
+    @Option(help: "Pattern seed for --verify (the same seed checks an earlier run's pattern).") var seed: UInt64?
     @Flag(help: "Print JSON instead of a table.") var json = false
 
     mutating func run() throws {
@@ -53,12 +56,16 @@ struct RawBench: ParsableCommand {
             throw CommandFailure("--bs \(bs): must be a multiple of 512 between 512 and 64M")
         }
         let wantedBytes = try size.map { try ByteSize.parse($0) }
+        guard ["write", "read", "both"].contains(verifyPhase) else {
+            throw CommandFailure("--verify-phase '\(verifyPhase)': must be write, read or both")
+        }
 
         if !FileManager.default.fileExists(atPath: target) {
             guard let wantedBytes else { throw CommandFailure("\(target): does not exist (give --size to create it)") }
             try LUN.createFile(path: target, sizeBytes: wantedBytes)
         }
-        let lun = try LUN(path: target, readWrite: verify || pattern != .read && pattern != .randread)
+        let writes = verify ? verifyPhase != "read" : (pattern != .read && pattern != .randread)
+        let lun = try LUN(path: target, readWrite: writes)
         let info = lun.info
         let areaBytes = wantedBytes ?? info.sizeBytes
         guard areaBytes <= info.sizeBytes else {
@@ -76,7 +83,7 @@ struct RawBench: ParsableCommand {
         var reports: [BenchReport] = []
         func report(_ w: RawWorkload, phase: String) -> BenchReport {
             BenchReport(target: target, rw: rw, blockBytes: Int(blockBytes), queueDepth: qd,
-                        seconds: (Double(w.elapsedNs) / 1e7).rounded() / 100, phase: phase,
+                        seconds: (Double(w.elapsedNs) / 1e7).rounded() / 100, phase: phase, seed: verify ? config.seed : nil,
                         read: BenchReport.direction(w.reads, elapsedNs: w.elapsedNs),
                         write: BenchReport.direction(w.writes, elapsedNs: w.elapsedNs))
         }
@@ -86,16 +93,21 @@ struct RawBench: ParsableCommand {
             let crcs = UnsafeMutablePointer<UInt32>.allocate(capacity: blocks)
             defer { crcs.deallocate() }
             config.seconds = nil
-            config.seed = UInt64(UInt32.random(in: 1...UInt32.max)) << 8 | 0x5A
-            config.verifyWrite = true
-            let writer = RawWorkload(config: config, engine: engine.handle, lun: lun.handle, buffers: pool.handle, blockCRCs: crcs)
-            try writer.run()
-            reports.append(report(writer, phase: "verify-w"))
-            config.verifyWrite = false
-            config.verifyRead = true
-            let reader = RawWorkload(config: config, engine: engine.handle, lun: lun.handle, buffers: pool.handle, blockCRCs: crcs)
-            try reader.run()
-            reports.append(report(reader, phase: "verify-r"))
+            config.seed = seed ?? (UInt64(UInt32.random(in: 1...UInt32.max)) << 8 | 0x5A)
+            if verifyPhase != "read" {
+                config.verifyWrite = true
+                let writer = RawWorkload(config: config, engine: engine.handle, lun: lun.handle, buffers: pool.handle, blockCRCs: crcs)
+                try writer.run()
+                reports.append(report(writer, phase: "verify-w"))
+                config.verifyWrite = false
+            }
+            if verifyPhase != "write" {
+                config.verifyRead = true
+                let reader = RawWorkload(config: config, engine: engine.handle, lun: lun.handle, buffers: pool.handle,
+                                         blockCRCs: verifyPhase == "read" ? nil : crcs)
+                try reader.run()
+                reports.append(report(reader, phase: "verify-r"))
+            }
         } else {
             config.seconds = seconds
             let workload = RawWorkload(config: config, engine: engine.handle, lun: lun.handle, buffers: pool.handle)
@@ -118,7 +130,9 @@ struct RawBench: ParsableCommand {
         for r in reports { lines += r.tableRows() }
         if verify {
             let blocks = areaBytes / (UInt64(reports[0].blockBytes))
-            lines.append("verify: OK, \(blocks) blocks of \(bs) written and read back, every crc32c matched")
+            let what = ["write": "written (seed \(reports[0].seed ?? 0))", "read": "read back and matched the pattern",
+                        "both": "written and read back, every crc32c matched"][verifyPhase]!
+            lines.append("verify: OK, \(blocks) blocks of \(bs) \(what)")
         }
         return lines.joined(separator: "\n")
     }
