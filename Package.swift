@@ -35,6 +35,7 @@ let package = Package(
             dependencies: [
                 "Controller",
                 "IOEngine",
+                "CIOCore", // only for `bench crc`, which compares against ISA-L called from C
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
