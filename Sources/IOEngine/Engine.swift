@@ -23,10 +23,12 @@ private let completionTrampoline: cio_completion_fn = { ctx, cookie, result in
 public struct Engine: ~Copyable, @unchecked Sendable {
     public let handle: EngineHandle
 
-    public init(queueDepth: Int) throws(IOError) {
+    /// - Parameter reapBatch: completions handled before the reaper submits again (nil: CIOCore's default, 8).
+    public init(queueDepth: Int, reapBatch: Int? = nil) throws(IOError) {
         var opts = cio_engine_opts()
         cio_engine_opts_init(&opts)
         opts.queue_depth = UInt32(clamping: queueDepth)
+        if let reapBatch { opts.reap_batch = UInt32(clamping: reapBatch) }
         var raw: OpaquePointer?
         let rc = cio_engine_create(&opts, &raw)
         guard rc == 0, let raw else { throw IOError(result: rc, operation: .engineCreate) }

@@ -104,6 +104,8 @@ typedef void (*cio_batch_end_fn)(void *ctx);
 struct cio_engine_opts {
     size_t size;                 /**< sizeof(struct cio_engine_opts) */
     uint32_t queue_depth;        /**< requests in flight at most (1..65536) */
+    uint32_t reap_batch;         /**< completions handled before the reaper submits again (default 8; 0 = queue_depth).
+                                      Small batches keep the device queue refilled instead of draining in convoys. */
     cio_batch_end_fn batch_end;  /**< optional */
     void *batch_end_ctx;
 };
