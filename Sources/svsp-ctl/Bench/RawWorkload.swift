@@ -36,7 +36,7 @@ struct VerifyFailure: Error, CustomStringConvertible {
 ///
 /// Two ways to run: timed (until `seconds` pass) or one pass over the area
 /// (each block exactly once, in sequential or permuted order) used by --verify.
-final class RawWorkload: CompletionSink, @unchecked Sendable {
+final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendable {
     struct Config {
         var pattern: AccessPattern
         var blockBytes: Int
@@ -52,8 +52,8 @@ final class RawWorkload: CompletionSink, @unchecked Sendable {
     }
 
     private let config: Config
-    private let engine: EngineHandle
-    private let lun: LUNHandle
+    private let target: Target
+    private let lunPath: String
     private let buffers: BufferPoolHandle
     private let blockCount: UInt64
     private let slotStartNs: UnsafeMutablePointer<UInt64>
@@ -76,13 +76,13 @@ final class RawWorkload: CompletionSink, @unchecked Sendable {
     private var startNs: UInt64 = 0
     private let finished = DispatchSemaphore(value: 0)
 
-    init(config: Config, engine: EngineHandle, lun: LUNHandle, buffers: BufferPoolHandle,
+    init(config: Config, target: Target, lunPath: String, buffers: BufferPoolHandle,
          blockCRCs: UnsafeMutablePointer<UInt32>? = nil)
     {
         precondition(buffers.count >= config.queueDepth && buffers.bufferBytes >= config.blockBytes)
         self.config = config
-        self.engine = engine
-        self.lun = lun
+        self.target = target
+        self.lunPath = lunPath
         self.buffers = buffers
         self.blockCRCs = blockCRCs
         blockCount = config.areaBytes / UInt64(config.blockBytes)
@@ -127,7 +127,7 @@ final class RawWorkload: CompletionSink, @unchecked Sendable {
             if let failure { throw failure }
             return
         }
-        engine.submit()
+        target.submit()
         finished.wait()
         if let failure { throw failure }
     }
@@ -174,11 +174,9 @@ final class RawWorkload: CompletionSink, @unchecked Sendable {
         slotStartNs[slot] = monotonicNanoseconds()
         do {
             if isRead {
-                try engine.prepRead(lun: lun, buffer: buffer, length: config.blockBytes, offset: offset, sink: self,
-                                    cookie: UInt64(slot))
+                try target.prepRead(buffer: buffer, length: config.blockBytes, offset: offset, sink: self, cookie: UInt64(slot))
             } else {
-                try engine.prepWrite(lun: lun, buffer: buffer, length: config.blockBytes, offset: offset, sink: self,
-                                     cookie: UInt64(slot))
+                try target.prepWrite(buffer: buffer, length: config.blockBytes, offset: offset, sink: self, cookie: UInt64(slot))
             }
         } catch {
             fail(error)
@@ -197,7 +195,7 @@ final class RawWorkload: CompletionSink, @unchecked Sendable {
         let slot = Int(cookie)
         let latencyNs = now &- slotStartNs[slot]
         if result < 0 {
-            fail(IOError(result: result, operation: slotIsRead[slot] ? .read : .write, lun: lun.path,
+            fail(IOError(result: result, operation: slotIsRead[slot] ? .read : .write, lun: lunPath,
                          offset: slotOffset[slot]))
         } else if slotIsRead[slot] {
             _ = reads.latency.record(max(latencyNs, 1))

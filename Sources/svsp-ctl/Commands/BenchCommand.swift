@@ -31,6 +31,10 @@ struct RawBench: ParsableCommand {
     var verifyPhase: String = "both"
     @Option(help: "Pattern seed for --verify (the same seed checks an earlier run's pattern).") var seed: UInt64?
     @Flag(help: "Print JSON instead of a table.") var json = false
+    @Option(name: .customLong("array-profile"),
+            help: "Send I/O through the scheduler driven by this array profile (a name or a .yaml path).")
+    var arrayProfile: String?
+    @Option(help: "Hardware profiles folder (default: $SVSP_PROFILES or ./hardware-profiles).") var profiles: String?
 
     mutating func run() throws {
         do {
@@ -41,6 +45,8 @@ struct RawBench: ParsableCommand {
             throw CommandFailure(error.description)
         } catch let error as ByteSize.ParseError {
             throw CommandFailure("invalid size \(error)")
+        } catch let error as ProfileProblems {
+            throw CommandFailure(error.description)
         }
     }
 
@@ -76,45 +82,61 @@ struct RawBench: ParsableCommand {
         }
         guard areaBytes >= blockBytes else { throw CommandFailure("--size: smaller than one block of \(bs)") }
 
+        let profile = try arrayProfile.map { try ProfileLookup.array($0, profilesRoot: profiles) }
         let engine = try Engine(queueDepth: qd)
         let pool = try BufferPool(bufferBytes: Int(blockBytes), count: qd, alignment: Int(info.alignment))
-        var config = RawWorkload.Config(pattern: pattern, blockBytes: Int(blockBytes), queueDepth: qd,
-                                        areaBytes: areaBytes / blockBytes * blockBytes, readPercent: rwmixRead)
+        let config = RawWorkload<EngineTarget>.Config(pattern: pattern, blockBytes: Int(blockBytes), queueDepth: qd,
+                                                      areaBytes: areaBytes / blockBytes * blockBytes, readPercent: rwmixRead)
+        let reports: [BenchReport]
+        if let profile {
+            let scheduler = IOScheduler(engine: engine.handle, profile: profile, capacity: max(qd, 64))
+            let index = scheduler.addLUN(lun.handle)
+            reports = try runPhases(target: SchedulerTarget(scheduler: scheduler, lun: index), config: config, pool: pool.handle)
+        } else {
+            reports = try runPhases(target: EngineTarget(engine: engine.handle, lun: lun.handle), config: config, pool: pool.handle)
+        }
+        print(render(reports, info: info, areaBytes: config.areaBytes))
+    }
+
+    /// Runs the verify passes or the timed run against `target`.
+    private func runPhases<T: BenchTarget>(target: T, config base: RawWorkload<EngineTarget>.Config,
+                                           pool: BufferPoolHandle) throws -> [BenchReport] {
+        var config = RawWorkload<T>.Config(pattern: base.pattern, blockBytes: base.blockBytes, queueDepth: base.queueDepth,
+                                           areaBytes: base.areaBytes, readPercent: base.readPercent)
         var reports: [BenchReport] = []
-        func report(_ w: RawWorkload, phase: String) -> BenchReport {
-            BenchReport(target: target, rw: rw, blockBytes: Int(blockBytes), queueDepth: qd,
+        func report(_ w: RawWorkload<T>, phase: String) -> BenchReport {
+            BenchReport(target: self.target, rw: rw, blockBytes: config.blockBytes, queueDepth: qd,
                         seconds: (Double(w.elapsedNs) / 1e7).rounded() / 100, phase: phase, seed: verify ? config.seed : nil,
                         read: BenchReport.direction(w.reads, elapsedNs: w.elapsedNs),
                         write: BenchReport.direction(w.writes, elapsedNs: w.elapsedNs))
         }
-
         if verify {
-            let blocks = Int(config.areaBytes / blockBytes)
+            let blocks = Int(config.areaBytes / UInt64(config.blockBytes))
             let crcs = UnsafeMutablePointer<UInt32>.allocate(capacity: blocks)
             defer { crcs.deallocate() }
             config.seconds = nil
             config.seed = seed ?? (UInt64(UInt32.random(in: 1...UInt32.max)) << 8 | 0x5A)
             if verifyPhase != "read" {
                 config.verifyWrite = true
-                let writer = RawWorkload(config: config, engine: engine.handle, lun: lun.handle, buffers: pool.handle, blockCRCs: crcs)
+                let writer = RawWorkload(config: config, target: target, lunPath: self.target, buffers: pool, blockCRCs: crcs)
                 try writer.run()
                 reports.append(report(writer, phase: "verify-w"))
                 config.verifyWrite = false
             }
             if verifyPhase != "write" {
                 config.verifyRead = true
-                let reader = RawWorkload(config: config, engine: engine.handle, lun: lun.handle, buffers: pool.handle,
+                let reader = RawWorkload(config: config, target: target, lunPath: self.target, buffers: pool,
                                          blockCRCs: verifyPhase == "read" ? nil : crcs)
                 try reader.run()
                 reports.append(report(reader, phase: "verify-r"))
             }
         } else {
             config.seconds = seconds
-            let workload = RawWorkload(config: config, engine: engine.handle, lun: lun.handle, buffers: pool.handle)
+            let workload = RawWorkload(config: config, target: target, lunPath: self.target, buffers: pool)
             try workload.run()
             reports.append(report(workload, phase: "timed"))
         }
-        print(render(reports, info: info, areaBytes: config.areaBytes))
+        return reports
     }
 
     private func render(_ reports: [BenchReport], info: LUNInfo, areaBytes: UInt64) -> String {

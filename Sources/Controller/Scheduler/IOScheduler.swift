@@ -1,0 +1,366 @@
+import Dispatch
+import Glibc
+import IOEngine
+import Synchronization
+
+/// Sits between callers (vdisks, mirrors, benchmarks) and IOEngine and drives
+/// every LUN of one array the way its profile says:
+/// - per-LUN queues, FIFO, at most `queue_depth_per_lun` chunks in flight per LUN
+///   and `queue_depth_per_array` over the array;
+/// - requests larger than `max_io_size` are split into chunks (nothing is merged);
+/// - token buckets enforce the array's IOPS and bandwidth ceilings;
+/// - a background class (resync, verify, initial copy) may hold at most its share
+///   of the array's queue depth, and yields to queued host I/O; its rate can also
+///   be capped and changed while it runs.
+///
+/// Request state lives in a slot table sized at init; steady state allocates nothing.
+/// Contract like the engine's: `submit` that returns normally calls the sink exactly
+/// once; staged chunks reach the kernel on `kick()` or after a completion batch.
+public final class IOScheduler: CompletionSink, @unchecked Sendable {
+    public enum IOClass: UInt8, Sendable { case host, background }
+    public enum Operation: UInt8, Sendable { case read, write, flush }
+
+    public struct Stats: Sendable, Equatable {
+        public var requests: UInt64 = 0
+        public var chunks: UInt64 = 0
+        public var completed: UInt64 = 0
+        public var throttled: UInt64 = 0
+        public var backgroundChunks: UInt64 = 0
+    }
+
+    private struct Slot {
+        var sink: Unmanaged<CompletionSink>?
+        var cookie: UInt64 = 0
+        var buffer: UnsafeMutableRawPointer?
+        var length: Int = 0
+        var offset: UInt64 = 0
+        var dispatchedBytes: Int = 0
+        var chunksInFlight: Int = 0
+        var result: Int64 = 0
+        var lun: Int32 = 0
+        var op: Operation = .read
+        var ioClass: IOClass = .host
+        var fua = false
+        var nextFree: Int32 = -1
+    }
+
+    private struct LUNState {
+        let handle: LUNHandle
+        var inFlight = 0
+        var host: SlotRing
+        var background: SlotRing
+    }
+
+    private let engine: EngineHandle
+    private let clock: NanoClock
+    public let profile: ArrayProfile
+    private let maxChunkBytes: Int
+    private let backgroundDepth: Int
+    private let lock = Mutex(())
+    private let slots: UnsafeMutablePointer<Slot>
+    private let capacity: Int
+    private var freeHead: Int32
+    private var luns: [LUNState] = []
+    private var arrayInFlight = 0
+    private var backgroundInFlight = 0
+    private var queuedHost = 0
+    private var iopsBucket: TokenBucket?
+    private var bandwidthBucket: TokenBucket?
+    private var backgroundBucket: TokenBucket?
+    private var nextLUN = 0
+    private var timerArmedUntilNs: UInt64 = 0
+    private var stats = Stats()
+    private let timer: DispatchSourceTimer
+    private let timerQueue = DispatchQueue(label: "svsp.scheduler.pacing")
+
+    /// - Parameters:
+    ///   - capacity: requests queued or in flight at most (submit beyond it throws EBUSY).
+    ///   - backgroundSharePercent: the pool profile's share of queue depth for background work.
+    public init(engine: EngineHandle, profile: ArrayProfile, backgroundSharePercent: Int = 20,
+                capacity: Int = 1024, clock: NanoClock = MonotonicClock())
+    {
+        self.engine = engine
+        self.profile = profile
+        self.clock = clock
+        self.capacity = capacity
+        maxChunkBytes = Int(profile.maxIOBytes)
+        backgroundDepth = max(1, profile.queueDepthPerArray * backgroundSharePercent / 100)
+        slots = .allocate(capacity: capacity)
+        slots.initialize(repeating: Slot(), count: capacity)
+        for i in 0..<capacity { slots[i].nextFree = i + 1 < capacity ? Int32(i + 1) : -1 }
+        freeHead = 0
+        let now = clock.nowNs()
+        // 50 ms of burst: smooth enough for ±5% over a second, loose enough not to starve bursts.
+        iopsBucket = profile.iopsLimit.map {
+            TokenBucket(ratePerSecond: Double($0), burstSeconds: 0.05, minimumBurst: 1, nowNs: now)
+        }
+        bandwidthBucket = profile.bandwidthLimitBytesPerSecond.map {
+            TokenBucket(ratePerSecond: $0, burstSeconds: 0.05, minimumBurst: Double(profile.maxIOBytes), nowNs: now)
+        }
+        timer = DispatchSource.makeTimerSource(queue: timerQueue)
+        super.init()
+        timer.setEventHandler { [weak self] in self?.timerFired() }
+        timer.activate()
+    }
+
+    deinit {
+        timer.cancel()
+        slots.deinitialize(count: capacity)
+        slots.deallocate()
+    }
+
+    /// Registers a LUN of this array; returns its index for `submit`. Setup time only.
+    public func addLUN(_ handle: LUNHandle) -> Int {
+        lock.withLock { _ in
+            luns.append(LUNState(handle: handle, host: SlotRing(capacity: capacity),
+                                 background: SlotRing(capacity: capacity)))
+            return luns.count - 1
+        }
+    }
+
+    /// Caps the background class at `bytesPerSecond` (nil: only its depth share limits it). Safe while copies run.
+    public func setBackgroundRate(_ bytesPerSecond: Double?) {
+        lock.withLock { _ in
+            let now = clock.nowNs()
+            if let rate = bytesPerSecond {
+                let burst = max(rate * 0.05, Double(maxChunkBytes))
+                if backgroundBucket == nil {
+                    backgroundBucket = TokenBucket(ratePerSecond: rate, burst: burst, nowNs: now)
+                } else {
+                    backgroundBucket!.setRate(rate, burst: burst, nowNs: now)
+                }
+            } else {
+                backgroundBucket = nil
+            }
+        }
+        pumpAndSubmit()
+    }
+
+    public var currentStats: Stats { lock.withLock { _ in stats } }
+
+    /// Queues a request. Throws EINVAL/ERANGE for bad requests (checked here, before
+    /// anything is queued) and EBUSY when `capacity` requests are outstanding.
+    public func submit(_ op: Operation, lun: Int, buffer: UnsafeMutableRawPointer?, length: Int, offset: UInt64,
+                       fua: Bool = false, ioClass: IOClass = .host, sink: CompletionSink, cookie: UInt64) throws(IOError)
+    {
+        let ioOp: IOOperation = op == .read ? .read : (op == .write ? .write : .flush)
+        guard lun >= 0, lun < luns.count else { throw IOError(code: EINVAL, operation: ioOp) }
+        let info = luns[lun].handle.info
+        if op != .flush {
+            let lbs = Int(info.logicalBlockSize)
+            guard let buffer, length > 0, length % lbs == 0, offset % UInt64(lbs) == 0,
+                  Int(bitPattern: buffer) % lbs == 0
+            else { throw IOError(code: EINVAL, operation: ioOp, lun: luns[lun].handle.path, offset: offset) }
+            guard offset <= info.sizeBytes, UInt64(length) <= info.sizeBytes - offset else {
+                throw IOError(code: ERANGE, operation: ioOp, lun: luns[lun].handle.path, offset: offset)
+            }
+        }
+        let accepted: Bool = lock.withLock { _ in
+            guard freeHead >= 0 else { return false }
+            let index = Int(freeHead)
+            freeHead = slots[index].nextFree
+            slots[index] = Slot(sink: Unmanaged.passRetained(sink), cookie: cookie, buffer: buffer, length: length,
+                                offset: offset, lun: Int32(lun), op: op, ioClass: ioClass, fua: fua)
+            if ioClass == .host {
+                luns[lun].host.push(Int32(index))
+                queuedHost += 1
+            } else {
+                luns[lun].background.push(Int32(index))
+            }
+            stats.requests += 1
+            pumpLocked()
+            return true
+        }
+        if !accepted { throw IOError(code: EBUSY, operation: ioOp, lun: luns[lun].handle.path, offset: offset) }
+    }
+
+    /// Hands staged chunks to the kernel (not needed inside completion callbacks).
+    public func kick() { engine.submit() }
+
+    /// Re-runs dispatch now (tests with a ManualClock call it after advancing time).
+    public func pumpAndSubmit() {
+        lock.withLock { _ in pumpLocked() }
+        engine.submit()
+    }
+
+    // MARK: dispatch
+
+    /// Dispatches chunks while depth and tokens allow, round-robin over LUNs so one
+    /// busy LUN cannot starve the others. Caller holds the lock.
+    private func pumpLocked() {
+        let count = luns.count
+        guard count > 0 else { return }
+        var idleRounds = 0
+        while idleRounds < count, arrayInFlight < profile.queueDepthPerArray {
+            let l = nextLUN
+            nextLUN = (nextLUN + 1) % count
+            if dispatchOne(lun: l) { idleRounds = 0 } else { idleRounds += 1 }
+        }
+    }
+
+    /// Dispatches the next chunk of this LUN's head request; false when nothing could go.
+    private func dispatchOne(lun l: Int) -> Bool {
+        guard luns[l].inFlight < profile.queueDepthPerLUN else { return false }
+        var ioClass = IOClass.host
+        var head = luns[l].host.peek()
+        if head == nil {
+            // Background waits while host I/O is queued anywhere, and keeps to its share of depth.
+            guard queuedHost == 0, backgroundInFlight < backgroundDepth, let bg = luns[l].background.peek() else {
+                return false
+            }
+            head = bg
+            ioClass = .background
+        }
+        let index = Int(head!)
+        let slot = slots[index]
+        let chunk = slot.op == .flush ? 0 : min(maxChunkBytes, slot.length - slot.dispatchedBytes)
+        let now = clock.nowNs()
+        if !takeTokens(bytes: chunk, ioClass: ioClass, now: now) { return false }
+
+        let offset = slot.offset + UInt64(slot.dispatchedBytes)
+        do {
+            switch slot.op {
+            case .read:
+                try engine.prepRead(lun: luns[l].handle, buffer: slot.buffer! + slot.dispatchedBytes, length: chunk,
+                                    offset: offset, sink: self, cookie: UInt64(index))
+            case .write:
+                try engine.prepWrite(lun: luns[l].handle, buffer: slot.buffer! + slot.dispatchedBytes, length: chunk,
+                                     offset: offset, fua: slot.fua, sink: self, cookie: UInt64(index))
+            case .flush:
+                try engine.prepFlush(lun: luns[l].handle, sink: self, cookie: UInt64(index))
+            }
+        } catch {
+            if error.code == EBUSY { return false } // engine full: its completions will pump again
+            // Refused outright: the rest of the request is not dispatched; it fails with this error.
+            slots[index].result = -Int64(error.code)
+            slots[index].dispatchedBytes = slot.length
+            popHead(lun: l, ioClass: ioClass)
+            if slots[index].chunksInFlight == 0 { finishLocked(index, deferred: true) }
+            return true
+        }
+        slots[index].dispatchedBytes += chunk
+        slots[index].chunksInFlight += 1
+        luns[l].inFlight += 1
+        arrayInFlight += 1
+        stats.chunks += 1
+        if ioClass == .background {
+            backgroundInFlight += 1
+            stats.backgroundChunks += 1
+        }
+        if slot.op == .flush || slots[index].dispatchedBytes >= slot.length { popHead(lun: l, ioClass: ioClass) }
+        return true
+    }
+
+    private func popHead(lun l: Int, ioClass: IOClass) {
+        if ioClass == .host {
+            _ = luns[l].host.pop()
+            queuedHost -= 1
+        } else {
+            _ = luns[l].background.pop()
+        }
+    }
+
+    private func takeTokens(bytes: Int, ioClass: IOClass, now: UInt64) -> Bool {
+        var waitNs: UInt64 = 0
+        if let b = iopsBucket { waitNs = max(waitNs, b.nanosUntilAvailable(nowNs: now)) }
+        if let b = bandwidthBucket, bytes > 0 { waitNs = max(waitNs, b.nanosUntilAvailable(nowNs: now)) }
+        if ioClass == .background, let b = backgroundBucket, bytes > 0 {
+            waitNs = max(waitNs, b.nanosUntilAvailable(nowNs: now))
+        }
+        if waitNs > 0 {
+            stats.throttled += 1
+            armTimer(at: now + waitNs, now: now)
+            return false
+        }
+        _ = iopsBucket?.take(1, nowNs: now)
+        if bytes > 0 {
+            _ = bandwidthBucket?.take(Double(bytes), nowNs: now)
+            if ioClass == .background { _ = backgroundBucket?.take(Double(bytes), nowNs: now) }
+        }
+        return true
+    }
+
+    private func armTimer(at deadlineNs: UInt64, now: UInt64) {
+        // One pending wake-up at a time; an earlier deadline re-arms it.
+        if timerArmedUntilNs > now, timerArmedUntilNs <= deadlineNs { return }
+        timerArmedUntilNs = deadlineNs
+        timer.schedule(deadline: .now() + .nanoseconds(Int(min(deadlineNs - now, 1_000_000_000))), leeway: .microseconds(50))
+    }
+
+    private func timerFired() {
+        lock.withLock { _ in
+            timerArmedUntilNs = 0
+            pumpLocked()
+        }
+        engine.submit()
+    }
+
+    // MARK: completion
+
+    override public func ioCompleted(cookie: UInt64, result: Int64) {
+        let index = Int(cookie)
+        var done: (sink: Unmanaged<CompletionSink>, cookie: UInt64, result: Int64)?
+        lock.withLock { _ in
+            let l = Int(slots[index].lun)
+            luns[l].inFlight -= 1
+            arrayInFlight -= 1
+            if slots[index].ioClass == .background { backgroundInFlight -= 1 }
+            slots[index].chunksInFlight -= 1
+            if result < 0, slots[index].result >= 0 { slots[index].result = result }
+            if slots[index].chunksInFlight == 0, slots[index].dispatchedBytes >= slots[index].length {
+                done = finishLocked(index, deferred: false)
+            }
+            pumpLocked()
+        }
+        if let done {
+            let sink = done.sink.takeRetainedValue()
+            sink.ioCompleted(cookie: done.cookie, result: done.result)
+        }
+    }
+
+    /// Frees the slot; returns what to tell the caller (or, for a request refused at
+    /// dispatch, delivers it asynchronously so the caller is never called under our lock).
+    @discardableResult
+    private func finishLocked(_ index: Int, deferred: Bool) -> (sink: Unmanaged<CompletionSink>, cookie: UInt64, result: Int64)? {
+        let slot = slots[index]
+        let result = slot.result < 0 ? slot.result : Int64(slot.length)
+        slots[index] = Slot()
+        slots[index].nextFree = freeHead
+        freeHead = Int32(index)
+        stats.completed += 1
+        guard let sink = slot.sink else { return nil }
+        if deferred {
+            let cookie = slot.cookie
+            timerQueue.async { sink.takeRetainedValue().ioCompleted(cookie: cookie, result: result) }
+            return nil
+        }
+        return (sink, slot.cookie, result)
+    }
+}
+
+/// A fixed-capacity FIFO of slot indices (no allocation after init).
+struct SlotRing {
+    private var storage: [Int32]
+    private var head = 0
+    private var count = 0
+
+    init(capacity: Int) { storage = Array(repeating: -1, count: max(capacity, 1)) }
+
+    mutating func push(_ v: Int32) {
+        precondition(count < storage.count, "slot ring overflow")
+        storage[(head + count) % storage.count] = v
+        count += 1
+    }
+
+    func peek() -> Int32? { count == 0 ? nil : storage[head] }
+
+    mutating func pop() -> Int32? {
+        guard count > 0 else { return nil }
+        let v = storage[head]
+        head = (head + 1) % storage.count
+        count -= 1
+        return v
+    }
+
+    var isEmpty: Bool { count == 0 }
+}
