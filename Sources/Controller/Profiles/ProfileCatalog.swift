@@ -31,17 +31,18 @@ public struct ProfileCatalog: Sendable {
 
     /// Validates individual files (kind from their folder: arrays/, pools/ or links/). A pool's array is
     /// looked up among the files given and in the sibling arrays/ folder.
-    public static func validate(files: [String]) -> [ProfileProblem] {
+    public static func validate(files: [String], kind forcedKind: Kind? = nil) -> [ProfileProblem] {
         var catalog = ProfileCatalog(empty: "")
         var problems: [ProfileProblem] = []
         for path in files {
             let url = URL(fileURLWithPath: path)
             let folder = url.deletingLastPathComponent().lastPathComponent
-            guard let kind = Kind(rawValue: folder) else {
+            guard let kind = forcedKind ?? Kind(rawValue: folder) else {
                 problems.append(ProfileProblem(file: path, rule: "cannot tell the kind: put it under arrays/, pools/ or links/"))
                 continue
             }
-            problems += catalog.load(kind: kind, path: path, label: folder + "/" + url.lastPathComponent)
+            let label = forcedKind == nil ? folder + "/" + url.lastPathComponent : path
+            problems += catalog.load(kind: kind, path: path, label: label)
         }
         for (name, pool) in catalog.pools where catalog.arrays[pool.arrayProfile] == nil {
             let sibling = URL(fileURLWithPath: files.first { $0.hasSuffix("/" + name + ".yaml") } ?? "")
