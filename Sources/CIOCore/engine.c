@@ -1,5 +1,6 @@
-/* engine.c — Linux AIO engine: staged batches into io_submit, an eventfd-driven
- * reaper thread that finishes short transfers, retries -EAGAIN, and runs the
+/* engine.c — Linux AIO engine: staged batches into io_submit, and a reaper
+ * thread (reaping the AIO ring, sleeping in io_getevents, woken through an
+ * eventfd poll iocb) that finishes short transfers, retries -EAGAIN, and runs the
  * callbacks after each reaped batch (never inside reaping, so a callback that
  * preps new I/O never recurses). Per-request state lives in a table sized by
  * the queue depth, allocated once. */
@@ -63,6 +64,10 @@ struct cio_engine {
     uint32_t reap_batch; /* completions handled before submitting again */
     pthread_t reaper;
     bool reaper_started;
+    /* A one-shot IOCB_CMD_POLL on efd kept in the AIO context: writing efd completes
+     * it, which wakes the reaper out of io_getevents (shutdown, fallback flushes). */
+    struct iocb wake_iocb;
+    bool wake_armed; /* reaper thread only */
     cio_batch_end_fn batch_end;
     void *batch_end_ctx;
 
@@ -137,7 +142,6 @@ static void fill_iocb(struct cio_engine *e, struct cio_req *r) {
         break;
     default: io_prep_fdsync(&r->iocb, r->lun->fd); break;
     }
-    io_set_eventfd(&r->iocb, e->efd);
 }
 
 static int check_io(const struct cio_lun *lun, const void *buf, uint64_t len, uint64_t offset) {
@@ -348,29 +352,49 @@ static int reap_ring(struct cio_engine *e, struct cio_aio_ring *ring) {
     return n;
 }
 
-/* Reaps at most reap_batch events: the reaper then runs their callbacks and
- * submits what they staged before reaping more, so the device queue is refilled
- * while it is still busy instead of draining in lock-step convoys. */
-static void reap_kernel_events(struct cio_engine *e) {
-    struct cio_aio_ring *ring = (struct cio_aio_ring *)e->aio;
-    bool use_ring = ring->magic == CIO_AIO_RING_MAGIC && ring->incompat_features == 0;
-    struct timespec zero = {0, 0};
-    int n;
-    if (use_ring) {
-        n = reap_ring(e, ring);
-    } else {
-        do {
-            n = io_getevents(e->aio, 0, (long)e->reap_batch, e->events, &zero);
-        } while (n == -EINTR);
-    }
-    if (n > 0) handle_events(e, e->events, n);
+static void drain_wake_fd(struct cio_engine *e) {
+    uint64_t count;
+    ssize_t rc;
+    do {
+        rc = read(e->efd, &count, sizeof count);
+    } while (rc < 0 && errno == EINTR);
 }
 
-/* Whether completions are already waiting on the ring (so blocking would only delay them). */
-static bool ring_has_events(struct cio_engine *e) {
+static void arm_wake(struct cio_engine *e) {
+    io_prep_poll(&e->wake_iocb, e->efd, POLLIN);
+    struct iocb *p = &e->wake_iocb;
+    int rc;
+    do {
+        rc = io_submit(e->aio, 1, &p);
+    } while (rc == -EINTR);
+    e->wake_armed = rc == 1; /* kernels without IOCB_CMD_POLL: the reaper polls with a timeout instead */
+}
+
+/* Reaps at most reap_batch events, from the user-space ring when it has some,
+ * else (when `block`) sleeping in io_getevents for at least one, like fio. The
+ * reaper then runs their callbacks and submits what they staged before reaping
+ * more, so the device queue is refilled while it is still busy. */
+static void reap_kernel_events(struct cio_engine *e, bool block, const struct timespec *timeout) {
     struct cio_aio_ring *ring = (struct cio_aio_ring *)e->aio;
-    if (ring->magic != CIO_AIO_RING_MAGIC) return false;
-    return ring->head != __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
+    bool use_ring = ring->magic == CIO_AIO_RING_MAGIC && ring->incompat_features == 0;
+    int n = use_ring ? reap_ring(e, ring) : 0;
+    if (n == 0 && (block || !use_ring)) {
+        do {
+            n = io_getevents(e->aio, block ? 1 : 0, (long)e->reap_batch, e->events, (struct timespec *)timeout);
+        } while (n == -EINTR);
+    }
+    if (n <= 0) return;
+    bool woke = false;
+    int kept = 0;
+    for (int i = 0; i < n; i++) {
+        if (e->events[i].obj == &e->wake_iocb) woke = true;
+        else e->events[kept++] = e->events[i];
+    }
+    if (kept > 0) handle_events(e, e->events, kept);
+    if (woke) {
+        drain_wake_fd(e);
+        e->wake_armed = false;
+    }
 }
 
 /* Free every done request first (copying what the callback needs), then call
@@ -408,30 +432,23 @@ static void fail_stalled(struct cio_engine *e) {
     pthread_mutex_unlock(&e->lock);
 }
 
-static void wait_for_event(struct cio_engine *e, bool have_staged) {
-    uint64_t count;
-    if (have_staged) {
-        struct pollfd p = {.fd = e->efd, .events = POLLIN};
-        if (poll(&p, 1, CIO_STALL_POLL_MS) <= 0) return;
-    }
-    ssize_t rc;
-    do {
-        rc = read(e->efd, &count, sizeof count);
-    } while (rc < 0 && errno == EINTR);
-}
-
 static void *reaper_main(void *arg) {
     struct cio_engine *e = arg;
     uint32_t stalled_rounds = 0;
     for (;;) {
         pthread_mutex_lock(&e->lock);
         bool have_staged = e->staged.count > 0;
+        bool have_done = e->done.count > 0;
         bool exit_now = e->stopping && e->inflight == 0;
         pthread_mutex_unlock(&e->lock);
         if (exit_now) break;
 
-        if (!ring_has_events(e)) wait_for_event(e, have_staged);
-        reap_kernel_events(e);
+        if (!e->wake_armed) arm_wake(e);
+        /* Sleep until an event, but only 1 ms while staged requests wait for the
+         * kernel, and 10 ms when there is no wake iocb to rely on. */
+        struct timespec stall = {0, CIO_STALL_POLL_MS * 1000000L}, fallback = {0, 10000000L};
+        const struct timespec *timeout = have_staged ? &stall : (e->wake_armed ? NULL : &fallback);
+        reap_kernel_events(e, !have_done, timeout);
         uint32_t delivered = deliver_completions(e);
         int submitted = cio_engine_submit(e);
 
@@ -485,7 +502,7 @@ int cio_engine_create(const struct cio_engine_opts *opts, struct cio_engine **ou
         e->reqs[i].next = (i + 1 < e->depth) ? &e->reqs[i + 1] : NULL;
     }
     e->free_head = &e->reqs[0];
-    e->efd = eventfd(0, EFD_CLOEXEC);
+    e->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (e->efd < 0) {
         int err = -errno;
         engine_free(e);
