@@ -42,11 +42,26 @@ static int probe_block_device(int fd, struct cio_lun_info *info, dev_t rdev) {
     return 0;
 }
 
-static void probe_regular_file(const struct stat *st, struct cio_lun_info *info) {
+/* The file system's O_DIRECT offset alignment (statx STATX_DIOALIGN, Linux 6.1+),
+ * or 0 when the kernel or file system does not say. */
+static uint32_t probe_dio_alignment(int fd) {
+#ifdef STATX_DIOALIGN
+    struct statx stx;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 && (stx.stx_mask & STATX_DIOALIGN) &&
+        stx.stx_dio_offset_align != 0)
+        return stx.stx_dio_offset_align > stx.stx_dio_mem_align ? stx.stx_dio_offset_align : stx.stx_dio_mem_align;
+#else
+    (void)fd;
+#endif
+    return 0;
+}
+
+static void probe_regular_file(int fd, const struct stat *st, struct cio_lun_info *info) {
     info->size_bytes = (uint64_t)st->st_size;
-    /* O_DIRECT on ext4/xfs needs the fs's logical block (512 on modern
-     * kernels); st_blksize is the fs block, a good "physical" figure. */
-    info->logical_block_size = 512;
+    /* O_DIRECT needs the underlying device's logical block: ask the file system,
+     * else assume 512; st_blksize (the fs block) is a fair "physical" figure. */
+    uint32_t dio = probe_dio_alignment(fd);
+    info->logical_block_size = dio != 0 ? dio : 512;
     info->physical_block_size = st->st_blksize > 0 ? (uint32_t)st->st_blksize : 4096;
     info->is_block_device = false;
     info->rotational = false;
@@ -73,7 +88,7 @@ int cio_lun_open(const char *path, bool read_write, struct cio_lun **out) {
     if (S_ISBLK(st.st_mode)) {
         rc = probe_block_device(fd, &info, st.st_rdev);
     } else if (S_ISREG(st.st_mode)) {
-        probe_regular_file(&st, &info);
+        probe_regular_file(fd, &st, &info);
     } else {
         rc = -ENOTSUP;
     }

@@ -1,0 +1,62 @@
+import Foundation
+
+/// The domain's metadata: everything needed to find and rebuild its objects.
+/// Persisted as one generation-numbered record (bootstrap file, then the setup vdisk).
+public struct DomainMetadata: Codable, Equatable, Sendable {
+    public var generation: UInt64 = 0
+    public var domainId: UUID
+    public var name: String
+    public var pools: [PoolRecord] = []
+    public var vdisks: [VDiskRecord] = []
+    /// Pools holding a copy of the setup vdisk (empty until it is created).
+    public var setupPools: [UUID] = []
+
+    public init(domainId: UUID = UUID(), name: String) {
+        self.domainId = domainId
+        self.name = name
+    }
+
+    public func pool(named name: String) -> PoolRecord? { pools.first { $0.name == name } }
+    public func pool(id: UUID) -> PoolRecord? { pools.first { $0.id == id } }
+    public func vdisk(named name: String) -> VDiskRecord? { vdisks.first { $0.name == name } }
+}
+
+public struct PoolRecord: Codable, Equatable, Sendable {
+    public var id: UUID
+    public var name: String
+    public var arrayProfile: String
+    public var poolProfile: String
+    public var extentBytes: UInt64
+    public var metadataReserveBytes: UInt64
+    public var stripe: Bool
+    public var luns: [LUNRecord]
+
+    public var extentCount: Int { luns.reduce(0) { $0 + $1.extentCount } }
+    public var capacityBytes: UInt64 { UInt64(extentCount) * extentBytes }
+}
+
+public struct LUNRecord: Codable, Equatable, Sendable {
+    public var path: String
+    public var index: Int
+    public var sizeBytes: UInt64
+    /// Byte offset of extent 0 on this LUN (after label and metadata reserve).
+    public var dataStartBytes: UInt64
+    public var extentCount: Int
+}
+
+/// Where one extent of a vdisk lives: LUN index within the pool and extent index on that LUN.
+public struct ExtentRef: Codable, Equatable, Hashable, Sendable {
+    public var lun: Int
+    public var extent: Int
+}
+
+public struct VDiskRecord: Codable, Equatable, Sendable {
+    public var id: UUID
+    public var name: String
+    public var poolId: UUID
+    public var sizeBytes: UInt64
+    public var blockSize: Int
+    public var thin: Bool
+    /// One entry per extent of the vdisk; nil = not yet allocated (thin), reads as zeros.
+    public var extents: [ExtentRef?]
+}
