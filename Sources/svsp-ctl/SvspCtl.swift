@@ -6,7 +6,8 @@ struct SvspCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "svsp-ctl",
         abstract: "svsp storage virtualization controller: benchmarks, profiles, domains, pools, vdisks.",
-        subcommands: [BenchCommand.self, ProfileCommand.self]
+        subcommands: [DomainCommand.self, ServeCommand.self, StatusCommand.self, PoolCommand.self, VDiskCommand.self,
+                      BenchCommand.self, ProfileCommand.self]
     )
 
     /// Our failures print as one line, `svsp-ctl: <reason>`, exit 1; usage errors stay ArgumentParser's.

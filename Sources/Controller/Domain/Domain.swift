@@ -1,0 +1,428 @@
+import Foundation
+import IOEngine
+
+/// Keeps a noncopyable LUN owner in collections.
+final class LUNBox: @unchecked Sendable {
+    let lun: LUN
+    init(_ lun: consuming LUN) { self.lun = lun }
+    var handle: LUNHandle { lun.handle }
+}
+
+/// Keeps the engine owner alive for the domain's lifetime.
+final class EngineBox: @unchecked Sendable {
+    let engine: Engine
+    init(_ engine: consuming Engine) { self.engine = engine }
+}
+
+/// One running domain: its metadata, open LUNs, schedulers, and every management
+/// operation. Operations are serialized by the caller (the management server runs
+/// one at a time); each either commits a new metadata generation or changes nothing.
+public final class Domain: @unchecked Sendable {
+    public let directory: String
+    public let profiles: ProfileCatalog
+    public private(set) var metadata: DomainMetadata
+    /// Why the domain is degraded (missing LUNs, damaged setup copies...); empty = healthy.
+    public private(set) var problems: [String] = []
+    public private(set) var setupCopyStates: [SetupVDiskStore.CopyState] = []
+
+    let bootstrap: BootstrapStore
+    let engineBox: EngineBox
+    var engine: EngineHandle { engineBox.engine.handle }
+    private var luns: [UUID: [LUNBox?]] = [:]
+    private(set) var schedulers: [UUID: IOScheduler] = [:]
+    /// Per pool: the scheduler's index of each LUN, nil for a LUN that is missing.
+    private(set) var schedulerSlots: [UUID: [Int?]] = [:]
+    private var setupStore: SetupVDiskStore?
+
+    /// `svsp-ctl domain init`: an empty domain in `directory`.
+    public static func initialize(directory: String, name: String) throws(DomainError) -> DomainMetadata {
+        guard Parse.name(name) != nil else { throw DomainError("domain name '\(name)': use letters, digits, - _ . (at most 64)") }
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        } catch {
+            throw DomainError("\(directory): cannot create: \(error.localizedDescription)")
+        }
+        let store = BootstrapStore(directory: directory)
+        if store.exists { throw DomainError("\(directory): already holds a domain") }
+        let metadata = DomainMetadata(name: name)
+        try store.save(metadata)
+        return metadata
+    }
+
+    private init(directory: String, profiles: ProfileCatalog, metadata: DomainMetadata, engine: consuming Engine) {
+        self.directory = directory
+        self.profiles = profiles
+        self.metadata = metadata
+        bootstrap = BootstrapStore(directory: directory)
+        engineBox = EngineBox(engine)
+    }
+
+    /// Opens the domain in `directory`: bootstrap file, LUNs (recognized by their labels),
+    /// the setup vdisk when there is one. Missing or foreign LUNs leave the domain degraded.
+    public static func open(directory: String, profiles: ProfileCatalog) async throws(DomainError) -> Domain {
+        let boot = try BootstrapStore(directory: directory).load()
+        let engine: Engine
+        do { engine = try Engine(queueDepth: 1024) } catch { throw DomainError("\(error)") }
+        let domain = Domain(directory: directory, profiles: profiles, metadata: boot, engine: engine)
+        for pool in boot.pools where boot.setupPools.contains(pool.id) { domain.openLUNs(of: pool) }
+        if !boot.setupPools.isEmpty {
+            let store = domain.makeSetupStore(boot.setupPools, in: boot)
+            let (metadata, states) = try await store.load()
+            domain.metadata = metadata
+            domain.setupStore = store
+            domain.setupCopyStates = states
+            for s in states where s.problem != nil { domain.problems.append("setup vdisk copy on pool '\(s.poolName)': \(s.problem!)") }
+        }
+        for pool in domain.metadata.pools where domain.luns[pool.id] == nil { domain.openLUNs(of: pool) }
+        return domain
+    }
+
+    // MARK: LUNs
+
+    private func openLUNs(of pool: PoolRecord) {
+        var boxes: [LUNBox?] = []
+        for record in pool.luns {
+            do {
+                let lun = try LUN(path: record.path, readWrite: true)
+                let label = try readLabel(lun.handle)
+                guard case .label(let l) = label, l.domainId == metadata.domainId, l.poolId == pool.id,
+                      Int(l.lunIndex) == record.index
+                else {
+                    problems.append("pool '\(pool.name)': LUN \(record.path) does not carry this pool's label")
+                    boxes.append(nil)
+                    continue
+                }
+                boxes.append(LUNBox(lun))
+            } catch {
+                problems.append("pool '\(pool.name)': LUN \(record.path) missing: \(error)")
+                boxes.append(nil)
+            }
+        }
+        luns[pool.id] = boxes
+        if let array = profiles.arrays[pool.arrayProfile] {
+            let share = profiles.pools[pool.poolProfile]?.backgroundSharePercent ?? 20
+            let scheduler = IOScheduler(engine: engine, profile: array, backgroundSharePercent: share)
+            schedulerSlots[pool.id] = boxes.map { box in box.map { scheduler.addLUN($0.handle) } }
+            schedulers[pool.id] = scheduler
+        } else {
+            problems.append("pool '\(pool.name)': array profile '\(pool.arrayProfile)' not found")
+        }
+    }
+
+    /// Whether every LUN of the pool is present.
+    public func isPoolHealthy(_ pool: PoolRecord) -> Bool { luns[pool.id]?.allSatisfy { $0 != nil } ?? false }
+
+    func lunHandle(pool: UUID, index: Int) -> LUNHandle? { luns[pool]?[index]?.handle }
+
+    private func readLabel(_ lun: LUNHandle) throws -> LUNLabel.DecodeResult {
+        let buffer = try AlignedBuffer(count: DeviceSignatures.probeBytes)
+        let length = min(DeviceSignatures.probeBytes, Int(lun.info.sizeBytes / 4096 * 4096))
+        guard length >= 4096 else { return .none }
+        let sink = SyncSink()
+        try engine.prepRead(lun: lun, buffer: buffer.pointer, length: length, offset: 0, sink: sink, cookie: 0)
+        engine.submit()
+        let result = sink.wait()
+        if result < 0 { throw IOError(result: result, operation: .read, lun: lun.path, offset: 0) }
+        return LUNLabel.decode(UnsafeRawBufferPointer(buffer.bytes))
+    }
+
+    private func signature(_ lun: LUNHandle) throws -> String? {
+        let buffer = try AlignedBuffer(count: DeviceSignatures.probeBytes)
+        let length = min(DeviceSignatures.probeBytes, Int(lun.info.sizeBytes / 4096 * 4096))
+        guard length >= 4096 else { return nil }
+        let sink = SyncSink()
+        try engine.prepRead(lun: lun, buffer: buffer.pointer, length: length, offset: 0, sink: sink, cookie: 0)
+        engine.submit()
+        let result = sink.wait()
+        if result < 0 { throw IOError(result: result, operation: .read, lun: lun.path, offset: 0) }
+        return DeviceSignatures.detect(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(buffer.bytes)[0..<length]))
+    }
+
+    // MARK: persistence
+
+    /// Persists `next` as the new generation: on the setup vdisk (majority) when it exists,
+    /// else atomically in the bootstrap file. The in-memory state changes only after.
+    func commit(_ next: DomainMetadata) async throws(DomainError) {
+        var next = next
+        next.generation = metadata.generation + 1
+        if let setupStore {
+            try await setupStore.commit(next)
+        } else {
+            try bootstrap.save(next)
+        }
+        metadata = next
+    }
+
+    private func makeSetupStore(_ poolIds: [UUID], in metadata: DomainMetadata) -> SetupVDiskStore {
+        let copies = poolIds.compactMap { id -> SetupVDiskStore.Copy? in
+            guard let pool = metadata.pool(id: id), let handle = luns[id]?.first??.handle else { return nil }
+            return SetupVDiskStore.Copy(poolName: pool.name, lun: handle, metadataReserveBytes: pool.metadataReserveBytes)
+        }
+        return SetupVDiskStore(copies: copies, engine: engine)
+    }
+
+    // MARK: pools
+
+    public func createPool(name: String, arrayProfile: String, poolProfile: String?, lunPaths: [String],
+                           createBytes: UInt64?, force: Bool) async throws(DomainError) -> PoolRecord
+    {
+        guard Parse.name(name) != nil else { throw DomainError("pool name '\(name)': use letters, digits, - _ . (at most 64)") }
+        guard metadata.pool(named: name) == nil else { throw DomainError("pool '\(name)' already exists") }
+        guard let array = profiles.arrays[arrayProfile] else { throw DomainError("array profile '\(arrayProfile)' not found") }
+        let poolProfileName = poolProfile ?? arrayProfile
+        guard let profile = profiles.pools[poolProfileName] else { throw DomainError("pool profile '\(poolProfileName)' not found") }
+        guard profile.arrayProfile == arrayProfile else {
+            throw DomainError("pool profile '\(poolProfileName)' is for array '\(profile.arrayProfile)', not '\(arrayProfile)'")
+        }
+        guard !lunPaths.isEmpty else { throw DomainError("a pool needs at least one --lun") }
+        guard Set(lunPaths).count == lunPaths.count else { throw DomainError("the same --lun is given twice") }
+        let used = Set(metadata.pools.flatMap { $0.luns.map(\.path) })
+        if let taken = lunPaths.first(where: { used.contains($0) }) { throw DomainError("LUN \(taken) already belongs to a pool of this domain") }
+
+        let poolId = UUID()
+        var created: [String] = []
+        var boxes: [LUNBox] = []
+        var records: [LUNRecord] = []
+        func cleanUp() { for path in created { try? FileManager.default.removeItem(atPath: path) } }
+        let reserve = max(profile.metadataReserveBytes, 128 << 10)
+        for (index, path) in lunPaths.enumerated() {
+            do {
+                if !FileManager.default.fileExists(atPath: path) {
+                    guard let createBytes else { throw DomainError("LUN \(path) does not exist (give --create-size to create a file)") }
+                    try LUN.createFile(path: path, sizeBytes: createBytes)
+                    created.append(path)
+                }
+                let lun = try LUN(path: path, readWrite: true)
+                guard lun.info.logicalBlockSize <= array.logicalBlockSize || lun.info.logicalBlockSize <= 4096 else {
+                    throw DomainError("LUN \(path): logical block size \(lun.info.logicalBlockSize) not supported")
+                }
+                if !force {
+                    switch try readLabel(lun.handle) {
+                    case .label(let l) where l.domainId != metadata.domainId:
+                        throw DomainError("LUN \(path) belongs to another domain (\(l.domainId)); use --force to take it")
+                    case .label:
+                        throw DomainError("LUN \(path) carries a label of another pool of this domain; use --force to take it")
+                    case .damaged(let why):
+                        throw DomainError("LUN \(path) carries a damaged svsp label (\(why)); use --force to take it")
+                    case .none:
+                        if let found = try signature(lun.handle) {
+                            throw DomainError("LUN \(path) holds \(found); use --force to overwrite it")
+                        }
+                    }
+                }
+                let dataStart = (reserve + profile.extentBytes - 1) / profile.extentBytes * profile.extentBytes
+                let extents = lun.info.sizeBytes > dataStart ? Int((lun.info.sizeBytes - dataStart) / profile.extentBytes) : 0
+                guard extents > 0 else {
+                    throw DomainError("LUN \(path) (\(ByteSize.format(lun.info.sizeBytes))) is smaller than its metadata reserve plus one extent (\(ByteSize.format(dataStart + profile.extentBytes)))")
+                }
+                records.append(LUNRecord(path: path, index: index, sizeBytes: lun.info.sizeBytes, dataStartBytes: dataStart, extentCount: extents))
+                boxes.append(LUNBox(lun))
+            } catch let error as DomainError {
+                cleanUp()
+                throw error
+            } catch {
+                cleanUp()
+                throw DomainError("\(error)")
+            }
+        }
+        // Labels first, metadata second: a crash in between leaves labelled LUNs that no
+        // pool references, which a later create with --force (or the same pool id) may take.
+        do {
+            for (index, box) in boxes.enumerated() {
+                let label = LUNLabel(domainId: metadata.domainId, poolId: poolId, lunIndex: UInt32(index),
+                                     lunCount: UInt32(boxes.count), sizeBytes: box.handle.info.sizeBytes)
+                let buffer = try AlignedBuffer(count: 4096)
+                label.encode(into: buffer.bytes)
+                _ = try await engine.write(lun: box.handle, from: buffer.pointer, length: 4096, offset: 0, fua: true)
+            }
+        } catch {
+            cleanUp()
+            throw DomainError("cannot label LUNs: \(error)")
+        }
+        let pool = PoolRecord(id: poolId, name: name, arrayProfile: arrayProfile, poolProfile: poolProfileName,
+                              extentBytes: profile.extentBytes, metadataReserveBytes: reserve,
+                              stripe: profile.placement == .stripe, luns: records)
+        var next = metadata
+        next.pools.append(pool)
+        do {
+            try await commit(next)
+        } catch {
+            cleanUp()
+            throw error
+        }
+        luns[poolId] = boxes
+        let scheduler = IOScheduler(engine: engine, profile: array, backgroundSharePercent: profile.backgroundSharePercent)
+        schedulerSlots[poolId] = boxes.map { scheduler.addLUN($0.handle) }
+        schedulers[poolId] = scheduler
+        return pool
+    }
+
+    public func deletePool(name: String) async throws(DomainError) {
+        guard let pool = metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
+        let users = metadata.vdisks.filter { $0.poolId == pool.id }.map(\.name)
+        guard users.isEmpty else { throw DomainError("pool '\(name)' is used by vdisk(s) \(users.joined(separator: ", "))") }
+        guard !metadata.setupPools.contains(pool.id) else { throw DomainError("pool '\(name)' holds a copy of the setup vdisk") }
+        var next = metadata
+        next.pools.removeAll { $0.id == pool.id }
+        try await commit(next)
+        // Clear the labels so the LUNs can be reused without --force.
+        if let boxes = luns[pool.id], let zero = try? AlignedBuffer(count: 4096) {
+            memset(zero.pointer, 0, 4096)
+            for box in boxes.compactMap({ $0 }) { _ = try? await engine.write(lun: box.handle, from: zero.pointer, length: 4096, offset: 0, fua: true) }
+        }
+        luns[pool.id] = nil
+        schedulers[pool.id] = nil
+        schedulerSlots[pool.id] = nil
+    }
+
+    /// Extents of the pool no vdisk uses.
+    public func freeExtents(of pool: PoolRecord) -> Int {
+        pool.extentCount - metadata.vdisks.filter { $0.poolId == pool.id }.reduce(0) { $0 + $1.extents.compactMap { $0 }.count }
+    }
+
+    /// Picks `count` free extents: concatenated pools fill LUN by LUN, striped ones round-robin.
+    func allocate(_ count: Int, in pool: PoolRecord, metadata m: DomainMetadata) -> [ExtentRef]? {
+        var used = Set<ExtentRef>()
+        for v in m.vdisks where v.poolId == pool.id { for e in v.extents { if let e { used.insert(e) } } }
+        var picked: [ExtentRef] = []
+        if pool.stripe {
+            var cursor = Array(repeating: 0, count: pool.luns.count)
+            var lun = 0, idle = 0
+            while picked.count < count, idle < pool.luns.count {
+                var found = false
+                while cursor[lun] < pool.luns[lun].extentCount {
+                    let ref = ExtentRef(lun: lun, extent: cursor[lun])
+                    cursor[lun] += 1
+                    if !used.contains(ref) { picked.append(ref); found = true; break }
+                }
+                idle = found ? 0 : idle + 1
+                lun = (lun + 1) % pool.luns.count
+            }
+        } else {
+            outer: for l in pool.luns {
+                for e in 0..<l.extentCount where !used.contains(ExtentRef(lun: l.index, extent: e)) {
+                    picked.append(ExtentRef(lun: l.index, extent: e))
+                    if picked.count == count { break outer }
+                }
+            }
+        }
+        return picked.count == count ? picked : nil
+    }
+
+    // MARK: vdisks
+
+    public func createVDisk(name: String, poolName: String, sizeBytes: UInt64, blockSize: Int, thin: Bool)
+        async throws(DomainError) -> VDiskRecord
+    {
+        guard Parse.name(name) != nil else { throw DomainError("vdisk name '\(name)': use letters, digits, - _ . (at most 64)") }
+        guard metadata.vdisk(named: name) == nil else { throw DomainError("vdisk '\(name)' already exists") }
+        guard let pool = metadata.pool(named: poolName) else { throw DomainError("pool '\(poolName)' not found") }
+        guard blockSize == 512 || blockSize == 4096 else { throw DomainError("--block-size \(blockSize): must be 512 or 4096") }
+        guard sizeBytes > 0, sizeBytes % UInt64(blockSize) == 0 else {
+            throw DomainError("size \(sizeBytes): must be a positive multiple of the block size \(blockSize)")
+        }
+        let extentCount = Int((sizeBytes + pool.extentBytes - 1) / pool.extentBytes)
+        var extents: [ExtentRef?] = Array(repeating: nil, count: extentCount)
+        if !thin {
+            guard let picked = allocate(extentCount, in: pool, metadata: metadata) else {
+                throw DomainError("pool '\(poolName)' has \(freeExtents(of: pool)) free extents of \(ByteSize.format(pool.extentBytes)); vdisk '\(name)' needs \(extentCount)")
+            }
+            extents = picked
+        }
+        let vdisk = VDiskRecord(id: UUID(), name: name, poolId: pool.id, sizeBytes: sizeBytes, blockSize: blockSize, thin: thin, extents: extents)
+        var next = metadata
+        next.vdisks.append(vdisk)
+        try await commit(next)
+        return vdisk
+    }
+
+    public func growVDisk(name: String, sizeBytes: UInt64) async throws(DomainError) -> VDiskRecord {
+        guard let index = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
+        var vdisk = metadata.vdisks[index]
+        guard sizeBytes >= vdisk.sizeBytes else { throw DomainError("vdisk '\(name)': cannot shrink from \(vdisk.sizeBytes) to \(sizeBytes) bytes") }
+        guard sizeBytes % UInt64(vdisk.blockSize) == 0 else {
+            throw DomainError("size \(sizeBytes): must be a multiple of the block size \(vdisk.blockSize)")
+        }
+        guard let pool = metadata.pool(id: vdisk.poolId) else { throw DomainError("vdisk '\(name)': its pool is gone") }
+        let wanted = Int((sizeBytes + pool.extentBytes - 1) / pool.extentBytes)
+        let extra = wanted - vdisk.extents.count
+        if extra > 0 {
+            if vdisk.thin {
+                vdisk.extents += Array(repeating: nil, count: extra)
+            } else {
+                guard let picked = allocate(extra, in: pool, metadata: metadata) else {
+                    throw DomainError("pool '\(pool.name)' has \(freeExtents(of: pool)) free extents; growing '\(name)' needs \(extra)")
+                }
+                vdisk.extents += picked.map { Optional($0) }
+            }
+        }
+        vdisk.sizeBytes = sizeBytes
+        var next = metadata
+        next.vdisks[index] = vdisk
+        try await commit(next)
+        return vdisk
+    }
+
+    public func deleteVDisk(name: String) async throws(DomainError) {
+        guard metadata.vdisk(named: name) != nil else { throw DomainError("vdisk '\(name)' not found") }
+        var next = metadata
+        next.vdisks.removeAll { $0.name == name }
+        try await commit(next)
+    }
+
+    /// Thin provisioning: extents for `indices` of the vdisk, allocated and committed now.
+    func allocateExtents(vdisk name: String, indices: [Int]) async throws(DomainError) {
+        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }),
+              let pool = metadata.pool(id: metadata.vdisks[vi].poolId) else { throw DomainError("vdisk '\(name)' not found") }
+        let missing = indices.filter { metadata.vdisks[vi].extents[$0] == nil }
+        guard !missing.isEmpty else { return }
+        guard let picked = allocate(missing.count, in: pool, metadata: metadata) else {
+            throw DomainError("pool '\(pool.name)' is full: thin vdisk '\(name)' cannot allocate \(missing.count) extent(s)")
+        }
+        var next = metadata
+        for (i, e) in zip(missing, picked) { next.vdisks[vi].extents[i] = e }
+        try await commit(next)
+    }
+
+    // MARK: setup vdisk
+
+    /// Moves the metadata onto a setup vdisk mirrored on `poolNames` (3..5, or 1 for a scratch domain).
+    public func createSetupVDisk(poolNames: [String]) async throws(DomainError) -> [String] {
+        guard metadata.setupPools.isEmpty else { throw DomainError("the setup vdisk already exists") }
+        guard poolNames.count == 1 || (3...5).contains(poolNames.count) else {
+            throw DomainError("the setup vdisk needs 3..5 pools (or 1 for a scratch domain), got \(poolNames.count)")
+        }
+        guard Set(poolNames).count == poolNames.count else { throw DomainError("a pool is given twice") }
+        var ids: [UUID] = []
+        for name in poolNames {
+            guard let pool = metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
+            guard luns[pool.id]?.first??.handle != nil else { throw DomainError("pool '\(name)' is missing its first LUN") }
+            ids.append(pool.id)
+        }
+        var next = metadata
+        next.setupPools = ids
+        next.generation = metadata.generation + 1
+        let store = makeSetupStore(ids, in: next)
+        try await store.commit(next)
+        // The bootstrap file keeps pointing at the setup pools so startup can find the copies.
+        try bootstrap.save(next)
+        metadata = next
+        setupStore = store
+        setupCopyStates = store.copies.map { .init(poolName: $0.poolName, generation: next.generation, problem: nil) }
+        return poolNames.count == 1 ? ["a setup vdisk on one pool is for scratch domains: losing that pool loses the domain"] : []
+    }
+}
+
+/// Waits for one completion (control-plane helper outside async contexts).
+final class SyncSink: CompletionSink, @unchecked Sendable {
+    private let semaphore = DispatchSemaphore(value: 0)
+    private var result: Int64 = 0
+    override func ioCompleted(cookie: UInt64, result: Int64) {
+        self.result = result
+        semaphore.signal()
+    }
+    func wait() -> Int64 {
+        semaphore.wait()
+        return result
+    }
+}

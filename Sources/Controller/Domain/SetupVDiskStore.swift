@@ -1,0 +1,166 @@
+import Foundation
+import IOEngine
+
+/// The setup vdisk: the domain's metadata mirrored on 1 or 3..5 pools. Each copy
+/// lives in the metadata reserve of its pool's first LUN as two alternating slots;
+/// a record is a checksummed, generation-numbered header plus JSON. An update
+/// commits when a majority of copies has it; loading takes the newest generation
+/// a majority agrees on and rewrites the copies that are stale or damaged.
+public final class SetupVDiskStore: @unchecked Sendable {
+    /// One copy: a LUN and where its two slots are.
+    public struct Copy: Sendable {
+        public let poolName: String
+        public let lun: LUNHandle
+        public let slotBytes: Int
+        public var slotOffsets: (UInt64, UInt64) { (Self.firstSlot, Self.firstSlot + UInt64(slotBytes)) }
+        static let firstSlot: UInt64 = 64 << 10
+
+        public init(poolName: String, lun: LUNHandle, metadataReserveBytes: UInt64) {
+            self.poolName = poolName
+            self.lun = lun
+            slotBytes = Int((metadataReserveBytes - Self.firstSlot) / 2 / 4096 * 4096)
+        }
+    }
+
+    /// What loading found on each copy.
+    public struct CopyState: Sendable, Equatable {
+        public let poolName: String
+        public let generation: UInt64?
+        public let problem: String?
+    }
+
+    static let magic = Array("SVSPMETA".utf8)
+    static let headerBytes = 4096
+
+    public let copies: [Copy]
+    private let engine: EngineHandle
+    public var majority: Int { copies.count / 2 + 1 }
+
+    public init(copies: [Copy], engine: EngineHandle) {
+        self.copies = copies
+        self.engine = engine
+    }
+
+    /// Writes `metadata` (its generation picks the slot) to every copy; throws unless a majority took it.
+    public func commit(_ metadata: DomainMetadata) async throws(DomainError) {
+        let payload: Data
+        do { payload = try JSONEncoder().encode(metadata) } catch { throw DomainError("cannot encode metadata: \(error)") }
+        var written = 0
+        var failures: [String] = []
+        for copy in copies {
+            do {
+                try await write(payload, generation: metadata.generation, to: copy)
+                written += 1
+            } catch {
+                failures.append("\(copy.poolName): \(error)")
+            }
+        }
+        if written < majority {
+            throw DomainError("setup vdisk update not committed: \(written) of \(copies.count) copies written (\(failures.joined(separator: "; ")))")
+        }
+    }
+
+    /// The newest metadata a majority agrees on, and each copy's state. Copies that
+    /// lack it are rewritten (in the slot its generation selects).
+    public func load() async throws(DomainError) -> (DomainMetadata, [CopyState]) {
+        var found: [(copy: Int, generation: UInt64, crc: UInt32, payload: Data)] = []
+        var problems: [Int: String] = [:]
+        for (i, copy) in copies.enumerated() {
+            for slot in [copy.slotOffsets.0, copy.slotOffsets.1] {
+                switch await read(slot: slot, of: copy) {
+                case .record(let g, let c, let p): found.append((i, g, c, p))
+                case .empty: break
+                case .damaged(let why): problems[i] = why
+                }
+            }
+        }
+        // Newest generation (with identical content) held by a majority of copies.
+        let candidates = Dictionary(grouping: found) { "\($0.generation):\($0.crc)" }
+            .values.filter { Set($0.map(\.copy)).count >= majority }
+            .sorted { $0[0].generation > $1[0].generation }
+        guard let winner = candidates.first?.first else {
+            throw DomainError("setup vdisk: no metadata generation is held by a majority (\(majority) of \(copies.count)) of its copies")
+        }
+        let metadata: DomainMetadata
+        do { metadata = try JSONDecoder().decode(DomainMetadata.self, from: winner.payload) } catch {
+            throw DomainError("setup vdisk: committed record does not decode: \(error)")
+        }
+        var states: [CopyState] = []
+        for (i, copy) in copies.enumerated() {
+            let newest = found.filter { $0.copy == i }.map(\.generation).max()
+            let current = found.contains { $0.copy == i && $0.generation == winner.generation && $0.crc == winner.crc }
+            if current {
+                states.append(CopyState(poolName: copy.poolName, generation: newest, problem: nil))
+                continue
+            }
+            let why = problems[i] ?? (newest.map { "stale (generation \($0))" } ?? "empty")
+            do {
+                try await write(winner.payload, generation: winner.generation, to: copy)
+                states.append(CopyState(poolName: copy.poolName, generation: newest, problem: "\(why); rewritten"))
+            } catch {
+                states.append(CopyState(poolName: copy.poolName, generation: newest, problem: "\(why); rewrite failed: \(error)"))
+            }
+        }
+        return (metadata, states)
+    }
+
+    // MARK: record I/O
+
+    private func write(_ payload: Data, generation: UInt64, to copy: Copy) async throws(DomainError) {
+        let total = (Self.headerBytes + payload.count + 4095) / 4096 * 4096
+        guard total <= copy.slotBytes else {
+            throw DomainError("metadata (\(payload.count) bytes) exceeds the setup slot (\(copy.slotBytes) bytes); raise metadata_reserve")
+        }
+        let buffer: AlignedBuffer
+        do { buffer = try AlignedBuffer(count: total) } catch { throw DomainError("\(error)") }
+        memset(buffer.pointer, 0, total)
+        let out = buffer.bytes
+        for (i, b) in Self.magic.enumerated() { out[i] = b }
+        out.storeBytes(of: generation.littleEndian, toByteOffset: 8, as: UInt64.self)
+        out.storeBytes(of: UInt64(payload.count).littleEndian, toByteOffset: 16, as: UInt64.self)
+        payload.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: out[Self.headerBytes...]).copyMemory(from: $0) }
+        let payloadCRC = Checksum.crc32c(UnsafeRawBufferPointer(rebasing: out[Self.headerBytes..<(Self.headerBytes + payload.count)]))
+        out.storeBytes(of: payloadCRC.littleEndian, toByteOffset: 24, as: UInt32.self)
+        let headerCRC = Checksum.crc32c(UnsafeRawBufferPointer(rebasing: out[0..<28]))
+        out.storeBytes(of: headerCRC.littleEndian, toByteOffset: 28, as: UInt32.self)
+        let slot = generation % 2 == 0 ? copy.slotOffsets.0 : copy.slotOffsets.1
+        do {
+            _ = try await engine.write(lun: copy.lun, from: buffer.pointer, length: total, offset: slot, fua: true)
+        } catch {
+            throw DomainError("\(error)")
+        }
+    }
+
+    private enum SlotContent { case record(UInt64, UInt32, Data), empty, damaged(String) }
+
+    private func read(slot: UInt64, of copy: Copy) async -> SlotContent {
+        guard let header = try? AlignedBuffer(count: Self.headerBytes) else { return .damaged("out of memory") }
+        do {
+            _ = try await engine.read(lun: copy.lun, into: header.pointer, length: Self.headerBytes, offset: slot)
+        } catch {
+            return .damaged("unreadable: \(error)")
+        }
+        let h = UnsafeRawBufferPointer(header.bytes)
+        if h[0..<8].allSatisfy({ $0 == 0 }) { return .empty }
+        guard Array(h[0..<8]) == Self.magic else { return .damaged("slot at \(slot) holds no record") }
+        let headerCRC = h.loadUnaligned(fromByteOffset: 28, as: UInt32.self).littleEndian
+        guard Checksum.crc32c(UnsafeRawBufferPointer(rebasing: h[0..<28])) == headerCRC else {
+            return .damaged("record header checksum mismatch at \(slot)")
+        }
+        let generation = h.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
+        let length = Int(h.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian)
+        let payloadCRC = h.loadUnaligned(fromByteOffset: 24, as: UInt32.self).littleEndian
+        let total = (Self.headerBytes + length + 4095) / 4096 * 4096
+        guard total <= copy.slotBytes, let whole = try? AlignedBuffer(count: total) else {
+            return .damaged("record length \(length) out of range")
+        }
+        do {
+            _ = try await engine.read(lun: copy.lun, into: whole.pointer, length: total, offset: slot)
+        } catch {
+            return .damaged("unreadable: \(error)")
+        }
+        let body = UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(whole.bytes)[Self.headerBytes..<(Self.headerBytes + length)])
+        guard Checksum.crc32c(body) == payloadCRC else { return .damaged("record payload checksum mismatch at \(slot)") }
+        return .record(generation, payloadCRC, Data(body))
+    }
+}

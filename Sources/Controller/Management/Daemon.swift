@@ -1,0 +1,121 @@
+import Foundation
+
+/// `svsp-ctl serve`: runs one domain in the foreground until SIGINT/SIGTERM.
+/// Holds STATE/lock (a second daemon on the same STATE is refused), serves the
+/// management socket, and on a signal stops accepting, lets the running command
+/// finish, and exits 0 (metadata is persisted at every commit).
+public final class Daemon: @unchecked Sendable {
+    public struct Options: Sendable {
+        public var directory: String
+        public var mgmtSocket: String?
+        public var profilesRoot: String?
+        public init(directory: String, mgmtSocket: String? = nil, profilesRoot: String? = nil) {
+            self.directory = directory
+            self.mgmtSocket = mgmtSocket
+            self.profilesRoot = profilesRoot
+        }
+    }
+
+    private let options: Options
+    private var lockFD: Int32 = -1
+    private var listenFD: Int32 = -1
+    private let stopping = DispatchSemaphore(value: 0)
+    private let log: (String) -> Void
+
+    public init(options: Options, log: @escaping (String) -> Void) {
+        self.options = options
+        self.log = log
+    }
+
+    /// Runs until a signal; returns normally after a clean shutdown.
+    public func run() async throws(DomainError) {
+        let dir = options.directory
+        guard BootstrapStore(directory: dir).exists else {
+            throw DomainError("\(dir): no domain here (run `svsp-ctl domain init --dir \(dir) --name NAME`)")
+        }
+        try takeLock()
+        let catalog: ProfileCatalog
+        do {
+            catalog = try ProfileCatalog(root: ProfileCatalog.defaultRoot(explicit: options.profilesRoot))
+        } catch {
+            throw DomainError("hardware profiles: \(error.problems.first?.description ?? "\(error)")")
+        }
+        let domain = try await Domain.open(directory: dir, profiles: catalog)
+        let handler = CommandHandler(domain: domain)
+        let socketPath = options.mgmtSocket ?? MgmtPaths.defaultSocket(dir)
+        listenFD = try UnixSocket.listen(at: socketPath)
+        try BootstrapStore.writeAtomically(Data(socketPath.utf8), to: MgmtPaths.recorded(dir))
+        log("serving domain '\(domain.metadata.name)' from \(dir), generation \(domain.metadata.generation), "
+            + "health \(domain.problems.isEmpty ? "normal" : "degraded"), management socket \(socketPath)")
+        for p in domain.problems { log("degraded: \(p)") }
+
+        let signals = installSignalHandlers()
+        let accepter = Thread { [self] in acceptLoop(handler: handler) }
+        accepter.start()
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            DispatchQueue.global().async { self.stopping.wait(); c.resume() }
+        }
+        log("signal received: stopping")
+        Glibc.shutdown(listenFD, Int32(SHUT_RDWR))
+        close(listenFD)
+        // Wait for the command in progress (the handler is an actor: this queues behind it).
+        _ = await handler.handle(MgmtRequest(command: "status"))
+        unlink(socketPath)
+        unlink(MgmtPaths.recorded(dir))
+        for s in signals { s.cancel() }
+        log("stopped cleanly at generation \(domain.metadata.generation)")
+    }
+
+    private func takeLock() throws(DomainError) {
+        let path = options.directory + "/lock"
+        lockFD = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard lockFD >= 0 else { throw DomainError("\(path): \(String(cString: strerror(errno)))") }
+        if flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
+            let holder = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+            throw DomainError("domain in \(options.directory) is already being served (pid \(holder))")
+        }
+        ftruncate(lockFD, 0)
+        let pid = Data("\(getpid())\n".utf8)
+        _ = UnixSocket.writeAll(lockFD, pid)
+    }
+
+    private func installSignalHandlers() -> [DispatchSourceSignal] {
+        [SIGINT, SIGTERM].map { sig in
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { [stopping] in stopping.signal() }
+            source.resume()
+            return source
+        }
+    }
+
+    private func acceptLoop(handler: CommandHandler) {
+        while true {
+            let fd = accept(listenFD, nil, nil)
+            if fd < 0 {
+                if errno == EINTR || errno == ECONNABORTED { continue }
+                return // listening socket closed: shutting down
+            }
+            guard let line = UnixSocket.readLine(fd, limit: MgmtLimits.maxMessageBytes) else {
+                log("management: dropped a connection with no or oversized request")
+                close(fd)
+                continue
+            }
+            let log = self.log
+            Task {
+                let response: MgmtResponse
+                if let request = try? JSONDecoder().decode(MgmtRequest.self, from: line) {
+                    response = await handler.handle(request)
+                    if !response.ok { log("\(request.command): \(response.error ?? "")") }
+                } else {
+                    response = .failure("malformed management request")
+                    log("management: malformed request")
+                }
+                var data = (try? JSONEncoder().encode(response)) ?? Data()
+                data.append(UInt8(ascii: "\n"))
+                _ = UnixSocket.writeAll(fd, data)
+                close(fd)
+            }
+        }
+    }
+}

@@ -1,0 +1,76 @@
+import Foundation
+
+/// Minimal blocking Unix-domain stream sockets for the management API.
+enum UnixSocket {
+    static func address(_ path: String) -> sockaddr_un? {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return nil }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in bytes.enumerated() { raw[i] = b }
+            raw[bytes.count] = 0
+        }
+        return addr
+    }
+
+    /// Listening socket at `path` (owner-only), replacing a stale socket file.
+    static func listen(at path: String) throws(DomainError) -> Int32 {
+        guard var addr = address(path) else { throw DomainError("socket path \(path) is too long (max 107 bytes)") }
+        unlink(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw DomainError("socket: \(String(cString: strerror(errno)))") }
+        let old = umask(0o177)
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        umask(old)
+        guard rc == 0, Glibc.listen(fd, 64) == 0 else {
+            let why = String(cString: strerror(errno))
+            close(fd)
+            throw DomainError("\(path): cannot listen: \(why)")
+        }
+        chmod(path, 0o600)
+        return fd
+    }
+
+    static func connect(to path: String) -> (fd: Int32, errno: Int32) {
+        guard var addr = address(path) else { return (-1, ENAMETOOLONG) }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return (-1, errno) }
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        if rc != 0 {
+            let e = errno
+            close(fd)
+            return (-1, e)
+        }
+        return (fd, 0)
+    }
+
+    /// Reads one newline-terminated message of at most `limit` bytes; nil on EOF, error or overflow.
+    static func readLine(_ fd: Int32, limit: Int) -> Data? {
+        var data = Data()
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0, errno == EINTR { continue }
+            if n <= 0 { return data.isEmpty ? nil : data }
+            if let nl = chunk[0..<n].firstIndex(of: UInt8(ascii: "\n")) {
+                data.append(contentsOf: chunk[0..<nl])
+                return data.count <= limit ? data : nil
+            }
+            data.append(contentsOf: chunk[0..<n])
+            if data.count > limit { return nil }
+        }
+    }
+
+    static func writeAll(_ fd: Int32, _ data: Data) -> Bool {
+        data.withUnsafeBytes { buf in
+            var done = 0
+            while done < buf.count {
+                let n = write(fd, buf.baseAddress! + done, buf.count - done)
+                if n < 0 { if errno == EINTR { continue }; return false }
+                done += n
+            }
+            return true
+        }
+    }
+}

@@ -1,0 +1,198 @@
+import ArgumentParser
+import Controller
+import Foundation
+
+/// --dir / $SVSP_DIR and --json, shared by every command that talks to a daemon.
+struct DomainOptions: ParsableArguments {
+    @Option(help: "Domain state folder (default: $SVSP_DIR).") var dir: String?
+    @Flag(help: "Print JSON.") var json = false
+
+    func directory() throws -> String {
+        if let dir { return dir }
+        if let env = ProcessInfo.processInfo.environment["SVSP_DIR"], !env.isEmpty { return env }
+        throw CommandFailure("no domain given: use --dir STATE or set SVSP_DIR")
+    }
+
+    /// Sends one request to the daemon and prints its answer (table or JSON); failures are one line.
+    func send(_ command: String, _ args: [String: String] = [:]) throws {
+        let response: MgmtResponse
+        do {
+            response = try MgmtClient.send(MgmtRequest(command: command, args: args), directory: try directory())
+        } catch let error as DomainError {
+            throw CommandFailure(error.message)
+        }
+        guard response.ok else { throw CommandFailure(response.error ?? "failed") }
+        for w in response.warnings { FileHandle.standardError.write(Data("svsp-ctl: warning: \(w)\n".utf8)) }
+        print(json ? response.json : response.text)
+    }
+}
+
+struct DomainCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "domain", abstract: "Create a domain; manage its setup vdisk.",
+        subcommands: [Init.self, SetupVDisk.self])
+
+    struct Init: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create an empty domain in a state folder.")
+        @Option(help: "State folder to create.") var dir: String
+        @Option(help: "Domain name.") var name: String
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() throws {
+            do {
+                let m = try Domain.initialize(directory: dir, name: name)
+                print(json ? #"{"domain":"\#(m.name)","domainId":"\#(m.domainId.uuidString)","dir":"\#(dir)"}"#
+                    : "domain '\(m.name)' created in \(dir) (id \(m.domainId.uuidString)); start it with `svsp-ctl serve --dir \(dir)`")
+            } catch {
+                throw CommandFailure(error.message)
+            }
+        }
+    }
+
+    struct SetupVDisk: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "setup-vdisk", abstract: "The setup vdisk (domain metadata mirrored on 3..5 pools).",
+            subcommands: [Create.self])
+
+        struct Create: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Move the metadata onto a setup vdisk on these pools.")
+            @OptionGroup var options: DomainOptions
+            @Option(name: .customLong("pool"), help: "A pool for one copy (3..5 times; once for a scratch domain).") var pools: [String] = []
+            func run() throws { try options.send("setup.create", ["pools": pools.joined(separator: "\n")]) }
+        }
+    }
+}
+
+struct ServeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve", abstract: "Run a domain in the foreground until SIGINT/SIGTERM.")
+    @Option(help: "Domain state folder (default: $SVSP_DIR).") var dir: String?
+    @Option(name: .customLong("mgmt-socket"), help: "Management socket (default: STATE/mgmt.sock).") var mgmtSocket: String?
+    @Option(help: "Hardware profiles folder.") var profiles: String?
+
+    func run() throws {
+        guard let dir = dir ?? ProcessInfo.processInfo.environment["SVSP_DIR"] else {
+            throw CommandFailure("no domain given: use --dir STATE or set SVSP_DIR")
+        }
+        let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles)) { line in
+            let stamp = ISO8601DateFormatter().string(from: Date())
+            FileHandle.standardError.write(Data("\(stamp) svsp: \(line)\n".utf8))
+        }
+        let outcome = RunOutcome()
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            do { try await daemon.run() } catch { outcome.failure = (error as? DomainError)?.message ?? "\(error)" }
+            done.signal()
+        }
+        done.wait()
+        if let failure = outcome.failure { throw CommandFailure(failure) }
+    }
+}
+
+private final class RunOutcome: @unchecked Sendable { var failure: String? }
+
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "Domain, setup vdisk, pools, vdisks, health.")
+    @OptionGroup var options: DomainOptions
+    func run() throws { try options.send("status") }
+}
+
+struct PoolCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "pool", abstract: "Storage pools.", subcommands: [Create.self, List.self, Show.self, Delete.self])
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create a pool from LUNs (files are created with --create-size).")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        @Option(name: .customLong("array-profile")) var arrayProfile: String
+        @Option(name: .customLong("pool-profile"), help: "Default: the pool profile named like the array profile.") var poolProfile: String?
+        @Option(name: .customLong("lun"), help: "A block device or file (repeat for more LUNs).") var luns: [String] = []
+        @Option(name: .customLong("create-size"), help: "Create missing LUN files of this size (preallocated).") var createSize: String?
+        @Flag(help: "Take LUNs that carry another label, a partition table or a file system.") var force = false
+
+        func run() throws {
+            var args = ["name": name, "array_profile": arrayProfile, "luns": luns.map(absolute).joined(separator: "\n"),
+                        "force": force ? "true" : "false"]
+            args["pool_profile"] = poolProfile
+            args["create_size"] = createSize
+            try options.send("pool.create", args)
+        }
+    }
+
+    struct List: ParsableCommand {
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("pool.list") }
+    }
+
+    struct Show: ParsableCommand {
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("pool.show", ["name": name]) }
+    }
+
+    struct Delete: ParsableCommand {
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("pool.delete", ["name": name]) }
+    }
+}
+
+struct VDiskCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vdisk", abstract: "Virtual disks.",
+        subcommands: [Create.self, List.self, Show.self, Grow.self, Delete.self, Verify.self])
+
+    struct Create: ParsableCommand {
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        @Option var pool: String
+        @Option var size: String
+        @Option(name: .customLong("block-size"), help: "512 or 4096.") var blockSize: Int = 512
+        @Flag(help: "Allocate extents on first write instead of at create.") var thin = false
+        func run() throws {
+            try options.send("vdisk.create", ["name": name, "pool": pool, "size": size, "block_size": "\(blockSize)", "thin": thin ? "true" : "false"])
+        }
+    }
+
+    struct List: ParsableCommand {
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("vdisk.list") }
+    }
+
+    struct Show: ParsableCommand {
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("vdisk.show", ["name": name]) }
+    }
+
+    struct Grow: ParsableCommand {
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        @Option var size: String
+        func run() throws { try options.send("vdisk.grow", ["name": name, "size": size]) }
+    }
+
+    struct Delete: ParsableCommand {
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("vdisk.delete", ["name": name]) }
+    }
+
+    struct Verify: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write a checksummed pattern through the data API, read it back, compare (overwrites the vdisk).")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        @Option(help: "Bytes from the start to verify (default: all).") var size: String?
+        func run() throws {
+            var args = ["name": name]
+            args["size"] = size
+            try options.send("vdisk.verify", args)
+        }
+    }
+}
+
+private func absolute(_ path: String) -> String {
+    path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+}
