@@ -146,7 +146,7 @@ public final class Domain: @unchecked Sendable {
         var next = next
         next.generation = metadata.generation + 1
         if let setupStore {
-            try await setupStore.commit(next)
+            setupCopyStates = try await setupStore.commit(next)
         } else {
             try bootstrap.save(next)
         }

@@ -41,23 +41,29 @@ public final class SetupVDiskStore: @unchecked Sendable {
         self.engine = engine
     }
 
-    /// Writes `metadata` (its generation picks the slot) to every copy; throws unless a majority took it.
-    public func commit(_ metadata: DomainMetadata) async throws(DomainError) {
+    /// Writes `metadata` (its generation picks the slot) to every copy; throws unless a majority
+    /// took it. Returns each copy's state (a copy that failed keeps its problem).
+    @discardableResult
+    public func commit(_ metadata: DomainMetadata) async throws(DomainError) -> [CopyState] {
         let payload: Data
         do { payload = try JSONEncoder().encode(metadata) } catch { throw DomainError("cannot encode metadata: \(error)") }
         var written = 0
         var failures: [String] = []
+        var states: [CopyState] = []
         for copy in copies {
             do {
                 try await write(payload, generation: metadata.generation, to: copy)
                 written += 1
+                states.append(CopyState(poolName: copy.poolName, generation: metadata.generation, problem: nil))
             } catch {
                 failures.append("\(copy.poolName): \(error)")
+                states.append(CopyState(poolName: copy.poolName, generation: nil, problem: "write failed: \(error)"))
             }
         }
         if written < majority {
             throw DomainError("setup vdisk update not committed: \(written) of \(copies.count) copies written (\(failures.joined(separator: "; ")))")
         }
+        return states
     }
 
     /// The newest metadata a majority agrees on, and each copy's state. Copies that

@@ -1,0 +1,237 @@
+import Foundation
+import XCTest
+
+/// A running `svsp-ctl serve` and the commands that talk to it.
+final class DaemonTests: XCTestCase {
+    static let profiles = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("hardware-profiles").path
+
+    private var dir: TempDir!
+    private var state: String { dir.file("state") }
+    private var daemon: Process?
+
+    override func setUpWithError() throws {
+        dir = TempDir()
+        let r = try CLI.run(["domain", "init", "--dir", state, "--name", "site-a"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+    }
+
+    override func tearDown() {
+        if let d = daemon, d.isRunning { d.terminate(); d.waitUntilExit() }
+    }
+
+    @discardableResult
+    private func startDaemon(file: StaticString = #filePath, line: UInt = #line) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: CLI.binary)
+        p.arguments = ["serve", "--dir", state, "--profiles", Self.profiles]
+        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        p.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+        try p.run()
+        daemon = p
+        // Ready when the socket answers.
+        for _ in 0..<200 {
+            if try ctl(["status"]).status == 0 { return p }
+            usleep(25_000)
+        }
+        XCTFail("daemon did not come up", file: file, line: line)
+        return p
+    }
+
+    private func stopDaemon(signal: Int32 = SIGTERM) {
+        guard let d = daemon else { return }
+        kill(d.processIdentifier, signal)
+        d.waitUntilExit()
+        daemon = nil
+    }
+
+    private func ctl(_ args: [String]) throws -> CLI.Result {
+        try CLI.run(args + ["--dir", state])
+    }
+
+    private func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        let r = try ctl(args)
+        XCTAssertEqual(r.status, 0, "\(args): \(r.stderr)", file: file, line: line)
+        return r.stdout
+    }
+
+    private func fails(_ args: [String], _ expected: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let r = try ctl(args)
+        XCTAssertEqual(r.status, 1, "\(args) should fail", file: file, line: line)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "one line: \(r.stderr)", file: file, line: line)
+        XCTAssertTrue(r.stderr.hasPrefix("svsp-ctl: ") && r.stderr.contains(expected), "\(args): \(r.stderr)", file: file, line: line)
+    }
+
+    private func statusJSON() throws -> [String: Any] {
+        let out = try ok(["status", "--json"])
+        return try XCTUnwrap(JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any])
+    }
+
+    private func makeThreePools() throws {
+        for p in ["a", "b", "c"] {
+            _ = try ok(["pool", "create", p, "--array-profile", "file-backed", "--lun", dir.file("\(p).img"), "--create-size", "48M"])
+        }
+    }
+
+    func testCommandsWithoutADaemonSayWhy() throws {
+        try fails(["status"], "daemon not running for \(state)")
+        // A socket file left by a dead daemon is reported as stale.
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let path = state + "/mgmt.sock"
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in for (i, b) in path.utf8.enumerated() { raw[i] = b } }
+        _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        close(fd)
+        try fails(["status"], "stale socket")
+        // The daemon replaces the stale file.
+        try startDaemon()
+        XCTAssertTrue(try ok(["status"]).contains("domain site-a"))
+    }
+
+    func testSecondServeIsRefused() throws {
+        try startDaemon()
+        let r = try CLI.run(["serve", "--dir", state, "--profiles", Self.profiles])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.contains("is already being served"), r.stderr)
+    }
+
+    func testPoolsVDisksAndBadInput() throws {
+        try startDaemon()
+        try makeThreePools()
+        try fails(["pool", "create", "a", "--array-profile", "file-backed", "--lun", dir.file("x.img"), "--create-size", "48M"], "pool 'a' already exists")
+        try fails(["pool", "create", "t", "--array-profile", "file-backed", "--lun", dir.file("tiny.img"), "--create-size", "4M"], "smaller than its metadata reserve plus one extent")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.file("tiny.img")), "nothing half-created")
+        try fails(["pool", "create", "n", "--array-profile", "nosuch", "--lun", dir.file("y.img"), "--create-size", "48M"], "array profile 'nosuch' not found")
+        try fails(["pool", "create", "d", "--array-profile", "file-backed", "--lun", dir.file("a.img")], "already belongs to a pool")
+
+        XCTAssertTrue(try ok(["vdisk", "create", "v1", "--pool", "a", "--size", "16M"]).contains("thick"))
+        try fails(["vdisk", "create", "v1", "--pool", "b", "--size", "16M"], "vdisk 'v1' already exists")
+        try fails(["vdisk", "create", "v2", "--pool", "a", "--size", "1000"], "multiple of the block size")
+        try fails(["vdisk", "create", "v2", "--pool", "zz", "--size", "1M"], "pool 'zz' not found")
+        try fails(["vdisk", "create", "huge", "--pool", "a", "--size", "1G"], "free extents")
+        try fails(["pool", "delete", "a"], "used by vdisk(s) v1")
+        try fails(["vdisk", "show", "nope"], "vdisk 'nope' not found")
+        _ = try ok(["vdisk", "create", "thin1", "--pool", "b", "--size", "1G", "--thin"])
+        XCTAssertTrue(try ok(["vdisk", "grow", "v1", "--size", "24M"]).contains("24M"))
+        try fails(["vdisk", "grow", "v1", "--size", "8M"], "cannot shrink")
+
+        let verify = try ok(["vdisk", "verify", "v1"])
+        XCTAssertTrue(verify.contains("verified"), verify)
+        XCTAssertTrue(try ok(["vdisk", "verify", "thin1", "--size", "4M"]).contains("verified"))
+        let list = try ok(["vdisk", "list", "--json"])
+        let vdisks = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(list.utf8)) as? [[String: Any]])
+        XCTAssertEqual(vdisks.first { $0["name"] as? String == "thin1" }?["allocatedBytes"] as? Int, 4 << 20, "thin: only written extents allocated")
+        _ = try ok(["vdisk", "delete", "thin1"])
+        _ = try ok(["pool", "delete", "c"])
+        XCTAssertEqual(try statusJSON()["health"] as? String, "normal")
+    }
+
+    func testRestartFindsEverythingAsItWas() throws {
+        try startDaemon()
+        try makeThreePools()
+        _ = try ok(["domain", "setup-vdisk", "create", "--pool", "a", "--pool", "b", "--pool", "c"])
+        _ = try ok(["vdisk", "create", "v1", "--pool", "a", "--size", "8M"])
+        _ = try ok(["vdisk", "verify", "v1"])
+        let before = try ok(["status", "--json"])
+        stopDaemon()
+        XCTAssertFalse(FileManager.default.fileExists(atPath: state + "/mgmt.sock"), "clean shutdown removes the socket")
+        try startDaemon()
+        XCTAssertEqual(try ok(["status", "--json"]), before)
+    }
+
+    func testSIGKILLDuringCommandsLeavesACommittedGeneration() throws {
+        try startDaemon()
+        try makeThreePools()
+        _ = try ok(["domain", "setup-vdisk", "create", "--pool", "a", "--pool", "b", "--pool", "c"])
+        var lastSeen: [String] = []
+        for round in 0..<6 {
+            // Fire create/delete commands and kill the daemon while they run.
+            let acked = AckLog()
+            let state = self.state
+            let worker = Thread {
+                for i in 0..<20 {
+                    let name = "r\(round)v\(i)"
+                    if (try? CLI.run(["vdisk", "create", name, "--pool", ["a", "b", "c"][i % 3], "--size", "1M", "--dir", state]))?.status == 0 {
+                        acked.created(name)
+                    }
+                    if i % 2 == 1 {
+                        let victim = "r\(round)v\(i - 1)"
+                        acked.attemptedDelete(victim)
+                        if (try? CLI.run(["vdisk", "delete", victim, "--dir", state]))?.status == 0 { acked.deleted(victim) }
+                    }
+                }
+            }
+            worker.start()
+            usleep(useconds_t(150_000 + round * 40_000))
+            stopDaemon(signal: SIGKILL)
+            while !worker.isFinished { usleep(10_000) }
+            try startDaemon()
+            let status = try statusJSON()
+            XCTAssertEqual(status["health"] as? String, "normal", "round \(round): \(status["problems"] ?? "")")
+            let names = (status["vdisks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+            XCTAssertEqual(Set(names).count, names.count, "no duplicate records")
+            for n in lastSeen { XCTAssertTrue(names.contains(n), "round \(round): lost \(n) from an earlier round") }
+            for n in acked.mustExist { XCTAssertTrue(names.contains(n), "round \(round): acknowledged create of \(n) lost") }
+            for n in acked.mustBeGone { XCTAssertFalse(names.contains(n), "round \(round): acknowledged delete of \(n) undone") }
+            lastSeen = names
+        }
+    }
+
+    func testCorruptSetupCopyIsDetectedOutvotedAndRewritten() throws {
+        try startDaemon()
+        try makeThreePools()
+        _ = try ok(["domain", "setup-vdisk", "create", "--pool", "a", "--pool", "b", "--pool", "c"])
+        _ = try ok(["vdisk", "create", "keep", "--pool", "b", "--size", "4M"])
+        let generation = try statusJSON()["generation"] as? Int ?? -1
+        stopDaemon()
+        // Damage the newest record on pool b's copy: its slot is at 64k + (generation % 2) * slot size.
+        let slotBytes = ((4 << 20) - (64 << 10)) / 2 / 4096 * 4096
+        let slot = (64 << 10) + (generation % 2) * slotBytes
+        let handle = try FileHandle(forUpdating: URL(fileURLWithPath: dir.file("b.img")))
+        try handle.seek(toOffset: UInt64(slot + 4096 + 10))
+        handle.write(Data([0xde, 0xad, 0xbe, 0xef]))
+        try handle.close()
+
+        try startDaemon()
+        let status = try statusJSON()
+        XCTAssertEqual(status["generation"] as? Int, generation, "the majority's generation wins")
+        XCTAssertEqual(status["health"] as? String, "degraded")
+        let problems = status["problems"] as? [String] ?? []
+        XCTAssertTrue(problems.contains { $0.contains("pool 'b'") && $0.contains("checksum mismatch") && $0.contains("rewritten") }, "\(problems)")
+        XCTAssertTrue(try ok(["vdisk", "list"]).contains("keep"))
+        // After the rewrite every copy agrees again.
+        stopDaemon()
+        try startDaemon()
+        XCTAssertEqual(try statusJSON()["health"] as? String, "normal")
+    }
+
+    func testMissingLUNFileLeavesTheDomainDegraded() throws {
+        try startDaemon()
+        try makeThreePools()
+        _ = try ok(["vdisk", "create", "v1", "--pool", "a", "--size", "4M"])
+        stopDaemon()
+        try FileManager.default.removeItem(atPath: dir.file("c.img"))
+        try startDaemon()
+        let status = try statusJSON()
+        XCTAssertEqual(status["health"] as? String, "degraded")
+        let problems = status["problems"] as? [String] ?? []
+        XCTAssertTrue(problems.contains { $0.contains("pool 'c'") && $0.contains("c.img") }, "\(problems)")
+        let human = try ok(["status"])
+        XCTAssertTrue(human.contains("health: degraded"), human)
+        XCTAssertTrue(try ok(["vdisk", "verify", "v1"]).contains("verified"), "the other pools keep working")
+    }
+}
+
+/// What the daemon acknowledged while it was being killed.
+private final class AckLog: @unchecked Sendable {
+    private let lock = NSLock()
+    private var created: Set<String> = []
+    private var deleteAttempted: Set<String> = []
+    private var deletedSet: Set<String> = []
+    func created(_ n: String) { lock.lock(); created.insert(n); lock.unlock() }
+    func attemptedDelete(_ n: String) { lock.lock(); deleteAttempted.insert(n); lock.unlock() }
+    func deleted(_ n: String) { lock.lock(); deletedSet.insert(n); lock.unlock() }
+    var mustExist: Set<String> { lock.lock(); defer { lock.unlock() }; return created.subtracting(deleteAttempted) }
+    var mustBeGone: Set<String> { lock.lock(); defer { lock.unlock() }; return deletedSet }
+}
