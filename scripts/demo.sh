@@ -1,14 +1,33 @@
 #!/usr/bin/env bash
 # The main job on an embedded default: install what svsp needs, build it, and run a
-# verified raw benchmark on a file-backed LUN under ./demo (nothing outside it is touched).
+# demo domain under ./demo (nothing outside it is touched): three file-backed pools,
+# the setup vdisk mirrored on all three, a vdisk written and verified through the
+# data API, then `svsp-ctl status`. Re-running reuses what exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-swift build -c release --product svsp-ctl 2>&1 | tail -n 2
-CTL=.build/release/svsp-ctl
-DEMO=${SVSP_DEMO_DIR:-./demo}
-mkdir -p "$DEMO"
-LUN="$DEMO/lun0.img"
-[ -f "$LUN" ] || echo "creating $LUN (256M, preallocated)"
-"$CTL" bench raw --target "$LUN" --size 256M --rw randwrite --bs 4k --qd 32 --verify
-"$CTL" bench raw --target "$LUN" --size 256M --rw randrw --bs 4k --qd 32 --seconds 5
+swift build -c release --product svsp-ctl 2>&1 | tail -n 1
+CTL="$PWD/.build/release/svsp-ctl"
+DEMO=$(mkdir -p "${SVSP_DEMO_DIR:-./demo}" && cd "${SVSP_DEMO_DIR:-./demo}" && pwd)
+export SVSP_DIR="$DEMO/state"
+export SVSP_PROFILES="$PWD/hardware-profiles"
+
+[ -f "$SVSP_DIR/domain.json" ] || "$CTL" domain init --dir "$SVSP_DIR" --name demo
+"$CTL" serve 2>"$DEMO/serve.log" &
+DAEMON=$!
+trap 'kill -TERM $DAEMON 2>/dev/null; wait $DAEMON 2>/dev/null || true' EXIT
+for _ in $(seq 100); do "$CTL" status >/dev/null 2>&1 && break; sleep 0.1; done
+"$CTL" status >/dev/null || { cat "$DEMO/serve.log"; exit 1; }
+
+for p in a b c; do
+    "$CTL" pool show "pool-$p" >/dev/null 2>&1 ||
+        "$CTL" pool create "pool-$p" --array-profile file-backed --lun "$DEMO/lun-$p.img" --create-size 256M
+done
+if "$CTL" status | grep -q '^setup vdisk: none'; then
+    "$CTL" domain setup-vdisk create --pool pool-a --pool pool-b --pool pool-c
+fi
+"$CTL" vdisk show demo-vd >/dev/null 2>&1 || "$CTL" vdisk create demo-vd --pool pool-a --size 128M
+"$CTL" vdisk show demo-thin >/dev/null 2>&1 || "$CTL" vdisk create demo-thin --pool pool-b --size 1G --thin
+"$CTL" vdisk verify demo-vd
+"$CTL" vdisk verify demo-thin --size 16M
+"$CTL" status
