@@ -21,10 +21,10 @@ final class DaemonTests: XCTestCase {
     }
 
     @discardableResult
-    private func startDaemon(file: StaticString = #filePath, line: UInt = #line) throws -> Process {
+    private func startDaemon(extra: [String] = [], file: StaticString = #filePath, line: UInt = #line) throws -> Process {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: CLI.binary)
-        p.arguments = ["serve", "--dir", state, "--profiles", Self.profiles]
+        p.arguments = ["serve", "--dir", state, "--profiles", Self.profiles] + extra
         p.standardError = FileHandle(forWritingAtPath: "/dev/null")
         p.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
         try p.run()
@@ -204,6 +204,40 @@ final class DaemonTests: XCTestCase {
         stopDaemon()
         try startDaemon()
         XCTAssertEqual(try statusJSON()["health"] as? String, "normal")
+    }
+
+    func testPrometheusMetricsCountVDiskAndLUNIO() throws {
+        let port = 20000 + Int(getpid() % 20000)
+        try startDaemon(extra: ["--metrics-listen", "127.0.0.1:\(port)"])
+        _ = try ok(["pool", "create", "a", "--array-profile", "file-backed", "--lun", dir.file("a.img"), "--create-size", "48M"])
+        _ = try ok(["vdisk", "create", "v1", "--pool", "a", "--size", "4M"])
+        _ = try ok(["vdisk", "verify", "v1"])
+        let text = try httpGet(port: port, path: "/metrics")
+        XCTAssertTrue(text.contains("svsp_vdisk_io_total{vdisk=\"v1\",op=\"write\"} 4"), text)
+        XCTAssertTrue(text.contains("svsp_vdisk_io_bytes_total{vdisk=\"v1\",op=\"read\"} 4194304"), text)
+        XCTAssertTrue(text.contains("svsp_lun_io_latency_seconds_bucket{pool=\"a\""), text)
+        XCTAssertTrue(text.contains("svsp_pool_free_bytes{pool=\"a\"} \(Double(40 << 20))"), text)
+    }
+
+    private func httpGet(port: Int, path: String) throws -> String {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = UInt16(port).bigEndian
+        inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr)
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        XCTAssertEqual(rc, 0, "metrics port reachable")
+        let request = Array("GET \(path) HTTP/1.1\r\nHost: localhost\r\n\r\n".utf8)
+        _ = request.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        var response = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            response += chunk[0..<n]
+        }
+        return String(decoding: response, as: UTF8.self)
     }
 
     func testMissingLUNFileLeavesTheDomainDegraded() throws {

@@ -24,6 +24,7 @@ public final class Domain: @unchecked Sendable {
     /// Why the domain is degraded (missing LUNs, damaged setup copies...); empty = healthy.
     public private(set) var problems: [String] = []
     public private(set) var setupCopyStates: [SetupVDiskStore.CopyState] = []
+    public let metrics = DomainMetrics()
 
     let bootstrap: BootstrapStore
     let engineBox: EngineBox

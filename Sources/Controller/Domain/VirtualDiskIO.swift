@@ -32,6 +32,8 @@ extension Domain {
     public func read(vdisk name: String, offset: UInt64, length: Int, into buffer: UnsafeMutableRawPointer) async throws(DomainError) {
         guard let v = metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
         try checkRange(v, offset: offset, length: length)
+        let start = DispatchTime.now().uptimeNanoseconds
+        defer { metrics.recordVDisk(name, op: "read", bytes: length, latencyNs: DispatchTime.now().uptimeNanoseconds - start) }
         try await forEachPiece(v, offset: offset, length: length) { (ref, lunOffset, bufferOffset, pieceLength) throws(DomainError) in
             guard let ref else {
                 memset(buffer + bufferOffset, 0, pieceLength)
@@ -49,6 +51,8 @@ extension Domain {
         guard let v = metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
         try checkRange(v, offset: offset, length: length)
         try await allocateForWrite(v, offset: offset, length: length)
+        let start = DispatchTime.now().uptimeNanoseconds
+        defer { metrics.recordVDisk(name, op: "write", bytes: length, latencyNs: DispatchTime.now().uptimeNanoseconds - start) }
         let mapped = metadata.vdisk(named: name)!
         try await forEachPiece(mapped, offset: offset, length: length) { (ref, lunOffset, bufferOffset, pieceLength) throws(DomainError) in
             try await self.submit(.write, pool: v.poolId, ref: ref!, lunOffset: lunOffset, buffer: buffer + bufferOffset,
@@ -126,6 +130,7 @@ extension Domain {
         guard let scheduler = schedulers[pool], let slot = schedulerSlots[pool]?[ref.lun] ?? nil else {
             throw DomainError("vdisk '\(vdisk)': LUN \(ref.lun) of its pool is missing")
         }
+        let start = DispatchTime.now().uptimeNanoseconds
         while true {
             var refused: IOError?
             let result = await withCheckedContinuation { (c: CheckedContinuation<Int64, Never>) in
@@ -146,6 +151,10 @@ extension Domain {
                 let error = refused ?? IOError(result: result, operation: op == .read ? .read : (op == .write ? .write : .flush),
                                                lun: lunHandle(pool: pool, index: ref.lun)?.path, offset: lunOffset)
                 throw DomainError("vdisk '\(vdisk)': \(error)")
+            }
+            if let p = metadata.pool(id: pool) {
+                metrics.recordLUN(pool: p.name, lun: p.luns[ref.lun].path, op: op == .read ? "read" : (op == .write ? "write" : "flush"),
+                                  bytes: length, latencyNs: DispatchTime.now().uptimeNanoseconds - start)
             }
             return
         }

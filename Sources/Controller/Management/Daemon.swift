@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 
 /// `svsp-ctl serve`: runs one domain in the foreground until SIGINT/SIGTERM.
 /// Holds STATE/lock (a second daemon on the same STATE is refused), serves the
@@ -9,10 +10,12 @@ public final class Daemon: @unchecked Sendable {
         public var directory: String
         public var mgmtSocket: String?
         public var profilesRoot: String?
-        public init(directory: String, mgmtSocket: String? = nil, profilesRoot: String? = nil) {
+        public var metricsListen: String?
+        public init(directory: String, mgmtSocket: String? = nil, profilesRoot: String? = nil, metricsListen: String? = nil) {
             self.directory = directory
             self.mgmtSocket = mgmtSocket
             self.profilesRoot = profilesRoot
+            self.metricsListen = metricsListen
         }
     }
 
@@ -20,12 +23,14 @@ public final class Daemon: @unchecked Sendable {
     private var lockFD: Int32 = -1
     private var listenFD: Int32 = -1
     private let stopping = DispatchSemaphore(value: 0)
-    private let log: (String) -> Void
+    private let logger: Logger
 
-    public init(options: Options, log: @escaping (String) -> Void) {
+    public init(options: Options, logger: Logger) {
         self.options = options
-        self.log = log
+        self.logger = logger
     }
+
+    private func log(_ message: String) { logger.info("\(message)") }
 
     /// Runs until a signal; returns normally after a clean shutdown.
     public func run() async throws(DomainError) {
@@ -47,7 +52,21 @@ public final class Daemon: @unchecked Sendable {
         try BootstrapStore.writeAtomically(Data(socketPath.utf8), to: MgmtPaths.recorded(dir))
         log("serving domain '\(domain.metadata.name)' from \(dir), generation \(domain.metadata.generation), "
             + "health \(domain.problems.isEmpty ? "normal" : "degraded"), management socket \(socketPath)")
-        for p in domain.problems { log("degraded: \(p)") }
+        for p in domain.problems { logger.warning("degraded: \(p)") }
+        var metricsServer: MetricsServer?
+        if let listen = options.metricsListen {
+            let server = try MetricsServer(hostPort: listen) { [domain] in
+                let pools = domain.metadata.pools.map {
+                    (name: $0.name, capacity: $0.capacityBytes, free: UInt64(domain.freeExtents(of: $0)) * $0.extentBytes,
+                     healthy: domain.isPoolHealthy($0))
+                }
+                domain.metrics.updatePools(pools)
+                return domain.metrics.exposition()
+            }
+            server.start()
+            metricsServer = server
+            log("Prometheus metrics on http://\(listen)/metrics")
+        }
 
         let signals = installSignalHandlers()
         let accepter = Thread { [self] in acceptLoop(handler: handler) }
@@ -58,6 +77,7 @@ public final class Daemon: @unchecked Sendable {
         log("signal received: stopping")
         Glibc.shutdown(listenFD, Int32(SHUT_RDWR))
         close(listenFD)
+        metricsServer?.stop()
         // Wait for the command in progress (the handler is an actor: this queues behind it).
         _ = await handler.handle(MgmtRequest(command: "status"))
         unlink(socketPath)
@@ -97,19 +117,19 @@ public final class Daemon: @unchecked Sendable {
                 return // listening socket closed: shutting down
             }
             guard let line = UnixSocket.readLine(fd, limit: MgmtLimits.maxMessageBytes) else {
-                log("management: dropped a connection with no or oversized request")
+                logger.warning("management: dropped a connection with no or oversized request")
                 close(fd)
                 continue
             }
-            let log = self.log
+            let logger = self.logger
             Task {
                 let response: MgmtResponse
                 if let request = try? JSONDecoder().decode(MgmtRequest.self, from: line) {
                     response = await handler.handle(request)
-                    if !response.ok { log("\(request.command): \(response.error ?? "")") }
+                    if !response.ok { logger.notice("\(request.command): \(response.error ?? "")") }
                 } else {
                     response = .failure("malformed management request")
-                    log("management: malformed request")
+                    logger.warning("management: malformed request")
                 }
                 var data = (try? JSONEncoder().encode(response)) ?? Data()
                 data.append(UInt8(ascii: "\n"))

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Controller
 import Foundation
+import Logging
 
 /// --dir / $SVSP_DIR and --json, shared by every command that talks to a daemon.
 struct DomainOptions: ParsableArguments {
@@ -69,15 +70,15 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "Domain state folder (default: $SVSP_DIR).") var dir: String?
     @Option(name: .customLong("mgmt-socket"), help: "Management socket (default: STATE/mgmt.sock).") var mgmtSocket: String?
     @Option(help: "Hardware profiles folder.") var profiles: String?
+    @Option(name: .customLong("metrics-listen"), help: "Serve Prometheus metrics on HOST:PORT (/metrics).") var metricsListen: String?
 
     func run() throws {
         guard let dir = dir ?? ProcessInfo.processInfo.environment["SVSP_DIR"] else {
             throw CommandFailure("no domain given: use --dir STATE or set SVSP_DIR")
         }
-        let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles)) { line in
-            let stamp = ISO8601DateFormatter().string(from: Date())
-            FileHandle.standardError.write(Data("\(stamp) svsp: \(line)\n".utf8))
-        }
+        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+        let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles, metricsListen: metricsListen),
+                            logger: Logger(label: "svsp"))
         let outcome = RunOutcome()
         let done = DispatchSemaphore(value: 0)
         Task {

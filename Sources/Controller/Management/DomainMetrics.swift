@@ -1,0 +1,70 @@
+import Foundation
+import Prometheus
+
+/// Prometheus metrics of a domain: I/O counts, bytes and latency per vdisk and per
+/// LUN, pool capacity. Metric objects are created once per label set and cached,
+/// so recording an I/O is a dictionary lookup and atomic adds.
+public final class DomainMetrics: @unchecked Sendable {
+    public let registry = PrometheusCollectorRegistry()
+    private let lock = NSLock()
+    private var ioSets: [String: IOSet] = [:]
+    private static let buckets: [Duration] = [
+        .microseconds(50), .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1),
+        .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50),
+        .milliseconds(100), .milliseconds(250), .seconds(1),
+    ]
+
+    private struct IOSet {
+        let ios: Counter
+        let bytes: Counter
+        let latency: DurationHistogram
+    }
+
+    public init() {}
+
+    private func set(kind: String, labels: [(String, String)]) -> IOSet {
+        let key = kind + labels.map { "|\($0.0)=\($0.1)" }.joined()
+        lock.lock()
+        defer { lock.unlock() }
+        if let s = ioSets[key] { return s }
+        let s = IOSet(
+            ios: registry.makeCounter(descriptor: .init(namespace: "svsp", subsystem: kind, metricName: "io", unitName: "total",
+                                                        helpText: "I/O requests completed"), labels: labels),
+            bytes: registry.makeCounter(descriptor: .init(namespace: "svsp", subsystem: kind, metricName: "io", unitName: "bytes_total",
+                                                          helpText: "Bytes transferred"), labels: labels),
+            latency: registry.makeDurationHistogram(descriptor: .init(namespace: "svsp", subsystem: kind, metricName: "io_latency",
+                                                                      unitName: "seconds", helpText: "I/O latency"),
+                                                    labels: labels, buckets: Self.buckets))
+        ioSets[key] = s
+        return s
+    }
+
+    public func recordVDisk(_ vdisk: String, op: String, bytes: Int, latencyNs: UInt64) {
+        let s = set(kind: "vdisk", labels: [("vdisk", vdisk), ("op", op)])
+        s.ios.increment()
+        s.bytes.increment(by: Int64(bytes))
+        s.latency.recordNanoseconds(Int64(latencyNs))
+    }
+
+    public func recordLUN(pool: String, lun: String, op: String, bytes: Int, latencyNs: UInt64) {
+        let s = set(kind: "lun", labels: [("pool", pool), ("lun", lun), ("op", op)])
+        s.ios.increment()
+        s.bytes.increment(by: Int64(bytes))
+        s.latency.recordNanoseconds(Int64(latencyNs))
+    }
+
+    /// Pool capacity gauges, refreshed before each scrape.
+    public func updatePools(_ pools: [(name: String, capacity: UInt64, free: UInt64, healthy: Bool)]) {
+        for p in pools {
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "pool", metricName: "capacity", unitName: "bytes",
+                                                 helpText: "Pool capacity"), labels: [("pool", p.name)]).set(to: Double(p.capacity))
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "pool", metricName: "free", unitName: "bytes",
+                                                 helpText: "Pool free capacity"), labels: [("pool", p.name)]).set(to: Double(p.free))
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "pool", metricName: "healthy", unitName: "bool",
+                                                 helpText: "1 when every LUN of the pool is present"),
+                               labels: [("pool", p.name)]).set(to: p.healthy ? 1.0 : 0.0)
+        }
+    }
+
+    public func exposition() -> [UInt8] { registry.emitToBuffer() }
+}
