@@ -20,7 +20,13 @@ final class EngineBox: @unchecked Sendable {
 public final class Domain: @unchecked Sendable {
     public let directory: String
     public let profiles: ProfileCatalog
-    public private(set) var metadata: DomainMetadata
+    /// Guards what the I/O path reads while management commands change it.
+    private let stateLock = NSLock()
+    private var storedMetadata: DomainMetadata
+    public private(set) var metadata: DomainMetadata {
+        get { stateLock.lock(); defer { stateLock.unlock() }; return storedMetadata }
+        set { stateLock.lock(); storedMetadata = newValue; stateLock.unlock() }
+    }
     /// Why the domain is degraded (missing LUNs, damaged setup copies...); empty = healthy.
     public private(set) var problems: [String] = []
     public private(set) var setupCopyStates: [SetupVDiskStore.CopyState] = []
@@ -30,9 +36,18 @@ public final class Domain: @unchecked Sendable {
     let engineBox: EngineBox
     var engine: EngineHandle { engineBox.engine.handle }
     private var luns: [UUID: [LUNBox?]] = [:]
-    private(set) var schedulers: [UUID: IOScheduler] = [:]
+    private var storedPorts: [String: VDiskPort] = [:]
+    private var storedSchedulers: [UUID: IOScheduler] = [:]
+    private var storedSlots: [UUID: [Int?]] = [:]
+    private(set) var schedulers: [UUID: IOScheduler] {
+        get { stateLock.lock(); defer { stateLock.unlock() }; return storedSchedulers }
+        set { stateLock.lock(); storedSchedulers = newValue; stateLock.unlock() }
+    }
     /// Per pool: the scheduler's index of each LUN, nil for a LUN that is missing.
-    private(set) var schedulerSlots: [UUID: [Int?]] = [:]
+    private(set) var schedulerSlots: [UUID: [Int?]] {
+        get { stateLock.lock(); defer { stateLock.unlock() }; return storedSlots }
+        set { stateLock.lock(); storedSlots = newValue; stateLock.unlock() }
+    }
     private var setupStore: SetupVDiskStore?
 
     /// `svsp-ctl domain init`: an empty domain in `directory`.
@@ -53,7 +68,7 @@ public final class Domain: @unchecked Sendable {
     private init(directory: String, profiles: ProfileCatalog, metadata: DomainMetadata, engine: consuming Engine) {
         self.directory = directory
         self.profiles = profiles
-        self.metadata = metadata
+        storedMetadata = metadata
         bootstrap = BootstrapStore(directory: directory)
         engineBox = EngineBox(engine)
     }
@@ -76,6 +91,20 @@ public final class Domain: @unchecked Sendable {
         }
         for pool in domain.metadata.pools where domain.luns[pool.id] == nil { domain.openLUNs(of: pool) }
         return domain
+    }
+
+    /// The vdisk's data port (created on first use, shared by every user of the vdisk).
+    public func port(for name: String) throws(DomainError) -> VDiskPort {
+        stateLock.lock()
+        let existing = storedPorts[name]
+        stateLock.unlock()
+        if let existing { return existing }
+        let port = try VDiskPort(domain: self, vdisk: name)
+        stateLock.lock()
+        defer { stateLock.unlock() }
+        if let raced = storedPorts[name] { return raced }
+        storedPorts[name] = port
+        return port
     }
 
     // MARK: LUNs
@@ -369,6 +398,7 @@ public final class Domain: @unchecked Sendable {
         var next = metadata
         next.vdisks.removeAll { $0.name == name }
         try await commit(next)
+        stateLock.withLock { storedPorts[name] = nil }
     }
 
     /// Thin provisioning: extents for `indices` of the vdisk, allocated and committed now.

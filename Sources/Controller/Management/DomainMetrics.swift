@@ -14,10 +14,23 @@ public final class DomainMetrics: @unchecked Sendable {
         .milliseconds(100), .milliseconds(250), .seconds(1),
     ]
 
-    private struct IOSet {
+    /// One label set's counters and histogram; hot paths keep it and record without lookups.
+    public struct IOSet: Sendable {
         let ios: Counter
         let bytes: Counter
         let latency: DurationHistogram
+
+        public func record(bytes count: Int, latencyNs: UInt64) {
+            ios.increment()
+            bytes.increment(by: Int64(count))
+            latency.recordNanoseconds(Int64(latencyNs))
+        }
+    }
+
+    public func vdiskSeries(_ vdisk: String, op: String) -> IOSet { set(kind: "vdisk", labels: [("vdisk", vdisk), ("op", op)]) }
+
+    public func lunSeries(pool: String, lun: String, op: String) -> IOSet {
+        set(kind: "lun", labels: [("pool", pool), ("lun", lun), ("op", op)])
     }
 
     public init() {}
@@ -39,19 +52,6 @@ public final class DomainMetrics: @unchecked Sendable {
         return s
     }
 
-    public func recordVDisk(_ vdisk: String, op: String, bytes: Int, latencyNs: UInt64) {
-        let s = set(kind: "vdisk", labels: [("vdisk", vdisk), ("op", op)])
-        s.ios.increment()
-        s.bytes.increment(by: Int64(bytes))
-        s.latency.recordNanoseconds(Int64(latencyNs))
-    }
-
-    public func recordLUN(pool: String, lun: String, op: String, bytes: Int, latencyNs: UInt64) {
-        let s = set(kind: "lun", labels: [("pool", pool), ("lun", lun), ("op", op)])
-        s.ios.increment()
-        s.bytes.increment(by: Int64(bytes))
-        s.latency.recordNanoseconds(Int64(latencyNs))
-    }
 
     /// Pool capacity gauges, refreshed before each scrape.
     public func updatePools(_ pools: [(name: String, capacity: UInt64, free: UInt64, healthy: Bool)]) {
