@@ -127,6 +127,35 @@ final class DaemonTests: XCTestCase {
         XCTAssertEqual(try statusJSON()["health"] as? String, "normal")
     }
 
+    func testLUNsOfAnotherDomainOrWithAFileSystemAreRefusedUnlessForced() throws {
+        try startDaemon()
+        _ = try ok(["pool", "create", "a", "--array-profile", "file-backed", "--lun", dir.file("a.img"), "--create-size", "48M"])
+        stopDaemon()
+        // A second domain must not take domain 1's LUN.
+        let other = dir.file("other")
+        XCTAssertEqual(try CLI.run(["domain", "init", "--dir", other, "--name", "site-b"]).status, 0)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: CLI.binary)
+        p.arguments = ["serve", "--dir", other, "--profiles", Self.profiles]
+        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try p.run()
+        defer { p.terminate(); p.waitUntilExit() }
+        var tries = 0
+        while try CLI.run(["status", "--dir", other]).status != 0, tries < 200 { usleep(25_000); tries += 1 }
+        let foreign = try CLI.run(["pool", "create", "x", "--array-profile", "file-backed", "--lun", dir.file("a.img"), "--dir", other])
+        XCTAssertEqual(foreign.status, 1)
+        XCTAssertTrue(foreign.stderr.contains("belongs to another domain"), foreign.stderr)
+        // A file system signature is refused too; --force takes it.
+        var bytes = [UInt8](repeating: 0, count: 48 << 20)
+        bytes[1080] = 0x53; bytes[1081] = 0xEF
+        try Data(bytes).write(to: URL(fileURLWithPath: dir.file("fs.img")))
+        let fs = try CLI.run(["pool", "create", "f", "--array-profile", "file-backed", "--lun", dir.file("fs.img"), "--dir", other])
+        XCTAssertEqual(fs.status, 1)
+        XCTAssertTrue(fs.stderr.contains("holds an ext2/3/4 file system"), fs.stderr)
+        let forced = try CLI.run(["pool", "create", "f", "--array-profile", "file-backed", "--lun", dir.file("fs.img"), "--force", "--dir", other])
+        XCTAssertEqual(forced.status, 0, forced.stderr)
+    }
+
     func testRestartFindsEverythingAsItWas() throws {
         try startDaemon()
         try makeThreePools()
