@@ -35,16 +35,7 @@ public struct BootstrapStore: Sendable {
         let tmp = path + ".tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw DomainError("\(tmp): cannot create: \(String(cString: strerror(errno)))") }
-        var ok = data.withUnsafeBytes { buf -> Bool in
-            var done = 0
-            while done < buf.count {
-                let n = write(fd, buf.baseAddress! + done, buf.count - done)
-                if n < 0 { if errno == EINTR { continue }; return false }
-                done += n
-            }
-            return true
-        }
-        ok = ok && fsync(fd) == 0
+        let ok = UnixSocket.writeAll(fd, data) && fsync(fd) == 0
         close(fd)
         guard ok, rename(tmp, path) == 0 else {
             throw DomainError("\(path): cannot write: \(String(cString: strerror(errno)))")

@@ -62,6 +62,7 @@ enum UnixSocket {
         }
     }
 
+    /// Writes all of `data` to any file descriptor (sockets and files), retrying EINTR and short writes.
     static func writeAll(_ fd: Int32, _ data: Data) -> Bool {
         data.withUnsafeBytes { buf in
             var done = 0
