@@ -1,4 +1,5 @@
 import Dispatch
+import Foundation
 import Histogram
 import IOEngine
 
@@ -75,6 +76,9 @@ final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendabl
     private(set) var elapsedNs: UInt64 = 0
     private var startNs: UInt64 = 0
     private let finished = DispatchSemaphore(value: 0)
+    /// The engine may submit staged requests (and deliver their completions) while
+    /// `run` is still staging the first ones, so all state is touched under this lock.
+    private let lock = NSLock()
 
     init(config: Config, target: Target, lunPath: String, buffers: BufferPoolHandle,
          blockCRCs: UnsafeMutablePointer<UInt32>? = nil)
@@ -119,16 +123,16 @@ final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendabl
                 Pattern.fill(buffers.buffer(at: slot).pointer, count: config.blockBytes, offset: UInt64(slot), seed: config.seed)
             }
         }
-        var issued = 0
-        for slot in 0..<config.queueDepth where issue(slot: slot) { issued += 1 }
-        outstanding = issued
-        if issued == 0 {
-            elapsedNs = monotonicNanoseconds() - startNs
-            if let failure { throw failure }
-            return
+        lock.lock()
+        outstanding = config.queueDepth
+        for slot in 0..<config.queueDepth where !issue(slot: slot) { outstanding -= 1 }
+        let nothingIssued = outstanding == 0
+        if nothingIssued { elapsedNs = monotonicNanoseconds() - startNs }
+        lock.unlock()
+        if !nothingIssued {
+            target.submit()
+            finished.wait()
         }
-        target.submit()
-        finished.wait()
         if let failure { throw failure }
     }
 
@@ -191,6 +195,8 @@ final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendabl
     }
 
     override func ioCompleted(cookie: UInt64, result: Int64) {
+        lock.lock()
+        defer { lock.unlock() }
         let now = monotonicNanoseconds()
         let slot = Int(cookie)
         let latencyNs = now &- slotStartNs[slot]
