@@ -289,7 +289,7 @@ public final class Domain: @unchecked Sendable {
 
     public func deletePool(name: String) async throws(DomainError) {
         guard let pool = metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
-        let users = metadata.vdisks.filter { $0.poolId == pool.id }.map(\.name)
+        let users = metadata.vdisks.filter { $0.legs.contains { $0.poolId == pool.id } }.map(\.name)
         guard users.isEmpty else { throw DomainError("pool '\(name)' is used by vdisk(s) \(users.joined(separator: ", "))") }
         guard !metadata.setupPools.contains(pool.id) else { throw DomainError("pool '\(name)' holds a copy of the setup vdisk") }
         var next = metadata
@@ -307,13 +307,13 @@ public final class Domain: @unchecked Sendable {
 
     /// Extents of the pool no vdisk uses.
     public func freeExtents(of pool: PoolRecord) -> Int {
-        pool.extentCount - metadata.vdisks.filter { $0.poolId == pool.id }.reduce(0) { $0 + $1.extents.compactMap { $0 }.count }
+        pool.extentCount - metadata.vdisks.flatMap(\.legs).filter { $0.poolId == pool.id }.reduce(0) { $0 + $1.extents.compactMap { $0 }.count }
     }
 
     /// Picks `count` free extents: concatenated pools fill LUN by LUN, striped ones round-robin.
     func allocate(_ count: Int, in pool: PoolRecord, metadata m: DomainMetadata) -> [ExtentRef]? {
         var used = Set<ExtentRef>()
-        for v in m.vdisks where v.poolId == pool.id { for e in v.extents { if let e { used.insert(e) } } }
+        for leg in m.vdisks.flatMap(\.legs) where leg.poolId == pool.id { for e in leg.extents { if let e { used.insert(e) } } }
         var picked: [ExtentRef] = []
         if pool.stripe {
             var cursor = Array(repeating: 0, count: pool.luns.count)
@@ -341,29 +341,40 @@ public final class Domain: @unchecked Sendable {
 
     // MARK: vdisks
 
-    public func createVDisk(name: String, poolName: String, sizeBytes: UInt64, blockSize: Int, thin: Bool)
+    public func createVDisk(name: String, poolName: String, mirrorPools: [String] = [], sizeBytes: UInt64, blockSize: Int,
+                            thin: Bool, mode: MirrorMode = .automaticFailover, dirtyRegions: Bool = true)
         async throws(DomainError) -> VDiskRecord
     {
         guard Parse.name(name) != nil else { throw DomainError("vdisk name '\(name)': use letters, digits, - _ . (at most 64)") }
         guard metadata.vdisk(named: name) == nil else { throw DomainError("vdisk '\(name)' already exists") }
-        guard let pool = metadata.pool(named: poolName) else { throw DomainError("pool '\(poolName)' not found") }
         guard blockSize == 512 || blockSize == 4096 else { throw DomainError("--block-size \(blockSize): must be 512 or 4096") }
         guard sizeBytes > 0, sizeBytes % UInt64(blockSize) == 0 else {
             throw DomainError("size \(sizeBytes): must be a positive multiple of the block size \(blockSize)")
         }
-        let extentCount = Int((sizeBytes + pool.extentBytes - 1) / pool.extentBytes)
-        var extents: [ExtentRef?] = Array(repeating: nil, count: extentCount)
-        if !thin {
-            guard let picked = allocate(extentCount, in: pool, metadata: metadata) else {
-                throw DomainError("pool '\(poolName)' has \(freeExtents(of: pool)) free extents of \(ByteSize.format(pool.extentBytes)); vdisk '\(name)' needs \(extentCount)")
-            }
-            extents = picked
+        let poolNames = [poolName] + mirrorPools
+        guard poolNames.count <= 4 else { throw DomainError("a sync mirror has at most 4 legs, got \(poolNames.count)") }
+        guard Set(poolNames).count == poolNames.count else { throw DomainError("each mirror leg must be in a different pool") }
+        var legs: [LegRecord] = []
+        for name in poolNames {
+            guard let pool = metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
+            legs.append(try newLeg(in: pool, sizeBytes: sizeBytes, thin: thin, vdisk: name))
         }
-        let vdisk = VDiskRecord(id: UUID(), name: name, poolId: pool.id, sizeBytes: sizeBytes, blockSize: blockSize, thin: thin, extents: extents)
+        let vdisk = VDiskRecord(id: UUID(), name: name, sizeBytes: sizeBytes, blockSize: blockSize, thin: thin, legs: legs,
+                                mode: mode, dirtyRegions: dirtyRegions)
         var next = metadata
         next.vdisks.append(vdisk)
         try await commit(next)
         return vdisk
+    }
+
+    /// A leg of `sizeBytes` in `pool`: every extent allocated (thick) or none (thin).
+    func newLeg(in pool: PoolRecord, sizeBytes: UInt64, thin: Bool, vdisk: String) throws(DomainError) -> LegRecord {
+        let extentCount = Int((sizeBytes + pool.extentBytes - 1) / pool.extentBytes)
+        guard !thin else { return LegRecord(poolId: pool.id, extents: Array(repeating: nil, count: extentCount)) }
+        guard let picked = allocate(extentCount, in: pool, metadata: metadata) else {
+            throw DomainError("pool '\(pool.name)' has \(freeExtents(of: pool)) free extents of \(ByteSize.format(pool.extentBytes)); vdisk '\(vdisk)' needs \(extentCount)")
+        }
+        return LegRecord(poolId: pool.id, extents: picked)
     }
 
     public func growVDisk(name: String, sizeBytes: UInt64) async throws(DomainError) -> VDiskRecord {
@@ -373,17 +384,17 @@ public final class Domain: @unchecked Sendable {
         guard sizeBytes % UInt64(vdisk.blockSize) == 0 else {
             throw DomainError("size \(sizeBytes): must be a multiple of the block size \(vdisk.blockSize)")
         }
-        guard let pool = metadata.pool(id: vdisk.poolId) else { throw DomainError("vdisk '\(name)': its pool is gone") }
-        let wanted = Int((sizeBytes + pool.extentBytes - 1) / pool.extentBytes)
-        let extra = wanted - vdisk.extents.count
-        if extra > 0 {
+        for l in vdisk.legs.indices {
+            guard let pool = metadata.pool(id: vdisk.legs[l].poolId) else { throw DomainError("vdisk '\(name)': a leg's pool is gone") }
+            let extra = Int((sizeBytes + pool.extentBytes - 1) / pool.extentBytes) - vdisk.legs[l].extents.count
+            guard extra > 0 else { continue }
             if vdisk.thin {
-                vdisk.extents += Array(repeating: nil, count: extra)
+                vdisk.legs[l].extents += Array(repeating: nil, count: extra)
             } else {
                 guard let picked = allocate(extra, in: pool, metadata: metadata) else {
                     throw DomainError("pool '\(pool.name)' has \(freeExtents(of: pool)) free extents; growing '\(name)' needs \(extra)")
                 }
-                vdisk.extents += picked.map { Optional($0) }
+                vdisk.legs[l].extents += picked.map { Optional($0) }
             }
         }
         vdisk.sizeBytes = sizeBytes
@@ -401,17 +412,46 @@ public final class Domain: @unchecked Sendable {
         stateLock.withLock { storedPorts[name] = nil }
     }
 
-    /// Thin provisioning: extents for `indices` of the vdisk, allocated and committed now.
-    func allocateExtents(vdisk name: String, indices: [Int]) async throws(DomainError) {
-        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }),
-              let pool = metadata.pool(id: metadata.vdisks[vi].poolId) else { throw DomainError("vdisk '\(name)' not found") }
-        let missing = indices.filter { metadata.vdisks[vi].extents[$0] == nil }
-        guard !missing.isEmpty else { return }
-        guard let picked = allocate(missing.count, in: pool, metadata: metadata) else {
-            throw DomainError("pool '\(pool.name)' is full: thin vdisk '\(name)' cannot allocate \(missing.count) extent(s)")
-        }
+    /// Thin provisioning: every leg's extents covering [offset, offset+length), allocated and committed now.
+    func allocateExtents(vdisk name: String, offset: UInt64, length: Int) async throws(DomainError) {
+        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
         var next = metadata
-        for (i, e) in zip(missing, picked) { next.vdisks[vi].extents[i] = e }
+        var changed = false
+        for l in next.vdisks[vi].legs.indices {
+            guard let pool = next.pool(id: next.vdisks[vi].legs[l].poolId) else { continue }
+            let first = Int(offset / pool.extentBytes), last = Int((offset + UInt64(max(length, 1)) - 1) / pool.extentBytes)
+            let missing = (first...last).filter { next.vdisks[vi].legs[l].extents[$0] == nil }
+            guard !missing.isEmpty else { continue }
+            guard let picked = allocate(missing.count, in: pool, metadata: next) else {
+                throw DomainError("pool '\(pool.name)' is full: thin vdisk '\(name)' cannot allocate \(missing.count) extent(s)")
+            }
+            for (i, e) in zip(missing, picked) { next.vdisks[vi].legs[l].extents[i] = e }
+            changed = true
+        }
+        if changed { try await commit(next) }
+    }
+
+    /// Marks legs failed (persisted before the host hears of the write that failed them).
+    func markLegsFailed(vdisk name: String, legs: [Int]) async throws(DomainError) {
+        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { return }
+        var next = metadata
+        var changed = false
+        for l in legs where l < next.vdisks[vi].legs.count && next.vdisks[vi].legs[l].state != .failed {
+            next.vdisks[vi].legs[l].state = .failed
+            next.vdisks[vi].legs[l].failedAtGeneration = metadata.generation + 1
+            changed = true
+        }
+        if changed { try await commit(next) }
+    }
+
+    /// Sets leg states (resync start and end).
+    func setLegStates(vdisk name: String, _ states: [Int: LegState]) async throws(DomainError) {
+        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
+        var next = metadata
+        for (l, st) in states {
+            next.vdisks[vi].legs[l].state = st
+            if st == .inSync { next.vdisks[vi].legs[l].failedAtGeneration = nil }
+        }
         try await commit(next)
     }
 

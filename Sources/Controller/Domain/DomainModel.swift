@@ -50,13 +50,41 @@ public struct ExtentRef: Codable, Equatable, Hashable, Sendable {
     public var extent: Int
 }
 
+/// A mirror leg's state: in sync, being filled (snap-sync or resync), or failed.
+public enum LegState: String, Codable, Sendable {
+    case inSync = "in-sync", copying, failed
+}
+
+/// What a sync mirror does when a leg cannot take a write.
+public enum MirrorMode: String, Codable, Sendable, CaseIterable {
+    /// The host write fails when any leg cannot take it.
+    case synchronousAlways = "synchronous-always"
+    /// The write goes on with the surviving legs; the failed leg is marked (persisted first).
+    case automaticFailover = "automatic-failover"
+}
+
+/// One copy of a vdisk's data, in one pool.
+public struct LegRecord: Codable, Equatable, Sendable {
+    public var poolId: UUID
+    /// One entry per extent of the vdisk; nil = not yet allocated (thin), reads as zeros.
+    public var extents: [ExtentRef?]
+    public var state: LegState = .inSync
+    /// The metadata generation at which the leg failed: resync copies towards it, never from it.
+    public var failedAtGeneration: UInt64?
+}
+
 public struct VDiskRecord: Codable, Equatable, Sendable {
     public var id: UUID
     public var name: String
-    public var poolId: UUID
     public var sizeBytes: UInt64
     public var blockSize: Int
     public var thin: Bool
-    /// One entry per extent of the vdisk; nil = not yet allocated (thin), reads as zeros.
-    public var extents: [ExtentRef?]
+    /// 1 leg for a plain vdisk, 2..4 (each in a different pool) for a sync mirror.
+    public var legs: [LegRecord]
+    public var mode: MirrorMode = .automaticFailover
+    public var dirtyRegions: Bool = true
+
+    /// The first leg's pool (where a plain vdisk lives).
+    public var poolId: UUID { legs[0].poolId }
+    public var isMirror: Bool { legs.count > 1 }
 }

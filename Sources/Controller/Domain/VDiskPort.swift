@@ -4,17 +4,25 @@ import IOEngine
 /// The allocation-free data path of one vdisk: front ends (and the async data API)
 /// submit read, write (FUA), flush, write-zeroes and trim at byte offsets with a
 /// sink and a cookie; the port checks alignment and range, maps the range through
-/// the extent map onto the pool's LUNs, submits the pieces through the pool's
-/// scheduler, and calls the sink once when every piece is done.
+/// each leg's extent map onto its pool's LUNs, submits the pieces through the
+/// pools' schedulers, and calls the sink once when every piece is done.
 ///
-/// Request state lives in a slot table sized at init and the extent map is cached
-/// per metadata generation, so steady-state I/O allocates nothing. The exception
-/// is the first write into an unallocated thin extent: it commits new metadata
-/// (an async slow path) before its pieces go out.
+/// Sync mirrors: writes go to every leg that is not failed (in-sync and copying);
+/// the host hears only when all of them have the data. Reads go to the in-sync leg
+/// with the fewest requests outstanding; a read error is retried on another in-sync
+/// leg and the good data is written back to the leg that failed the read. A leg
+/// that fails a write is marked failed in the metadata before the host is
+/// answered; `automatic-failover` then acknowledges from the surviving legs,
+/// `synchronous-always` fails the write.
+///
+/// Request state lives in a slot table sized at init and the maps are cached per
+/// metadata generation, so steady-state I/O allocates nothing. The exceptions are
+/// the slow paths: the first write into an unallocated thin extent (commits the
+/// allocation first) and leg failures (commit the leg state first).
 public final class VDiskPort: CompletionSink, @unchecked Sendable {
     public enum Op: UInt8, Sendable { case read, write, flush, writeZeroes, trim }
 
-    private struct Request {
+    private struct Request: @unchecked Sendable {
         var sink: Unmanaged<CompletionSink>?
         var cookie: UInt64 = 0
         var op: Op = .read
@@ -25,20 +33,30 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var piecesInFlight = 0
         var result: Int64 = 0
         var startNs: UInt64 = 0
+        var targetLegs: UInt8 = 0 // legs a write went to
+        var failedLegs: UInt8 = 0 // legs whose piece failed
+        var readLeg = -1
+        var triedLegs: UInt8 = 0 // legs a read was sent to
         var nextFree: Int32 = -1
     }
 
-    /// The extent map and routing of one metadata generation.
-    private struct Mapping {
-        var generation: UInt64
-        var sizeBytes: UInt64
-        var blockSize: Int
+    /// One leg's routing for one metadata generation.
+    private struct LegMap {
+        var state: LegState
         var extentBytes: UInt64
         var extents: [ExtentRef?]
         var lunDataStart: [UInt64]
         var schedulerSlot: [Int?]
         var scheduler: IOScheduler?
         var lunSeries: [[DomainMetrics.IOSet]] // [lun][read, write, flush]
+    }
+
+    private struct Mapping {
+        var generation: UInt64
+        var sizeBytes: UInt64
+        var blockSize: Int
+        var mode: MirrorMode
+        var legs: [LegMap]
     }
 
     public let domain: Domain
@@ -48,6 +66,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private var freeHead: Int32 = 0
     private let lock = NSLock()
     private var mapping: Mapping
+    private var legOutstanding: [Int] = [0, 0, 0, 0]
     private let zeros: AlignedBuffer
     private static let zeroBytes = 1 << 20
     private let readSeries: DomainMetrics.IOSet
@@ -78,17 +97,22 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
 
     private static func makeMapping(_ domain: Domain, _ name: String) -> Mapping? {
         let m = domain.metadata
-        guard let v = m.vdisk(named: name), let pool = m.pool(id: v.poolId) else { return nil }
-        let series = pool.luns.map { lun in
-            ["read", "write", "flush"].map { domain.metrics.lunSeries(pool: pool.name, lun: lun.path, op: $0) }
+        guard let v = m.vdisk(named: name) else { return nil }
+        let schedulers = domain.schedulers, slots = domain.schedulerSlots
+        var legs: [LegMap] = []
+        for leg in v.legs {
+            guard let pool = m.pool(id: leg.poolId) else { return nil }
+            let series = pool.luns.map { lun in
+                ["read", "write", "flush"].map { domain.metrics.lunSeries(pool: pool.name, lun: lun.path, op: $0) }
+            }
+            legs.append(LegMap(state: leg.state, extentBytes: pool.extentBytes, extents: leg.extents,
+                               lunDataStart: pool.luns.map(\.dataStartBytes), schedulerSlot: slots[pool.id] ?? [],
+                               scheduler: schedulers[pool.id], lunSeries: series))
         }
-        return Mapping(generation: m.generation, sizeBytes: v.sizeBytes, blockSize: v.blockSize, extentBytes: pool.extentBytes,
-                       extents: v.extents, lunDataStart: pool.luns.map(\.dataStartBytes),
-                       schedulerSlot: domain.schedulerSlots[pool.id] ?? [], scheduler: domain.schedulers[pool.id],
-                       lunSeries: series)
+        return Mapping(generation: m.generation, sizeBytes: v.sizeBytes, blockSize: v.blockSize, mode: v.mode, legs: legs)
     }
 
-    /// Re-reads the mapping when the metadata moved on (grow, thin allocation). Caller holds the lock.
+    /// Re-reads the mapping when the metadata moved on (grow, thin allocation, leg states). Caller holds the lock.
     private func refreshIfNeeded() -> Bool {
         let generation = domain.metadata.generation
         if generation == mapping.generation { return true }
@@ -102,44 +126,42 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     public func submit(_ op: Op, offset: UInt64, length: Int, buffer: UnsafeMutableRawPointer?, fua: Bool = false,
                        sink: CompletionSink, cookie: UInt64) throws(IOError)
     {
+        let ioOp: IOOperation = op == .read ? .read : (op == .flush ? .flush : .write)
         lock.lock()
         guard refreshIfNeeded() else {
             lock.unlock()
-            throw IOError(code: ENODEV, operation: op == .read ? .read : .write, lun: vdiskName, offset: offset)
+            throw IOError(code: ENODEV, operation: ioOp, lun: vdiskName, offset: offset)
         }
         if op != .flush {
             let bs = UInt64(mapping.blockSize)
-            guard length > 0, offset % bs == 0, UInt64(length) % bs == 0,
-                  op != .read && op != .write || buffer != nil
-            else {
+            guard length > 0, offset % bs == 0, UInt64(length) % bs == 0, op != .read && op != .write || buffer != nil else {
                 lock.unlock()
-                throw IOError(code: EINVAL, operation: op == .read ? .read : .write, lun: vdiskName, offset: offset)
+                throw IOError(code: EINVAL, operation: ioOp, lun: vdiskName, offset: offset)
             }
             guard offset <= mapping.sizeBytes, UInt64(length) <= mapping.sizeBytes - offset else {
                 lock.unlock()
-                throw IOError(code: ERANGE, operation: op == .read ? .read : .write, lun: vdiskName, offset: offset)
+                throw IOError(code: ERANGE, operation: ioOp, lun: vdiskName, offset: offset)
             }
         }
         guard freeHead >= 0 else {
             lock.unlock()
-            throw IOError(code: EBUSY, operation: op == .read ? .read : .write, lun: vdiskName, offset: offset)
+            throw IOError(code: EBUSY, operation: ioOp, lun: vdiskName, offset: offset)
         }
         let index = Int(freeHead)
         freeHead = slots[index].nextFree
         slots[index] = Request(sink: Unmanaged.passRetained(sink), cookie: cookie, op: op, offset: offset, length: length,
                                buffer: buffer, fua: fua, piecesInFlight: 1, startNs: DispatchTime.now().uptimeNanoseconds)
         let needsAllocation = op == .write && touchesUnallocated(offset: offset, length: length)
-        let first = Int(offset / mapping.extentBytes), last = Int((offset + UInt64(max(length, 1)) - 1) / mapping.extentBytes)
         lock.unlock()
 
         if needsAllocation {
-            // Slow path, once per thin extent: commit the allocation, then dispatch.
+            // Slow path, once per thin extent: commit the allocation on every leg, then dispatch.
             Task {
                 do {
-                    try await domain.allocateExtents(vdisk: vdiskName, indices: Array(first...last))
+                    try await domain.allocateExtents(vdisk: vdiskName, offset: offset, length: length)
                     self.dispatch(index)
                 } catch {
-                    self.pieceDone(index, lun: -1, result: -Int64(ENOSPC))
+                    self.pieceDone(index, leg: -1, lun: -1, result: -Int64(ENOSPC))
                 }
             }
             return
@@ -147,83 +169,122 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         dispatch(index)
     }
 
+    /// Caller holds the lock.
     private func touchesUnallocated(offset: UInt64, length: Int) -> Bool {
-        let first = Int(offset / mapping.extentBytes), last = Int((offset + UInt64(length) - 1) / mapping.extentBytes)
-        return (first...last).contains { mapping.extents[$0] == nil }
+        mapping.legs.contains { leg in
+            let first = Int(offset / leg.extentBytes), last = Int((offset + UInt64(length) - 1) / leg.extentBytes)
+            return (first...last).contains { leg.extents[$0] == nil }
+        }
     }
 
-    /// Sends every piece of request `index` to the scheduler. The request holds one
+    /// Picks the in-sync leg with the fewest outstanding requests that has not been tried. Caller holds the lock.
+    private func pickReadLeg(excluding tried: UInt8) -> Int? {
+        var best: Int?
+        for (l, leg) in mapping.legs.enumerated() where leg.state == .inSync && tried & (1 << l) == 0 {
+            if best == nil || legOutstanding[l] < legOutstanding[best!] { best = l }
+        }
+        return best
+    }
+
+    /// Sends every piece of request `index` to the schedulers. The request holds one
     /// extra "dispatching" count so a fast completion cannot finish it early.
     private func dispatch(_ index: Int) {
         lock.lock()
         _ = refreshIfNeeded()
-        let r = slots[index]
         let m = mapping
+        var legs: [Int] = []
+        switch slots[index].op {
+        case .read:
+            if let l = pickReadLeg(excluding: slots[index].triedLegs) {
+                legs = [l]
+                slots[index].readLeg = l
+                slots[index].triedLegs |= 1 << l
+            }
+        default:
+            for (l, leg) in m.legs.enumerated() where leg.state != .failed {
+                legs.append(l)
+                slots[index].targetLegs |= 1 << l
+            }
+        }
+        let r = slots[index]
         lock.unlock()
-        guard let scheduler = m.scheduler else {
-            pieceDone(index, lun: -1, result: -Int64(EIO))
-            return
+        if legs.isEmpty {
+            record(index, error: -Int64(EIO)) // no leg can serve it
+        }
+        for l in legs {
+            if !dispatch(index, r, leg: l, m.legs[l]) { break }
+            m.legs[l].scheduler?.kick()
+        }
+        pieceDone(index, leg: -1, lun: -1, result: 0) // drop the dispatching count
+    }
+
+    /// Walks one leg's pieces of the request; false when a piece could not be sent.
+    private func dispatch(_ index: Int, _ r: Request, leg l: Int, _ leg: LegMap) -> Bool {
+        guard let scheduler = leg.scheduler else {
+            legPieceFailed(index, leg: l, result: -Int64(EIO))
+            return true
         }
         func send(_ op: IOScheduler.Operation, lun: Int, lunOffset: UInt64, buffer: UnsafeMutableRawPointer?, length: Int) -> Bool {
-            guard let slot = m.schedulerSlot[lun] else {
-                record(index, error: -Int64(EIO)) // the LUN is missing
+            guard let slot = leg.schedulerSlot[lun] else {
+                legPieceFailed(index, leg: l, result: -Int64(EIO)) // the LUN is missing
                 return false
             }
             lock.lock()
             slots[index].piecesInFlight += 1
+            legOutstanding[l] += 1
             lock.unlock()
             do {
                 try scheduler.submit(op, lun: slot, buffer: buffer, length: length, offset: lunOffset, fua: r.fua, sink: self,
-                                     cookie: UInt64(index) | UInt64(lun) << 32)
+                                     cookie: UInt64(index) | UInt64(l) << 32 | UInt64(lun) << 40)
                 return true
             } catch {
                 lock.lock()
                 slots[index].piecesInFlight -= 1
+                legOutstanding[l] -= 1
                 lock.unlock()
-                record(index, error: -Int64(error.code))
+                legPieceFailed(index, leg: l, result: -Int64(error.code))
                 return false
             }
         }
 
         if r.op == .flush {
-            for lun in m.lunDataStart.indices where m.schedulerSlot[lun] != nil {
-                if !send(.flush, lun: lun, lunOffset: 0, buffer: nil, length: 0) { break }
+            for lun in leg.lunDataStart.indices where leg.schedulerSlot[lun] != nil {
+                if !send(.flush, lun: lun, lunOffset: 0, buffer: nil, length: 0) { return true }
             }
-        } else {
-            var done = 0
-            walk: while done < r.length {
-                let at = r.offset + UInt64(done)
-                let extent = Int(at / m.extentBytes)
-                let within = at % m.extentBytes
-                let piece = min(r.length - done, Int(m.extentBytes - within))
-                if let ref = m.extents[extent] {
-                    let lunOffset = m.lunDataStart[ref.lun] + UInt64(ref.extent) * m.extentBytes + within
-                    switch r.op {
-                    case .read:
-                        if !send(.read, lun: ref.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece) { break walk }
-                    case .write:
-                        if !send(.write, lun: ref.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece) { break walk }
-                    case .writeZeroes, .trim:
-                        var z = 0
-                        while z < piece {
-                            let n = min(Self.zeroBytes, piece - z)
-                            if !send(.write, lun: ref.lun, lunOffset: lunOffset + UInt64(z), buffer: zeros.pointer, length: n) { break walk }
-                            z += n
-                        }
-                    case .flush:
-                        break
-                    }
-                } else if r.op == .read {
-                    memset(r.buffer! + done, 0, piece) // thin and never written: zeros
-                } else if r.op == .write {
-                    record(index, error: -Int64(ENOSPC)) // allocation vanished (vdisk changed under us)
-                    break walk
-                }
-                done += piece
-            }
+            return true
         }
-        scheduler.kick()
-        pieceDone(index, lun: -1, result: 0) // drop the dispatching count
+        var done = 0
+        while done < r.length {
+            let at = r.offset + UInt64(done)
+            let extent = Int(at / leg.extentBytes)
+            let within = at % leg.extentBytes
+            let piece = min(r.length - done, Int(leg.extentBytes - within))
+            if let ref = leg.extents[extent] {
+                let lunOffset = leg.lunDataStart[ref.lun] + UInt64(ref.extent) * leg.extentBytes + within
+                switch r.op {
+                case .read:
+                    if !send(.read, lun: ref.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece) { return true }
+                case .write:
+                    if !send(.write, lun: ref.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece) { return true }
+                case .writeZeroes, .trim:
+                    var z = 0
+                    while z < piece {
+                        let n = min(Self.zeroBytes, piece - z)
+                        if !send(.write, lun: ref.lun, lunOffset: lunOffset + UInt64(z), buffer: zeros.pointer, length: n) { return true }
+                        z += n
+                    }
+                case .flush:
+                    break
+                }
+            } else if r.op == .read {
+                memset(r.buffer! + done, 0, piece) // thin and never written: zeros
+            } else if r.op == .write {
+                legPieceFailed(index, leg: l, result: -Int64(ENOSPC)) // allocation vanished (vdisk changed under us)
+                return true
+            }
+            done += piece
+        }
+        return true
     }
 
     private func record(_ index: Int, error: Int64) {
@@ -232,33 +293,146 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         lock.unlock()
     }
 
-    override public func ioCompleted(cookie: UInt64, result: Int64) {
-        pieceDone(Int(cookie & 0xFFFF_FFFF), lun: Int(cookie >> 32), result: result)
+    /// A leg's piece failed: for writes remember the leg (the request decides at the end), for reads retry elsewhere.
+    private func legPieceFailed(_ index: Int, leg: Int, result: Int64) {
+        lock.lock()
+        if slots[index].op == .read || mapping.legs.count == 1 {
+            if slots[index].result >= 0 { slots[index].result = result }
+        } else {
+            slots[index].failedLegs |= 1 << leg
+            if slots[index].result >= 0 { slots[index].result = result } // kept only if no leg succeeds
+        }
+        lock.unlock()
     }
 
-    private func pieceDone(_ index: Int, lun: Int, result: Int64) {
+    override public func ioCompleted(cookie: UInt64, result: Int64) {
+        pieceDone(Int(cookie & 0xFFFF_FFFF), leg: Int((cookie >> 32) & 0xFF), lun: Int(cookie >> 40), result: result)
+    }
+
+    private func pieceDone(_ index: Int, leg: Int, lun: Int, result: Int64) {
+        if result < 0, leg >= 0 { legPieceFailed(index, leg: leg, result: result) }
         lock.lock()
-        if result < 0, slots[index].result >= 0 { slots[index].result = result }
         slots[index].piecesInFlight -= 1
-        let r = slots[index]
         let now = DispatchTime.now().uptimeNanoseconds
-        if lun >= 0, lun < mapping.lunSeries.count, result >= 0 {
-            let which = r.op == .read ? 0 : (r.op == .flush ? 2 : 1)
-            mapping.lunSeries[lun][which].record(bytes: Int(result), latencyNs: now &- r.startNs)
+        if leg >= 0 {
+            legOutstanding[leg] -= 1
+            let r = slots[index]
+            if result >= 0, leg < mapping.legs.count, lun < mapping.legs[leg].lunSeries.count {
+                let which = r.op == .read ? 0 : (r.op == .flush ? 2 : 1)
+                mapping.legs[leg].lunSeries[lun][which].record(bytes: Int(result), latencyNs: now &- r.startNs)
+            }
         }
-        guard r.piecesInFlight == 0 else {
+        guard slots[index].piecesInFlight == 0 else {
             lock.unlock()
             return
         }
+        let r = slots[index]
+        // A read that failed on one leg: retry it whole on another in-sync leg.
+        if r.op == .read, r.result < 0, pickReadLeg(excluding: r.triedLegs) != nil {
+            slots[index].result = 0
+            slots[index].piecesInFlight = 1
+            lock.unlock()
+            dispatch(index) // the leg that failed stays in triedLegs: finish() repairs it
+            return
+        }
+        lock.unlock()
+        if r.failedLegs != 0 && r.op != .read && mapping.legs.count > 1 {
+            finishAfterLegFailure(index, r)
+            return
+        }
+        finish(index, r, result: r.result < 0 ? r.result : Int64(r.op == .flush ? 0 : r.length), now: now)
+    }
+
+    /// Persist the failed legs first; then acknowledge from the survivors (automatic-failover)
+    /// or fail the write (synchronous-always, or when no leg took it).
+    private func finishAfterLegFailure(_ index: Int, _ r: Request) {
+        let failed = (0..<8).filter { r.failedLegs & (1 << $0) != 0 }
+        let survivors = r.targetLegs & ~r.failedLegs
+        let mode = mapping.mode
+        Task {
+            var result: Int64
+            do {
+                try await domain.markLegsFailed(vdisk: vdiskName, legs: failed)
+                result = survivors != 0 && mode == .automaticFailover ? Int64(r.op == .flush ? 0 : r.length) : (r.result < 0 ? r.result : -Int64(EIO))
+            } catch {
+                result = -Int64(EIO) // cannot record the failure: the write must not be acknowledged
+            }
+            self.finish(index, r, result: result, now: DispatchTime.now().uptimeNanoseconds)
+        }
+    }
+
+    private func finish(_ index: Int, _ r: Request, result: Int64, now: UInt64) {
+        lock.lock()
+        let repairLegs = r.op == .read && result >= 0 ? r.triedLegs & ~(1 << UInt8(max(r.readLeg, 0))) : 0
         slots[index] = Request()
         slots[index].nextFree = freeHead
         freeHead = Int32(index)
         lock.unlock()
-        let final = r.result < 0 ? r.result : Int64(r.op == .flush ? 0 : r.length)
-        if final >= 0 {
+        if result >= 0 {
             if r.op == .read { readSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }
             if r.op == .write { writeSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }
         }
-        r.sink!.takeRetainedValue().ioCompleted(cookie: r.cookie, result: final)
+        if repairLegs != 0, let buffer = r.buffer {
+            repair(legs: repairLegs, offset: r.offset, length: r.length, from: buffer)
+        }
+        r.sink!.takeRetainedValue().ioCompleted(cookie: r.cookie, result: result)
+    }
+
+    /// Rewrites a range on legs that failed to read it, from data another leg returned.
+    /// The data is copied (this is the rare error path) so the host's buffer is free at
+    /// once; a leg that cannot take the rewrite is marked failed.
+    private func repair(legs: UInt8, offset: UInt64, length: Int, from buffer: UnsafeMutableRawPointer) {
+        lock.lock()
+        let m = mapping
+        lock.unlock()
+        guard let job = RepairJob(port: self, length: length, copyFrom: buffer) else { return }
+        for (l, leg) in m.legs.enumerated() where legs & (1 << l) != 0 {
+            guard let scheduler = leg.scheduler else { continue }
+            var done = 0
+            while done < length {
+                let at = offset + UInt64(done)
+                let piece = min(length - done, Int(leg.extentBytes - at % leg.extentBytes))
+                if let ref = leg.extents[Int(at / leg.extentBytes)], let slot = leg.schedulerSlot[ref.lun] {
+                    let lunOffset = leg.lunDataStart[ref.lun] + UInt64(ref.extent) * leg.extentBytes + at % leg.extentBytes
+                    job.started()
+                    do {
+                        try scheduler.submit(.write, lun: slot, buffer: job.data + done, length: piece, offset: lunOffset, fua: true,
+                                             sink: job, cookie: UInt64(l))
+                    } catch {
+                        job.ioCompleted(cookie: UInt64(l), result: -Int64(error.code))
+                    }
+                }
+                done += piece
+            }
+            scheduler.kick()
+        }
+    }
+
+    fileprivate func repairFailed(leg: Int) {
+        let name = vdiskName
+        Task { try? await domain.markLegsFailed(vdisk: name, legs: [leg]) }
+    }
+}
+
+/// The rewrite of a bad range from good data: owns a copy of the data until every write is done.
+private final class RepairJob: CompletionSink, @unchecked Sendable {
+    private let port: VDiskPort
+    private let buffer: AlignedBuffer
+    private let lock = NSLock()
+    private var pending = 0
+    var data: UnsafeMutableRawPointer { buffer.pointer }
+
+    init?(port: VDiskPort, length: Int, copyFrom source: UnsafeRawPointer) {
+        guard let b = try? AlignedBuffer(count: length) else { return nil }
+        buffer = b
+        memcpy(buffer.pointer, source, length)
+        self.port = port
+    }
+
+    func started() { lock.lock(); pending += 1; lock.unlock() }
+
+    override func ioCompleted(cookie: UInt64, result: Int64) {
+        if result < 0 { port.repairFailed(leg: Int(cookie)) }
+        lock.lock(); pending -= 1; lock.unlock()
     }
 }

@@ -153,6 +153,13 @@ struct VDiskView: Codable {
     var blockSize: Int
     var provisioning: String
     var allocatedBytes: UInt64
+    var legs: [LegView] = []
+    var mode: String?
+
+    struct LegView: Codable {
+        var pool: String
+        var state: String
+    }
 
     init(_ v: VDiskRecord, domain: Domain) {
         name = v.name
@@ -162,7 +169,11 @@ struct VDiskView: Codable {
         sizeBytes = v.sizeBytes
         blockSize = v.blockSize
         provisioning = v.thin ? "thin" : "thick"
-        allocatedBytes = UInt64(v.extents.compactMap { $0 }.count) * (pool?.extentBytes ?? 0)
+        allocatedBytes = UInt64(v.legs[0].extents.compactMap { $0 }.count) * (pool?.extentBytes ?? 0)
+        legs = v.legs.map { leg in
+            LegView(pool: domain.metadata.pool(id: leg.poolId)?.name ?? "?", state: leg.state.rawValue)
+        }
+        mode = v.isMirror ? v.mode.rawValue : nil
     }
 }
 
