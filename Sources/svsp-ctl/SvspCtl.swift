@@ -6,7 +6,7 @@ struct SvspCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "svsp-ctl",
         abstract: "svsp storage virtualization controller: benchmarks, profiles, domains, pools, vdisks.",
-        subcommands: [DomainCommand.self, ServeCommand.self, StatusCommand.self, PoolCommand.self, VDiskCommand.self,
+        subcommands: [DomainCommand.self, ServeCommand.self, StatusCommand.self, PoolCommand.self, VDiskCommand.self, MirrorCommand.self,
                       BenchCommand.self, ProfileCommand.self]
     )
 

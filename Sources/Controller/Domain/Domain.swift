@@ -31,6 +31,8 @@ public final class Domain: @unchecked Sendable {
     public private(set) var problems: [String] = []
     public private(set) var setupCopyStates: [SetupVDiskStore.CopyState] = []
     public let metrics = DomainMetrics()
+    let mutation = MutationLock()
+    public private(set) lazy var mirrors = MirrorService(domain: self)
 
     let bootstrap: BootstrapStore
     let engineBox: EngineBox
@@ -196,6 +198,8 @@ public final class Domain: @unchecked Sendable {
     public func createPool(name: String, arrayProfile: String, poolProfile: String?, lunPaths: [String],
                            createBytes: UInt64?, force: Bool) async throws(DomainError) -> PoolRecord
     {
+        await mutation.acquire()
+        defer { mutation.release() }
         guard Parse.name(name) != nil else { throw DomainError("pool name '\(name)': use letters, digits, - _ . (at most 64)") }
         guard metadata.pool(named: name) == nil else { throw DomainError("pool '\(name)' already exists") }
         guard let array = profiles.arrays[arrayProfile] else { throw DomainError("array profile '\(arrayProfile)' not found") }
@@ -288,6 +292,8 @@ public final class Domain: @unchecked Sendable {
     }
 
     public func deletePool(name: String) async throws(DomainError) {
+        await mutation.acquire()
+        defer { mutation.release() }
         guard let pool = metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
         let users = metadata.vdisks.filter { $0.legs.contains { $0.poolId == pool.id } }.map(\.name)
         guard users.isEmpty else { throw DomainError("pool '\(name)' is used by vdisk(s) \(users.joined(separator: ", "))") }
@@ -345,6 +351,8 @@ public final class Domain: @unchecked Sendable {
                             thin: Bool, mode: MirrorMode = .automaticFailover, dirtyRegions: Bool = true)
         async throws(DomainError) -> VDiskRecord
     {
+        await mutation.acquire()
+        defer { mutation.release() }
         guard Parse.name(name) != nil else { throw DomainError("vdisk name '\(name)': use letters, digits, - _ . (at most 64)") }
         guard metadata.vdisk(named: name) == nil else { throw DomainError("vdisk '\(name)' already exists") }
         guard blockSize == 512 || blockSize == 4096 else { throw DomainError("--block-size \(blockSize): must be 512 or 4096") }
@@ -378,6 +386,8 @@ public final class Domain: @unchecked Sendable {
     }
 
     public func growVDisk(name: String, sizeBytes: UInt64) async throws(DomainError) -> VDiskRecord {
+        await mutation.acquire()
+        defer { mutation.release() }
         guard let index = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
         var vdisk = metadata.vdisks[index]
         guard sizeBytes >= vdisk.sizeBytes else { throw DomainError("vdisk '\(name)': cannot shrink from \(vdisk.sizeBytes) to \(sizeBytes) bytes") }
@@ -405,6 +415,8 @@ public final class Domain: @unchecked Sendable {
     }
 
     public func deleteVDisk(name: String) async throws(DomainError) {
+        await mutation.acquire()
+        defer { mutation.release() }
         guard metadata.vdisk(named: name) != nil else { throw DomainError("vdisk '\(name)' not found") }
         var next = metadata
         next.vdisks.removeAll { $0.name == name }
@@ -414,6 +426,8 @@ public final class Domain: @unchecked Sendable {
 
     /// Thin provisioning: every leg's extents covering [offset, offset+length), allocated and committed now.
     func allocateExtents(vdisk name: String, offset: UInt64, length: Int) async throws(DomainError) {
+        await mutation.acquire()
+        defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
         var next = metadata
         var changed = false
@@ -433,6 +447,8 @@ public final class Domain: @unchecked Sendable {
 
     /// Marks legs failed (persisted before the host hears of the write that failed them).
     func markLegsFailed(vdisk name: String, legs: [Int]) async throws(DomainError) {
+        await mutation.acquire()
+        defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { return }
         var next = metadata
         var changed = false
@@ -446,6 +462,8 @@ public final class Domain: @unchecked Sendable {
 
     /// Sets leg states (resync start and end).
     func setLegStates(vdisk name: String, _ states: [Int: LegState]) async throws(DomainError) {
+        await mutation.acquire()
+        defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
         var next = metadata
         for (l, st) in states {
@@ -459,6 +477,8 @@ public final class Domain: @unchecked Sendable {
 
     /// Moves the metadata onto a setup vdisk mirrored on `poolNames` (3..5, or 1 for a scratch domain).
     public func createSetupVDisk(poolNames: [String]) async throws(DomainError) -> [String] {
+        await mutation.acquire()
+        defer { mutation.release() }
         guard metadata.setupPools.isEmpty else { throw DomainError("the setup vdisk already exists") }
         guard poolNames.count == 1 || (3...5).contains(poolNames.count) else {
             throw DomainError("the setup vdisk needs 3..5 pools (or 1 for a scratch domain), got \(poolNames.count)")

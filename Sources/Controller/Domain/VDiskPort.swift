@@ -37,6 +37,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var failedLegs: UInt8 = 0 // legs whose piece failed
         var readLeg = -1
         var triedLegs: UInt8 = 0 // legs a read was sent to
+        var heldAtGate = false
         var nextFree: Int32 = -1
     }
 
@@ -67,6 +68,9 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private let lock = NSLock()
     private var mapping: Mapping
     private var legOutstanding: [Int] = [0, 0, 0, 0]
+    /// A range a resync or repair is copying: host writes into it wait until it is released.
+    private var gate: Range<UInt64>?
+    private var gated: [Int32] = []
     private let zeros: AlignedBuffer
     private static let zeroBytes = 1 << 20
     private let readSeries: DomainMetrics.IOSet
@@ -80,6 +84,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         mapping = m
         do { zeros = try AlignedBuffer(count: Self.zeroBytes) } catch { throw DomainError("\(error)") }
         memset(zeros.pointer, 0, Self.zeroBytes)
+        gated.reserveCapacity(capacity)
         slots = .allocate(capacity: capacity)
         slots.initialize(repeating: Request(), count: capacity)
         for i in 0..<capacity { slots[i].nextFree = i + 1 < capacity ? Int32(i + 1) : -1 }
@@ -152,6 +157,12 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         slots[index] = Request(sink: Unmanaged.passRetained(sink), cookie: cookie, op: op, offset: offset, length: length,
                                buffer: buffer, fua: fua, piecesInFlight: 1, startNs: DispatchTime.now().uptimeNanoseconds)
         let needsAllocation = op == .write && touchesUnallocated(offset: offset, length: length)
+        if op != .read, op != .flush, let g = gate, g.overlaps(offset..<(offset + UInt64(length))), !needsAllocation {
+            gated.append(Int32(index)) // dispatched when the copier releases the range
+            slots[index].heldAtGate = true
+            lock.unlock()
+            return
+        }
         lock.unlock()
 
         if needsAllocation {
@@ -167,6 +178,35 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             return
         }
         dispatch(index)
+    }
+
+    /// Holds host writes out of `range` and waits until none in flight overlaps it,
+    /// so a copier can read one leg and write another without losing a host write.
+    public func closeGate(_ range: Range<UInt64>) async {
+        lock.withLock { gate = range }
+        while writesInFlight(overlapping: range) {
+            try? await Task.sleep(nanoseconds: 50_000)
+        }
+    }
+
+    private func writesInFlight(overlapping range: Range<UInt64>) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        for i in 0..<capacity where slots[i].sink != nil && !slots[i].heldAtGate && slots[i].op != .read && slots[i].op != .flush {
+            if range.overlaps(slots[i].offset..<(slots[i].offset + UInt64(slots[i].length))) { return true }
+        }
+        return false
+    }
+
+    /// Lets held writes go.
+    public func openGate() {
+        lock.lock()
+        gate = nil
+        let waiting = gated
+        gated.removeAll(keepingCapacity: true)
+        for index in waiting { slots[Int(index)].heldAtGate = false }
+        lock.unlock()
+        for index in waiting { dispatch(Int(index)) }
     }
 
     /// Caller holds the lock.

@@ -52,8 +52,16 @@ public actor CommandHandler {
         case "vdisk.create":
             let sizeBytes = try size(try arg(r, "size"), "--size")
             let blockSize = Int(r.args["block_size"] ?? "512") ?? -1
-            let v = try await domain.createVDisk(name: try arg(r, "name"), poolName: try arg(r, "pool"), sizeBytes: sizeBytes,
-                                                 blockSize: blockSize, thin: r.args["thin"] == "true")
+            let mirrorPools = (r.args["mirror_pools"] ?? "").split(separator: "\n").map(String.init)
+            let modeText = r.args["mode"] ?? MirrorMode.automaticFailover.rawValue
+            guard let mode = MirrorMode(rawValue: modeText) else {
+                throw DomainError("--mode '\(modeText)': must be synchronous-always or automatic-failover")
+            }
+            let dirty = r.args["dirty_regions"] ?? "on"
+            guard dirty == "on" || dirty == "off" else { throw DomainError("--dirty-regions '\(dirty)': must be on or off") }
+            let v = try await domain.createVDisk(name: try arg(r, "name"), poolName: try arg(r, "pool"), mirrorPools: mirrorPools,
+                                                 sizeBytes: sizeBytes, blockSize: blockSize, thin: r.args["thin"] == "true",
+                                                 mode: mode, dirtyRegions: dirty == "on")
             return .success(text: "vdisk '\(v.name)' created: \(ByteSize.format(v.sizeBytes)), block size \(v.blockSize), \(v.thin ? "thin" : "thick")",
                             json: VDiskView(v, domain: domain))
         case "vdisk.list":
@@ -75,6 +83,43 @@ public actor CommandHandler {
             let report = try await VDiskVerifier(domain: domain).run(vdisk: try arg(r, "name"),
                                                                      bytes: try r.args["size"].map { t throws(DomainError) in try size(t, "--size") })
             return .success(text: report.text, json: report)
+        case "mirror.status":
+            let names = r.args["name"].map { [$0] } ?? domain.metadata.vdisks.filter(\.isMirror).map(\.name)
+            var views: [MirrorView] = []
+            for n in names {
+                guard let v = domain.metadata.vdisk(named: n) else { throw DomainError("vdisk '\(n)' not found") }
+                guard v.isMirror else { throw DomainError("vdisk '\(n)' is not a mirror") }
+                views.append(MirrorView(v, domain: domain))
+            }
+            return .success(text: Table.mirrors(views), json: r.args["name"] != nil ? AnyEncodable(views[0]) : AnyEncodable(views))
+        case "mirror.resync":
+            let name = try arg(r, "name")
+            let forceFrom = try r.args["force_from"].map { t throws(DomainError) -> Int in
+                guard let v = Int(t) else { throw DomainError("--force-from '\(t)': must be a leg number") }
+                return v
+            }
+            if r.args["background"] == "true" {
+                let mirrors = domain.mirrors
+                Task { _ = try? await mirrors.resync(vdisk: name, forceFrom: forceFrom) }
+                return .success(text: "resync of '\(name)' started (see `svsp-ctl mirror status \(name)`)", json: ["started": name])
+            }
+            let report = try await domain.mirrors.resync(vdisk: name, forceFrom: forceFrom)
+            return .success(text: report.targets.isEmpty ? "vdisk '\(name)': every leg is in sync, nothing to copy"
+                                : "vdisk '\(name)': leg(s) \(report.targets.map(String.init).joined(separator: ",")) resynchronized from leg \(report.source): \(report.blocksCompared) blocks compared, \(report.copiedBlocks) copied in \(report.seconds)s",
+                            json: report)
+        case "mirror.verify":
+            let name = try arg(r, "name")
+            let report = try await domain.mirrors.verify(vdisk: name, repair: r.args["repair"] == "true")
+            let fixed = r.args["repair"] == "true" ? ", \(report.copiedBlocks) repaired from leg \(report.source)" : ""
+            return .success(text: "vdisk '\(name)': \(report.blocksCompared) blocks compared, \(report.mismatchedBlocks) differ\(fixed)", json: report)
+        case "mirror.set-rate":
+            let name = try arg(r, "name")
+            guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
+            let text = try arg(r, "rate")
+            let rate: Double? = text == "none" ? nil : ProfileUnits.parseRate(text)
+            guard text == "none" || (rate ?? 0) > 0 else { throw DomainError("rate '\(text)': use e.g. 50MiB/s, 400Mbit/s or none") }
+            for leg in v.legs { domain.schedulers[leg.poolId]?.setBackgroundRate(rate) }
+            return .success(text: "vdisk '\(name)': background copy rate \(rate.map(ProfileUnits.formatRate) ?? "unlimited")", json: ["rate": text])
         case "setup.create":
             let pools = try arg(r, "pools").split(separator: "\n").map(String.init)
             let warnings = try await domain.createSetupVDisk(poolNames: pools)
@@ -109,6 +154,42 @@ public actor CommandHandler {
 }
 
 // MARK: views (what JSON consumers see)
+
+struct AnyEncodable: Encodable {
+    let value: any Encodable
+    init(_ value: any Encodable) { self.value = value }
+    func encode(to encoder: Encoder) throws { try value.encode(to: encoder) }
+}
+
+struct MirrorView: Codable {
+    var vdisk: String
+    var state: String
+    var mode: String
+    var dirtyRegions: Bool
+    var legs: [Leg]
+    var copy: MirrorService.Progress?
+    var percent: Double?
+
+    struct Leg: Codable {
+        var leg: Int
+        var pool: String
+        var state: String
+    }
+
+    init(_ v: VDiskRecord, domain: Domain) {
+        vdisk = v.name
+        mode = v.mode.rawValue
+        dirtyRegions = v.dirtyRegions
+        legs = v.legs.enumerated().map { Leg(leg: $0.offset, pool: domain.metadata.pool(id: $0.element.poolId)?.name ?? "?", state: $0.element.state.rawValue) }
+        let inSync = v.legs.filter { $0.state == .inSync }.count
+        if inSync == 0 { state = "failed" }
+        else if v.legs.contains(where: { $0.state == .copying }) { state = "snap-sync" }
+        else if v.legs.contains(where: { $0.state == .failed }) { state = "partial" }
+        else { state = "normal" }
+        copy = domain.mirrors.progress(v.name)
+        if let c = copy, c.totalBytes > 0 { percent = (Double(c.doneBytes) / Double(c.totalBytes) * 1000).rounded() / 10 }
+    }
+}
 
 struct PoolView: Codable {
     var name: String
@@ -215,6 +296,15 @@ enum Table {
     static func poolDetail(_ p: PoolView) -> String {
         pools([p]) + "\n\n" + render(["LUN", "SIZE", "EXTENTS", "PRESENT"], p.luns.map {
             [$0.path, ByteSize.format($0.sizeBytes), "\($0.extents)", $0.present ? "yes" : "MISSING"]
+        })
+    }
+
+    static func mirrors(_ mirrors: [MirrorView]) -> String {
+        if mirrors.isEmpty { return "no mirrors" }
+        return render(["VDISK", "STATE", "MODE", "LEGS", "COPY"], mirrors.map { m in
+            [m.vdisk, m.state + (m.percent.map { " \($0)%" } ?? ""), m.mode,
+             m.legs.map { "\($0.leg):\($0.pool)=\($0.state)" }.joined(separator: " "),
+             m.copy.map { "\($0.operation) \(ByteSize.format($0.doneBytes))/\(ByteSize.format($0.totalBytes))" } ?? "-"]
         })
     }
 

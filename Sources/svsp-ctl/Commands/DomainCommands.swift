@@ -151,8 +151,13 @@ struct VDiskCommand: ParsableCommand {
         @Option var size: String
         @Option(name: .customLong("block-size"), help: "512 or 4096.") var blockSize: Int = 512
         @Flag(help: "Allocate extents on first write instead of at create.") var thin = false
+        @Option(name: .customLong("mirror-pool"), help: "Another leg of a sync mirror in this pool (1..3 times).") var mirrorPools: [String] = []
+        @Option(help: "synchronous-always | automatic-failover (mirrors).") var mode: String = "automatic-failover"
+        @Option(name: .customLong("dirty-regions"), help: "on | off (mirrors).") var dirtyRegions: String = "on"
         func run() throws {
-            try options.send("vdisk.create", ["name": name, "pool": pool, "size": size, "block_size": "\(blockSize)", "thin": thin ? "true" : "false"])
+            try options.send("vdisk.create", ["name": name, "pool": pool, "size": size, "block_size": "\(blockSize)",
+                                              "thin": thin ? "true" : "false", "mirror_pools": mirrorPools.joined(separator: "\n"),
+                                              "mode": mode, "dirty_regions": dirtyRegions])
         }
     }
 
@@ -191,6 +196,51 @@ struct VDiskCommand: ParsableCommand {
             args["size"] = size
             try options.send("vdisk.verify", args)
         }
+    }
+}
+
+struct MirrorCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mirror", abstract: "Sync mirrors: status, resync, verify, copy rate.",
+        subcommands: [Status.self, Resync.self, Verify.self, SetRate.self])
+
+    struct Status: ParsableCommand {
+        @Argument var name: String?
+        @OptionGroup var options: DomainOptions
+        func run() throws {
+            var args: [String: String] = [:]
+            args["name"] = name
+            try options.send("mirror.status", args)
+        }
+    }
+
+    struct Resync: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Copy blocks that differ from an in-sync leg to failed or copying legs.")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        @Option(name: .customLong("force-from"), help: "Copy from this leg even if the persisted state cannot decide.") var forceFrom: Int?
+        @Flag(help: "Start it and return; follow with `mirror status`.") var background = false
+        func run() throws {
+            var args = ["name": name, "background": background ? "true" : "false"]
+            args["force_from"] = forceFrom.map(String.init)
+            try options.send("mirror.resync", args)
+        }
+    }
+
+    struct Verify: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Compare the in-sync legs block by block (crc32c).")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        @Flag(help: "Copy differing blocks from the first in-sync leg.") var repair = false
+        func run() throws { try options.send("mirror.verify", ["name": name, "repair": repair ? "true" : "false"]) }
+    }
+
+    struct SetRate: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "set-rate", abstract: "Cap background copies of the vdisk's pools (e.g. 50MiB/s, none).")
+        @Argument var name: String
+        @Argument var rate: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("mirror.set-rate", ["name": name, "rate": rate]) }
     }
 }
 

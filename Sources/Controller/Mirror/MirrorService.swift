@@ -1,0 +1,208 @@
+import Foundation
+import IOEngine
+
+/// Resync and verify of sync mirrors. Both walk the vdisk in 1 MiB chunks in the
+/// schedulers' background class (host I/O keeps priority), compare per-block
+/// crc32c of the legs, and copy only blocks that differ. While a chunk is being
+/// copied the vdisk's port holds host writes to it (`closeGate`), so a host write
+/// is never overwritten by older data.
+public final class MirrorService: @unchecked Sendable {
+    public struct Progress: Codable, Sendable {
+        public var operation: String
+        public var doneBytes: UInt64
+        public var totalBytes: UInt64
+        public var copiedBlocks: UInt64
+        public var mismatchedBlocks: UInt64
+        public var startedAt: Date
+    }
+
+    public struct Report: Codable, Sendable {
+        public var vdisk: String
+        public var operation: String
+        public var source: Int
+        public var targets: [Int]
+        public var blocksCompared: UInt64
+        public var mismatchedBlocks: UInt64
+        public var copiedBlocks: UInt64
+        public var seconds: Double
+    }
+
+    let domain: Domain
+    private let lock = NSLock()
+    private var running: [String: Progress] = [:]
+    static let chunkBytes = 1 << 20
+    static let compareBlock = 4096
+
+    public init(domain: Domain) { self.domain = domain }
+
+    public func progress(_ vdisk: String) -> Progress? { lock.withLock { running[vdisk] } }
+
+    /// Brings failed or copying legs back in sync from an in-sync leg (or `forceFrom`).
+    public func resync(vdisk name: String, forceFrom: Int? = nil) async throws(DomainError) -> Report {
+        guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
+        guard v.isMirror else { throw DomainError("vdisk '\(name)' is not a mirror") }
+        let source: Int
+        if let forceFrom {
+            guard v.legs.indices.contains(forceFrom) else { throw DomainError("--force-from \(forceFrom): vdisk '\(name)' has legs 0..\(v.legs.count - 1)") }
+            source = forceFrom
+        } else {
+            // Direction comes from persisted state: copy from a leg that never failed.
+            guard let s = v.legs.firstIndex(where: { $0.state == .inSync }) else {
+                throw DomainError("vdisk '\(name)': no in-sync leg to copy from; nothing copied (choose one with --force-from LEG)")
+            }
+            source = s
+        }
+        let targets = v.legs.indices.filter { $0 != source && (forceFrom != nil || v.legs[$0].state != .inSync) }
+        guard !targets.isEmpty else {
+            return Report(vdisk: name, operation: "resync", source: source, targets: [], blocksCompared: 0, mismatchedBlocks: 0,
+                          copiedBlocks: 0, seconds: 0)
+        }
+        try begin(name, "resync", total: v.sizeBytes)
+        defer { end(name) }
+        try await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: targets.map { ($0, LegState.copying) }))
+        let report = try await walk(name, source: source, targets: targets, repair: true, operation: "resync")
+        var states = Dictionary(uniqueKeysWithValues: targets.map { ($0, LegState.inSync) })
+        if forceFrom != nil { states[source] = .inSync }
+        try await domain.setLegStates(vdisk: name, states)
+        return report
+    }
+
+    /// Compares every in-sync leg with the first in-sync leg; `repair` copies differing blocks from it.
+    public func verify(vdisk name: String, repair: Bool) async throws(DomainError) -> Report {
+        guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
+        guard v.isMirror else { throw DomainError("vdisk '\(name)' is not a mirror") }
+        let inSync = v.legs.indices.filter { v.legs[$0].state == .inSync }
+        guard inSync.count >= 2 else { throw DomainError("vdisk '\(name)': fewer than two in-sync legs to compare") }
+        try begin(name, repair ? "verify+repair" : "verify", total: v.sizeBytes)
+        defer { end(name) }
+        return try await walk(name, source: inSync[0], targets: Array(inSync.dropFirst()), repair: repair,
+                              operation: repair ? "verify+repair" : "verify")
+    }
+
+    private func begin(_ name: String, _ op: String, total: UInt64) throws(DomainError) {
+        let busy: String? = lock.withLock {
+            if let p = running[name] { return p.operation }
+            running[name] = Progress(operation: op, doneBytes: 0, totalBytes: total, copiedBlocks: 0, mismatchedBlocks: 0, startedAt: Date())
+            return nil
+        }
+        if let busy { throw DomainError("vdisk '\(name)': a \(busy) is already running") }
+    }
+
+    private func end(_ name: String) { lock.withLock { running[name] = nil } }
+
+    private func walk(_ name: String, source: Int, targets: [Int], repair: Bool, operation: String) async throws(DomainError) -> Report {
+        let port = try domain.port(for: name)
+        guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
+        let chunk = Self.chunkBytes
+        guard let src = try? AlignedBuffer(count: chunk), let dst = try? AlignedBuffer(count: chunk) else {
+            throw DomainError("out of memory for copy buffers")
+        }
+        let blocksPerChunk = chunk / Self.compareBlock
+        var srcCRC = [UInt32](repeating: 0, count: blocksPerChunk), dstCRC = srcCRC
+        var compared: UInt64 = 0, mismatched: UInt64 = 0, copied: UInt64 = 0
+        let started = Date()
+        var offset: UInt64 = 0
+        while offset < v.sizeBytes {
+            let n = Int(min(UInt64(chunk), v.sizeBytes - offset))
+            let blocks = (n + Self.compareBlock - 1) / Self.compareBlock
+            let range = offset..<(offset + UInt64(n))
+            if repair { await port.closeGate(range) }
+            do throws(DomainError) {
+                try await domain.legIO(.read, vdisk: name, leg: source, offset: offset, length: n, buffer: src.pointer)
+                fillCRCs(src.pointer, n, &srcCRC)
+                for t in targets {
+                    try await domain.legIO(.read, vdisk: name, leg: t, offset: offset, length: n, buffer: dst.pointer)
+                    fillCRCs(dst.pointer, n, &dstCRC)
+                    compared += UInt64(blocks)
+                    var b = 0
+                    while b < blocks {
+                        guard srcCRC[b] != dstCRC[b] else { b += 1; continue }
+                        var e = b
+                        while e < blocks && srcCRC[e] != dstCRC[e] { e += 1 }
+                        mismatched += UInt64(e - b)
+                        if repair {
+                            let at = b * Self.compareBlock, len = min(e * Self.compareBlock, n) - at
+                            try await domain.legIO(.write, vdisk: name, leg: t, offset: offset + UInt64(at), length: len, buffer: src.pointer + at)
+                            copied += UInt64(e - b)
+                        }
+                        b = e
+                    }
+                }
+            } catch {
+                if repair { port.openGate() }
+                throw error
+            }
+            if repair { port.openGate() }
+            offset += UInt64(n)
+            let done = offset, c = copied, m = mismatched
+            lock.withLock {
+                running[name]?.doneBytes = done
+                running[name]?.copiedBlocks = c
+                running[name]?.mismatchedBlocks = m
+            }
+        }
+        return Report(vdisk: name, operation: operation, source: source, targets: targets, blocksCompared: compared,
+                      mismatchedBlocks: mismatched, copiedBlocks: copied, seconds: (Date().timeIntervalSince(started) * 100).rounded() / 100)
+    }
+
+    private func fillCRCs(_ p: UnsafeMutableRawPointer, _ n: Int, _ out: inout [UInt32]) {
+        var b = 0
+        while b * Self.compareBlock < n {
+            let len = min(Self.compareBlock, n - b * Self.compareBlock)
+            out[b] = Checksum.crc32c(UnsafeRawBufferPointer(start: p + b * Self.compareBlock, count: len))
+            b += 1
+        }
+    }
+}
+
+/// Leg-level I/O in the background class, for copiers: one leg, bypassing the port's fan-out.
+private final class LegResultSink: CompletionSink, @unchecked Sendable {
+    private let continuation: CheckedContinuation<Int64, Never>
+    init(_ c: CheckedContinuation<Int64, Never>) { continuation = c }
+    override func ioCompleted(cookie: UInt64, result: Int64) { continuation.resume(returning: result) }
+}
+
+extension Domain {
+    func legIO(_ op: IOScheduler.Operation, vdisk name: String, leg l: Int, offset: UInt64, length: Int,
+               buffer: UnsafeMutableRawPointer) async throws(DomainError)
+    {
+        guard let v = metadata.vdisk(named: name), v.legs.indices.contains(l), let pool = metadata.pool(id: v.legs[l].poolId),
+              let scheduler = schedulers[pool.id], let slots = schedulerSlots[pool.id]
+        else { throw DomainError("vdisk '\(name)': leg \(l) is not available") }
+        var done = 0
+        while done < length {
+            let at = offset + UInt64(done)
+            let within = at % pool.extentBytes
+            let piece = min(length - done, Int(pool.extentBytes - within))
+            guard let ref = v.legs[l].extents[Int(at / pool.extentBytes)] else {
+                if op == .read { memset(buffer + done, 0, piece) }
+                done += piece
+                continue
+            }
+            guard let slot = slots[ref.lun] else { throw DomainError("vdisk '\(name)': leg \(l) LUN \(ref.lun) is missing") }
+            let lunOffset = pool.luns[ref.lun].dataStartBytes + UInt64(ref.extent) * pool.extentBytes + within
+            while true {
+                var refused: IOError?
+                let result = await withCheckedContinuation { (c: CheckedContinuation<Int64, Never>) in
+                    do throws(IOError) {
+                        try scheduler.submit(op, lun: slot, buffer: buffer + done, length: piece, offset: lunOffset,
+                                             fua: op == .write, ioClass: .background, sink: LegResultSink(c), cookie: 0)
+                        scheduler.kick()
+                    } catch {
+                        refused = error
+                        c.resume(returning: -Int64(error.code))
+                    }
+                }
+                if refused?.code == EBUSY {
+                    try? await Task.sleep(nanoseconds: 100_000)
+                    continue
+                }
+                if result < 0 {
+                    throw DomainError("vdisk '\(name)' leg \(l): \(IOError(result: result, operation: op == .read ? .read : .write, lun: pool.luns[ref.lun].path, offset: lunOffset))")
+                }
+                break
+            }
+            done += piece
+        }
+    }
+}
