@@ -1,0 +1,160 @@
+import Foundation
+import XCTest
+
+/// Sync mirrors on loop devices with a real daemon: leg failure with `blockdev --setro`,
+/// resync, verify, compared byte for byte on the LUNs themselves.
+final class MirrorTests: XCTestCase {
+    static let profiles = DaemonTests.profiles
+
+    private var dir: TempDir!
+    private var state: String { dir.file("state") }
+    private var daemon: Process?
+    private var loops: [String] = []
+
+    override func setUpWithError() throws {
+        guard getuid() == 0 else { throw XCTSkip("mirror tests skipped: need root for loop devices") }
+        dir = TempDir()
+        XCTAssertEqual(try CLI.run(["domain", "init", "--dir", state, "--name", "m"]).status, 0)
+        for name in ["a", "b", "c"] {
+            let file = dir.file("\(name).img")
+            XCTAssertTrue(FileManager.default.createFile(atPath: file, contents: nil))
+            truncate(file, 64 << 20)
+            let (status, dev) = shell(["losetup", "--find", "--show", "--direct-io=on", file])
+            guard status == 0, dev.hasPrefix("/dev/loop") else { throw XCTSkip("mirror tests skipped: losetup failed") }
+            loops.append(dev)
+        }
+        try startDaemon()
+        for (i, name) in ["a", "b", "c"].enumerated() {
+            _ = try ok(["pool", "create", name, "--array-profile", "file-backed", "--lun", loops[i]])
+        }
+    }
+
+    override func tearDown() {
+        if let d = daemon, d.isRunning { d.terminate(); d.waitUntilExit() }
+        for l in loops { shell(["blockdev", "--setrw", l]); shell(["losetup", "-d", l]) }
+    }
+
+    private func startDaemon() throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: CLI.binary)
+        p.arguments = ["serve", "--dir", state, "--profiles", Self.profiles]
+        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try p.run()
+        daemon = p
+        var tries = 0
+        while try CLI.run(["status", "--dir", state]).status != 0, tries < 200 { usleep(25_000); tries += 1 }
+    }
+
+    private func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        let r = try CLI.run(args + ["--dir", state])
+        XCTAssertEqual(r.status, 0, "\(args): \(r.stderr)", file: file, line: line)
+        return r.stdout
+    }
+
+    private func mirrorState(_ name: String) throws -> [String: Any] {
+        let out = try ok(["mirror", "status", name, "--json"])
+        return try XCTUnwrap(JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any])
+    }
+
+    /// The data areas of two LUNs (same extents, since both pools allocate from extent 0), compared directly.
+    private func assertLegsIdentical(_ a: String, _ b: String, bytes: Int, file: StaticString = #filePath, line: UInt = #line) throws {
+        let reserve = 4 << 20 // file-backed pool profile: metadata_reserve 4M, extent 1M
+        let fa = try FileHandle(forReadingFrom: URL(fileURLWithPath: a)), fb = try FileHandle(forReadingFrom: URL(fileURLWithPath: b))
+        try fa.seek(toOffset: UInt64(reserve)); try fb.seek(toOffset: UInt64(reserve))
+        let da = fa.readData(ofLength: bytes), db = fb.readData(ofLength: bytes)
+        XCTAssertEqual(da.count, bytes, file: file, line: line)
+        XCTAssertTrue(da == db, "leg data areas differ", file: file, line: line)
+    }
+
+    func testLegFailureUnderWritesThenResyncMakesLegsIdentical() throws {
+        _ = try ok(["vdisk", "create", "m", "--pool", "a", "--mirror-pool", "b", "--size", "24M"])
+        _ = try ok(["vdisk", "verify", "m"])
+        // A workload of verified writes while leg b's device turns read-only.
+        let state = self.state
+        let failures = Counter()
+        let worker = Thread {
+            for _ in 0..<6 {
+                let r = try? CLI.run(["vdisk", "verify", "m", "--size", "8M", "--dir", state])
+                if r?.status != 0 { failures.add() }
+            }
+        }
+        worker.start()
+        usleep(100_000)
+        XCTAssertEqual(shell(["blockdev", "--setro", loops[1]]).0, 0)
+        while !worker.isFinished { usleep(10_000) }
+        XCTAssertEqual(failures.value, 0, "automatic-failover: host writes keep succeeding")
+        let st = try mirrorState("m")
+        XCTAssertEqual(st["state"] as? String, "partial")
+        XCTAssertEqual((st["legs"] as? [[String: Any]])?[1]["state"] as? String, "failed")
+
+        XCTAssertEqual(shell(["blockdev", "--setrw", loops[1]]).0, 0)
+        let resync = try ok(["mirror", "resync", "m", "--json"])
+        let report = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(resync.utf8)) as? [String: Any])
+        XCTAssertGreaterThan(report["copiedBlocks"] as? Int ?? 0, 0)
+        XCTAssertEqual(try mirrorState("m")["state"] as? String, "normal")
+        try assertLegsIdentical(loops[0], loops[1], bytes: 24 << 20)
+        XCTAssertTrue(try ok(["mirror", "verify", "m"]).contains(" 0 differ"))
+        _ = try ok(["vdisk", "verify", "m"]) // and it all reads back
+    }
+
+    func testSynchronousAlwaysFailsTheWriteCleanly() throws {
+        _ = try ok(["vdisk", "create", "s", "--pool", "a", "--mirror-pool", "c", "--size", "8M", "--mode", "synchronous-always"])
+        _ = try ok(["vdisk", "verify", "s"])
+        XCTAssertEqual(shell(["blockdev", "--setro", loops[2]]).0, 0)
+        let r = try CLI.run(["vdisk", "verify", "s", "--dir", state])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.hasPrefix("svsp-ctl: vdisk 's'"), r.stderr)
+        XCTAssertEqual(r.stderr.split(separator: "\n").count, 1)
+        XCTAssertEqual(shell(["blockdev", "--setrw", loops[2]]).0, 0)
+        _ = try ok(["mirror", "resync", "s"])
+        try assertLegsIdentical(loops[0], loops[2], bytes: 8 << 20)
+    }
+
+    func testVerifyFindsAndRepairsACorruptedBlock() throws {
+        _ = try ok(["vdisk", "create", "v", "--pool", "a", "--mirror-pool", "b", "--size", "8M"])
+        _ = try ok(["vdisk", "verify", "v"])
+        // Corrupt one block directly on leg b's device, behind the daemon's back.
+        let fd = open(loops[1], O_WRONLY)
+        var junk = [UInt8](repeating: 0xEE, count: 512)
+        _ = pwrite(fd, &junk, 512, off_t((4 << 20) + 3 * 4096 + 512))
+        fsync(fd)
+        close(fd)
+        XCTAssertTrue(try ok(["mirror", "verify", "v"]).contains(" 1 differ"))
+        XCTAssertTrue(try ok(["mirror", "verify", "v", "--repair"]).contains("1 repaired"))
+        XCTAssertTrue(try ok(["mirror", "verify", "v"]).contains(" 0 differ"))
+        try assertLegsIdentical(loops[0], loops[1], bytes: 8 << 20)
+    }
+
+    func testResyncWithoutAnInSyncLegCopiesNothing() throws {
+        _ = try ok(["vdisk", "create", "x", "--pool", "b", "--mirror-pool", "c", "--size", "4M"])
+        XCTAssertEqual(shell(["blockdev", "--setro", loops[1]]).0, 0)
+        XCTAssertEqual(shell(["blockdev", "--setro", loops[2]]).0, 0)
+        _ = try? CLI.run(["vdisk", "verify", "x", "--dir", state]) // both legs fail
+        XCTAssertEqual(try mirrorState("x")["state"] as? String, "failed")
+        let r = try CLI.run(["mirror", "resync", "x", "--dir", state])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.contains("no in-sync leg to copy from; nothing copied"), r.stderr)
+    }
+}
+
+private final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var n = 0
+    func add() { lock.lock(); n += 1; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return n }
+}
+
+/// Runs a command; returns (status, stdout).
+@discardableResult
+func shell(_ args: [String]) -> (Int32, String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = args
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = FileHandle.nullDevice
+    do { try p.run() } catch { return (-1, "") }
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+}
