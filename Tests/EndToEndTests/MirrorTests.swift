@@ -125,6 +125,47 @@ final class MirrorTests: XCTestCase {
         try assertLegsIdentical(loops[0], loops[1], bytes: 8 << 20)
     }
 
+    func testAddLegUnderAWorkloadEndsWithIdenticalLegs() throws {
+        _ = try ok(["vdisk", "create", "g", "--pool", "a", "--size", "16M"])
+        _ = try ok(["vdisk", "verify", "g"])
+        let state = self.state
+        let failures = Counter()
+        let worker = Thread {
+            for _ in 0..<8 where (try? CLI.run(["vdisk", "verify", "g", "--size", "4M", "--dir", state]))?.status != 0 { failures.add() }
+        }
+        worker.start()
+        usleep(50_000)
+        XCTAssertTrue(try ok(["mirror", "add-leg", "g", "--pool", "b"]).contains("copying"))
+        while !worker.isFinished { usleep(10_000) }
+        var tries = 0
+        while try mirrorState("g")["state"] as? String != "normal", tries < 400 { usleep(25_000); tries += 1 }
+        XCTAssertEqual(try mirrorState("g")["state"] as? String, "normal")
+        XCTAssertEqual(failures.value, 0)
+        try assertLegsIdentical(loops[0], loops[1], bytes: 16 << 20)
+        XCTAssertTrue(try ok(["mirror", "verify", "g"]).contains(" 0 differ"))
+    }
+
+    func testSplitGivesAnIndependentVDiskAsOfTheSplit() throws {
+        _ = try ok(["vdisk", "create", "m", "--pool", "a", "--mirror-pool", "b", "--size", "8M"])
+        _ = try ok(["vdisk", "verify", "m"])
+        let reserve: UInt64 = 4 << 20
+        let before = try FileHandle(forReadingFrom: URL(fileURLWithPath: loops[0]))
+        try before.seek(toOffset: reserve)
+        let asOfSplit = before.readData(ofLength: 8 << 20)
+        XCTAssertTrue(try ok(["mirror", "split", "m", "--leg", "1", "--as", "m-copy"]).contains("split off"))
+        _ = try ok(["vdisk", "verify", "m"]) // new data on m only
+        let copy = try FileHandle(forReadingFrom: URL(fileURLWithPath: loops[1]))
+        try copy.seek(toOffset: reserve)
+        XCTAssertTrue(copy.readData(ofLength: 8 << 20) == asOfSplit, "the split leg holds the data as of the split")
+        let now = try FileHandle(forReadingFrom: URL(fileURLWithPath: loops[0]))
+        try now.seek(toOffset: reserve)
+        XCTAssertFalse(now.readData(ofLength: 8 << 20) == asOfSplit, "the mirror moved on")
+        XCTAssertTrue(try ok(["vdisk", "list"]).contains("m-copy"))
+        XCTAssertTrue(try ok(["vdisk", "verify", "m-copy"]).contains("verified"), "the split vdisk is usable")
+        let remove = try CLI.run(["mirror", "remove-leg", "m", "--leg", "0", "--dir", state])
+        XCTAssertEqual(remove.status, 1, "the only leg cannot go")
+    }
+
     func testResyncWithoutAnInSyncLegCopiesNothing() throws {
         _ = try ok(["vdisk", "create", "x", "--pool", "b", "--mirror-pool", "c", "--size", "4M"])
         XCTAssertEqual(shell(["blockdev", "--setro", loops[1]]).0, 0)

@@ -445,6 +445,61 @@ public final class Domain: @unchecked Sendable {
         if changed { try await commit(next) }
     }
 
+    /// Adds a leg in `poolName` (state copying); the caller starts the copy.
+    func addLeg(vdisk name: String, poolName: String) async throws(DomainError) -> Int {
+        await mutation.acquire()
+        defer { mutation.release() }
+        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
+        let v = metadata.vdisks[vi]
+        guard v.legs.count < 4 else { throw DomainError("vdisk '\(name)' already has 4 legs") }
+        guard let pool = metadata.pool(named: poolName) else { throw DomainError("pool '\(poolName)' not found") }
+        guard !v.legs.contains(where: { $0.poolId == pool.id }) else { throw DomainError("vdisk '\(name)' already has a leg in pool '\(poolName)'") }
+        guard v.legs.contains(where: { $0.state == .inSync }) else { throw DomainError("vdisk '\(name)' has no in-sync leg to copy from") }
+        var leg = try newLeg(in: pool, sizeBytes: v.sizeBytes, thin: false, vdisk: name)
+        leg.state = .copying
+        var next = metadata
+        next.vdisks[vi].legs.append(leg)
+        try await commit(next)
+        return next.vdisks[vi].legs.count - 1
+    }
+
+    /// Removes leg `leg` (never the last in-sync one); its extents return to the pool.
+    func removeLeg(vdisk name: String, leg: Int) async throws(DomainError) {
+        await mutation.acquire()
+        defer { mutation.release() }
+        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
+        let v = metadata.vdisks[vi]
+        guard v.legs.indices.contains(leg) else { throw DomainError("vdisk '\(name)' has legs 0..\(v.legs.count - 1), not \(leg)") }
+        guard v.legs.count > 1 else { throw DomainError("vdisk '\(name)' has only one leg") }
+        let othersInSync = v.legs.indices.contains { $0 != leg && v.legs[$0].state == .inSync }
+        guard othersInSync else { throw DomainError("leg \(leg) is the last in-sync leg of '\(name)'") }
+        var next = metadata
+        next.vdisks[vi].legs.remove(at: leg)
+        try await commit(next)
+    }
+
+    /// Turns in-sync leg `leg` into an independent vdisk `newName`, consistent as of now
+    /// (the caller holds host writes out while this commits).
+    func splitLeg(vdisk name: String, leg: Int, as newName: String) async throws(DomainError) {
+        await mutation.acquire()
+        defer { mutation.release() }
+        guard Parse.name(newName) != nil else { throw DomainError("vdisk name '\(newName)': use letters, digits, - _ . (at most 64)") }
+        guard metadata.vdisk(named: newName) == nil else { throw DomainError("vdisk '\(newName)' already exists") }
+        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
+        let v = metadata.vdisks[vi]
+        guard v.legs.indices.contains(leg) else { throw DomainError("vdisk '\(name)' has legs 0..\(v.legs.count - 1), not \(leg)") }
+        guard v.legs[leg].state == .inSync else { throw DomainError("leg \(leg) of '\(name)' is \(v.legs[leg].state.rawValue), not in-sync") }
+        guard v.legs.indices.contains(where: { $0 != leg && v.legs[$0].state == .inSync }) else {
+            throw DomainError("leg \(leg) is the last in-sync leg of '\(name)'")
+        }
+        var next = metadata
+        var split = next.vdisks[vi].legs.remove(at: leg)
+        split.failedAtGeneration = nil
+        next.vdisks.append(VDiskRecord(id: UUID(), name: newName, sizeBytes: v.sizeBytes, blockSize: v.blockSize, thin: v.thin,
+                                       legs: [split], mode: v.mode, dirtyRegions: v.dirtyRegions))
+        try await commit(next)
+    }
+
     /// Marks legs failed (persisted before the host hears of the write that failed them).
     func markLegsFailed(vdisk name: String, legs: [Int]) async throws(DomainError) {
         await mutation.acquire()

@@ -112,6 +112,22 @@ public actor CommandHandler {
             let report = try await domain.mirrors.verify(vdisk: name, repair: r.args["repair"] == "true")
             let fixed = r.args["repair"] == "true" ? ", \(report.copiedBlocks) repaired from leg \(report.source)" : ""
             return .success(text: "vdisk '\(name)': \(report.blocksCompared) blocks compared, \(report.mismatchedBlocks) differ\(fixed)", json: report)
+        case "mirror.add-leg":
+            let name = try arg(r, "name")
+            let leg = try await domain.mirrors.addLeg(vdisk: name, poolName: try arg(r, "pool"))
+            return .success(text: "vdisk '\(name)': leg \(leg) added in pool '\(r.args["pool"]!)', copying (see `svsp-ctl mirror status \(name)`)",
+                            json: ["leg": leg])
+        case "mirror.remove-leg":
+            let name = try arg(r, "name")
+            guard let leg = Int(try arg(r, "leg")) else { throw DomainError("--leg: must be a leg number") }
+            try await domain.removeLeg(vdisk: name, leg: leg)
+            return .success(text: "vdisk '\(name)': leg \(leg) removed", json: ["removed": leg])
+        case "mirror.split":
+            let name = try arg(r, "name")
+            guard let leg = Int(try arg(r, "leg")) else { throw DomainError("--leg: must be a leg number") }
+            let newName = try arg(r, "as")
+            try await domain.mirrors.split(vdisk: name, leg: leg, as: newName)
+            return .success(text: "vdisk '\(name)': leg \(leg) split off as vdisk '\(newName)'", json: ["vdisk": newName])
         case "mirror.set-rate":
             let name = try arg(r, "name")
             guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }

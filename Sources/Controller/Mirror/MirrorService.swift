@@ -33,7 +33,26 @@ public final class MirrorService: @unchecked Sendable {
     static let chunkBytes = 1 << 20
     static let compareBlock = 4096
 
+    /// Legs copying at once across the domain (the appliance allowed 8); the rest wait their turn.
+    public static let maxConcurrentCopies = 8
+    private let copySlots = CopySlots(MirrorService.maxConcurrentCopies)
+
     public init(domain: Domain) { self.domain = domain }
+
+    /// add-leg: a new leg in `poolName`, filled in the background while the vdisk stays in use.
+    public func addLeg(vdisk name: String, poolName: String) async throws(DomainError) -> Int {
+        let leg = try await domain.addLeg(vdisk: name, poolName: poolName)
+        Task { _ = try? await self.resync(vdisk: name) }
+        return leg
+    }
+
+    /// split: hold host writes, turn the leg into its own vdisk, let writes go.
+    public func split(vdisk name: String, leg: Int, as newName: String) async throws(DomainError) {
+        let port = try domain.port(for: name)
+        await port.closeGate(0..<UInt64.max)
+        defer { port.openGate() }
+        try await domain.splitLeg(vdisk: name, leg: leg, as: newName)
+    }
 
     public func progress(_ vdisk: String) -> Progress? { lock.withLock { running[vdisk] } }
 
@@ -59,6 +78,8 @@ public final class MirrorService: @unchecked Sendable {
         }
         try begin(name, "resync", total: v.sizeBytes)
         defer { end(name) }
+        await copySlots.acquire()
+        defer { copySlots.release() }
         try await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: targets.map { ($0, LegState.copying) }))
         let report = try await walk(name, source: source, targets: targets, repair: true, operation: "resync")
         var states = Dictionary(uniqueKeysWithValues: targets.map { ($0, LegState.inSync) })
@@ -151,6 +172,40 @@ public final class MirrorService: @unchecked Sendable {
             let len = min(Self.compareBlock, n - b * Self.compareBlock)
             out[b] = Checksum.crc32c(UnsafeRawBufferPointer(start: p + b * Self.compareBlock, count: len))
             b += 1
+        }
+    }
+}
+
+/// A counting semaphore for copy jobs.
+private final class CopySlots: @unchecked Sendable {
+    private let lock = NSLock()
+    private var free: Int
+    private var waiters: [CheckedContinuation<Void, Never>] = []
+    init(_ n: Int) { free = n }
+
+    func acquire() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            lock.lock()
+            if free > 0 {
+                free -= 1
+                lock.unlock()
+                c.resume()
+            } else {
+                waiters.append(c)
+                lock.unlock()
+            }
+        }
+    }
+
+    func release() {
+        lock.lock()
+        if waiters.isEmpty {
+            free += 1
+            lock.unlock()
+        } else {
+            let c = waiters.removeFirst()
+            lock.unlock()
+            c.resume()
         }
     }
 }

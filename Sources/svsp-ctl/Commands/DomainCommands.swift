@@ -202,7 +202,32 @@ struct VDiskCommand: ParsableCommand {
 struct MirrorCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mirror", abstract: "Sync mirrors: status, resync, verify, copy rate.",
-        subcommands: [Status.self, Resync.self, Verify.self, SetRate.self])
+        subcommands: [Status.self, AddLeg.self, RemoveLeg.self, Split.self, Resync.self, Verify.self, SetRate.self])
+
+    struct AddLeg: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "add-leg", abstract: "Add a leg in another pool; it is filled in the background.")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        @Option var pool: String
+        func run() throws { try options.send("mirror.add-leg", ["name": name, "pool": pool]) }
+    }
+
+    struct RemoveLeg: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "remove-leg", abstract: "Remove a leg (never the last in-sync one).")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        @Option var leg: Int
+        func run() throws { try options.send("mirror.remove-leg", ["name": name, "leg": "\(leg)"]) }
+    }
+
+    struct Split: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Turn an in-sync leg into an independent vdisk, consistent as of the split.")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        @Option var leg: Int
+        @Option(name: .customLong("as")) var newName: String
+        func run() throws { try options.send("mirror.split", ["name": name, "leg": "\(leg)", "as": newName]) }
+    }
 
     struct Status: ParsableCommand {
         @Argument var name: String?
