@@ -166,6 +166,22 @@ final class MirrorTests: XCTestCase {
         XCTAssertEqual(remove.status, 1, "the only leg cannot go")
     }
 
+    func testLegBackAfterAFewWritesResyncsOnlyDirtyRegions() throws {
+        _ = try ok(["vdisk", "create", "d", "--pool", "a", "--mirror-pool", "b", "--size", "24M"])
+        _ = try ok(["vdisk", "verify", "d"])
+        var tries = 0
+        while try mirrorState("d")["dirtyRegionCount"] as? Int != 0, tries < 100 { usleep(50_000); tries += 1 }
+        XCTAssertEqual(shell(["blockdev", "--setro", loops[1]]).0, 0)
+        _ = try ok(["vdisk", "verify", "d", "--size", "2M"]) // a few writes while leg b is away
+        XCTAssertEqual(try mirrorState("d")["state"] as? String, "partial")
+        XCTAssertEqual(shell(["blockdev", "--setrw", loops[1]]).0, 0)
+        let out = try ok(["mirror", "resync", "d", "--json"])
+        let report = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any])
+        XCTAssertEqual(report["regions"] as? Int, 2, "only the 2 dirty regions of 24 are walked")
+        XCTAssertEqual(report["regionsTotal"] as? Int, 24)
+        try assertLegsIdentical(loops[0], loops[1], bytes: 24 << 20)
+    }
+
     func testResyncWithoutAnInSyncLegCopiesNothing() throws {
         _ = try ok(["vdisk", "create", "x", "--pool", "b", "--mirror-pool", "c", "--size", "4M"])
         XCTAssertEqual(shell(["blockdev", "--setro", loops[1]]).0, 0)

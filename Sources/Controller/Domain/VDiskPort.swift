@@ -38,6 +38,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var readLeg = -1
         var triedLegs: UInt8 = 0 // legs a read was sent to
         var heldAtGate = false
+        var logged = false // counted in the dirty-region log
         var nextFree: Int32 = -1
     }
 
@@ -75,6 +76,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private static let zeroBytes = 1 << 20
     private let readSeries: DomainMetrics.IOSet
     private let writeSeries: DomainMetrics.IOSet
+    /// The write-intent bitmap of a sync mirror with dirty-region tracking on.
+    public let dirtyLog: DirtyRegionLog?
 
     public init(domain: Domain, vdisk name: String, capacity: Int = 256) throws(DomainError) {
         self.domain = domain
@@ -90,6 +93,15 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         for i in 0..<capacity { slots[i].nextFree = i + 1 < capacity ? Int32(i + 1) : -1 }
         readSeries = domain.metrics.vdiskSeries(name, op: "read")
         writeSeries = domain.metrics.vdiskSeries(name, op: "write")
+        let meta = domain.metadata
+        if let v = meta.vdisk(named: name), v.isMirror, v.dirtyRegions, let pool = meta.pool(id: v.poolId) {
+            let regionBytes = domain.profiles.pools[pool.poolProfile]?.dirtyRegionBytes ?? (1 << 20)
+            // Sized for growth up to 16x: regions past the end of the map would go untracked.
+            dirtyLog = try DirtyRegionLog(path: domain.directory + "/dirty/\(v.id.uuidString).bitmap", regionBytes: regionBytes,
+                                          sizeBytes: max(v.sizeBytes * 16, 1 << 30))
+        } else {
+            dirtyLog = nil
+        }
     }
 
     deinit {
@@ -157,6 +169,14 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         slots[index] = Request(sink: Unmanaged.passRetained(sink), cookie: cookie, op: op, offset: offset, length: length,
                                buffer: buffer, fua: fua, piecesInFlight: 1, startNs: DispatchTime.now().uptimeNanoseconds)
         let needsAllocation = op == .write && touchesUnallocated(offset: offset, length: length)
+        let logged = dirtyLog != nil && op != .read && op != .flush && mapping.legs.count > 1
+        if logged {
+            // The regions' bits must be durable before the write reaches any leg.
+            lock.unlock()
+            dirtyLog!.beginWrite(offset: offset, length: length)
+            lock.lock()
+            slots[index].logged = true
+        }
         if op != .read, op != .flush, let g = gate, g.overlaps(offset..<(offset + UInt64(length))), !needsAllocation {
             gated.append(Int32(index)) // dispatched when the copier releases the range
             slots[index].heldAtGate = true
@@ -402,6 +422,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     }
 
     private func finish(_ index: Int, _ r: Request, result: Int64, now: UInt64) {
+        if r.logged, let dirtyLog { dirtyLog.endWrite(offset: r.offset, length: r.length) }
         lock.lock()
         let repairLegs = r.op == .read && result >= 0 ? r.triedLegs & ~(1 << UInt8(max(r.readLeg, 0))) : 0
         slots[index] = Request()

@@ -185,6 +185,10 @@ struct MirrorView: Codable {
     var legs: [Leg]
     var copy: MirrorService.Progress?
     var percent: Double?
+    var dirtyRegionCount: Int?
+    var regionCount: Int?
+    var bitmapWrites: Int?
+    var lastStartupResync: MirrorService.Report?
 
     struct Leg: Codable {
         var leg: Int
@@ -203,6 +207,12 @@ struct MirrorView: Codable {
         else if v.legs.contains(where: { $0.state == .failed }) { state = "partial" }
         else { state = "normal" }
         copy = domain.mirrors.progress(v.name)
+        if let log = (try? domain.port(for: v.name))?.dirtyLog {
+            dirtyRegionCount = log.dirtyCount
+            bitmapWrites = log.persistCount
+            regionCount = Int((v.sizeBytes + log.regionBytes - 1) / log.regionBytes)
+        }
+        lastStartupResync = domain.mirrors.lastRecoveryReport(v.name)
         if let c = copy, c.totalBytes > 0 { percent = (Double(c.doneBytes) / Double(c.totalBytes) * 1000).rounded() / 10 }
     }
 }
@@ -317,9 +327,10 @@ enum Table {
 
     static func mirrors(_ mirrors: [MirrorView]) -> String {
         if mirrors.isEmpty { return "no mirrors" }
-        return render(["VDISK", "STATE", "MODE", "LEGS", "COPY"], mirrors.map { m in
+        return render(["VDISK", "STATE", "MODE", "LEGS", "DIRTY", "COPY"], mirrors.map { m in
             [m.vdisk, m.state + (m.percent.map { " \($0)%" } ?? ""), m.mode,
              m.legs.map { "\($0.leg):\($0.pool)=\($0.state)" }.joined(separator: " "),
+             m.dirtyRegionCount.map { "\($0)/\(m.regionCount ?? 0)" } ?? "off",
              m.copy.map { "\($0.operation) \(ByteSize.format($0.doneBytes))/\(ByteSize.format($0.totalBytes))" } ?? "-"]
         })
     }

@@ -46,6 +46,9 @@ public final class Daemon: @unchecked Sendable {
             throw DomainError("hardware profiles: \(error.problems.first?.description ?? "\(error)")")
         }
         let domain = try await Domain.open(directory: dir, profiles: catalog)
+        // Mirrors written when the daemon last stopped: level their dirty regions first.
+        await domain.mirrors.recoverAfterRestart { [logger] in logger.notice("\($0)") }
+        let upkeep = Task { await domain.mirrors.runUpkeep() }
         let handler = CommandHandler(domain: domain)
         let socketPath = options.mgmtSocket ?? MgmtPaths.defaultSocket(dir)
         listenFD = try UnixSocket.listen(at: socketPath)
@@ -80,6 +83,11 @@ public final class Daemon: @unchecked Sendable {
         metricsServer?.stop()
         // Wait for the command in progress (the handler is an actor: this queues behind it).
         _ = await handler.handle(MgmtRequest(command: "status"))
+        upkeep.cancel()
+        // A clean stop: no write is in flight, so mirrors whose legs agree start clean.
+        for v in domain.metadata.vdisks where v.isMirror && v.legs.allSatisfy({ $0.state == .inSync }) {
+            (try? domain.port(for: v.name))?.dirtyLog?.clean(idleSeconds: 0)
+        }
         unlink(socketPath)
         unlink(MgmtPaths.recorded(dir))
         for s in signals { s.cancel() }

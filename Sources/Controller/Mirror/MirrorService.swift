@@ -25,6 +25,9 @@ public final class MirrorService: @unchecked Sendable {
         public var mismatchedBlocks: UInt64
         public var copiedBlocks: UInt64
         public var seconds: Double
+        /// Dirty regions walked (nil: the whole vdisk was walked).
+        public var regions: Int? = nil
+        public var regionsTotal: Int? = nil
     }
 
     let domain: Domain
@@ -57,7 +60,11 @@ public final class MirrorService: @unchecked Sendable {
     public func progress(_ vdisk: String) -> Progress? { lock.withLock { running[vdisk] } }
 
     /// Brings failed or copying legs back in sync from an in-sync leg (or `forceFrom`).
-    public func resync(vdisk name: String, forceFrom: Int? = nil) async throws(DomainError) -> Report {
+    /// With dirty-region tracking only the regions whose bits are set are walked;
+    /// `afterCrash` also brings the other in-sync legs level in those regions.
+    public func resync(vdisk name: String, forceFrom: Int? = nil, afterCrash: Bool = false) async throws(DomainError) -> Report {
+        // One copy per vdisk at a time: wait for a running one (an automatic retry, say) first.
+        while progress(name) != nil { try? await Task.sleep(nanoseconds: 50_000_000) }
         guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
         guard v.isMirror else { throw DomainError("vdisk '\(name)' is not a mirror") }
         let source: Int
@@ -71,21 +78,89 @@ public final class MirrorService: @unchecked Sendable {
             }
             source = s
         }
-        let targets = v.legs.indices.filter { $0 != source && (forceFrom != nil || v.legs[$0].state != .inSync) }
+        let targets = v.legs.indices.filter {
+            $0 != source && (forceFrom != nil || afterCrash || v.legs[$0].state != .inSync)
+        }
         guard !targets.isEmpty else {
             return Report(vdisk: name, operation: "resync", source: source, targets: [], blocksCompared: 0, mismatchedBlocks: 0,
                           copiedBlocks: 0, seconds: 0)
         }
-        try begin(name, "resync", total: v.sizeBytes)
+        let log = try domain.port(for: name).dirtyLog
+        // A leg added by add-leg (never in sync) and --force-from need every region.
+        let addedLeg = targets.contains { v.legs[$0].state == .copying && v.legs[$0].failedAtGeneration == nil }
+        let regions = log != nil && forceFrom == nil && !addedLeg ? log!.dirtyRegions() : nil
+        try begin(name, "resync", total: regions.map { UInt64($0.count) * log!.regionBytes } ?? v.sizeBytes)
         defer { end(name) }
         await copySlots.acquire()
         defer { copySlots.release() }
-        try await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: targets.map { ($0, LegState.copying) }))
-        let report = try await walk(name, source: source, targets: targets, repair: true, operation: "resync")
-        var states = Dictionary(uniqueKeysWithValues: targets.map { ($0, LegState.inSync) })
+        let failing = targets.filter { v.legs[$0].state != .inSync }
+        try await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.copying) }))
+        var report: Report
+        do {
+            let ranges = regions.map { rs in
+                rs.map { r in UInt64(r) * log!.regionBytes..<min(UInt64(r + 1) * log!.regionBytes, v.sizeBytes) }.filter { !$0.isEmpty }
+            }
+            report = try await walk(name, source: source, targets: targets, repair: true, operation: "resync", ranges: ranges)
+        } catch {
+            // The copy stopped: those legs are still behind.
+            try? await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.failed) }))
+            throw error
+        }
+        report.regions = regions?.count
+        report.regionsTotal = log.map { Int((v.sizeBytes + $0.regionBytes - 1) / $0.regionBytes) }
+        var states = Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.inSync) })
         if forceFrom != nil { states[source] = .inSync }
         try await domain.setLegStates(vdisk: name, states)
+        if let log, let after = domain.metadata.vdisk(named: name), after.legs.allSatisfy({ $0.state == .inSync }) {
+            log.clean(idleSeconds: 0, only: regions)
+        }
         return report
+    }
+
+    /// At startup: every mirror whose write-intent bitmap has bits set was written
+    /// when the daemon stopped; bring its legs level in those regions only.
+    public func recoverAfterRestart(log: (String) -> Void) async {
+        for v in domain.metadata.vdisks where v.isMirror && v.dirtyRegions {
+            guard let port = try? domain.port(for: v.name), let dirty = port.dirtyLog, dirty.dirtyCount > 0 else { continue }
+            guard v.legs.contains(where: { $0.state == .inSync }) else { continue }
+            do {
+                let r = try await resync(vdisk: v.name, afterCrash: true)
+                lock.withLock { lastRecovery[v.name] = r }
+                log("startup resync of '\(v.name)': \(r.regions ?? 0) dirty region(s) of \(r.regionsTotal ?? 0), \(r.copiedBlocks) block(s) copied")
+            } catch {
+                log("startup resync of '\(v.name)' failed: \(error)")
+            }
+        }
+    }
+
+    public func lastRecoveryReport(_ vdisk: String) -> Report? { lock.withLock { lastRecovery[vdisk] } }
+    private var lastRecovery: [String: Report] = [:]
+    private var lastRetry: [String: Date] = [:]
+
+    /// Background upkeep, once a second: clear idle dirty bits of mirrors whose legs
+    /// are all in sync, and retry failed legs every `leg_retry_interval`.
+    public func runUpkeep() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(nanoseconds: 1_000_000_000)
+            for v in domain.metadata.vdisks where v.isMirror {
+                if v.legs.allSatisfy({ $0.state == .inSync }) {
+                    (try? domain.port(for: v.name))?.dirtyLog?.clean()
+                    _ = lock.withLock { lastRetry.removeValue(forKey: v.name) }
+                    continue
+                }
+                guard v.legs.contains(where: { $0.state == .failed }), progress(v.name) == nil,
+                      let pool = domain.metadata.pool(id: v.poolId) else { continue }
+                let interval = Double(domain.profiles.pools[pool.poolProfile]?.legRetryIntervalNs ?? 60_000_000_000) / 1e9
+                // The first retry comes one interval after the failure was seen, then every interval.
+                let due = lock.withLock { () -> Bool in
+                    guard let last = lastRetry[v.name] else { lastRetry[v.name] = Date(); return false }
+                    if Date().timeIntervalSince(last) < interval { return false }
+                    lastRetry[v.name] = Date()
+                    return true
+                }
+                if due { _ = try? await resync(vdisk: v.name) }
+            }
+        }
     }
 
     /// Compares every in-sync leg with the first in-sync leg; `repair` copies differing blocks from it.
@@ -97,7 +172,7 @@ public final class MirrorService: @unchecked Sendable {
         try begin(name, repair ? "verify+repair" : "verify", total: v.sizeBytes)
         defer { end(name) }
         return try await walk(name, source: inSync[0], targets: Array(inSync.dropFirst()), repair: repair,
-                              operation: repair ? "verify+repair" : "verify")
+                              operation: repair ? "verify+repair" : "verify", ranges: nil)
     }
 
     private func begin(_ name: String, _ op: String, total: UInt64) throws(DomainError) {
@@ -111,7 +186,9 @@ public final class MirrorService: @unchecked Sendable {
 
     private func end(_ name: String) { lock.withLock { running[name] = nil } }
 
-    private func walk(_ name: String, source: Int, targets: [Int], repair: Bool, operation: String) async throws(DomainError) -> Report {
+    /// Compares (and with `repair` copies) `ranges` of the vdisk, or all of it.
+    private func walk(_ name: String, source: Int, targets: [Int], repair: Bool, operation: String,
+                      ranges: [Range<UInt64>]?) async throws(DomainError) -> Report {
         let port = try domain.port(for: name)
         guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
         let chunk = Self.chunkBytes
@@ -122,9 +199,11 @@ public final class MirrorService: @unchecked Sendable {
         var srcCRC = [UInt32](repeating: 0, count: blocksPerChunk), dstCRC = srcCRC
         var compared: UInt64 = 0, mismatched: UInt64 = 0, copied: UInt64 = 0
         let started = Date()
-        var offset: UInt64 = 0
-        while offset < v.sizeBytes {
-            let n = Int(min(UInt64(chunk), v.sizeBytes - offset))
+        var walked: UInt64 = 0
+        for span in ranges ?? [0..<v.sizeBytes] {
+        var offset = span.lowerBound
+        while offset < span.upperBound {
+            let n = Int(min(UInt64(chunk), span.upperBound - offset))
             let blocks = (n + Self.compareBlock - 1) / Self.compareBlock
             let range = offset..<(offset + UInt64(n))
             if repair { await port.closeGate(range) }
@@ -155,12 +234,14 @@ public final class MirrorService: @unchecked Sendable {
             }
             if repair { port.openGate() }
             offset += UInt64(n)
-            let done = offset, c = copied, m = mismatched
+            walked += UInt64(n)
+            let done = walked, c = copied, m = mismatched
             lock.withLock {
                 running[name]?.doneBytes = done
                 running[name]?.copiedBlocks = c
                 running[name]?.mismatchedBlocks = m
             }
+        }
         }
         return Report(vdisk: name, operation: operation, source: source, targets: targets, blocksCompared: compared,
                       mismatchedBlocks: mismatched, copiedBlocks: copied, seconds: (Date().timeIntervalSince(started) * 100).rounded() / 100)

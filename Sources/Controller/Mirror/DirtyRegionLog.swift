@@ -1,0 +1,120 @@
+import Foundation
+
+/// A sync mirror's write-intent bitmap: one bit per region (the pool profile's
+/// `dirty_region_size`), persisted in STATE/dirty/<vdisk id>.bitmap.
+///
+/// - A region's bit is on disk (pwrite + fdatasync of its 4 KiB page) before the
+///   first write into it goes to any leg; writes into a region whose bit is already
+///   set cost no metadata I/O (hot regions stay set while they are written).
+/// - Bits are cleared lazily by `clean`: only while every leg is in sync, only for
+///   regions with no write in flight and none for `idleSeconds`.
+/// - After a crash the set bits are exactly the regions that may differ between
+///   legs; while a leg is failed its missed regions simply stay set.
+///
+/// Persisting is serialized and always writes the page as it is in memory at that
+/// moment, so a later persist can never drop a bit a write is relying on.
+public final class DirtyRegionLog: @unchecked Sendable {
+    public let regionBytes: UInt64
+    public let regionCount: Int
+    private let fd: Int32
+    private let lock = NSLock()
+    private let persistLock = NSLock()
+    private var bits: [UInt8]
+    private var inflight: [UInt16]
+    private var lastWriteSeconds: [UInt32]
+    private let epoch = Date()
+    /// Bitmap writes so far (each a pwrite + fdatasync): hot regions must not add to it.
+    public private(set) var persistCount = 0
+
+    public init(path: String, regionBytes: UInt64, sizeBytes: UInt64) throws(DomainError) {
+        self.regionBytes = regionBytes
+        regionCount = Int((sizeBytes + regionBytes - 1) / regionBytes)
+        let fileBytes = ((regionCount + 7) / 8 + 4095) / 4096 * 4096
+        try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        let file = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard file >= 0 else { throw DomainError("\(path): \(String(cString: strerror(errno)))") }
+        var loaded = [UInt8](repeating: 0, count: fileBytes)
+        let n = loaded.withUnsafeMutableBytes { pread(file, $0.baseAddress, fileBytes, 0) }
+        if n < fileBytes { ftruncate(file, off_t(fileBytes)) }
+        fd = file
+        bits = loaded
+        inflight = [UInt16](repeating: 0, count: regionCount)
+        lastWriteSeconds = [UInt32](repeating: 0, count: regionCount)
+    }
+
+    deinit { close(fd) }
+
+    private func regions(_ offset: UInt64, _ length: Int) -> ClosedRange<Int> {
+        Int(offset / regionBytes)...Int((offset + UInt64(max(length, 1)) - 1) / regionBytes)
+    }
+
+    private func isSet(_ r: Int) -> Bool { bits[r >> 3] & (1 << UInt8(r & 7)) != 0 }
+
+    private var nowSeconds: UInt32 { UInt32(max(0, Date().timeIntervalSince(epoch))) }
+
+    /// Before a write: counts it in flight and makes its regions' bits durable.
+    public func beginWrite(offset: UInt64, length: Int) {
+        var pages: (Int, Int)?
+        let now = nowSeconds
+        lock.lock()
+        for r in regions(offset, length) where r < regionCount {
+            inflight[r] &+= 1
+            lastWriteSeconds[r] = now
+            if !isSet(r) {
+                bits[r >> 3] |= 1 << UInt8(r & 7)
+                let page = (r >> 3) / 4096
+                pages = (min(pages?.0 ?? page, page), max(pages?.1 ?? page, page))
+            }
+        }
+        lock.unlock()
+        if let pages { persist(pages.0...pages.1) }
+    }
+
+    /// After a write completed (on every leg it went to).
+    public func endWrite(offset: UInt64, length: Int) {
+        lock.lock()
+        for r in regions(offset, length) where r < regionCount && inflight[r] > 0 { inflight[r] -= 1 }
+        lock.unlock()
+    }
+
+    /// Regions whose bit is set.
+    public func dirtyRegions() -> [Int] {
+        lock.lock()
+        defer { lock.unlock() }
+        return (0..<regionCount).filter { isSet($0) }
+    }
+
+    public var dirtyCount: Int { dirtyRegions().count }
+
+    /// Clears idle regions' bits (call only while every leg is in sync). Returns how many were cleared.
+    @discardableResult
+    public func clean(idleSeconds: UInt32 = 1, only: [Int]? = nil) -> Int {
+        let now = nowSeconds
+        var cleared = 0
+        var pages: (Int, Int)?
+        lock.lock()
+        for r in only ?? Array(0..<regionCount) where r < regionCount && isSet(r) && inflight[r] == 0 {
+            guard idleSeconds == 0 || now &- lastWriteSeconds[r] >= idleSeconds else { continue }
+            bits[r >> 3] &= ~(1 << UInt8(r & 7))
+            cleared += 1
+            let page = (r >> 3) / 4096
+            pages = (min(pages?.0 ?? page, page), max(pages?.1 ?? page, page))
+        }
+        lock.unlock()
+        if let pages { persist(pages.0...pages.1) }
+        return cleared
+    }
+
+    /// Writes the pages as they are now and waits until they are durable.
+    private func persist(_ pages: ClosedRange<Int>) {
+        persistLock.lock()
+        defer { persistLock.unlock() }
+        lock.lock()
+        let start = pages.lowerBound * 4096, end = (pages.upperBound + 1) * 4096
+        let snapshot = Array(bits[start..<end])
+        lock.unlock()
+        _ = snapshot.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(start)) }
+        _ = fdatasync(fd)
+        persistCount += 1
+    }
+}
