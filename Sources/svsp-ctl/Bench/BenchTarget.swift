@@ -41,3 +41,20 @@ struct SchedulerTarget: BenchTarget {
 
     func submit() { scheduler.kick() }
 }
+
+/// A vdisk through its data port (the Controller data API, no front end).
+struct VDiskTarget: BenchTarget {
+    let port: VDiskPort
+
+    @inline(__always)
+    func prepRead(buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, sink: CompletionSink, cookie: UInt64) throws(IOError) {
+        try port.submit(.read, offset: offset, length: length, buffer: buffer, sink: sink, cookie: cookie)
+    }
+
+    @inline(__always)
+    func prepWrite(buffer: UnsafeMutableRawPointer, length: Int, offset: UInt64, sink: CompletionSink, cookie: UInt64) throws(IOError) {
+        try port.submit(.write, offset: offset, length: length, buffer: buffer, sink: sink, cookie: cookie)
+    }
+
+    func submit() {} // the port hands each request to its schedulers, which submit at once
+}

@@ -5,7 +5,7 @@ import IOEngine
 
 struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "bench", abstract: "Measure I/O performance.", subcommands: [RawBench.self, CRCBench.self])
+        commandName: "bench", abstract: "Measure I/O performance.", subcommands: [RawBench.self, CRCBench.self, MirrorBench.self])
 }
 
 /// `svsp-ctl bench raw`: the IOEngine straight against a file or block device.
