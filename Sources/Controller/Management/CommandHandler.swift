@@ -262,6 +262,7 @@ struct VDiskView: Codable {
     var allocatedBytes: UInt64
     var legs: [LegView] = []
     var mode: String?
+    var mirrorState: String?
 
     struct LegView: Codable {
         var pool: String
@@ -281,6 +282,11 @@ struct VDiskView: Codable {
             LegView(pool: domain.metadata.pool(id: leg.poolId)?.name ?? "?", state: leg.state.rawValue)
         }
         mode = v.isMirror ? v.mode.rawValue : nil
+        if v.isMirror {
+            let inSync = v.legs.filter { $0.state == .inSync }.count
+            mirrorState = inSync == 0 ? "failed" : v.legs.contains { $0.state == .copying } ? "snap-sync"
+                : v.legs.contains { $0.state == .failed } ? "partial" : "normal"
+        }
     }
 }
 
@@ -337,8 +343,9 @@ enum Table {
 
     static func vdisks(_ vdisks: [VDiskView]) -> String {
         if vdisks.isEmpty { return "no vdisks" }
-        return render(["VDISK", "POOL", "SIZE", "BLOCK", "PROVISIONING", "ALLOCATED"], vdisks.map {
-            [$0.name, $0.pool, ByteSize.format($0.sizeBytes), "\($0.blockSize)", $0.provisioning, ByteSize.format($0.allocatedBytes)]
+        return render(["VDISK", "POOL", "SIZE", "BLOCK", "PROVISIONING", "ALLOCATED", "MIRROR"], vdisks.map {
+            [$0.name, $0.pool, ByteSize.format($0.sizeBytes), "\($0.blockSize)", $0.provisioning, ByteSize.format($0.allocatedBytes),
+             $0.mirrorState.map { s in "\(s) (\($0.legs.map { "\($0.pool)=\($0.state)" }.joined(separator: " ")))" } ?? "-"]
         })
     }
 }
