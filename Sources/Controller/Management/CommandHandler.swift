@@ -343,9 +343,10 @@ enum Table {
 
     static func vdisks(_ vdisks: [VDiskView]) -> String {
         if vdisks.isEmpty { return "no vdisks" }
-        return render(["VDISK", "POOL", "SIZE", "BLOCK", "PROVISIONING", "ALLOCATED", "MIRROR"], vdisks.map {
-            [$0.name, $0.pool, ByteSize.format($0.sizeBytes), "\($0.blockSize)", $0.provisioning, ByteSize.format($0.allocatedBytes),
-             $0.mirrorState.map { s in "\(s) (\($0.legs.map { "\($0.pool)=\($0.state)" }.joined(separator: " ")))" } ?? "-"]
+        return render(["VDISK", "POOL", "SIZE", "BLOCK", "PROVISIONING", "ALLOCATED", "MIRROR"], vdisks.map { v in
+            let legs = v.legs.map { "\($0.pool)=\($0.state)" }.joined(separator: " ")
+            return [v.name, v.pool, ByteSize.format(v.sizeBytes), "\(v.blockSize)", v.provisioning, ByteSize.format(v.allocatedBytes),
+                    v.mirrorState.map { "\($0) (\(legs))" } ?? "-"]
         })
     }
 }
