@@ -182,6 +182,18 @@ final class MirrorTests: XCTestCase {
         try assertLegsIdentical(loops[0], loops[1], bytes: 24 << 20)
     }
 
+    func testAReadErrorIsServedFromTheOtherLegAndTheBadLegRewritten() throws {
+        // Leg 0 (pool b) is read first; its device starts failing reads when its backing file shrinks.
+        _ = try ok(["vdisk", "create", "r", "--pool", "b", "--mirror-pool", "a", "--size", "8M"])
+        _ = try ok(["vdisk", "verify", "r", "--phase", "write", "--seed", "99"])
+        XCTAssertEqual(truncate(dir.file("b.img"), 6 << 20), 0) // data area 4M..12M: the last 6 MiB of it now read short
+        let r = try ok(["vdisk", "verify", "r", "--phase", "read", "--seed", "99"])
+        XCTAssertTrue(r.contains("matched the pattern"), r)
+        XCTAssertEqual((try mirrorState("r")["legs"] as? [[String: Any]])?[0]["state"] as? String, "in-sync",
+                       "the rewrite of the bad range succeeded, the leg stays in sync")
+        try assertLegsIdentical(loops[1], loops[0], bytes: 8 << 20)
+    }
+
     func testResyncWithoutAnInSyncLegCopiesNothing() throws {
         _ = try ok(["vdisk", "create", "x", "--pool", "b", "--mirror-pool", "c", "--size", "4M"])
         XCTAssertEqual(shell(["blockdev", "--setro", loops[1]]).0, 0)

@@ -80,8 +80,13 @@ public actor CommandHandler {
             try await domain.deleteVDisk(name: name)
             return .success(text: "vdisk '\(name)' deleted", json: ["deleted": name])
         case "vdisk.verify":
+            let seed = try r.args["seed"].map { t throws(DomainError) -> UInt64 in
+                guard let v = UInt64(t) else { throw DomainError("--seed '\(t)': must be a number") }
+                return v
+            }
             let report = try await VDiskVerifier(domain: domain).run(vdisk: try arg(r, "name"),
-                                                                     bytes: try r.args["size"].map { t throws(DomainError) in try size(t, "--size") })
+                                                                     bytes: try r.args["size"].map { t throws(DomainError) in try size(t, "--size") },
+                                                                     phase: r.args["phase"] ?? "both", seed: seed)
             return .success(text: report.text, json: report)
         case "mirror.status":
             let names = r.args["name"].map { [$0] } ?? domain.metadata.vdisks.filter(\.isMirror).map(\.name)

@@ -191,9 +191,12 @@ struct VDiskCommand: ParsableCommand {
         @Argument var name: String
         @OptionGroup var options: DomainOptions
         @Option(help: "Bytes from the start to verify (default: all).") var size: String?
+        @Option(help: "both | write (leave the pattern) | read (check a pattern written earlier with the same --seed).") var phase: String = "both"
+        @Option(help: "Pattern seed (needed to check an earlier write phase).") var seed: UInt64?
         func run() throws {
-            var args = ["name": name]
+            var args = ["name": name, "phase": phase]
             args["size"] = size
+            args["seed"] = seed.map(String.init)
             try options.send("vdisk.verify", args)
         }
     }
