@@ -320,6 +320,29 @@ final class DaemonTests: XCTestCase {
         _ = try ok(["vdisk", "verify", "m"])
     }
 
+    func testCopyRateCanChangeWhileTheCopyRuns() throws {
+        try startDaemon()
+        try makeThreePools()
+        _ = try ok(["vdisk", "create", "g", "--pool", "a", "--size", "32M"])
+        _ = try ok(["vdisk", "verify", "g"])
+        // Cap the background class of both pools first, then add a leg: the copy crawls.
+        _ = try ok(["vdisk", "create", "tmp", "--pool", "a", "--mirror-pool", "b", "--size", "1M"])
+        _ = try ok(["mirror", "set-rate", "tmp", "4MiB/s"])
+        _ = try ok(["mirror", "add-leg", "g", "--pool", "b"])
+        usleep(1_500_000)
+        let crawling = try mirror("g")
+        XCTAssertEqual(crawling["state"] as? String, "snap-sync")
+        let percent = crawling["percent"] as? Double ?? 100
+        XCTAssertLessThan(percent, 60, "capped at 4 MiB/s, 32 MiB cannot be half done after 1.5 s")
+        XCTAssertLessThan(crawling["rateMiBPerSecond"] as? Double ?? 100, 8)
+        // Lift the cap on the running copy: it finishes without a restart.
+        _ = try ok(["mirror", "set-rate", "tmp", "none"])
+        var tries = 0
+        while try mirror("g")["state"] as? String != "normal", tries < 100 { usleep(50_000); tries += 1 }
+        XCTAssertEqual(try mirror("g")["state"] as? String, "normal")
+        XCTAssertTrue(try ok(["mirror", "verify", "g"]).contains(" 0 differ"), "the legs hold the same blocks")
+    }
+
     func testMissingLUNFileLeavesTheDomainDegraded() throws {
         try startDaemon()
         try makeThreePools()

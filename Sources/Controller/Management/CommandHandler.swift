@@ -190,6 +190,7 @@ struct MirrorView: Codable {
     var legs: [Leg]
     var copy: MirrorService.Progress?
     var percent: Double?
+    var rateMiBPerSecond: Double?
     var dirtyRegionCount: Int?
     var regionCount: Int?
     var bitmapWrites: Int?
@@ -218,7 +219,11 @@ struct MirrorView: Codable {
             regionCount = Int((v.sizeBytes + log.regionBytes - 1) / log.regionBytes)
         }
         lastStartupResync = domain.mirrors.lastRecoveryReport(v.name)
-        if let c = copy, c.totalBytes > 0 { percent = (Double(c.doneBytes) / Double(c.totalBytes) * 1000).rounded() / 10 }
+        if let c = copy, c.totalBytes > 0 {
+            percent = (Double(c.doneBytes) / Double(c.totalBytes) * 1000).rounded() / 10
+            let elapsed = max(Date().timeIntervalSince(c.startedAt), 0.001)
+            rateMiBPerSecond = (Double(c.doneBytes) / 1_048_576 / elapsed * 10).rounded() / 10
+        }
     }
 }
 
@@ -342,7 +347,7 @@ enum Table {
             [m.vdisk, m.state + (m.percent.map { " \($0)%" } ?? ""), m.mode,
              m.legs.map { "\($0.leg):\($0.pool)=\($0.state)" }.joined(separator: " "),
              m.dirtyRegionCount.map { "\($0)/\(m.regionCount ?? 0)" } ?? "off",
-             m.copy.map { "\($0.operation) \(ByteSize.format($0.doneBytes))/\(ByteSize.format($0.totalBytes))" } ?? "-"]
+             m.copy.map { "\($0.operation) \(ByteSize.format($0.doneBytes))/\(ByteSize.format($0.totalBytes))" + (m.rateMiBPerSecond.map { " at \($0) MiB/s" } ?? "") } ?? "-"]
         })
     }
 
