@@ -343,6 +343,26 @@ final class DaemonTests: XCTestCase {
         XCTAssertTrue(try ok(["mirror", "verify", "g"]).contains(" 0 differ"), "the legs hold the same blocks")
     }
 
+    func testAnInterruptedCopyResumesWhereItStopped() throws {
+        try startDaemon()
+        try makeThreePools()
+        _ = try ok(["vdisk", "create", "g", "--pool", "a", "--size", "32M"])
+        _ = try ok(["vdisk", "verify", "g"])
+        _ = try ok(["vdisk", "create", "tmp", "--pool", "a", "--mirror-pool", "b", "--size", "1M"])
+        _ = try ok(["mirror", "set-rate", "tmp", "8MiB/s"])
+        _ = try ok(["mirror", "add-leg", "g", "--pool", "b"])
+        usleep(1_500_000)
+        XCTAssertEqual(try mirror("g")["state"] as? String, "snap-sync")
+        stopDaemon(signal: SIGKILL) // mid-copy
+        try startDaemon()           // no rate cap now: the startup resync finishes the copy
+        let recovery = try XCTUnwrap(try mirror("g")["lastStartupResync"] as? [String: Any])
+        let regions = recovery["regions"] as? Int ?? -1
+        XCTAssertGreaterThan(regions, 0)
+        XCTAssertLessThan(regions, 32, "regions copied before the kill are not walked again")
+        XCTAssertEqual(try mirror("g")["state"] as? String, "normal")
+        XCTAssertTrue(try ok(["mirror", "verify", "g"]).contains(" 0 differ"))
+    }
+
     func testMissingLUNFileLeavesTheDomainDegraded() throws {
         try startDaemon()
         try makeThreePools()

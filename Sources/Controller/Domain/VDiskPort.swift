@@ -76,8 +76,10 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private static let zeroBytes = 1 << 20
     private let readSeries: DomainMetrics.IOSet
     private let writeSeries: DomainMetrics.IOSet
-    /// The write-intent bitmap of a sync mirror with dirty-region tracking on.
-    public let dirtyLog: DirtyRegionLog?
+    /// The write-intent bitmap of a sync mirror with dirty-region tracking on
+    /// (created when the vdisk becomes a mirror, e.g. by add-leg).
+    public var dirtyLog: DirtyRegionLog? { lock.withLock { log } }
+    private var log: DirtyRegionLog?
 
     public init(domain: Domain, vdisk name: String, capacity: Int = 256) throws(DomainError) {
         self.domain = domain
@@ -93,15 +95,20 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         for i in 0..<capacity { slots[i].nextFree = i + 1 < capacity ? Int32(i + 1) : -1 }
         readSeries = domain.metrics.vdiskSeries(name, op: "read")
         writeSeries = domain.metrics.vdiskSeries(name, op: "write")
+        log = Self.makeLog(domain, name)
+    }
+
+    /// Picks up metadata changes now (instead of at the next request).
+    public func refresh() { lock.withLock { _ = refreshIfNeeded() } }
+
+    /// The bitmap of a mirror with dirty regions on, or nil.
+    private static func makeLog(_ domain: Domain, _ name: String) -> DirtyRegionLog? {
         let meta = domain.metadata
-        if let v = meta.vdisk(named: name), v.isMirror, v.dirtyRegions, let pool = meta.pool(id: v.poolId) {
-            let regionBytes = domain.profiles.pools[pool.poolProfile]?.dirtyRegionBytes ?? (1 << 20)
-            // Sized for growth up to 16x: regions past the end of the map would go untracked.
-            dirtyLog = try DirtyRegionLog(path: domain.directory + "/dirty/\(v.id.uuidString).bitmap", regionBytes: regionBytes,
-                                          sizeBytes: max(v.sizeBytes * 16, 1 << 30))
-        } else {
-            dirtyLog = nil
-        }
+        guard let v = meta.vdisk(named: name), v.isMirror, v.dirtyRegions, let pool = meta.pool(id: v.poolId) else { return nil }
+        let regionBytes = domain.profiles.pools[pool.poolProfile]?.dirtyRegionBytes ?? (1 << 20)
+        // Sized for growth up to 16x: regions past the end of the map would go untracked.
+        return try? DirtyRegionLog(path: domain.directory + "/dirty/\(v.id.uuidString).bitmap", regionBytes: regionBytes,
+                                   sizeBytes: max(v.sizeBytes * 16, 1 << 30))
     }
 
     deinit {
@@ -135,6 +142,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         if generation == mapping.generation { return true }
         guard let m = Self.makeMapping(domain, vdiskName) else { return false }
         mapping = m
+        if log == nil, m.legs.count > 1 { log = Self.makeLog(domain, vdiskName) } // it just became a mirror
         return true
     }
 
@@ -169,11 +177,11 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         slots[index] = Request(sink: Unmanaged.passRetained(sink), cookie: cookie, op: op, offset: offset, length: length,
                                buffer: buffer, fua: fua, piecesInFlight: 1, startNs: DispatchTime.now().uptimeNanoseconds)
         let needsAllocation = op == .write && touchesUnallocated(offset: offset, length: length)
-        let logged = dirtyLog != nil && op != .read && op != .flush && mapping.legs.count > 1
-        if logged {
+        let writeLog = op != .read && op != .flush && mapping.legs.count > 1 ? log : nil
+        if let writeLog {
             // The regions' bits must be durable before the write reaches any leg.
             lock.unlock()
-            dirtyLog!.beginWrite(offset: offset, length: length)
+            writeLog.beginWrite(offset: offset, length: length)
             lock.lock()
             slots[index].logged = true
         }
@@ -422,7 +430,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     }
 
     private func finish(_ index: Int, _ r: Request, result: Int64, now: UInt64) {
-        if r.logged, let dirtyLog { dirtyLog.endWrite(offset: r.offset, length: r.length) }
+        if r.logged, let log = dirtyLog { log.endWrite(offset: r.offset, length: r.length) }
         lock.lock()
         let repairLegs = r.op == .read && result >= 0 ? r.triedLegs & ~(1 << UInt8(max(r.readLeg, 0))) : 0
         slots[index] = Request()

@@ -77,6 +77,16 @@ public final class DirtyRegionLog: @unchecked Sendable {
         lock.unlock()
     }
 
+    /// Sets every region covering `sizeBytes` (a new leg must receive everything), durably.
+    public func markAll(sizeBytes: UInt64) {
+        let last = min(regionCount, Int((sizeBytes + regionBytes - 1) / regionBytes))
+        guard last > 0 else { return }
+        lock.lock()
+        for r in 0..<last { bits[r >> 3] |= 1 << UInt8(r & 7) }
+        lock.unlock()
+        persist(0...(((last - 1) >> 3) / 4096))
+    }
+
     /// Regions whose bit is set.
     public func dirtyRegions() -> [Int] {
         lock.lock()

@@ -45,6 +45,11 @@ public final class MirrorService: @unchecked Sendable {
     /// add-leg: a new leg in `poolName`, filled in the background while the vdisk stays in use.
     public func addLeg(vdisk name: String, poolName: String) async throws(DomainError) -> Int {
         let leg = try await domain.addLeg(vdisk: name, poolName: poolName)
+        let port = try domain.port(for: name)
+        port.refresh() // it is a mirror now: the port starts its bitmap before the copy
+        // With a write-intent bitmap the new leg's copy is tracked region by region,
+        // so a copy cut short (a restart) resumes with the regions still set.
+        try domain.port(for: name).dirtyLog?.markAll(sizeBytes: domain.metadata.vdisk(named: name)?.sizeBytes ?? 0)
         Task { _ = try? await self.resync(vdisk: name) }
         return leg
     }
@@ -86,9 +91,9 @@ public final class MirrorService: @unchecked Sendable {
                           copiedBlocks: 0, seconds: 0)
         }
         let log = try domain.port(for: name).dirtyLog
-        // A leg added by add-leg (never in sync) and --force-from need every region.
-        let addedLeg = targets.contains { v.legs[$0].state == .copying && v.legs[$0].failedAtGeneration == nil }
-        let regions = log != nil && forceFrom == nil && !addedLeg ? log!.dirtyRegions() : nil
+        // --force-from copies everything; otherwise the bitmap says what may differ
+        // (add-leg set every bit of its new leg; a failed leg missed only what is set).
+        let regions = log != nil && forceFrom == nil ? log!.dirtyRegions() : nil
         try begin(name, "resync", total: regions.map { UInt64($0.count) * log!.regionBytes } ?? v.sizeBytes)
         defer { end(name) }
         await copySlots.acquire()
@@ -100,7 +105,14 @@ public final class MirrorService: @unchecked Sendable {
             let ranges = regions.map { rs in
                 rs.map { r in UInt64(r) * log!.regionBytes..<min(UInt64(r + 1) * log!.regionBytes, v.sizeBytes) }.filter { !$0.isEmpty }
             }
-            report = try await walk(name, source: source, targets: targets, repair: true, operation: "resync", ranges: ranges)
+            report = try await walk(name, source: source, targets: targets, repair: true, operation: "resync", ranges: ranges,
+                                    regionDone: { [domain] range in
+                                        // Every leg that takes writes now has this region: its bit may go,
+                                        // so an interrupted copy resumes after it.
+                                        guard let log, let now = domain.metadata.vdisk(named: name),
+                                              !now.legs.contains(where: { $0.state == .failed }) else { return }
+                                        log.clean(idleSeconds: 0, only: [Int(range.lowerBound / log.regionBytes)])
+                                    })
         } catch {
             // The copy stopped: those legs are still behind.
             try? await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.failed) }))
@@ -120,9 +132,11 @@ public final class MirrorService: @unchecked Sendable {
     /// At startup: every mirror whose write-intent bitmap has bits set was written
     /// when the daemon stopped; bring its legs level in those regions only.
     public func recoverAfterRestart(log: (String) -> Void) async {
-        for v in domain.metadata.vdisks where v.isMirror && v.dirtyRegions {
-            guard let port = try? domain.port(for: v.name), let dirty = port.dirtyLog, dirty.dirtyCount > 0 else { continue }
-            guard v.legs.contains(where: { $0.state == .inSync }) else { continue }
+        for v in domain.metadata.vdisks where v.isMirror {
+            guard let port = try? domain.port(for: v.name) else { continue }
+            let dirty = port.dirtyLog?.dirtyCount ?? 0
+            let copying = v.legs.contains { $0.state == .copying } // a copy the stop cut short
+            guard dirty > 0 || copying, v.legs.contains(where: { $0.state == .inSync }) else { continue }
             do {
                 let r = try await resync(vdisk: v.name, afterCrash: true)
                 lock.withLock { lastRecovery[v.name] = r }
@@ -172,7 +186,7 @@ public final class MirrorService: @unchecked Sendable {
         try begin(name, repair ? "verify+repair" : "verify", total: v.sizeBytes)
         defer { end(name) }
         return try await walk(name, source: inSync[0], targets: Array(inSync.dropFirst()), repair: repair,
-                              operation: repair ? "verify+repair" : "verify", ranges: nil)
+                              operation: repair ? "verify+repair" : "verify", ranges: nil, regionDone: nil)
     }
 
     private func begin(_ name: String, _ op: String, total: UInt64) throws(DomainError) {
@@ -188,7 +202,7 @@ public final class MirrorService: @unchecked Sendable {
 
     /// Compares (and with `repair` copies) `ranges` of the vdisk, or all of it.
     private func walk(_ name: String, source: Int, targets: [Int], repair: Bool, operation: String,
-                      ranges: [Range<UInt64>]?) async throws(DomainError) -> Report {
+                      ranges: [Range<UInt64>]?, regionDone: ((Range<UInt64>) -> Void)?) async throws(DomainError) -> Report {
         let port = try domain.port(for: name)
         guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
         let chunk = Self.chunkBytes
@@ -242,6 +256,7 @@ public final class MirrorService: @unchecked Sendable {
                 running[name]?.mismatchedBlocks = m
             }
         }
+        regionDone?(span)
         }
         return Report(vdisk: name, operation: operation, source: source, targets: targets, blocksCompared: compared,
                       mismatchedBlocks: mismatched, copiedBlocks: copied, seconds: (Date().timeIntervalSince(started) * 100).rounded() / 100)
