@@ -112,7 +112,7 @@ final class MirrorTests: XCTestCase {
 
     func testVerifyFindsAndRepairsACorruptedBlock() throws {
         _ = try ok(["vdisk", "create", "v", "--pool", "a", "--mirror-pool", "b", "--size", "8M"])
-        _ = try ok(["vdisk", "verify", "v"])
+        _ = try ok(["vdisk", "verify", "v", "--phase", "write", "--seed", "5"])
         // Corrupt one block directly on leg b's device, behind the daemon's back.
         let fd = open(loops[1], O_WRONLY)
         var junk = [UInt8](repeating: 0xEE, count: 512)
@@ -120,7 +120,10 @@ final class MirrorTests: XCTestCase {
         fsync(fd)
         close(fd)
         XCTAssertTrue(try ok(["mirror", "verify", "v"]).contains(" 1 differ"))
+        // Reads that hit the block are served by the in-sync leg preferred for reads (leg 0, intact).
+        XCTAssertTrue(try ok(["vdisk", "verify", "v", "--phase", "read", "--seed", "5"]).contains("matched the pattern"))
         XCTAssertTrue(try ok(["mirror", "verify", "v", "--repair"]).contains("1 repaired"))
+        XCTAssertTrue(try ok(["vdisk", "verify", "v", "--phase", "read", "--seed", "5"]).contains("matched the pattern"))
         XCTAssertTrue(try ok(["mirror", "verify", "v"]).contains(" 0 differ"))
         try assertLegsIdentical(loops[0], loops[1], bytes: 8 << 20)
     }
