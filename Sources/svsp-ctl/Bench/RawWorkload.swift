@@ -1,5 +1,6 @@
 import Dispatch
 import Foundation
+import Synchronization
 import Histogram
 import IOEngine
 
@@ -77,8 +78,11 @@ final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendabl
     private var startNs: UInt64 = 0
     private let finished = DispatchSemaphore(value: 0)
     /// The engine may submit staged requests (and deliver their completions) while
-    /// `run` is still staging the first ones, so all state is touched under this lock.
-    private let lock = NSLock()
+    /// `run` is still staging the first ones: completions that arrive before `run`
+    /// has finished staging wait for it on this lock. After that every completion
+    /// comes from the one reaper thread and takes no lock.
+    private let startupLock = NSLock()
+    private let started = Atomic<Bool>(false)
 
     init(config: Config, target: Target, lunPath: String, buffers: BufferPoolHandle,
          blockCRCs: UnsafeMutablePointer<UInt32>? = nil)
@@ -123,12 +127,13 @@ final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendabl
                 Pattern.fill(buffers.buffer(at: slot).pointer, count: config.blockBytes, offset: UInt64(slot), seed: config.seed)
             }
         }
-        lock.lock()
+        startupLock.lock()
         outstanding = config.queueDepth
         for slot in 0..<config.queueDepth where !issue(slot: slot) { outstanding -= 1 }
         let nothingIssued = outstanding == 0
         if nothingIssued { elapsedNs = monotonicNanoseconds() - startNs }
-        lock.unlock()
+        started.store(true, ordering: .releasing)
+        startupLock.unlock()
         if !nothingIssued {
             target.submit()
             finished.wait()
@@ -195,8 +200,10 @@ final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendabl
     }
 
     override func ioCompleted(cookie: UInt64, result: Int64) {
-        lock.lock()
-        defer { lock.unlock() }
+        if !started.load(ordering: .acquiring) {
+            startupLock.lock() // run() is still staging: wait until it is done
+            startupLock.unlock()
+        }
         let now = monotonicNanoseconds()
         let slot = Int(cookie)
         let latencyNs = now &- slotStartNs[slot]
