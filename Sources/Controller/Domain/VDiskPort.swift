@@ -70,7 +70,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private var mapping: Mapping
     private var legOutstanding: [Int] = [0, 0, 0, 0]
     /// A range a resync or repair is copying: host writes into it wait until it is released.
-    private var gate: Range<UInt64>?
+    private var gates: [Range<UInt64>] = []
     private var gated: [Int32] = []
     private let zeros: AlignedBuffer
     private static let zeroBytes = 1 << 20
@@ -185,9 +185,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             lock.lock()
             slots[index].logged = true
         }
-        if op != .read, op != .flush, let g = gate, g.overlaps(offset..<(offset + UInt64(length))), !needsAllocation {
-            gated.append(Int32(index)) // dispatched when the copier releases the range
-            slots[index].heldAtGate = true
+        if holdAtGate(index) {
             lock.unlock()
             return
         }
@@ -198,7 +196,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             Task {
                 do {
                     try await domain.allocateExtents(vdisk: vdiskName, offset: offset, length: length)
-                    self.dispatch(index)
+                    let held = self.lock.withLock { self.holdAtGate(index) }
+                    if !held { self.dispatch(index) }
                 } catch {
                     self.pieceDone(index, leg: -1, lun: -1, result: -Int64(ENOSPC))
                 }
@@ -211,7 +210,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// Holds host writes out of `range` and waits until none in flight overlaps it,
     /// so a copier can read one leg and write another without losing a host write.
     public func closeGate(_ range: Range<UInt64>) async {
-        lock.withLock { gate = range }
+        lock.withLock { gates.append(range) }
         while writesInFlight(overlapping: range) {
             try? await Task.sleep(nanoseconds: 50_000)
         }
@@ -226,15 +225,32 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         return false
     }
 
-    /// Lets held writes go.
-    public func openGate() {
+    /// Reopens `range` (closed by `closeGate`); writes no other gate holds go.
+    public func openGate(_ range: Range<UInt64>) {
         lock.lock()
-        gate = nil
-        let waiting = gated
-        gated.removeAll(keepingCapacity: true)
-        for index in waiting { slots[Int(index)].heldAtGate = false }
+        if let i = gates.firstIndex(of: range) { gates.remove(at: i) }
+        var release: [Int32] = []
+        gated.removeAll { index in
+            let r = slots[Int(index)]
+            let span = r.offset..<(r.offset + UInt64(r.length))
+            guard !gates.contains(where: { $0.overlaps(span) }) else { return false }
+            slots[Int(index)].heldAtGate = false
+            release.append(index)
+            return true
+        }
         lock.unlock()
-        for index in waiting { dispatch(Int(index)) }
+        for index in release { dispatch(Int(index)) }
+    }
+
+    /// Holds a write whose range a copier has closed; true when held. Caller holds the lock.
+    private func holdAtGate(_ index: Int) -> Bool {
+        let r = slots[index]
+        guard r.op != .read, r.op != .flush, !gates.isEmpty else { return false }
+        let span = r.offset..<(r.offset + UInt64(r.length))
+        guard gates.contains(where: { $0.overlaps(span) }) else { return false }
+        gated.append(Int32(index)) // dispatched when the copier releases the range
+        slots[index].heldAtGate = true
+        return true
     }
 
     /// Caller holds the lock.
@@ -364,7 +380,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// A leg's piece failed: for writes remember the leg (the request decides at the end), for reads retry elsewhere.
     private func legPieceFailed(_ index: Int, leg: Int, result: Int64) {
         lock.lock()
-        if slots[index].op == .read || mapping.legs.count == 1 {
+        // A full queue is backpressure, not a broken leg: fail the request, keep the leg.
+        if slots[index].op == .read || mapping.legs.count == 1 || result == -Int64(EBUSY) {
             if slots[index].result >= 0 { slots[index].result = result }
         } else {
             slots[index].failedLegs |= 1 << leg
@@ -378,7 +395,9 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     }
 
     private func pieceDone(_ index: Int, leg: Int, lun: Int, result: Int64) {
-        if result < 0, leg >= 0 { legPieceFailed(index, leg: leg, result: result) }
+        if result < 0 {
+            if leg >= 0 { legPieceFailed(index, leg: leg, result: result) } else { record(index, error: result) }
+        }
         lock.lock()
         slots[index].piecesInFlight -= 1
         let now = DispatchTime.now().uptimeNanoseconds
@@ -395,6 +414,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             return
         }
         let r = slots[index]
+        let mirrored = mapping.legs.count > 1
+        let mode = mapping.mode
         // A read that failed on one leg: retry it whole on another in-sync leg.
         if r.op == .read, r.result < 0, pickReadLeg(excluding: r.triedLegs) != nil {
             slots[index].result = 0
@@ -404,8 +425,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             return
         }
         lock.unlock()
-        if r.failedLegs != 0 && r.op != .read && mapping.legs.count > 1 {
-            finishAfterLegFailure(index, r)
+        if r.failedLegs != 0 && r.op != .read && mirrored {
+            finishAfterLegFailure(index, r, mode: mode)
             return
         }
         finish(index, r, result: r.result < 0 ? r.result : Int64(r.op == .flush ? 0 : r.length), now: now)
@@ -413,10 +434,9 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
 
     /// Persist the failed legs first; then acknowledge from the survivors (automatic-failover)
     /// or fail the write (synchronous-always, or when no leg took it).
-    private func finishAfterLegFailure(_ index: Int, _ r: Request) {
+    private func finishAfterLegFailure(_ index: Int, _ r: Request, mode: MirrorMode) {
         let failed = (0..<8).filter { r.failedLegs & (1 << $0) != 0 }
         let survivors = r.targetLegs & ~r.failedLegs
-        let mode = mapping.mode
         Task {
             var result: Int64
             do {
@@ -441,67 +461,33 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             if r.op == .read { readSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }
             if r.op == .write { writeSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }
         }
-        if repairLegs != 0, let buffer = r.buffer {
-            repair(legs: repairLegs, offset: r.offset, length: r.length, from: buffer)
+        if repairLegs != 0 {
+            let good = r.readLeg, offset = r.offset, length = r.length
+            Task { await self.repair(legs: repairLegs, from: good, offset: offset, length: length) }
         }
         r.sink!.takeRetainedValue().ioCompleted(cookie: r.cookie, result: result)
     }
 
-    /// Rewrites a range on legs that failed to read it, from data another leg returned.
-    /// The data is copied (this is the rare error path) so the host's buffer is free at
-    /// once; a leg that cannot take the rewrite is marked failed.
-    private func repair(legs: UInt8, offset: UInt64, length: Int, from buffer: UnsafeMutableRawPointer) {
-        lock.lock()
-        let m = mapping
-        lock.unlock()
-        guard let job = RepairJob(port: self, length: length, copyFrom: buffer) else { return }
-        for (l, leg) in m.legs.enumerated() where legs & (1 << l) != 0 {
-            guard let scheduler = leg.scheduler else { continue }
-            var done = 0
-            while done < length {
-                let at = offset + UInt64(done)
-                let piece = min(length - done, Int(leg.extentBytes - at % leg.extentBytes))
-                if let ref = leg.extents[Int(at / leg.extentBytes)], let slot = leg.schedulerSlot[ref.lun] {
-                    let lunOffset = leg.lunDataStart[ref.lun] + UInt64(ref.extent) * leg.extentBytes + at % leg.extentBytes
-                    job.started()
-                    do {
-                        try scheduler.submit(.write, lun: slot, buffer: job.data + done, length: piece, offset: lunOffset, fua: true,
-                                             sink: job, cookie: UInt64(l))
-                    } catch {
-                        job.ioCompleted(cookie: UInt64(l), result: -Int64(error.code))
-                    }
-                }
-                done += piece
-            }
-            scheduler.kick()
+    /// Rewrites a range on legs that failed to read it, from the leg that served it.
+    /// Host writes to the range are held meanwhile and the good data is read afresh,
+    /// so the rewrite can never put older data over a newer host write. A leg that
+    /// cannot take the rewrite is marked failed.
+    private func repair(legs: UInt8, from good: Int, offset: UInt64, length: Int) async {
+        let range = offset..<(offset + UInt64(length))
+        guard let buffer = try? AlignedBuffer(count: length) else { return }
+        await closeGate(range)
+        defer { openGate(range) }
+        do {
+            try await domain.legIO(.read, vdisk: vdiskName, leg: good, offset: offset, length: length, buffer: buffer.pointer)
+        } catch {
+            return // the good leg failed too: its own error handling takes over
         }
-    }
-
-    fileprivate func repairFailed(leg: Int) {
-        let name = vdiskName
-        Task { try? await domain.markLegsFailed(vdisk: name, legs: [leg]) }
-    }
-}
-
-/// The rewrite of a bad range from good data: owns a copy of the data until every write is done.
-private final class RepairJob: CompletionSink, @unchecked Sendable {
-    private let port: VDiskPort
-    private let buffer: AlignedBuffer
-    private let lock = NSLock()
-    private var pending = 0
-    var data: UnsafeMutableRawPointer { buffer.pointer }
-
-    init?(port: VDiskPort, length: Int, copyFrom source: UnsafeRawPointer) {
-        guard let b = try? AlignedBuffer(count: length) else { return nil }
-        buffer = b
-        memcpy(buffer.pointer, source, length)
-        self.port = port
-    }
-
-    func started() { lock.lock(); pending += 1; lock.unlock() }
-
-    override func ioCompleted(cookie: UInt64, result: Int64) {
-        if result < 0 { port.repairFailed(leg: Int(cookie)) }
-        lock.lock(); pending -= 1; lock.unlock()
+        for l in 0..<8 where legs & (1 << l) != 0 {
+            do {
+                try await domain.legIO(.write, vdisk: vdiskName, leg: l, offset: offset, length: length, buffer: buffer.pointer)
+            } catch {
+                try? await domain.markLegsFailed(vdisk: vdiskName, legs: [l])
+            }
+        }
     }
 }

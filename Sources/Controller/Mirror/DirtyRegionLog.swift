@@ -20,6 +20,8 @@ public final class DirtyRegionLog: @unchecked Sendable {
     private let lock = NSLock()
     private let persistLock = NSLock()
     private var bits: [UInt8]
+    /// The bitmap as last made durable: a write may go once its regions are set here.
+    private var durable: [UInt8]
     private var inflight: [UInt16]
     private var lastWriteSeconds: [UInt32]
     private let epoch = Date()
@@ -38,6 +40,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
         if n < fileBytes { ftruncate(file, off_t(fileBytes)) }
         fd = file
         bits = loaded
+        durable = loaded
         inflight = [UInt16](repeating: 0, count: regionCount)
         lastWriteSeconds = [UInt32](repeating: 0, count: regionCount)
     }
@@ -60,8 +63,9 @@ public final class DirtyRegionLog: @unchecked Sendable {
         for r in regions(offset, length) where r < regionCount {
             inflight[r] &+= 1
             lastWriteSeconds[r] = now
-            if !isSet(r) {
-                bits[r >> 3] |= 1 << UInt8(r & 7)
+            bits[r >> 3] |= 1 << UInt8(r & 7)
+            // Set by another writer but not durable yet counts too: this write waits for it.
+            if durable[r >> 3] & (1 << UInt8(r & 7)) == 0 {
                 let page = (r >> 3) / 4096
                 pages = (min(pages?.0 ?? page, page), max(pages?.1 ?? page, page))
             }
@@ -106,6 +110,9 @@ public final class DirtyRegionLog: @unchecked Sendable {
         for r in only ?? Array(0..<regionCount) where r < regionCount && isSet(r) && inflight[r] == 0 {
             guard idleSeconds == 0 || now &- lastWriteSeconds[r] >= idleSeconds else { continue }
             bits[r >> 3] &= ~(1 << UInt8(r & 7))
+            // No longer known durable-set: a new write into it persists again instead of
+            // trusting a page that this clearing is about to overwrite.
+            durable[r >> 3] &= ~(1 << UInt8(r & 7))
             cleared += 1
             let page = (r >> 3) / 4096
             pages = (min(pages?.0 ?? page, page), max(pages?.1 ?? page, page))
@@ -125,6 +132,9 @@ public final class DirtyRegionLog: @unchecked Sendable {
         lock.unlock()
         _ = snapshot.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(start)) }
         _ = fdatasync(fd)
+        lock.lock()
+        durable.replaceSubrange(start..<end, with: snapshot)
         persistCount += 1
+        lock.unlock()
     }
 }

@@ -58,7 +58,7 @@ public final class MirrorService: @unchecked Sendable {
     public func split(vdisk name: String, leg: Int, as newName: String) async throws(DomainError) {
         let port = try domain.port(for: name)
         await port.closeGate(0..<UInt64.max)
-        defer { port.openGate() }
+        defer { port.openGate(0..<UInt64.max) }
         try await domain.splitLeg(vdisk: name, leg: leg, as: newName)
     }
 
@@ -90,27 +90,33 @@ public final class MirrorService: @unchecked Sendable {
             return Report(vdisk: name, operation: "resync", source: source, targets: [], blocksCompared: 0, mismatchedBlocks: 0,
                           copiedBlocks: 0, seconds: 0)
         }
-        let log = try domain.port(for: name).dirtyLog
-        // --force-from copies everything; otherwise the bitmap says what may differ
-        // (add-leg set every bit of its new leg; a failed leg missed only what is set).
-        let regions = log != nil && forceFrom == nil ? log!.dirtyRegions() : nil
-        try begin(name, "resync", total: regions.map { UInt64($0.count) * log!.regionBytes } ?? v.sizeBytes)
+        let port = try domain.port(for: name)
+        let log = port.dirtyLog
+        try begin(name, "resync", total: v.sizeBytes)
         defer { end(name) }
         await copySlots.acquire()
         defer { copySlots.release() }
         let failing = targets.filter { v.legs[$0].state != .inSync }
         try await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.copying) }))
+        port.refresh() // from here on host writes reach the targets too
+        // --force-from copies everything; otherwise the bitmap says what may differ (add-leg set
+        // every bit of its new leg; a failed leg missed only what is set, read after it became copying).
+        let regions = log != nil && forceFrom == nil ? log!.dirtyRegions() : nil
+        if let regions, let log { lock.withLock { running[name]?.totalBytes = UInt64(regions.count) * log.regionBytes } }
         var report: Report
         do {
             let ranges = regions.map { rs in
-                rs.map { r in UInt64(r) * log!.regionBytes..<min(UInt64(r + 1) * log!.regionBytes, v.sizeBytes) }.filter { !$0.isEmpty }
+                rs.filter { UInt64($0) * log!.regionBytes < v.sizeBytes }
+                    .map { r in UInt64(r) * log!.regionBytes..<min(UInt64(r + 1) * log!.regionBytes, v.sizeBytes) }
             }
             report = try await walk(name, source: source, targets: targets, repair: true, operation: "resync", ranges: ranges,
                                     regionDone: { [domain] range in
                                         // Every leg that takes writes now has this region: its bit may go,
                                         // so an interrupted copy resumes after it.
                                         guard let log, let now = domain.metadata.vdisk(named: name),
-                                              !now.legs.contains(where: { $0.state == .failed }) else { return }
+                                              now.legs.count == v.legs.count,
+                                              now.legs.indices.allSatisfy({ now.legs[$0].state == .inSync || targets.contains($0) })
+                                        else { return }
                                         log.clean(idleSeconds: 0, only: [Int(range.lowerBound / log.regionBytes)])
                                     })
         } catch {
@@ -158,6 +164,9 @@ public final class MirrorService: @unchecked Sendable {
             try? await Task.sleep(nanoseconds: 1_000_000_000)
             for v in domain.metadata.vdisks where v.isMirror {
                 if v.legs.allSatisfy({ $0.state == .inSync }) {
+                    // Re-read: a leg may have failed since this pass began.
+                    guard let fresh = domain.metadata.vdisk(named: v.name), fresh.legs.allSatisfy({ $0.state == .inSync }),
+                          progress(v.name) == nil else { continue }
                     (try? domain.port(for: v.name))?.dirtyLog?.clean()
                     _ = lock.withLock { lastRetry.removeValue(forKey: v.name) }
                     continue
@@ -172,7 +181,10 @@ public final class MirrorService: @unchecked Sendable {
                     lastRetry[v.name] = Date()
                     return true
                 }
-                if due { _ = try? await resync(vdisk: v.name) }
+                if due {
+                    let name = v.name
+                    Task { _ = try? await self.resync(vdisk: name) }
+                }
             }
         }
     }
@@ -243,10 +255,10 @@ public final class MirrorService: @unchecked Sendable {
                     }
                 }
             } catch {
-                if repair { port.openGate() }
+                if repair { port.openGate(range) }
                 throw error
             }
-            if repair { port.openGate() }
+            if repair { port.openGate(range) }
             offset += UInt64(n)
             walked += UInt64(n)
             let done = walked, c = copied, m = mismatched

@@ -230,7 +230,12 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
                 try engine.prepFlush(lun: luns[l].handle, sink: self, cookie: UInt64(index))
             }
         } catch {
-            if error.code == EBUSY { return false } // engine full: its completions will pump again
+            if error.code == EBUSY {
+                // The shared engine is full (other pools' I/O): look again shortly, even if
+                // none of our own completions is coming to pump us.
+                armTimer(at: now + 200_000, now: now)
+                return false
+            }
             // Refused outright: the rest of the request is not dispatched; it fails with this error.
             slots[index].result = -Int64(error.code)
             slots[index].dispatchedBytes = slot.length
