@@ -50,11 +50,12 @@ public final class Daemon: @unchecked Sendable {
         await domain.mirrors.recoverAfterRestart { [logger] in logger.notice("\($0)") }
         let upkeep = Task { await domain.mirrors.runUpkeep() }
         let handler = CommandHandler(domain: domain)
+        let nbd = try NBDServer(domain: domain, socketPath: dir + "/nbd.sock") { [logger] in logger.notice("\($0)") }
         let socketPath = options.mgmtSocket ?? MgmtPaths.defaultSocket(dir)
         listenFD = try UnixSocket.listen(at: socketPath)
         try BootstrapStore.writeAtomically(Data(socketPath.utf8), to: MgmtPaths.recorded(dir))
         log("serving domain '\(domain.metadata.name)' from \(dir), generation \(domain.metadata.generation), "
-            + "health \(domain.problems.isEmpty ? "normal" : "degraded"), management socket \(socketPath)")
+            + "health \(domain.problems.isEmpty ? "normal" : "degraded"), management socket \(socketPath), NBD on \(nbd.socketPath)")
         for p in domain.problems { logger.warning("degraded: \(p)") }
         var metricsServer: MetricsServer?
         if let listen = options.metricsListen {
@@ -81,6 +82,7 @@ public final class Daemon: @unchecked Sendable {
         Glibc.shutdown(listenFD, Int32(SHUT_RDWR))
         close(listenFD)
         metricsServer?.stop()
+        nbd.stop()
         // Wait for the command in progress (the handler is an actor: this queues behind it).
         _ = await handler.handle(MgmtRequest(command: "status"))
         upkeep.cancel()
