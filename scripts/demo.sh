@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on an embedded default: install what svsp needs, build it, and run a
 # demo domain under ./demo (nothing outside it is touched): three file-backed pools,
-# the setup vdisk mirrored on all three, a vdisk written and verified through the
-# data API, then `svsp-ctl status`. Re-running reuses what exists.
+# the setup vdisk mirrored on all three, a thick, a thin and a mirrored vdisk written
+# and verified through the data API, the NBD exports, then `svsp-ctl status`.
+# Re-running reuses what exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -28,6 +29,13 @@ if "$CTL" status | grep -q '^setup vdisk: none'; then
 fi
 "$CTL" vdisk show demo-vd >/dev/null 2>&1 || "$CTL" vdisk create demo-vd --pool pool-a --size 128M
 "$CTL" vdisk show demo-thin >/dev/null 2>&1 || "$CTL" vdisk create demo-thin --pool pool-b --size 1G --thin
+"$CTL" vdisk show demo-mirror >/dev/null 2>&1 || "$CTL" vdisk create demo-mirror --pool pool-b --mirror-pool pool-c --size 64M
 "$CTL" vdisk verify demo-vd
 "$CTL" vdisk verify demo-thin --size 16M
+"$CTL" vdisk verify demo-mirror
+"$CTL" mirror status
+if command -v nbdinfo >/dev/null; then
+    echo "NBD exports on $SVSP_DIR/nbd.sock:"
+    nbdinfo --list "nbd+unix:///?socket=$SVSP_DIR/nbd.sock" | grep -E '^export=|export-size'
+fi
 "$CTL" status
