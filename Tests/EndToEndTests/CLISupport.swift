@@ -54,3 +54,39 @@ final class TempDir {
     func file(_ name: String) -> String { path + "/" + name }
     deinit { try? FileManager.default.removeItem(atPath: path) }
 }
+
+/// A real `svsp-ctl serve` for a test: started on a state folder, ready once `status` answers.
+final class ServeProcess {
+    static let profiles = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("hardware-profiles").path
+
+    let process: Process
+
+    /// Starts the daemon; throws when it does not answer within 5 s.
+    init(state: String, extra: [String] = []) throws {
+        process = Process()
+        process.executableURL = URL(fileURLWithPath: CLI.binary)
+        process.arguments = ["serve", "--dir", state, "--profiles", Self.profiles] + extra
+        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+        try process.run()
+        for _ in 0..<200 {
+            if try CLI.run(["status", "--dir", state]).status == 0 { return }
+            usleep(25_000)
+        }
+        stop()
+        throw CLIError("daemon for \(state) did not come up")
+    }
+
+    /// Sends `signal` and waits for the process to end.
+    func stop(signal: Int32 = SIGTERM) {
+        guard process.isRunning else { return }
+        kill(process.processIdentifier, signal)
+        process.waitUntilExit()
+    }
+}
+
+struct CLIError: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}

@@ -3,12 +3,11 @@ import XCTest
 
 /// A running `svsp-ctl serve` and the commands that talk to it.
 final class DaemonTests: XCTestCase {
-    static let profiles = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent().appendingPathComponent("hardware-profiles").path
+    static let profiles = ServeProcess.profiles
 
     private var dir: TempDir!
     private var state: String { dir.file("state") }
-    private var daemon: Process?
+    private var daemon: ServeProcess?
 
     override func setUpWithError() throws {
         dir = TempDir()
@@ -17,31 +16,15 @@ final class DaemonTests: XCTestCase {
     }
 
     override func tearDown() {
-        if let d = daemon, d.isRunning { d.terminate(); d.waitUntilExit() }
+        daemon?.stop()
     }
 
-    @discardableResult
-    private func startDaemon(extra: [String] = [], file: StaticString = #filePath, line: UInt = #line) throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: CLI.binary)
-        p.arguments = ["serve", "--dir", state, "--profiles", Self.profiles] + extra
-        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
-        p.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
-        try p.run()
-        daemon = p
-        // Ready when the socket answers.
-        for _ in 0..<200 {
-            if try ctl(["status"]).status == 0 { return p }
-            usleep(25_000)
-        }
-        XCTFail("daemon did not come up", file: file, line: line)
-        return p
+    private func startDaemon(extra: [String] = []) throws {
+        daemon = try ServeProcess(state: state, extra: extra)
     }
 
     private func stopDaemon(signal: Int32 = SIGTERM) {
-        guard let d = daemon else { return }
-        kill(d.processIdentifier, signal)
-        d.waitUntilExit()
+        daemon?.stop(signal: signal)
         daemon = nil
     }
 
@@ -134,14 +117,8 @@ final class DaemonTests: XCTestCase {
         // A second domain must not take domain 1's LUN.
         let other = dir.file("other")
         XCTAssertEqual(try CLI.run(["domain", "init", "--dir", other, "--name", "site-b"]).status, 0)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: CLI.binary)
-        p.arguments = ["serve", "--dir", other, "--profiles", Self.profiles]
-        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
-        try p.run()
-        defer { p.terminate(); p.waitUntilExit() }
-        var tries = 0
-        while try CLI.run(["status", "--dir", other]).status != 0, tries < 200 { usleep(25_000); tries += 1 }
+        let second = try ServeProcess(state: other)
+        defer { second.stop() }
         let foreign = try CLI.run(["pool", "create", "x", "--array-profile", "file-backed", "--lun", dir.file("a.img"), "--dir", other])
         XCTAssertEqual(foreign.status, 1)
         XCTAssertTrue(foreign.stderr.contains("belongs to another domain"), foreign.stderr)

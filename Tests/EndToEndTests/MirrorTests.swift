@@ -8,7 +8,7 @@ final class MirrorTests: XCTestCase {
 
     private var dir: TempDir!
     private var state: String { dir.file("state") }
-    private var daemon: Process?
+    private var daemon: ServeProcess?
     private var loops: [String] = []
 
     override func setUpWithError() throws {
@@ -30,19 +30,12 @@ final class MirrorTests: XCTestCase {
     }
 
     override func tearDown() {
-        if let d = daemon, d.isRunning { d.terminate(); d.waitUntilExit() }
+        daemon?.stop()
         for l in loops { shell(["blockdev", "--setrw", l]); shell(["losetup", "-d", l]) }
     }
 
     private func startDaemon() throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: CLI.binary)
-        p.arguments = ["serve", "--dir", state, "--profiles", Self.profiles]
-        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
-        try p.run()
-        daemon = p
-        var tries = 0
-        while try CLI.run(["status", "--dir", state]).status != 0, tries < 200 { usleep(25_000); tries += 1 }
+        daemon = try ServeProcess(state: state)
     }
 
     private func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {

@@ -6,7 +6,7 @@ final class NBDTests: XCTestCase {
     private var dir: TempDir!
     private var state: String { dir.file("state") }
     private var socket: String { state + "/nbd.sock" }
-    private var daemon: Process?
+    private var daemon: ServeProcess?
 
     private func tool(_ name: String) -> Bool { shell(["sh", "-c", "command -v \(name)"]).0 == 0 }
 
@@ -16,14 +16,7 @@ final class NBDTests: XCTestCase {
         }
         dir = TempDir()
         XCTAssertEqual(try CLI.run(["domain", "init", "--dir", state, "--name", "n"]).status, 0)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: CLI.binary)
-        p.arguments = ["serve", "--dir", state, "--profiles", DaemonTests.profiles]
-        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
-        try p.run()
-        daemon = p
-        var tries = 0
-        while try CLI.run(["status", "--dir", state]).status != 0, tries < 200 { usleep(25_000); tries += 1 }
+        daemon = try ServeProcess(state: state)
         for pool in ["a", "b"] {
             _ = try ok(["pool", "create", pool, "--array-profile", "file-backed", "--lun", dir.file("\(pool).img"), "--create-size", "100M"])
         }
@@ -32,7 +25,7 @@ final class NBDTests: XCTestCase {
     }
 
     override func tearDown() {
-        if let d = daemon, d.isRunning { d.terminate(); d.waitUntilExit() }
+        daemon?.stop()
     }
 
     private func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
