@@ -276,26 +276,26 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         lock.lock()
         _ = refreshIfNeeded()
         let m = mapping
-        var legs: [Int] = []
+        var legs: UInt8 = 0 // a bitmask, not an array: nothing allocated per request
         switch slots[index].op {
         case .read:
             if let l = pickReadLeg(excluding: slots[index].triedLegs) {
-                legs = [l]
+                legs = 1 << l
                 slots[index].readLeg = l
                 slots[index].triedLegs |= 1 << l
             }
         default:
             for (l, leg) in m.legs.enumerated() where leg.state != .failed {
-                legs.append(l)
+                legs |= 1 << l
                 slots[index].targetLegs |= 1 << l
             }
         }
         let r = slots[index]
         lock.unlock()
-        if legs.isEmpty {
+        if legs == 0 {
             record(index, error: -Int64(EIO)) // no leg can serve it
         }
-        for l in legs {
+        for l in m.legs.indices where legs & (1 << l) != 0 {
             if !dispatch(index, r, leg: l, m.legs[l]) { break }
             m.legs[l].scheduler?.kick()
         }
