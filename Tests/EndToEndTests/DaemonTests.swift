@@ -174,7 +174,11 @@ final class DaemonTests: XCTestCase {
             while !worker.isFinished { usleep(10_000) }
             try startDaemon()
             let status = try statusJSON()
-            XCTAssertEqual(status["health"] as? String, "normal", "round \(round): \(status["problems"] ?? "")")
+            // A kill between the copies' writes may leave one copy a generation behind: the
+            // majority's generation wins and that copy is reported and rewritten. Nothing else.
+            let problems = status["problems"] as? [String] ?? []
+            XCTAssertTrue(problems.allSatisfy { $0.contains("setup vdisk copy") && $0.contains("stale") && $0.hasSuffix("rewritten") },
+                          "round \(round): \(problems)")
             let names = (status["vdisks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
             XCTAssertEqual(Set(names).count, names.count, "no duplicate records")
             for n in lastSeen { XCTAssertTrue(names.contains(n), "round \(round): lost \(n) from an earlier round") }
