@@ -30,6 +30,7 @@ fi
 "$CTL" vdisk show demo-vd >/dev/null 2>&1 || "$CTL" vdisk create demo-vd --pool pool-a --size 128M
 "$CTL" vdisk show demo-thin >/dev/null 2>&1 || "$CTL" vdisk create demo-thin --pool pool-b --size 1G --thin
 "$CTL" vdisk show demo-mirror >/dev/null 2>&1 || "$CTL" vdisk create demo-mirror --pool pool-b --mirror-pool pool-c --size 64M
+for v in demo-vd demo-thin demo-mirror; do "$CTL" vdisk export "$v" >/dev/null; done
 "$CTL" vdisk verify demo-vd
 "$CTL" vdisk verify demo-thin --size 16M
 "$CTL" vdisk verify demo-mirror

@@ -22,6 +22,8 @@ final class NBDTests: XCTestCase {
         }
         _ = try ok(["vdisk", "create", "v1", "--pool", "a", "--size", "64M"])
         _ = try ok(["vdisk", "create", "m1", "--pool", "a", "--mirror-pool", "b", "--size", "16M"])
+        _ = try ok(["vdisk", "export", "v1"])
+        _ = try ok(["vdisk", "export", "m1"])
     }
 
     override func tearDown() {

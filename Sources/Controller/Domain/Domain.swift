@@ -417,7 +417,10 @@ public final class Domain: @unchecked Sendable {
     public func deleteVDisk(name: String) async throws(DomainError) {
         await mutation.acquire()
         defer { mutation.release() }
-        guard metadata.vdisk(named: name) != nil else { throw DomainError("vdisk '\(name)' not found") }
+        guard let v = metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
+        if let mode = v.export {
+            throw DomainError("vdisk '\(name)' is exported over NBD (\(mode.rawValue)); run `svsp-ctl vdisk unexport \(name)` first")
+        }
         var next = metadata
         next.vdisks.removeAll { $0.name == name }
         try await commit(next)

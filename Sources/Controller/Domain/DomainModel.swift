@@ -73,6 +73,12 @@ public struct LegRecord: Codable, Equatable, Sendable {
     public var failedAtGeneration: UInt64?
 }
 
+/// How a vdisk is exported to hosts.
+public enum ExportMode: String, Codable, Sendable {
+    case readWrite = "read-write"
+    case readOnly = "read-only"
+}
+
 public struct VDiskRecord: Codable, Equatable, Sendable {
     public var id: UUID
     public var name: String
@@ -83,6 +89,8 @@ public struct VDiskRecord: Codable, Equatable, Sendable {
     public var legs: [LegRecord]
     public var mode: MirrorMode = .automaticFailover
     public var dirtyRegions: Bool = true
+    /// Served over NBD (export name = vdisk name) when set; persisted, so exports survive restarts.
+    public var export: ExportMode?
 
     /// The first leg's pool (where a plain vdisk lives).
     public var poolId: UUID { legs[0].poolId }

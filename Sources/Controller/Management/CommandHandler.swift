@@ -5,8 +5,12 @@ import IOEngine
 /// result twice: a table for people and JSON for scripts.
 public actor CommandHandler {
     let domain: Domain
+    let nbd: NBDServer?
 
-    public init(domain: Domain) { self.domain = domain }
+    public init(domain: Domain, nbd: NBDServer? = nil) {
+        self.domain = domain
+        self.nbd = nbd
+    }
 
     public func handle(_ request: MgmtRequest) async -> MgmtResponse {
         do {
@@ -79,6 +83,24 @@ public actor CommandHandler {
             let name = try arg(r, "name")
             try await domain.deleteVDisk(name: name)
             return .success(text: "vdisk '\(name)' deleted", json: ["deleted": name])
+        case "vdisk.export":
+            let name = try arg(r, "name")
+            let mode: ExportMode = r.args["read_only"] == "true" ? .readOnly : .readWrite
+            let previous = try await domain.setExport(vdisk: name, mode: mode)
+            // Clients negotiated the old mode's flags: they reconnect and see the new one.
+            let dropped = previous != nil && previous != mode ? nbd?.closeConnections(export: name) ?? 0 : 0
+            let v = domain.metadata.vdisk(named: name)!
+            let changed = previous == nil ? "exported" : previous == mode ? "already exported" : "now exported"
+            return .success(text: "vdisk '\(name)' \(changed) \(mode.rawValue) as NBD export '\(name)'"
+                + (dropped > 0 ? " (\(dropped) connection(s) closed to renegotiate)" : ""), json: VDiskView(v, domain: domain))
+        case "vdisk.unexport":
+            let name = try arg(r, "name")
+            let previous = try await domain.setExport(vdisk: name, mode: nil)
+            let dropped = nbd?.closeConnections(export: name) ?? 0
+            let v = domain.metadata.vdisk(named: name)!
+            return .success(text: previous == nil ? "vdisk '\(name)' was not exported"
+                : "vdisk '\(name)' unexported" + (dropped > 0 ? " (\(dropped) connection(s) closed)" : ""),
+                json: VDiskView(v, domain: domain))
         case "vdisk.verify":
             let seed = try r.args["seed"].map { t throws(DomainError) -> UInt64 in
                 guard let v = UInt64(t) else { throw DomainError("--seed '\(t)': must be a number") }
@@ -157,8 +179,9 @@ public actor CommandHandler {
         let vdisks = m.vdisks.map { VDiskView($0, domain: domain) }
         let setup = domain.setupCopyStates.map { SetupCopyView(pool: $0.poolName, generation: $0.generation, problem: $0.problem) }
         let health = domain.problems.isEmpty ? "normal" : "degraded"
+        let nbdView = nbd.map { NBDStatusView($0, domain: domain) }
         let view = StatusView(domain: m.name, domainId: m.domainId.uuidString, generation: m.generation, health: health,
-                              problems: domain.problems, setupVDisk: setup, pools: pools, vdisks: vdisks)
+                              problems: domain.problems, setupVDisk: setup, pools: pools, vdisks: vdisks, nbd: nbdView)
         var lines = ["domain \(m.name) (\(m.domainId.uuidString.prefix(8))), metadata generation \(m.generation), health: \(health)"]
         for p in domain.problems { lines.append("  ! \(p)") }
         if setup.isEmpty {
@@ -170,6 +193,10 @@ public actor CommandHandler {
         lines.append(Table.pools(pools))
         lines.append("")
         lines.append(Table.vdisks(vdisks))
+        if let nbdView {
+            lines.append("")
+            lines.append(Table.nbd(nbdView))
+        }
         return .success(text: lines.joined(separator: "\n"), json: view)
     }
 }
@@ -273,6 +300,7 @@ struct VDiskView: Codable {
     var legs: [LegView] = []
     var mode: String?
     var mirrorState: String?
+    var export: String?
 
     struct LegView: Codable {
         var pool: String
@@ -292,6 +320,7 @@ struct VDiskView: Codable {
             LegView(pool: domain.metadata.pool(id: leg.poolId)?.name ?? "?", state: leg.state.rawValue)
         }
         mode = v.isMirror ? v.mode.rawValue : nil
+        export = v.export?.rawValue
         if v.isMirror {
             let inSync = v.legs.filter { $0.state == .inSync }.count
             mirrorState = inSync == 0 ? "failed" : v.legs.contains { $0.state == .copying } ? "snap-sync"
@@ -315,6 +344,7 @@ struct StatusView: Codable {
     var setupVDisk: [SetupCopyView]
     var pools: [PoolView]
     var vdisks: [VDiskView]
+    var nbd: NBDStatusView?
 }
 
 enum Table {
@@ -353,10 +383,10 @@ enum Table {
 
     static func vdisks(_ vdisks: [VDiskView]) -> String {
         if vdisks.isEmpty { return "no vdisks" }
-        return render(["VDISK", "POOL", "SIZE", "BLOCK", "PROVISIONING", "ALLOCATED", "MIRROR"], vdisks.map { v in
+        return render(["VDISK", "POOL", "SIZE", "BLOCK", "PROVISIONING", "ALLOCATED", "EXPORT", "MIRROR"], vdisks.map { v in
             let legs = v.legs.map { "\($0.pool)=\($0.state)" }.joined(separator: " ")
             return [v.name, v.pool, ByteSize.format(v.sizeBytes), "\(v.blockSize)", v.provisioning, ByteSize.format(v.allocatedBytes),
-                    v.mirrorState.map { "\($0) (\(legs))" } ?? "-"]
+                    v.export ?? "-", v.mirrorState.map { "\($0) (\(legs))" } ?? "-"]
         })
     }
 }

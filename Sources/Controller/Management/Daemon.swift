@@ -11,11 +11,15 @@ public final class Daemon: @unchecked Sendable {
         public var mgmtSocket: String?
         public var profilesRoot: String?
         public var metricsListen: String?
-        public init(directory: String, mgmtSocket: String? = nil, profilesRoot: String? = nil, metricsListen: String? = nil) {
+        public var nbdListen: String?
+        public init(directory: String, mgmtSocket: String? = nil, profilesRoot: String? = nil, metricsListen: String? = nil,
+                    nbdListen: String? = nil)
+        {
             self.directory = directory
             self.mgmtSocket = mgmtSocket
             self.profilesRoot = profilesRoot
             self.metricsListen = metricsListen
+            self.nbdListen = nbdListen
         }
     }
 
@@ -49,13 +53,16 @@ public final class Daemon: @unchecked Sendable {
         // Mirrors written when the daemon last stopped: level their dirty regions first.
         await domain.mirrors.recoverAfterRestart { [logger] in logger.notice("\($0)") }
         let upkeep = Task { await domain.mirrors.runUpkeep() }
-        let handler = CommandHandler(domain: domain)
-        let nbd = try NBDServer(domain: domain, socketPath: dir + "/nbd.sock") { [logger] in logger.notice("\($0)") }
+        let nbd = try NBDServer(domain: domain, socketPath: dir + "/nbd.sock", tcpListen: options.nbdListen) { [logger] in
+            logger.notice("\($0)")
+        }
+        let handler = CommandHandler(domain: domain, nbd: nbd)
         let socketPath = options.mgmtSocket ?? MgmtPaths.defaultSocket(dir)
         listenFD = try UnixSocket.listen(at: socketPath)
         try BootstrapStore.writeAtomically(Data(socketPath.utf8), to: MgmtPaths.recorded(dir))
         log("serving domain '\(domain.metadata.name)' from \(dir), generation \(domain.metadata.generation), "
-            + "health \(domain.problems.isEmpty ? "normal" : "degraded"), management socket \(socketPath), NBD on \(nbd.socketPath)")
+            + "health \(domain.problems.isEmpty ? "normal" : "degraded"), management socket \(socketPath), NBD on \(nbd.socketPath)"
+            + (nbd.tcpAddress.map { " and tcp \($0)" } ?? ""))
         for p in domain.problems { logger.warning("degraded: \(p)") }
         var metricsServer: MetricsServer?
         if let listen = options.metricsListen {
@@ -65,6 +72,7 @@ public final class Daemon: @unchecked Sendable {
                      healthy: domain.isPoolHealthy($0))
                 }
                 domain.metrics.updatePools(pools)
+                domain.metrics.updateNBD(exports: nbd.registry.exportTotals())
                 return domain.metrics.exposition()
             }
             server.start()

@@ -66,5 +66,33 @@ public final class DomainMetrics: @unchecked Sendable {
         }
     }
 
+    /// NBD per-export gauges and counters, refreshed before each scrape from the server's
+    /// totals (monotonic: closed connections are folded in), so counters only move forward.
+    private var nbdExported: [String: UInt64] = [:]
+
+    func updateNBD(exports: [String: (connections: Int, counters: NBDConnectionView.Counters)]) {
+        lock.lock()
+        defer { lock.unlock() }
+        for (name, t) in exports {
+            let labels = [("export", name)]
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "nbd", metricName: "connections",
+                                                 unitName: "count", helpText: "Open NBD connections"), labels: labels).set(to: Double(t.connections))
+            let c = t.counters
+            for (metric, help, value) in [("reads", "NBD reads completed", c.reads), ("writes", "NBD writes completed", c.writes),
+                                          ("read_bytes", "Bytes read over NBD", c.bytesRead),
+                                          ("written_bytes", "Bytes written over NBD", c.bytesWritten),
+                                          ("other_requests", "NBD flush, trim, write-zeroes and block-status requests", c.otherRequests),
+                                          ("errors", "NBD requests answered with an I/O error", c.errors),
+                                          ("refused", "Malformed or out-of-range NBD requests refused", c.refused)] {
+                let key = "\(name)|\(metric)"
+                let delta = value &- (nbdExported[key] ?? 0)
+                guard delta > 0 else { continue }
+                registry.makeCounter(descriptor: .init(namespace: "svsp", subsystem: "nbd", metricName: metric, unitName: "total",
+                                                       helpText: help), labels: labels).increment(by: Int64(delta))
+                nbdExported[key] = value
+            }
+        }
+    }
+
     public func exposition() -> [UInt8] { registry.emitToBuffer() }
 }

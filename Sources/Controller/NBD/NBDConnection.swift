@@ -1,64 +1,153 @@
 import Foundation
 import IOEngine
 import NIOCore
+import Synchronization
 
-/// One NBD client: fixed-newstyle negotiation, then transmission with many
-/// requests in flight and replies in completion order. Payload is copied once,
-/// from the socket into an aligned pool buffer, and goes from there to every leg.
-final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
+/// One NBD client: fixed-newstyle negotiation (NBDNegotiation.swift), then transmission
+/// with up to `depth` requests in flight and replies in completion order.
+///
+/// Steady state allocates nothing per request: slots, pool buffers, the completion
+/// queue and the reply buffer are made once; completions reach the event loop through
+/// one stored closure; the payload of a write is copied once, from NIO's receive
+/// buffer into an aligned pool buffer (however the socket fragments it), and goes from
+/// there to every leg; a read's data is copied once, from the pool buffer into the
+/// reply buffer. When every slot is busy the connection stops reading from the socket.
+final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    private enum Phase { case clientFlags, options, transmission, closing }
+    enum Phase { case clientFlags, options, transmission, closing }
 
-    private let domain: Domain
-    private let log: @Sendable (String) -> Void
-    private var phase = Phase.clientFlags
-    private var pending: ByteBuffer?
-    private var port: VDiskPort?
-    private var exportName = ""
-    private var readOnly = false
-    private var context: ChannelHandlerContext?
-    private let sink: Sink
-    private var inflight = 0
+    static let depth = 32
+    static let headerBytes = 28
 
-    /// In-flight requests: pool buffer, NBD cookie, what to send back.
-    fileprivate struct Slot {
+    let domain: Domain
+    let registry: NBDRegistry
+    let log: @Sendable (String) -> Void
+    var phase = Phase.clientFlags
+    var stats: NBDConnectionStats?
+
+    // Negotiation state (NBDNegotiation.swift).
+    var pending: ByteBuffer?
+    var clientNoZeroes = false
+    var structuredReplies = false
+    var metaContextExport: String? // export the base:allocation context was selected for
+
+    // The export, once NBD_OPT_GO (or EXPORT_NAME) succeeded.
+    var port: VDiskPort?
+    var exportName = ""
+    var readOnly = false
+    var exportBytes: UInt64 = 0
+    var blockBytes: UInt64 = 512
+    var allocationContext = false
+
+    // Transmission input: a header split across reads, a write payload being received,
+    // bytes of a refused write being skipped, input parked while every slot is busy.
+    var header: ByteBuffer
+    var receiving: Int?
+    var received = 0
+    var discarding = 0
+    var discardedReply: (cookie: UInt64, error: UInt32)?
+    var parked: ByteBuffer?
+    var readWanted = false
+    var disconnectRequested = false
+    var loggedRefusal = false
+
+    /// Replies gathered during one event-loop turn and written with one flush.
+    var outbox: ByteBuffer
+    var context: ChannelHandlerContext?
+    let sink: Sink
+    var inflight = 0
+
+    struct Slot {
         var cookie: UInt64 = 0
-        var isRead = false
+        var type: UInt16 = 0
+        var offset: UInt64 = 0
         var length = 0
+        var fua = false
         var buffer: PooledBuffer?
     }
 
-    /// Holds the connection (and so its buffers) alive while the kernel may still use them;
-    /// the link is cut once the channel is gone and nothing is in flight.
-    fileprivate final class Sink: CompletionSink, @unchecked Sendable {
+    let pool: BufferPool
+    var slots: [Slot]
+    var freeSlots: [Int]
+
+    /// The engine's completion callback, on its reaper thread: records the result in a
+    /// preallocated queue and wakes the event loop once per batch. Holds the connection
+    /// (and so its buffers) alive while the kernel may still use them; the link is cut
+    /// once the channel is gone and nothing is in flight.
+    final class Sink: CompletionSink, @unchecked Sendable {
+        struct Queue {
+            var ring: [Int]
+            var results: [Int64]
+            var head = 0
+            var count = 0
+            var scheduled = false
+        }
+
         var owner: NBDConnection?
         let eventLoop: EventLoop
-        init(eventLoop: EventLoop) { self.eventLoop = eventLoop }
+        let queue: Mutex<Queue>
+        private(set) var wake: @Sendable () -> Void = {}
+
+        init(eventLoop: EventLoop, depth: Int) {
+            self.eventLoop = eventLoop
+            queue = Mutex(Queue(ring: Array(repeating: 0, count: depth), results: Array(repeating: 0, count: depth)))
+            super.init()
+            // Made once: handing a stored closure to execute() allocates nothing.
+            wake = { [weak self] in self?.owner?.drainCompletions() }
+        }
+
         override func ioCompleted(cookie: UInt64, result: Int64) {
-            let owner = owner
-            eventLoop.execute { owner?.completed(slot: Int(cookie), result: result) }
+            let schedule = queue.withLock { q in
+                let slot = Int(cookie)
+                q.results[slot] = result
+                q.ring[(q.head + q.count) % q.ring.count] = slot
+                q.count += 1
+                if q.scheduled { return false }
+                q.scheduled = true
+                return true
+            }
+            if schedule { eventLoop.execute(wake) }
+        }
+
+        func pop() -> (slot: Int, result: Int64)? {
+            queue.withLock { q in
+                guard q.count > 0 else {
+                    q.scheduled = false
+                    return nil
+                }
+                let slot = q.ring[q.head]
+                q.head = (q.head + 1) % q.ring.count
+                q.count -= 1
+                return (slot, q.results[slot])
+            }
         }
     }
 
-    private let pool: BufferPool
-    private var slots: [Slot]
-    private var freeSlots: [Int]
-
-    init(domain: Domain, eventLoop: EventLoop, log: @escaping @Sendable (String) -> Void) throws {
+    init(domain: Domain, registry: NBDRegistry, eventLoop: EventLoop, allocator: ByteBufferAllocator,
+         log: @escaping @Sendable (String) -> Void) throws
+    {
         self.domain = domain
+        self.registry = registry
         self.log = log
-        let depth = 32
-        pool = try BufferPool(bufferBytes: NBD.maxPayload, count: depth)
-        slots = Array(repeating: Slot(), count: depth)
-        freeSlots = Array((0..<depth).reversed())
-        sink = Sink(eventLoop: eventLoop)
+        pool = try BufferPool(bufferBytes: NBD.maxPayload, count: Self.depth)
+        slots = Array(repeating: Slot(), count: Self.depth)
+        freeSlots = Array((0..<Self.depth).reversed())
+        header = allocator.buffer(capacity: 64)
+        outbox = allocator.buffer(capacity: 256 << 10)
+        sink = Sink(eventLoop: eventLoop, depth: Self.depth)
         sink.owner = self
     }
 
+    var who: String { "nbd client \(stats?.id ?? 0)" + (exportName.isEmpty ? "" : " (\(exportName))") }
+
+    // MARK: channel events
+
     func channelActive(context: ChannelHandlerContext) {
         self.context = context
+        stats = registry.register(channel: context.channel)
         var out = context.channel.allocator.buffer(capacity: 18)
         out.writeInteger(NBD.initMagic)
         out.writeInteger(NBD.optMagic)
@@ -67,263 +156,294 @@ final class NBDConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        if phase == .transmission, receiving != nil || parked != nil {
+            log("\(who): disconnected in the middle of a request")
+        }
         phase = .closing
+        if let index = receiving { // payload never completed: the request was never started
+            receiving = nil
+            release(index)
+        }
+        parked = nil
+        pending = nil
         self.context = nil
-        if inflight == 0 { sink.owner = nil }
+        finishIfIdle()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
-        if pending == nil { pending = incoming } else { pending!.writeBuffer(&incoming) }
-        drain(context: context)
-    }
-
-    /// Handles every complete message buffered so far.
-    private func drain(context: ChannelHandlerContext) {
-        while phase != .closing, var buffer = pending {
-            let before = buffer.readerIndex
-            let progressed = step(&buffer, context: context)
-            pending = buffer.readableBytes > 0 ? buffer : nil
-            if !progressed || buffer.readerIndex == before { break }
-        }
-        if let p = pending, p.readerIndex > 0 {
-            pending!.discardReadBytes()
-        }
-    }
-
-    /// Consumes one message if complete; false when more bytes are needed.
-    private func step(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) -> Bool {
         switch phase {
-        case .clientFlags:
-            guard let flags: UInt32 = buffer.readInteger() else { return false }
-            if flags & UInt32(NBD.flagFixedNewstyle) == 0 {
-                drop(context, "client does not speak fixed newstyle (flags \(flags))")
-                return false
-            }
-            phase = .options
-            return true
-        case .options:
-            guard buffer.readableBytes >= 16 else { return false }
-            let magic: UInt64 = buffer.getInteger(at: buffer.readerIndex)!
-            let option: UInt32 = buffer.getInteger(at: buffer.readerIndex + 8)!
-            let length: UInt32 = buffer.getInteger(at: buffer.readerIndex + 12)!
-            guard magic == NBD.optMagic else {
-                drop(context, "bad option magic 0x\(String(magic, radix: 16))")
-                return false
-            }
-            guard length <= NBD.maxOptionBytes else {
-                drop(context, "option \(option) of \(length) bytes exceeds \(NBD.maxOptionBytes)")
-                return false
-            }
-            guard buffer.readableBytes >= 16 + Int(length) else { return false }
-            buffer.moveReaderIndex(forwardBy: 16)
-            let payload = buffer.readSlice(length: Int(length))!
-            handleOption(option, payload, context: context)
-            return true
         case .transmission:
-            return handleRequest(&buffer, context: context)
+            consume(&incoming, context: context)
+        case .clientFlags, .options:
+            if pending == nil { pending = incoming } else { pending!.writeBuffer(&incoming) }
+            negotiate(context: context)
+            if phase == .transmission, var rest = pending {
+                pending = nil
+                consume(&rest, context: context)
+            }
         case .closing:
-            return false
+            break
         }
     }
 
-    // MARK: negotiation
-
-    private func optionReply(_ context: ChannelHandlerContext, _ option: UInt32, _ type: UInt32, _ body: ByteBuffer? = nil) {
-        var out = context.channel.allocator.buffer(capacity: 20 + (body?.readableBytes ?? 0))
-        out.writeInteger(NBD.optReplyMagic)
-        out.writeInteger(option)
-        out.writeInteger(type)
-        out.writeInteger(UInt32(body?.readableBytes ?? 0))
-        if var body { out.writeBuffer(&body) }
-        context.write(wrapOutboundOut(out), promise: nil)
+    func channelReadComplete(context: ChannelHandlerContext) {
+        flushOutbox(context)
     }
 
-    private func handleOption(_ option: UInt32, _ payload: ByteBuffer, context: ChannelHandlerContext) {
-        var payload = payload
-        switch option {
-        case NBD.optAbort:
-            optionReply(context, option, NBD.repAck)
-            context.flush()
-            phase = .closing
-            context.close(promise: nil)
-        case NBD.optList:
-            for v in domain.metadata.vdisks {
-                var body = context.channel.allocator.buffer(capacity: 4 + v.name.utf8.count)
-                body.writeInteger(UInt32(v.name.utf8.count))
-                body.writeString(v.name)
-                optionReply(context, option, NBD.repServer, body)
-            }
-            optionReply(context, option, NBD.repAck)
-            context.flush()
-        case NBD.optInfo, NBD.optGo:
-            guard let nameLength: UInt32 = payload.readInteger(), nameLength <= 4096,
-                  let name = payload.readString(length: Int(nameLength)), let requests: UInt16 = payload.readInteger(),
-                  payload.readableBytes == Int(requests) * 2
-            else {
-                optionReply(context, option, NBD.repErrInvalid)
-                context.flush()
-                return
-            }
-            guard let v = domain.metadata.vdisk(named: name), let port = try? domain.port(for: name) else {
-                optionReply(context, option, NBD.repErrUnknown)
-                context.flush()
-                log("nbd: client asked for unknown export '\(name)'")
-                return
-            }
-            var export = context.channel.allocator.buffer(capacity: 12)
-            export.writeInteger(NBD.infoExport)
-            export.writeInteger(v.sizeBytes)
-            export.writeInteger(NBD.tflagHasFlags | NBD.tflagSendFlush | NBD.tflagSendFUA | NBD.tflagSendTrim
-                | NBD.tflagSendWriteZeroes | NBD.tflagCanMultiConn)
-            optionReply(context, option, NBD.repInfo, export)
-            var sizes = context.channel.allocator.buffer(capacity: 14)
-            sizes.writeInteger(NBD.infoBlockSize)
-            sizes.writeInteger(UInt32(v.blockSize))
-            let preferred = domain.metadata.pool(id: v.poolId).flatMap { domain.profiles.arrays[$0.arrayProfile]?.optimalIOBytes } ?? 65536
-            sizes.writeInteger(UInt32(min(max(preferred, UInt64(v.blockSize)), UInt64(NBD.maxPayload))))
-            sizes.writeInteger(UInt32(NBD.maxPayload))
-            optionReply(context, option, NBD.repInfo, sizes)
-            optionReply(context, option, NBD.repAck)
-            context.flush()
-            if option == NBD.optGo {
-                self.port = port
-                exportName = name
-                phase = .transmission
-            }
-        default:
-            // Structured replies, metadata contexts and the rest: not yet; clients fall back.
-            optionReply(context, option, NBD.repErrUnsup)
-            context.flush()
-        }
-    }
-
-    // MARK: transmission
-
-    private func handleRequest(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) -> Bool {
-        guard buffer.readableBytes >= 28 else { return false }
-        let start = buffer.readerIndex
-        let magic: UInt32 = buffer.getInteger(at: start)!
-        let flags: UInt16 = buffer.getInteger(at: start + 4)!
-        let type: UInt16 = buffer.getInteger(at: start + 6)!
-        let cookie: UInt64 = buffer.getInteger(at: start + 8)!
-        let offset: UInt64 = buffer.getInteger(at: start + 16)!
-        let length: UInt32 = buffer.getInteger(at: start + 24)!
-        guard magic == NBD.requestMagic else {
-            drop(context, "bad request magic 0x\(String(magic, radix: 16))")
-            return false
-        }
-        if type == NBD.cmdWrite {
-            guard length <= NBD.maxPayload else {
-                drop(context, "write of \(length) bytes exceeds the advertised maximum \(NBD.maxPayload)")
-                return false
-            }
-            guard buffer.readableBytes >= 28 + Int(length) else { return false }
-        }
-        guard !freeSlots.isEmpty else { return false } // all slots busy: wait for a completion
-        guard port != nil else { return false }
-        buffer.moveReaderIndex(forwardBy: 28)
-
-        switch type {
-        case NBD.cmdDisc:
-            phase = .closing
-            context.close(promise: nil)
-            return true
-        case NBD.cmdRead, NBD.cmdWrite:
-            if type == NBD.cmdRead && length > NBD.maxPayload {
-                reply(context, cookie: cookie, error: NBD.eInval)
-                return true
-            }
-            let index = freeSlots.removeLast()
-            guard let b = pool.handle.take() else {
-                freeSlots.append(index)
-                reply(context, cookie: cookie, error: NBD.eNoMem)
-                return true
-            }
-            if type == NBD.cmdWrite {
-                // The one copy of the payload: socket buffer -> aligned pool buffer.
-                buffer.readWithUnsafeReadableBytes { raw in
-                    b.pointer.copyMemory(from: raw.baseAddress!, byteCount: Int(length))
-                    return Int(length)
-                }
-            }
-            slots[index] = Slot(cookie: cookie, isRead: type == NBD.cmdRead, length: Int(length), buffer: b)
-            submit(index, type == NBD.cmdRead ? .read : .write, offset: offset, length: Int(length), buffer: b.pointer,
-                   fua: flags & NBD.cmdFlagFUA != 0, context: context)
-        case NBD.cmdFlush, NBD.cmdTrim, NBD.cmdWriteZeroes:
-            let index = freeSlots.removeLast()
-            slots[index] = Slot(cookie: cookie, isRead: false, length: 0, buffer: nil)
-            let op: VDiskPort.Op = type == NBD.cmdFlush ? .flush : (type == NBD.cmdTrim ? .trim : .writeZeroes)
-            submit(index, op, offset: offset, length: Int(length), buffer: nil, fua: flags & NBD.cmdFlagFUA != 0, context: context)
-        default:
-            reply(context, cookie: cookie, error: NBD.eInval)
-        }
-        return true
-    }
-
-    private func submit(_ index: Int, _ op: VDiskPort.Op, offset: UInt64, length: Int, buffer: UnsafeMutableRawPointer?,
-                        fua: Bool, context: ChannelHandlerContext)
-    {
-        do {
-            inflight += 1
-            try port!.submit(op, offset: offset, length: length, buffer: buffer, fua: fua, sink: sink, cookie: UInt64(index))
-        } catch {
-            inflight -= 1
-            let code: UInt32 = error.code == ERANGE || error.code == EINVAL ? NBD.eInval : NBD.eIO
-            if error.code == ERANGE || error.code == EINVAL { log("nbd: \(exportName): refused request at \(offset)+\(length): \(error)") }
-            finishSlot(index)
-            reply(context, cookie: slots[index].cookie, error: code)
-        }
-    }
-
-    /// On the event loop: a request finished.
-    fileprivate func completed(slot index: Int, result: Int64) {
-        inflight -= 1
-        let s = slots[index]
-        guard let context, phase != .closing || context.channel.isActive else {
-            finishSlot(index)
-            if inflight == 0 { sink.owner = nil }
-            return
-        }
-        if result < 0 {
-            reply(context, cookie: s.cookie, error: result == -Int64(ENOSPC) ? NBD.eNoSpc : NBD.eIO)
-        } else if s.isRead, let b = s.buffer {
-            var out = context.channel.allocator.buffer(capacity: 16 + s.length)
-            out.writeInteger(NBD.simpleReplyMagic)
-            out.writeInteger(UInt32(0))
-            out.writeInteger(s.cookie)
-            out.writeBytes(UnsafeRawBufferPointer(start: b.pointer, count: s.length))
-            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+    /// Back-pressure: no socket reads while every slot is busy.
+    func read(context: ChannelHandlerContext) {
+        if phase == .transmission, freeSlots.isEmpty || parked != nil {
+            readWanted = true
         } else {
-            reply(context, cookie: s.cookie, error: 0)
+            context.read()
         }
-        finishSlot(index)
-        // Requests that waited for a free slot may go now.
-        if pending != nil { drain(context: context) }
     }
 
-    private func finishSlot(_ index: Int) {
-        if let b = slots[index].buffer { pool.handle.give(back: b) }
-        slots[index] = Slot()
-        freeSlots.append(index)
-    }
-
-    private func reply(_ context: ChannelHandlerContext, cookie: UInt64, error: UInt32) {
-        var out = context.channel.allocator.buffer(capacity: 16)
-        out.writeInteger(NBD.simpleReplyMagic)
-        out.writeInteger(error)
-        out.writeInteger(cookie)
-        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-    }
-
-    private func drop(_ context: ChannelHandlerContext, _ why: String) {
-        log("nbd: dropping client: \(why)")
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if phase != .closing { log("\(who): \(error)") }
         phase = .closing
         context.close(promise: nil)
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
+    func drop(_ context: ChannelHandlerContext, _ why: String) {
+        log("\(who): dropping the connection: \(why)")
+        NBDConnectionStats.add(stats!.refused, 1)
         phase = .closing
+        flushOutbox(context)
+        context.close(promise: nil)
+    }
+
+    /// Cuts the link that keeps this connection alive once nothing can use it any more.
+    func finishIfIdle() {
+        guard phase == .closing, context == nil, inflight == 0 else { return }
+        if let stats { registry.unregister(stats.id) }
+        stats = nil
+        sink.owner = nil
+    }
+
+    // MARK: transmission input
+
+    /// Handles every complete request in `buffer`; input that cannot be taken yet is parked.
+    func consume(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+        while buffer.readableBytes > 0, phase == .transmission, !disconnectRequested {
+            if discarding > 0 {
+                let n = min(discarding, buffer.readableBytes)
+                buffer.moveReaderIndex(forwardBy: n)
+                discarding -= n
+                if discarding == 0, let r = discardedReply {
+                    discardedReply = nil
+                    appendError(cookie: r.cookie, error: r.error)
+                }
+                continue
+            }
+            if let index = receiving {
+                receivePayload(index, from: &buffer)
+                continue
+            }
+            guard !freeSlots.isEmpty else {
+                parked = buffer // resumed when a slot frees up
+                return
+            }
+            if header.readableBytes > 0 || buffer.readableBytes < Self.headerBytes {
+                var piece = buffer.readSlice(length: min(Self.headerBytes - header.readableBytes, buffer.readableBytes))!
+                header.writeBuffer(&piece)
+                guard header.readableBytes == Self.headerBytes else { return }
+                startRequest(&header, context: context)
+                header.clear()
+            } else {
+                startRequest(&buffer, context: context)
+            }
+        }
+    }
+
+    /// Copies the next part of a write's payload into its pool buffer; submits it when complete.
+    private func receivePayload(_ index: Int, from buffer: inout ByteBuffer) {
+        let length = slots[index].length
+        let n = min(length - received, buffer.readableBytes)
+        let destination = slots[index].buffer!.pointer + received
+        buffer.readWithUnsafeReadableBytes { raw in
+            destination.copyMemory(from: raw.baseAddress!, byteCount: n)
+            return n
+        }
+        received += n
+        if received == length {
+            receiving = nil
+            submit(index)
+        }
+    }
+
+    /// Parses one 28-byte request header from `buffer` and starts the request.
+    private func startRequest(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+        let magic: UInt32 = buffer.readInteger()!
+        let flags: UInt16 = buffer.readInteger()!
+        let type: UInt16 = buffer.readInteger()!
+        let cookie: UInt64 = buffer.readInteger()!
+        let offset: UInt64 = buffer.readInteger()!
+        let length: UInt32 = buffer.readInteger()!
+        guard magic == NBD.requestMagic else {
+            drop(context, "bad request magic 0x\(String(magic, radix: 16))")
+            return
+        }
+        let hasPayload = type == NBD.cmdWrite
+        if hasPayload, length > NBD.maxPayload {
+            // The payload cannot be skipped safely at any size, so the protocol allows a disconnect.
+            drop(context, "write of \(length) bytes exceeds the advertised maximum \(NBD.maxPayload)")
+            return
+        }
+        if let error = refusal(type: type, offset: offset, length: UInt64(length)) {
+            if hasPayload, length > 0 {
+                discarding = Int(length)
+                discardedReply = (cookie, error)
+            } else {
+                appendError(cookie: cookie, error: error)
+            }
+            return
+        }
+        switch type {
+        case NBD.cmdDisc:
+            // Requests in flight finish first; then the connection closes.
+            disconnectRequested = true
+            closeIfDisconnecting(context)
+            return
+        case NBD.cmdBlockStatus:
+            appendBlockStatus(cookie: cookie, offset: offset, length: UInt64(length), one: flags & NBD.cmdFlagReqOne != 0)
+            NBDConnectionStats.add(stats!.otherRequests, 1)
+            return
+        default:
+            break
+        }
+        let index = freeSlots.removeLast()
+        var buffer: PooledBuffer?
+        if type == NBD.cmdRead || type == NBD.cmdWrite {
+            buffer = pool.handle.take() // one per slot: never empty while a slot is free
+        }
+        slots[index] = Slot(cookie: cookie, type: type, offset: offset, length: Int(length), fua: flags & NBD.cmdFlagFUA != 0,
+                            buffer: buffer)
+        if hasPayload {
+            receiving = index
+            received = 0
+        } else {
+            submit(index)
+        }
+    }
+
+    /// Why a request must be refused (the NBD error to answer with), or nil.
+    private func refusal(type: UInt16, offset: UInt64, length: UInt64) -> UInt32? {
+        let error: UInt32?
+        let why: String
+        switch type {
+        case NBD.cmdDisc, NBD.cmdFlush:
+            return nil
+        case NBD.cmdRead, NBD.cmdWrite, NBD.cmdTrim, NBD.cmdWriteZeroes, NBD.cmdBlockStatus:
+            let writes = type == NBD.cmdWrite || type == NBD.cmdTrim || type == NBD.cmdWriteZeroes
+            if writes, readOnly {
+                (error, why) = (NBD.ePerm, "write to a read-only export")
+            } else if type == NBD.cmdBlockStatus, !allocationContext {
+                (error, why) = (NBD.eInval, "block status without a negotiated meta context")
+            } else if type == NBD.cmdRead, length > UInt64(NBD.maxPayload) {
+                (error, why) = (structuredReplies ? NBD.eOverflow : NBD.eInval, "read of \(length) bytes exceeds \(NBD.maxPayload)")
+            } else if length == 0 || offset % blockBytes != 0 || length % blockBytes != 0 {
+                (error, why) = (NBD.eInval, "\(offset)+\(length) is not aligned to the block size \(blockBytes)")
+            } else if offset > exportBytes || length > exportBytes - offset {
+                (error, why) = (writes ? NBD.eNoSpc : NBD.eInval, "\(offset)+\(length) is beyond the export's \(exportBytes) bytes")
+            } else {
+                return nil
+            }
+        default:
+            (error, why) = (NBD.eInval, "unknown command \(type)")
+        }
+        NBDConnectionStats.add(stats!.refused, 1)
+        if !loggedRefusal { // once per connection: a confused client must not flood the log
+            loggedRefusal = true
+            log("\(who): refused a request: \(why) (further refusals are counted, not logged)")
+        }
+        return error
+    }
+
+    private func submit(_ index: Int) {
+        let s = slots[index]
+        let op: VDiskPort.Op
+        switch s.type {
+        case NBD.cmdRead: op = .read
+        case NBD.cmdWrite: op = .write
+        case NBD.cmdFlush: op = .flush
+        case NBD.cmdTrim: op = .trim
+        default: op = .writeZeroes
+        }
+        inflight += 1
+        stats!.inFlight.wrappingAdd(1, ordering: .relaxed)
+        do {
+            try port!.submit(op, offset: s.offset, length: s.length, buffer: s.buffer?.pointer, fua: s.fua, sink: sink,
+                             cookie: UInt64(index))
+        } catch {
+            inflight -= 1
+            stats!.inFlight.wrappingSubtract(1, ordering: .relaxed)
+            NBDConnectionStats.add(stats!.errors, 1)
+            log("\(who): request at \(s.offset)+\(s.length) failed to start: \(error)")
+            release(index)
+            appendError(cookie: s.cookie, error: error.code == EINVAL || error.code == ERANGE ? NBD.eInval : NBD.eIO)
+        }
+    }
+
+    // MARK: completions
+
+    /// On the event loop: every request finished since the last call.
+    func drainCompletions() {
+        while let (index, result) = sink.pop() {
+            inflight -= 1
+            let s = slots[index]
+            if let stats {
+                stats.inFlight.wrappingSubtract(1, ordering: .relaxed)
+                if result < 0 {
+                    NBDConnectionStats.add(stats.errors, 1)
+                } else if s.type == NBD.cmdRead {
+                    NBDConnectionStats.add(stats.reads, 1)
+                    NBDConnectionStats.add(stats.bytesRead, UInt64(s.length))
+                } else if s.type == NBD.cmdWrite {
+                    NBDConnectionStats.add(stats.writes, 1)
+                    NBDConnectionStats.add(stats.bytesWritten, UInt64(s.length))
+                } else {
+                    NBDConnectionStats.add(stats.otherRequests, 1)
+                }
+            }
+            if context != nil {
+                if result < 0 {
+                    appendError(cookie: s.cookie, error: result == -Int64(ENOSPC) ? NBD.eNoSpc : NBD.eIO)
+                } else if s.type == NBD.cmdRead {
+                    appendReadData(cookie: s.cookie, offset: s.offset, from: s.buffer!.pointer, length: s.length)
+                } else {
+                    appendDone(cookie: s.cookie)
+                }
+            }
+            release(index)
+        }
+        guard let context else {
+            finishIfIdle()
+            return
+        }
+        if var input = parked { // requests that waited for a free slot may go now
+            parked = nil
+            consume(&input, context: context)
+        }
+        flushOutbox(context)
+        closeIfDisconnecting(context)
+        if readWanted, parked == nil, !freeSlots.isEmpty, phase == .transmission {
+            readWanted = false
+            context.read()
+        }
+    }
+
+    private func release(_ index: Int) {
+        if let b = slots[index].buffer { pool.handle.give(back: b) }
+        slots[index].buffer = nil
+        freeSlots.append(index)
+    }
+
+    private func closeIfDisconnecting(_ context: ChannelHandlerContext) {
+        guard disconnectRequested, inflight == 0, phase == .transmission else { return }
+        phase = .closing
+        flushOutbox(context)
         context.close(promise: nil)
     }
 }

@@ -2,36 +2,77 @@ import Foundation
 import NIOCore
 import NIOPosix
 
-/// Serves the domain's vdisks over NBD on a Unix socket (SwiftNIO), export name = vdisk name.
+/// Serves the domain's exported vdisks over NBD (SwiftNIO, one event loop): always on
+/// a Unix socket, and on TCP when asked. Export name = vdisk name.
 public final class NBDServer: @unchecked Sendable {
     private let group: MultiThreadedEventLoopGroup
-    private var channel: Channel?
+    private var channels: [Channel] = []
+    let registry = NBDRegistry()
     public let socketPath: String
+    /// The TCP address actually bound (port 0 picks a free one), when listening on TCP.
+    public private(set) var tcpAddress: String?
 
-    public init(domain: Domain, socketPath: String, log: @escaping @Sendable (String) -> Void) throws(DomainError) {
+    public init(domain: Domain, socketPath: String, tcpListen: String? = nil,
+                log: @escaping @Sendable (String) -> Void) throws(DomainError)
+    {
         self.socketPath = socketPath
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        unlink(socketPath)
+        let registry = registry
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 64)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.so_keepalive), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let handler = try NBDConnection(domain: domain, eventLoop: channel.eventLoop, log: log)
+                    if channel.localAddress?.protocol != .unix {
+                        // Replies are gathered per event-loop turn already; don't let Nagle delay them.
+                        try channel.syncOptions?.setOption(.socketOption(.tcp_nodelay), value: 1)
+                    }
+                    let handler = try NBDConnection(domain: domain, registry: registry, eventLoop: channel.eventLoop,
+                                                    allocator: channel.allocator, log: log)
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
+        unlink(socketPath)
         do {
-            channel = try bootstrap.bind(unixDomainSocketPath: socketPath).wait()
+            channels.append(try bootstrap.bind(unixDomainSocketPath: socketPath).wait())
             chmod(socketPath, 0o600)
         } catch {
             try? group.syncShutdownGracefully()
             throw DomainError("NBD socket \(socketPath): \(error)")
         }
+        if let tcpListen {
+            let (host, port) = try Self.parseListen(tcpListen)
+            do {
+                let channel = try bootstrap.bind(host: host, port: port).wait()
+                channels.append(channel)
+                tcpAddress = channel.localAddress.map { "\($0.ipAddress ?? host):\($0.port ?? port)" }
+            } catch {
+                stop()
+                throw DomainError("--nbd-listen \(tcpListen): cannot listen: \(error)")
+            }
+        }
     }
 
+    /// "PORT" (loopback), "HOST:PORT" or "[V6]:PORT".
+    static func parseListen(_ text: String) throws(DomainError) -> (String, Int) {
+        let bad = DomainError("--nbd-listen '\(text)': expected PORT or HOST:PORT (port 0..65535)")
+        var host = "127.0.0.1", portText = Substring(text)
+        if let colon = text.lastIndex(of: ":") {
+            host = String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+            portText = text[text.index(after: colon)...]
+        }
+        guard !host.isEmpty, let port = Int(portText), (0...65535).contains(port) else { throw bad }
+        return (host, port)
+    }
+
+    /// Drops every client of `export` (it was unexported or its mode changed).
+    @discardableResult
+    public func closeConnections(export: String) -> Int { registry.closeConnections(export: export) }
+
     public func stop() {
-        try? channel?.close().wait()
+        for c in channels { try? c.close().wait() }
+        channels = []
         try? group.syncShutdownGracefully()
         unlink(socketPath)
     }

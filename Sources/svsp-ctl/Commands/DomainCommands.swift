@@ -71,13 +71,17 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("mgmt-socket"), help: "Management socket (default: STATE/mgmt.sock).") var mgmtSocket: String?
     @Option(help: "Hardware profiles folder.") var profiles: String?
     @Option(name: .customLong("metrics-listen"), help: "Serve Prometheus metrics on HOST:PORT (/metrics).") var metricsListen: String?
+    @Option(name: .customLong("nbd-listen"),
+            help: "Also serve NBD on TCP: PORT (loopback) or HOST:PORT (e.g. 0.0.0.0:10809 for every interface).")
+    var nbdListen: String?
 
     func run() throws {
         guard let dir = dir ?? ProcessInfo.processInfo.environment["SVSP_DIR"] else {
             throw CommandFailure("no domain given: use --dir STATE or set SVSP_DIR")
         }
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
-        let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles, metricsListen: metricsListen),
+        let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles, metricsListen: metricsListen,
+                                           nbdListen: nbdListen),
                             logger: Logger(label: "svsp"))
         let outcome = RunOutcome()
         let done = DispatchSemaphore(value: 0)
@@ -142,7 +146,7 @@ struct PoolCommand: ParsableCommand {
 struct VDiskCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vdisk", abstract: "Virtual disks.",
-        subcommands: [Create.self, List.self, Show.self, Grow.self, Delete.self, Verify.self])
+        subcommands: [Create.self, List.self, Show.self, Grow.self, Delete.self, Verify.self, Export.self, Unexport.self])
 
     struct Create: ParsableCommand {
         @Argument var name: String
@@ -183,6 +187,22 @@ struct VDiskCommand: ParsableCommand {
         @Argument var name: String
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("vdisk.delete", ["name": name]) }
+    }
+
+    struct Export: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Serve the vdisk over NBD (export name = vdisk name); persists across restarts.")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        @Flag(name: .customLong("read-only"), help: "Hosts may read only (writes get EPERM).") var readOnly = false
+        func run() throws { try options.send("vdisk.export", ["name": name, "read_only": readOnly ? "true" : "false"]) }
+    }
+
+    struct Unexport: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Stop serving the vdisk over NBD (open connections are closed).")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("vdisk.unexport", ["name": name]) }
     }
 
     struct Verify: ParsableCommand {

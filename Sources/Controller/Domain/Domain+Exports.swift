@@ -1,0 +1,18 @@
+/// Which vdisks hosts may reach over NBD, and how: a persisted part of the metadata.
+extension Domain {
+    /// Exports `name` (or changes its mode); nil unexports. Returns the previous mode.
+    @discardableResult
+    public func setExport(vdisk name: String, mode: ExportMode?) async throws(DomainError) -> ExportMode? {
+        await mutation.acquire()
+        defer { mutation.release() }
+        guard let index = metadata.vdisks.firstIndex(where: { $0.name == name }) else {
+            throw DomainError("vdisk '\(name)' not found")
+        }
+        let previous = metadata.vdisks[index].export
+        if previous == mode { return previous }
+        var next = metadata
+        next.vdisks[index].export = mode
+        try await commit(next)
+        return previous
+    }
+}
