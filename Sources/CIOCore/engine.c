@@ -86,6 +86,7 @@ struct cio_engine {
     struct cio_engine_stats stats;
 
     pthread_mutex_t submit_lock; /* serializes io_submit so staged order is kept */
+    atomic_bool submit_wanted;   /* staged work exists that the submit_lock holder must pick up */
 };
 
 static void list_push(struct req_list *l, struct cio_req *r) {
@@ -222,11 +223,9 @@ static int64_t fdatasync_fallback(struct cio_lun *lun) {
     return rc == 0 ? 0 : -errno;
 }
 
-int cio_engine_submit(struct cio_engine *e) {
-    pthread_mutex_lock(&e->submit_lock);
-    int total = 0;
-    int result = 0;
-    bool wake = false;
+/* Hands staged requests to the kernel until none are left; caller holds submit_lock.
+ * True when the kernel would not take more (the reaper retries). */
+static bool submit_staged(struct cio_engine *e, int *total, int *result, bool *wake) {
     for (;;) {
         /* Detach up to depth staged requests; put back what the kernel refuses. */
         pthread_mutex_lock(&e->lock);
@@ -240,7 +239,7 @@ int cio_engine_submit(struct cio_engine *e) {
                 pthread_mutex_lock(&e->lock);
                 e->stats.fdsync_fallbacks++;
                 finish_outside_kernel(e, r, res);
-                wake = true;
+                *wake = true;
                 continue;
             }
             e->submit_vec[n++] = &r->iocb;
@@ -258,7 +257,7 @@ int cio_engine_submit(struct cio_engine *e) {
         uint32_t accepted = rc > 0 ? (uint32_t)rc : 0;
         e->in_kernel += accepted;
         e->stats.submitted += accepted;
-        total += (int)accepted;
+        *total += (int)accepted;
         uint32_t first_refused = accepted;
         if (rc < 0 && rc != -EAGAIN) {
             /* The first iocb is bad: finish it with the error (or its flush fallback). */
@@ -274,7 +273,7 @@ int cio_engine_submit(struct cio_engine *e) {
             } else {
                 finish_outside_kernel(e, bad, rc);
             }
-            wake = true;
+            *wake = true;
         }
         /* Return the refused tail to the front of staged, keeping order. */
         for (uint32_t i = n; i > first_refused; i--)
@@ -282,12 +281,30 @@ int cio_engine_submit(struct cio_engine *e) {
         bool stalled = (rc == -EAGAIN) || (rc >= 0 && accepted < n);
         pthread_mutex_unlock(&e->lock);
         if (stalled) {
-            result = -EAGAIN;
-            wake = true; /* the reaper retries with a bounded backoff */
-            break;
+            *result = -EAGAIN;
+            *wake = true; /* the reaper retries with a bounded backoff */
+            return true;
         }
     }
-    pthread_mutex_unlock(&e->submit_lock);
+    return false;
+}
+
+/* Submission is combining: a thread that finds another one inside io_submit does
+ * not wait for it (that cost a futex sleep and wake per I/O between the host's
+ * thread and the reaper); it flags its staged work and returns, and the holder
+ * loops until nothing is flagged. */
+int cio_engine_submit(struct cio_engine *e) {
+    int total = 0;
+    int result = 0;
+    bool wake = false;
+    atomic_store(&e->submit_wanted, true);
+    while (atomic_load(&e->submit_wanted)) {
+        if (pthread_mutex_trylock(&e->submit_lock) != 0) break; /* the holder will submit ours */
+        atomic_store(&e->submit_wanted, false);
+        bool stalled = submit_staged(e, &total, &result, &wake);
+        pthread_mutex_unlock(&e->submit_lock);
+        if (stalled) break;
+    }
     if (wake && !pthread_equal(pthread_self(), e->reaper)) wake_reaper(e);
     return total > 0 ? total : result;
 }

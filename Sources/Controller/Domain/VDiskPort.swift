@@ -148,8 +148,10 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
 
     /// Queues one request. Throws (and never calls the sink) for misaligned or
     /// out-of-range requests, a deleted vdisk, or when `capacity` requests are in flight (EBUSY).
+    /// With `kick: false` the request's LUN I/O is only staged: the caller hands a whole
+    /// batch to the kernel with one `kick()` (one io_submit for many requests and legs).
     public func submit(_ op: Op, offset: UInt64, length: Int, buffer: UnsafeMutableRawPointer?, fua: Bool = false,
-                       sink: CompletionSink, cookie: UInt64) throws(IOError)
+                       sink: CompletionSink, cookie: UInt64, kick: Bool = true) throws(IOError)
     {
         let ioOp: IOOperation = op == .read ? .read : (op == .flush ? .flush : .write)
         lock.lock()
@@ -179,20 +181,29 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         let needsAllocation = op == .write && touchesUnallocated(offset: offset, length: length)
         let writeLog = op != .read && op != .flush && mapping.legs.count > 1 ? log : nil
         if let writeLog {
-            // The regions' bits must be durable before the write reaches any leg.
             lock.unlock()
-            writeLog.beginWrite(offset: offset, length: length)
+            let ready = writeLog.beginWrite(offset: offset, length: length)
             lock.lock()
             slots[index].logged = true
-        }
-        if holdAtGate(index) {
-            lock.unlock()
-            return
+            if !ready {
+                // The regions' bits must be durable before the write reaches any leg; the
+                // wait (a bitmap fdatasync, shared by every write waiting) is off this thread.
+                lock.unlock()
+                writeLog.whenDurable { self.proceed(index, needsAllocation: needsAllocation, kick: true) }
+                return
+            }
         }
         lock.unlock()
+        proceed(index, needsAllocation: needsAllocation, kick: kick)
+    }
 
+    /// Once the request's dirty-region bits are durable: the copier's gate, a thin
+    /// allocation when needed, then the legs.
+    private func proceed(_ index: Int, needsAllocation: Bool, kick: Bool) {
+        if lock.withLock({ holdAtGate(index) }) { return }
         if needsAllocation {
             // Slow path, once per thin extent: commit the allocation on every leg, then dispatch.
+            let (offset, length) = lock.withLock { (slots[index].offset, slots[index].length) }
             Task {
                 do {
                     try await domain.allocateExtents(vdisk: vdiskName, offset: offset, length: length)
@@ -204,8 +215,11 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             }
             return
         }
-        dispatch(index)
+        dispatch(index, kick: kick)
     }
+
+    /// Hands every staged LUN request to the kernel (after submits with `kick: false`).
+    public func kick() { domain.engine.submit() }
 
     /// Holds host writes out of `range` and waits until none in flight overlaps it,
     /// so a copier can read one leg and write another without losing a host write.
@@ -272,7 +286,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
 
     /// Sends every piece of request `index` to the schedulers. The request holds one
     /// extra "dispatching" count so a fast completion cannot finish it early.
-    private func dispatch(_ index: Int) {
+    private func dispatch(_ index: Int, kick: Bool = true) {
         lock.lock()
         _ = refreshIfNeeded()
         let m = mapping
@@ -297,8 +311,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         }
         for l in m.legs.indices where legs & (1 << l) != 0 {
             if !dispatch(index, r, leg: l, m.legs[l]) { break }
-            m.legs[l].scheduler?.kick()
         }
+        if kick { domain.engine.submit() } // every leg's pieces in one io_submit
         pieceDone(index, leg: -1, lun: -1, result: 0) // drop the dispatching count
     }
 

@@ -12,7 +12,9 @@ import Foundation
 ///   legs; while a leg is failed its missed regions simply stay set.
 ///
 /// Persisting is serialized and always writes the page as it is in memory at that
-/// moment, so a later persist can never drop a bit a write is relying on.
+/// moment, so a later persist can never drop a bit a write is relying on. A write
+/// whose bit is not durable yet waits off the caller's thread (`whenDurable`), and
+/// every write waiting then shares one pwrite + fdatasync (group commit).
 public final class DirtyRegionLog: @unchecked Sendable {
     public let regionBytes: UInt64
     public let regionCount: Int
@@ -23,8 +25,11 @@ public final class DirtyRegionLog: @unchecked Sendable {
     /// The bitmap as last made durable: a write may go once its regions are set here.
     private var durable: [UInt8]
     private var inflight: [UInt16]
-    private var lastWriteSeconds: [UInt32]
-    private let epoch = Date()
+    /// Milliseconds (wrapping) of each region's last write: idleness is measured to the
+    /// millisecond, not to a second boundary that may be a moment away.
+    private var lastWriteMs: [UInt32]
+    private let epoch = DispatchTime.now().uptimeNanoseconds
+    private let persistQueue = DispatchQueue(label: "svsp.dirty-region-log")
     /// Bitmap writes so far (each a pwrite + fdatasync): hot regions must not add to it.
     public private(set) var persistCount = 0
 
@@ -42,7 +47,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
         bits = loaded
         durable = loaded
         inflight = [UInt16](repeating: 0, count: regionCount)
-        lastWriteSeconds = [UInt32](repeating: 0, count: regionCount)
+        lastWriteMs = [UInt32](repeating: 0, count: regionCount)
     }
 
     deinit { close(fd) }
@@ -53,22 +58,41 @@ public final class DirtyRegionLog: @unchecked Sendable {
 
     private func isSet(_ r: Int) -> Bool { bits[r >> 3] & (1 << UInt8(r & 7)) != 0 }
 
-    private var nowSeconds: UInt32 { UInt32(max(0, Date().timeIntervalSince(epoch))) }
+    private var nowMs: UInt32 { UInt32(truncatingIfNeeded: (DispatchTime.now().uptimeNanoseconds - epoch) / 1_000_000) }
 
-    /// Before a write: counts it in flight and makes its regions' bits durable.
-    public func beginWrite(offset: UInt64, length: Int) {
-        var pages: (Int, Int)?
-        let now = nowSeconds
+    /// Before a write: counts it in flight and sets its regions' bits. True when they
+    /// are durable already (the write may go now); false when the caller must wait
+    /// for `whenDurable` (set by this write, or by another one not yet persisted).
+    public func beginWrite(offset: UInt64, length: Int) -> Bool {
+        var ready = true
+        let now = nowMs
         lock.lock()
         for r in regions(offset, length) where r < regionCount {
             inflight[r] &+= 1
-            lastWriteSeconds[r] = now
+            lastWriteMs[r] = now
             bits[r >> 3] |= 1 << UInt8(r & 7)
-            // Set by another writer but not durable yet counts too: this write waits for it.
-            if durable[r >> 3] & (1 << UInt8(r & 7)) == 0 {
-                let page = (r >> 3) / 4096
-                pages = (min(pages?.0 ?? page, page), max(pages?.1 ?? page, page))
-            }
+            if durable[r >> 3] & (1 << UInt8(r & 7)) == 0 { ready = false }
+        }
+        lock.unlock()
+        return ready
+    }
+
+    /// Runs `then` (on the log's queue) once every bit set so far is durable.
+    public func whenDurable(then: @escaping @Sendable () -> Void) {
+        persistQueue.async { [self] in
+            persistPending()
+            then()
+        }
+    }
+
+    /// Persists the pages holding set-but-not-durable bits, if any (earlier waiters'
+    /// persist usually covered them already).
+    private func persistPending() {
+        lock.lock()
+        var pages: (Int, Int)?
+        for i in bits.indices where bits[i] & ~durable[i] != 0 {
+            let page = i / 4096
+            pages = (min(pages?.0 ?? page, page), max(pages?.1 ?? page, page))
         }
         lock.unlock()
         if let pages { persist(pages.0...pages.1) }
@@ -103,12 +127,12 @@ public final class DirtyRegionLog: @unchecked Sendable {
     /// Clears idle regions' bits (call only while every leg is in sync). Returns how many were cleared.
     @discardableResult
     public func clean(idleSeconds: UInt32 = 1, only: [Int]? = nil) -> Int {
-        let now = nowSeconds
+        let now = nowMs
         var cleared = 0
         var pages: (Int, Int)?
         lock.lock()
         for r in only ?? Array(0..<regionCount) where r < regionCount && isSet(r) && inflight[r] == 0 {
-            guard idleSeconds == 0 || now &- lastWriteSeconds[r] >= idleSeconds else { continue }
+            guard idleSeconds == 0 || now &- lastWriteMs[r] >= idleSeconds &* 1000 else { continue }
             bits[r >> 3] &= ~(1 << UInt8(r & 7))
             // No longer known durable-set: a new write into it persists again instead of
             // trusting a page that this clearing is about to overwrite.

@@ -53,6 +53,8 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     var readWanted = false
     var disconnectRequested = false
     var loggedRefusal = false
+    /// Requests staged since the last io_submit: one kick per batch of input.
+    var needsKick = false
 
     /// Replies gathered during one event-loop turn and written with one flush.
     var outbox: ByteBuffer
@@ -224,8 +226,15 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     // MARK: transmission input
 
-    /// Handles every complete request in `buffer`; input that cannot be taken yet is parked.
+    /// Handles every complete request in `buffer` (their LUN I/O goes to the kernel in one
+    /// io_submit at the end); input that cannot be taken yet is parked.
     func consume(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) {
+        defer {
+            if needsKick {
+                needsKick = false
+                port?.kick()
+            }
+        }
         while buffer.readableBytes > 0, phase == .transmission, !disconnectRequested {
             if discarding > 0 {
                 let n = min(discarding, buffer.readableBytes)
@@ -375,7 +384,8 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         stats!.inFlight.wrappingAdd(1, ordering: .relaxed)
         do {
             try port!.submit(op, offset: s.offset, length: s.length, buffer: s.buffer?.pointer, fua: s.fua, sink: sink,
-                             cookie: UInt64(index))
+                             cookie: UInt64(index), kick: false)
+            needsKick = true
         } catch {
             inflight -= 1
             stats!.inFlight.wrappingSubtract(1, ordering: .relaxed)
