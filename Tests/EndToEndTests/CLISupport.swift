@@ -63,11 +63,12 @@ final class ServeProcess {
     let process: Process
 
     /// Starts the daemon; throws when it does not answer within 5 s.
-    init(state: String, extra: [String] = []) throws {
+    init(state: String, extra: [String] = [], log: String? = nil) throws {
         process = Process()
         process.executableURL = URL(fileURLWithPath: CLI.binary)
         process.arguments = ["serve", "--dir", state, "--profiles", Self.profiles] + extra
-        process.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        if let log { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+        process.standardError = FileHandle(forWritingAtPath: log ?? "/dev/null")
         process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
         try process.run()
         for _ in 0..<200 {
@@ -89,4 +90,28 @@ final class ServeProcess {
 struct CLIError: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
+}
+
+/// One HTTP GET on 127.0.0.1 (the metrics endpoint); the whole response, headers included.
+func httpGet(port: Int, path: String) throws -> String {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_port = UInt16(port).bigEndian
+    inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr)
+    let rc = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
+    guard rc == 0 else { throw CLIError("127.0.0.1:\(port) not reachable (errno \(errno))") }
+    let request = Array("GET \(path) HTTP/1.1\r\nHost: localhost\r\n\r\n".utf8)
+    _ = request.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+    var response = [UInt8]()
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n <= 0 { break }
+        response += chunk[0..<n]
+    }
+    return String(decoding: response, as: UTF8.self)
 }

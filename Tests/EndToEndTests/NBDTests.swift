@@ -7,6 +7,7 @@ final class NBDTests: XCTestCase {
     private var state: String { dir.file("state") }
     private var socket: String { state + "/nbd.sock" }
     private var daemon: ServeProcess?
+    private var log: String { dir.file("serve.log") }
 
     private func tool(_ name: String) -> Bool { shell(["sh", "-c", "command -v \(name)"]).0 == 0 }
 
@@ -16,7 +17,7 @@ final class NBDTests: XCTestCase {
         }
         dir = TempDir()
         XCTAssertEqual(try CLI.run(["domain", "init", "--dir", state, "--name", "n"]).status, 0)
-        daemon = try ServeProcess(state: state)
+        daemon = try ServeProcess(state: state, log: log)
         for pool in ["a", "b"] {
             _ = try ok(["pool", "create", pool, "--array-profile", "file-backed", "--lun", dir.file("\(pool).img"), "--create-size", "100M"])
         }
@@ -28,6 +29,22 @@ final class NBDTests: XCTestCase {
 
     override func tearDown() {
         daemon?.stop()
+    }
+
+    private func restart(extra: [String] = []) throws {
+        daemon?.stop()
+        daemon = try ServeProcess(state: state, extra: extra, log: log)
+    }
+
+    private func json(_ args: [String]) throws -> [String: Any] {
+        try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(args + ["--json"]).utf8)) as? [String: Any])
+    }
+
+    private func exportCounters(_ name: String) throws -> [String: Any] {
+        let nbd = try XCTUnwrap(try json(["status"])["nbd"] as? [String: Any])
+        let exports = try XCTUnwrap(nbd["exports"] as? [[String: Any]])
+        let e = try XCTUnwrap(exports.first { $0["name"] as? String == name }, "\(exports)")
+        return try XCTUnwrap(e["counters"] as? [String: Any])
     }
 
     private func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
@@ -72,8 +89,10 @@ final class NBDTests: XCTestCase {
     func testFioVerifyOnAMirrorLeavesIdenticalLegs() throws {
         let (hasEngine, _) = shell(["sh", "-c", "fio --enghelp=nbd >/dev/null 2>&1"])
         guard hasEngine == 0 else { throw XCTSkip("fio has no nbd engine here") }
+        // Two connections at once (multi-conn), each on its own half, QD32 each.
         let (rc, out) = shell(["timeout", "120", "fio", "--name=v", "--ioengine=nbd", "--uri=\(uri("m1"))", "--rw=randwrite", "--bs=4k",
-                               "--iodepth=32", "--size=16M", "--verify=crc32c", "--do_verify=1", "--output-format=terse"])
+                               "--iodepth=32", "--numjobs=2", "--size=8M", "--offset_increment=8M", "--verify=crc32c",
+                               "--do_verify=1", "--output-format=terse"])
         XCTAssertEqual(rc, 0, out)
         XCTAssertTrue(try ok(["mirror", "verify", "m1"]).contains(" 0 differ"), "both legs hold the same bytes")
     }
@@ -102,5 +121,178 @@ final class NBDTests: XCTestCase {
         let (good, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("v1"), "-c", "read 0 4096"])
         XCTAssertEqual(good, 0, out)
         XCTAssertTrue(try ok(["status"]).contains("health: normal"))
+    }
+
+    func testExportsPersistReadOnlyRefusesWritesAndUnexportDropsClients() throws {
+        _ = try ok(["vdisk", "create", "t1", "--pool", "b", "--size", "16M", "--thin"])
+        let list = { shell(["timeout", "20", "nbdinfo", "--list", "nbd+unix:///?socket=\(self.socket)"]).1 }
+        XCTAssertFalse(list().contains("export=\"t1\""), "a vdisk is not served until it is exported")
+        XCTAssertNotEqual(shell(["timeout", "20", "qemu-io", "-r", "-f", "raw", uri("t1"), "-c", "read 0 512"]).0, 0)
+
+        _ = try ok(["vdisk", "export", "t1", "--read-only"])
+        let client = try NBDRawClient(socket: socket)
+        XCTAssertEqual(try client.handshake(export: "t1"), 16 << 20)
+        client.send(NBDRawClient.request(type: 1, cookie: 1, offset: 0, length: 4096) + [UInt8](repeating: 0xee, count: 4096))
+        XCTAssertEqual(client.simpleReply()?.error, 1, "a write to a read-only export is EPERM")
+        for (type, cookie) in [(UInt16(4), UInt64(2)), (6, 3)] { // trim, write zeroes
+            client.send(NBDRawClient.request(type: type, cookie: cookie, offset: 0, length: 4096))
+            let r = client.simpleReply()
+            XCTAssertEqual(r?.error, 1)
+            XCTAssertEqual(r?.cookie, cookie)
+        }
+        client.send(NBDRawClient.request(type: 0, cookie: 4, offset: 0, length: 4096))
+        let read = client.simpleReply(dataBytes: 4096)
+        XCTAssertEqual(read?.error, 0)
+        XCTAssertEqual(read?.data, [UInt8](repeating: 0, count: 4096), "the refused write changed nothing")
+
+        // Exports persist across a restart, with their mode.
+        try restart()
+        XCTAssertEqual(try json(["vdisk", "show", "t1"])["export"] as? String, "read-only")
+        XCTAssertTrue(list().contains("export=\"t1\""))
+
+        // Changing the mode closes the clients that negotiated the old one.
+        let reader = try NBDRawClient(socket: socket)
+        _ = try reader.handshake(export: "t1")
+        XCTAssertTrue(try ok(["vdisk", "export", "t1"]).contains("1 connection(s) closed"))
+        XCTAssertTrue(reader.isClosedByServer())
+        let (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("t1"), "-c", "write -P 0x3c 0 64k", "-c", "read -P 0x3c 0 64k"])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertFalse(out.contains("Pattern verification failed"), out)
+
+        let refused = try CLI.run(["vdisk", "delete", "t1", "--dir", state])
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertEqual(refused.stderr, "svsp-ctl: vdisk 't1' is exported over NBD (read-write); run `svsp-ctl vdisk unexport t1` first\n")
+        _ = try ok(["vdisk", "unexport", "t1"])
+        XCTAssertFalse(list().contains("export=\"t1\""))
+        _ = try ok(["vdisk", "delete", "t1"])
+    }
+
+    func testTCPListenerServesTheSameExports() throws {
+        try restart(extra: ["--nbd-listen", "127.0.0.1:0"])
+        let nbd = try XCTUnwrap(try json(["status"])["nbd"] as? [String: Any])
+        let tcp = try XCTUnwrap(nbd["tcp"] as? String)
+        XCTAssertTrue(tcp.hasPrefix("127.0.0.1:") && !tcp.hasSuffix(":0"), tcp)
+        let (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", "nbd://\(tcp)/v1", "-c", "write -P 0x5a 1M 1M"])
+        XCTAssertEqual(rc, 0, out)
+        let (rc2, out2) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("v1"), "-c", "read -P 0x5a 1M 1M"])
+        XCTAssertEqual(rc2, 0, out2)
+        XCTAssertFalse(out2.contains("Pattern verification failed"), out2)
+
+        daemon?.stop()
+        let bad = try CLI.run(["serve", "--dir", state, "--profiles", ServeProcess.profiles, "--nbd-listen", "127.0.0.1:99999"])
+        XCTAssertEqual(bad.status, 1)
+        XCTAssertEqual(bad.stderr.split(separator: "\n").last.map(String.init),
+                       "svsp-ctl: --nbd-listen '127.0.0.1:99999': expected PORT or HOST:PORT (port 0..65535)")
+    }
+
+    func testStructuredRepliesAndBlockStatusMapAThinVDisk() throws {
+        _ = try ok(["vdisk", "create", "t2", "--pool", "b", "--size", "16M", "--thin"])
+        _ = try ok(["vdisk", "export", "t2"])
+        let (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("t2"), "-c", "write -P 0x77 4M 1M", "-c", "read -P 0x77 4M 1M"])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertFalse(out.contains("Pattern verification failed"), out)
+        let (irc, info) = shell(["timeout", "20", "nbdinfo", uri("t2")])
+        XCTAssertEqual(irc, 0, info)
+        XCTAssertTrue(info.contains("structured"), info)
+        XCTAssertTrue(info.contains("base:allocation"), info)
+        let (mrc, map) = shell(["timeout", "20", "nbdinfo", "--map", uri("t2")])
+        XCTAssertEqual(mrc, 0, map)
+        let rows = map.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).prefix(3).joined(separator: " ") }
+        XCTAssertEqual(rows, ["0 4194304 3", "4194304 1048576 0", "5242880 11534336 3"], map)
+        // A thick vdisk is data from end to end.
+        let (_, thick) = shell(["timeout", "20", "nbdinfo", "--map", uri("v1")])
+        XCTAssertEqual(thick.split(separator: "\n").count, 1, thick)
+        XCTAssertTrue(thick.contains("67108864    0"), thick)
+    }
+
+    func testMalformedRequestsGetProtocolErrorsAndOthersUnaffected() throws {
+        let c = try NBDRawClient(socket: socket)
+        XCTAssertEqual(try c.handshake(export: "v1"), 64 << 20)
+        let cases: [(String, [UInt8], UInt32)] = [
+            ("misaligned read", NBDRawClient.request(type: 0, cookie: 10, offset: 100, length: 512), 22),
+            ("zero-length read", NBDRawClient.request(type: 0, cookie: 11, offset: 0, length: 0), 22),
+            ("read past the end", NBDRawClient.request(type: 0, cookie: 12, offset: 64 << 20, length: 4096), 22),
+            ("read above the maximum", NBDRawClient.request(type: 0, cookie: 13, offset: 0, length: 2 << 20), 22),
+            ("unknown command", NBDRawClient.request(type: 99, cookie: 14, offset: 0, length: 0), 22),
+            ("write past the end", NBDRawClient.request(type: 1, cookie: 15, offset: (64 << 20) - 512, length: 4096)
+                + [UInt8](repeating: 1, count: 4096), 28),
+            ("misaligned write", NBDRawClient.request(type: 1, cookie: 16, offset: 7, length: 512)
+                + [UInt8](repeating: 1, count: 512), 22),
+        ]
+        for (what, bytes, expected) in cases {
+            c.send(bytes)
+            let r = c.simpleReply()
+            XCTAssertEqual(r?.error, expected, what)
+            XCTAssertEqual(r?.cookie, UInt64(bytes[8..<16].reduce(0) { $0 << 8 | UInt64($1) }), what)
+        }
+        // The connection still works, also with a header split across two sends.
+        let pattern = (0..<8192).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        let header = NBDRawClient.request(type: 1, cookie: 20, offset: 1 << 20, length: 8192)
+        c.send(Array(header[0..<11]))
+        usleep(50_000)
+        c.send(Array(header[11...]) + Array(pattern[0..<3000]))
+        usleep(50_000)
+        c.send(Array(pattern[3000...]))
+        XCTAssertEqual(c.simpleReply()?.error, 0)
+        c.send(NBDRawClient.request(type: 0, cookie: 21, offset: 1 << 20, length: 8192))
+        XCTAssertEqual(c.simpleReply(dataBytes: 8192)?.data, pattern, "written bytes read back")
+        c.send(NBDRawClient.request(type: 3, cookie: 22, offset: 0, length: 0))
+        XCTAssertEqual(c.simpleReply()?.error, 0, "flush")
+        // Bad magic: the stream cannot be trusted any more, so the server disconnects.
+        c.send(NBDRawClient.request(type: 0, cookie: 23, offset: 0, length: 512, magic: 0xDEAD_BEEF))
+        XCTAssertTrue(c.isClosedByServer())
+
+        // A write above the advertised maximum: disconnected before any payload is buffered.
+        let big = try NBDRawClient(socket: socket)
+        _ = try big.handshake(export: "v1")
+        big.send(NBDRawClient.request(type: 1, cookie: 30, offset: 0, length: 64 << 20))
+        XCTAssertTrue(big.isClosedByServer())
+        // A client that goes away in the middle of a write's payload.
+        do {
+            let half = try NBDRawClient(socket: socket)
+            _ = try half.handshake(export: "v1")
+            half.send(NBDRawClient.request(type: 1, cookie: 40, offset: 0, length: 65536) + [UInt8](repeating: 9, count: 1000))
+        }
+        usleep(100_000)
+
+        let (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("v1"), "-c", "read -P 0 0 4096", "-c", "read 1M 8192"])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertFalse(out.contains("Pattern verification failed"), "the half-sent write was never applied: \(out)")
+        XCTAssertEqual(try json(["status"])["health"] as? String, "normal")
+        XCTAssertEqual(try exportCounters("v1")["refused"] as? Int, 9, "7 refused requests, the bad magic and the oversized write")
+        let logText = try String(contentsOfFile: log, encoding: .utf8)
+        XCTAssertEqual(logText.components(separatedBy: "refused a request").count - 1, 1, "refusals on one connection are logged once: \(logText)")
+        XCTAssertTrue(logText.contains("bad request magic 0xdeadbeef"), logText)
+        XCTAssertTrue(logText.contains("disconnected in the middle of a request"), logText)
+    }
+
+    func testStatusAndMetricsCountNBDTraffic() throws {
+        let port = 20000 + Int((getpid() + 7) % 20000)
+        try restart(extra: ["--metrics-listen", "127.0.0.1:\(port)"])
+        let (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("m1"), "-c", "write -P 0x11 0 1M", "-c", "read -P 0x11 0 1M"])
+        XCTAssertEqual(rc, 0, out)
+        let counters = try exportCounters("m1")
+        XCTAssertEqual(counters["bytesWritten"] as? Int, 1 << 20)
+        XCTAssertGreaterThanOrEqual(counters["bytesRead"] as? Int ?? 0, 1 << 20)
+        XCTAssertEqual(counters["errors"] as? Int, 0)
+        // A live connection is listed with its own counters.
+        let client = try NBDRawClient(socket: socket)
+        _ = try client.handshake(export: "m1")
+        client.send(NBDRawClient.request(type: 0, cookie: 1, offset: 0, length: 4096))
+        XCTAssertEqual(client.simpleReply(dataBytes: 4096)?.data, [UInt8](repeating: 0x11, count: 4096))
+        var live: [[String: Any]] = []
+        for _ in 0..<40 { // qemu-io's connection may still be closing
+            let nbd = try XCTUnwrap(try json(["status"])["nbd"] as? [String: Any])
+            live = try XCTUnwrap(nbd["connections"] as? [[String: Any]])
+            if live.count == 1 { break }
+            usleep(50_000)
+        }
+        XCTAssertEqual(live.count, 1, "\(live)")
+        XCTAssertEqual(live.first?["export"] as? String, "m1")
+        XCTAssertEqual((live.first?["counters"] as? [String: Any])?["reads"] as? Int, 1)
+        XCTAssertTrue(try ok(["status"]).contains("CONN"), "the table lists live connections")
+        let text = try httpGet(port: port, path: "/metrics")
+        XCTAssertTrue(text.contains("svsp_nbd_written_bytes_total{export=\"m1\"} 1048576"), text)
+        XCTAssertTrue(text.contains("svsp_nbd_connections_count{export=\"m1\"} 1"), text)
     }
 }
