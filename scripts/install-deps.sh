@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages svsp builds and tests with (needs root or sudo).
 set -euo pipefail
-PACKAGES=(libaio-dev libisal-dev fio util-linux qemu-utils libnbd-bin)
+PACKAGES=(libaio-dev libisal-dev fio util-linux qemu-utils libnbd-bin nbdkit) # nbdkit: benchmarks/nbd-vs-peers only
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()
