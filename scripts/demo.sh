@@ -39,4 +39,9 @@ if command -v nbdinfo >/dev/null; then
     echo "NBD exports on $SVSP_DIR/nbd.sock:"
     nbdinfo --list "nbd+unix:///?socket=$SVSP_DIR/nbd.sock" | grep -E '^export=|export-size'
 fi
+if command -v qemu-io >/dev/null; then
+    echo "qemu-io through NBD on demo-mirror:"
+    qemu-io -f raw "nbd+unix:///demo-mirror?socket=$SVSP_DIR/nbd.sock" -c 'write -P 0x5a 0 1M' -c 'read -P 0x5a 0 1M' |
+        grep -E '^(wrote|read)'
+fi
 "$CTL" status
