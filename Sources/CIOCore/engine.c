@@ -292,22 +292,36 @@ static bool submit_staged(struct cio_engine *e, int *total, int *result, bool *w
 /* Submission is combining: a thread that finds another one inside io_submit does
  * not wait for it (that cost a futex sleep and wake per I/O between the host's
  * thread and the reaper); it flags its staged work and returns, and the holder
- * loops until nothing is flagged. */
-int cio_engine_submit(struct cio_engine *e) {
+ * picks it up. The holder takes a few extra rounds at most, then leaves what is
+ * still flagged to the reaper, so no caller is kept submitting for others.
+ * *deferred (optional) tells that another thread had the lock. */
+#define CIO_SUBMIT_EXTRA_ROUNDS 4
+static int engine_submit(struct cio_engine *e, bool *deferred) {
     int total = 0;
     int result = 0;
     bool wake = false;
     atomic_store(&e->submit_wanted, true);
-    while (atomic_load(&e->submit_wanted)) {
-        if (pthread_mutex_trylock(&e->submit_lock) != 0) break; /* the holder will submit ours */
+    for (int round = 0; atomic_load(&e->submit_wanted); round++) {
+        if (round > CIO_SUBMIT_EXTRA_ROUNDS) {
+            wake = true;
+            break;
+        }
+        if (pthread_mutex_trylock(&e->submit_lock) != 0) { /* the holder will submit ours */
+            if (deferred) *deferred = true;
+            break;
+        }
         atomic_store(&e->submit_wanted, false);
         bool stalled = submit_staged(e, &total, &result, &wake);
         pthread_mutex_unlock(&e->submit_lock);
+        /* Pairs with the flag store before a waiter's failed trylock. */
+        atomic_thread_fence(memory_order_seq_cst);
         if (stalled) break;
     }
     if (wake && !pthread_equal(pthread_self(), e->reaper)) wake_reaper(e);
     return total > 0 ? total : result;
 }
+
+int cio_engine_submit(struct cio_engine *e) { return engine_submit(e, NULL); }
 
 /* -------------------------------------------------------------- reaper */
 
@@ -467,12 +481,14 @@ static void *reaper_main(void *arg) {
         const struct timespec *timeout = have_staged ? &stall : (e->wake_armed ? NULL : &fallback);
         reap_kernel_events(e, !have_done, timeout);
         uint32_t delivered = deliver_completions(e);
-        int submitted = cio_engine_submit(e);
+        bool deferred = false;
+        int submitted = engine_submit(e, &deferred);
 
         pthread_mutex_lock(&e->lock);
         bool stuck = e->staged.count > 0 && e->in_kernel == 0;
         pthread_mutex_unlock(&e->lock);
-        if (stuck && delivered == 0 && submitted <= 0) {
+        /* Another thread inside io_submit is progress, not a stall. */
+        if (stuck && delivered == 0 && submitted <= 0 && !deferred) {
             if (++stalled_rounds >= CIO_MAX_STALLED_ROUNDS) {
                 fail_stalled(e);
                 deliver_completions(e);

@@ -17,6 +17,7 @@ final class DaemonTests: XCTestCase {
 
     override func tearDown() {
         daemon?.stop()
+        dir = nil // XCTest keeps test cases alive to the end: remove the LUN files now
     }
 
     private func startDaemon(extra: [String] = []) throws {

@@ -32,6 +32,7 @@ final class MirrorTests: XCTestCase {
     override func tearDown() {
         daemon?.stop()
         for l in loops { shell(["blockdev", "--setrw", l]); shell(["losetup", "-d", l]) }
+        dir = nil // XCTest keeps test cases alive to the end: remove the LUN files now
     }
 
     private func startDaemon() throws {

@@ -13,6 +13,8 @@ final class ErrorPathTests: XCTestCase {
         try LUN.createFile(path: path, sizeBytes: 4 << 20)
     }
 
+    override func tearDown() { dir = nil } // the LUN file goes now, not at process exit
+
     private func prepError(_ body: () throws -> Void) -> IOError? {
         do { try body(); return nil } catch { return error as? IOError }
     }

@@ -189,7 +189,13 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 // The regions' bits must be durable before the write reaches any leg; the
                 // wait (a bitmap fdatasync, shared by every write waiting) is off this thread.
                 lock.unlock()
-                writeLog.whenDurable { self.proceed(index, needsAllocation: needsAllocation, kick: true) }
+                writeLog.whenDurable { durable in
+                    if durable {
+                        self.proceed(index, needsAllocation: needsAllocation, kick: true)
+                    } else { // without its dirty bit on disk the write must not reach any leg
+                        self.pieceDone(index, leg: -1, lun: -1, result: -Int64(EIO))
+                    }
+                }
                 return
             }
         }

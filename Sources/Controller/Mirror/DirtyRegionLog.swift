@@ -77,17 +77,15 @@ public final class DirtyRegionLog: @unchecked Sendable {
         return ready
     }
 
-    /// Runs `then` (on the log's queue) once every bit set so far is durable.
-    public func whenDurable(then: @escaping @Sendable () -> Void) {
-        persistQueue.async { [self] in
-            persistPending()
-            then()
-        }
+    /// Runs `then` (on the log's queue) once every bit set so far is durable: true, or
+    /// false when the bitmap could not be written (the write must then fail).
+    public func whenDurable(then: @escaping @Sendable (Bool) -> Void) {
+        persistQueue.async { [self] in then(persistPending()) }
     }
 
     /// Persists the pages holding set-but-not-durable bits, if any (earlier waiters'
-    /// persist usually covered them already).
-    private func persistPending() {
+    /// persist usually covered them already). False when that failed.
+    private func persistPending() -> Bool {
         lock.lock()
         var pages: (Int, Int)?
         for i in bits.indices where bits[i] & ~durable[i] != 0 {
@@ -95,7 +93,8 @@ public final class DirtyRegionLog: @unchecked Sendable {
             pages = (min(pages?.0 ?? page, page), max(pages?.1 ?? page, page))
         }
         lock.unlock()
-        if let pages { persist(pages.0...pages.1) }
+        guard let pages else { return true }
+        return persist(pages.0...pages.1)
     }
 
     /// After a write completed (on every leg it went to).
@@ -146,19 +145,24 @@ public final class DirtyRegionLog: @unchecked Sendable {
         return cleared
     }
 
-    /// Writes the pages as they are now and waits until they are durable.
-    private func persist(_ pages: ClosedRange<Int>) {
+    /// Writes the pages as they are now and waits until they are durable. False (and
+    /// nothing counted durable) when the write or the sync failed.
+    @discardableResult
+    private func persist(_ pages: ClosedRange<Int>) -> Bool {
         persistLock.lock()
         defer { persistLock.unlock() }
         lock.lock()
         let start = pages.lowerBound * 4096, end = (pages.upperBound + 1) * 4096
         let snapshot = Array(bits[start..<end])
         lock.unlock()
-        _ = snapshot.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(start)) }
-        _ = fdatasync(fd)
+        let written = snapshot.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(start)) }
+        guard written == snapshot.count, fdatasync(fd) == 0 else { return false }
         lock.lock()
-        durable.replaceSubrange(start..<end, with: snapshot)
+        // Durable = what reached the disk AND is still set: a bit that `clean` cleared
+        // meanwhile is about to be written clear, so no write may rely on it.
+        for i in start..<end { durable[i] = snapshot[i - start] & bits[i] }
         persistCount += 1
         lock.unlock()
+        return true
     }
 }

@@ -51,6 +51,9 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     var discardedReply: (cookie: UInt64, error: UInt32)?
     var parked: ByteBuffer?
     var readWanted = false
+    /// Requests the vdisk had no room for (EBUSY: many connections at once): retried shortly.
+    var busy: [Int] = []
+    var busyRetryArmed = false
     var disconnectRequested = false
     var loggedRefusal = false
     /// Requests staged since the last io_submit: one kick per batch of input.
@@ -69,7 +72,16 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         var length = 0
         var fua = false
         var buffer: PooledBuffer?
+        /// TRIM and WRITE_ZEROES may cover GiBs: they run as `zeroChunk` pieces one after
+        /// another, so one request cannot fill the pool's scheduler; this is where it ends.
+        var end: UInt64 = 0
     }
+
+    /// Largest piece of a TRIM or WRITE_ZEROES handed to the vdisk at once.
+    static let zeroChunk = 16 << 20
+    /// Requests (and writes' payloads) above this are beyond what the protocol lets a
+    /// client expect to be served; below it, a too-large request is refused and skipped.
+    static let protocolLimit = 32 << 20
 
     let pool: BufferPool
     var slots: [Slot]
@@ -137,6 +149,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         pool = try BufferPool(bufferBytes: NBD.maxPayload, count: Self.depth)
         slots = Array(repeating: Slot(), count: Self.depth)
         freeSlots = Array((0..<Self.depth).reversed())
+        busy.reserveCapacity(Self.depth)
         header = allocator.buffer(capacity: 64)
         outbox = allocator.buffer(capacity: 256 << 10)
         sink = Sink(eventLoop: eventLoop, depth: Self.depth)
@@ -176,6 +189,11 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         var incoming = unwrapInboundIn(data)
         switch phase {
         case .transmission:
+            if parked != nil {
+                // NIO may deliver more of one read loop after we stopped asking: keep it in order.
+                parked!.writeBuffer(&incoming)
+                return
+            }
             consume(&incoming, context: context)
         case .clientFlags, .options:
             if pending == nil { pending = incoming } else { pending!.writeBuffer(&incoming) }
@@ -193,13 +211,27 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         flushOutbox(context)
     }
 
-    /// Back-pressure: no socket reads while every slot is busy.
+    /// Back-pressure: no socket reads while every slot is busy (unless the last one is
+    /// waiting for its write's payload), while input is parked, or while the client is
+    /// not reading its replies (the channel is above its high water mark).
     func read(context: ChannelHandlerContext) {
-        if phase == .transmission, freeSlots.isEmpty || parked != nil {
+        if phase == .transmission, (freeSlots.isEmpty && receiving == nil) || parked != nil || !context.channel.isWritable {
             readWanted = true
         } else {
             context.read()
         }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        resumeReading(context)
+        context.fireChannelWritabilityChanged()
+    }
+
+    func resumeReading(_ context: ChannelHandlerContext) {
+        guard readWanted, phase == .transmission, parked == nil, !freeSlots.isEmpty || receiving != nil,
+              context.channel.isWritable else { return }
+        readWanted = false
+        context.read()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -212,8 +244,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         log("\(who): dropping the connection: \(why)")
         NBDConnectionStats.add(stats!.refused, 1)
         phase = .closing
-        flushOutbox(context)
-        context.close(promise: nil)
+        closeAfterReplies(context)
     }
 
     /// Cuts the link that keeps this connection alive once nothing can use it any more.
@@ -295,9 +326,9 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
             return
         }
         let hasPayload = type == NBD.cmdWrite
-        if hasPayload, length > NBD.maxPayload {
-            // The payload cannot be skipped safely at any size, so the protocol allows a disconnect.
-            drop(context, "write of \(length) bytes exceeds the advertised maximum \(NBD.maxPayload)")
+        if hasPayload, length > Self.protocolLimit {
+            // Beyond what any client may expect: the protocol allows a disconnect.
+            drop(context, "write of \(length) bytes exceeds \(Self.protocolLimit)")
             return
         }
         if let error = refusal(type: type, offset: offset, length: UInt64(length)) {
@@ -328,7 +359,8 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
             buffer = pool.handle.take() // one per slot: never empty while a slot is free
         }
         slots[index] = Slot(cookie: cookie, type: type, offset: offset, length: Int(length), fua: flags & NBD.cmdFlagFUA != 0,
-                            buffer: buffer)
+                            buffer: buffer, end: offset + UInt64(length))
+        if type == NBD.cmdTrim || type == NBD.cmdWriteZeroes { slots[index].length = min(Int(length), Self.zeroChunk) }
         if hasPayload {
             receiving = index
             received = 0
@@ -350,8 +382,10 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
                 (error, why) = (NBD.ePerm, "write to a read-only export")
             } else if type == NBD.cmdBlockStatus, !allocationContext {
                 (error, why) = (NBD.eInval, "block status without a negotiated meta context")
-            } else if type == NBD.cmdRead, length > UInt64(NBD.maxPayload) {
-                (error, why) = (structuredReplies ? NBD.eOverflow : NBD.eInval, "read of \(length) bytes exceeds \(NBD.maxPayload)")
+            } else if type == NBD.cmdRead || type == NBD.cmdWrite, length > UInt64(NBD.maxPayload) {
+                // Above the advertised maximum block size: refused (a write's payload is skipped).
+                (error, why) = (structuredReplies && type == NBD.cmdRead ? NBD.eOverflow : NBD.eInval,
+                                "\(type == NBD.cmdRead ? "read" : "write") of \(length) bytes exceeds \(NBD.maxPayload)")
             } else if length == 0 || offset % blockBytes != 0 || length % blockBytes != 0 {
                 (error, why) = (NBD.eInval, "\(offset)+\(length) is not aligned to the block size \(blockBytes)")
             } else if offset > exportBytes || length > exportBytes - offset {
@@ -370,7 +404,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         return error
     }
 
-    private func submit(_ index: Int) {
+    func submit(_ index: Int) {
         let s = slots[index]
         let op: VDiskPort.Op
         switch s.type {
@@ -389,10 +423,36 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         } catch {
             inflight -= 1
             stats!.inFlight.wrappingSubtract(1, ordering: .relaxed)
+            if error.code == EBUSY {
+                retryWhenRoom(index)
+                return
+            }
             NBDConnectionStats.add(stats!.errors, 1)
             log("\(who): request at \(s.offset)+\(s.length) failed to start: \(error)")
             release(index)
             appendError(cookie: s.cookie, error: error.code == EINVAL || error.code == ERANGE ? NBD.eInval : NBD.eIO)
+        }
+    }
+
+    /// The vdisk's request table is full (many connections at full depth): try again in
+    /// a moment rather than failing a request that did nothing wrong.
+    private func retryWhenRoom(_ index: Int) {
+        busy.append(index)
+        guard !busyRetryArmed, let context else { return }
+        busyRetryArmed = true
+        let loopBound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        context.eventLoop.scheduleTask(in: .microseconds(200)) {
+            let connection = loopBound.value
+            connection.busyRetryArmed = false
+            let waiting = connection.busy
+            connection.busy.removeAll(keepingCapacity: true)
+            guard connection.context != nil else {
+                for i in waiting { connection.release(i) }
+                connection.finishIfIdle()
+                return
+            }
+            for i in waiting { connection.submit(i) }
+            connection.port?.kick()
         }
     }
 
@@ -403,6 +463,15 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         while let (index, result) = sink.pop() {
             inflight -= 1
             let s = slots[index]
+            let next = s.offset + UInt64(s.length)
+            if result >= 0, next < s.end, context != nil { // the next piece of a long TRIM or WRITE_ZEROES
+                stats?.inFlight.wrappingSubtract(1, ordering: .relaxed)
+                slots[index].offset = next
+                slots[index].length = Int(min(UInt64(Self.zeroChunk), s.end - next))
+                submit(index)
+                needsKick = true
+                continue
+            }
             if let stats {
                 stats.inFlight.wrappingSubtract(1, ordering: .relaxed)
                 if result < 0 {
@@ -436,24 +505,35 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
             parked = nil
             consume(&input, context: context)
         }
+        if needsKick { // consume() kicks too; this covers the next pieces of long zeroing requests
+            needsKick = false
+            port?.kick()
+        }
         flushOutbox(context)
         closeIfDisconnecting(context)
-        if readWanted, parked == nil, !freeSlots.isEmpty, phase == .transmission {
-            readWanted = false
-            context.read()
-        }
+        resumeReading(context)
     }
 
-    private func release(_ index: Int) {
+    func release(_ index: Int) {
         if let b = slots[index].buffer { pool.handle.give(back: b) }
         slots[index].buffer = nil
         freeSlots.append(index)
     }
 
     private func closeIfDisconnecting(_ context: ChannelHandlerContext) {
-        guard disconnectRequested, inflight == 0, phase == .transmission else { return }
+        guard disconnectRequested, inflight == 0, busy.isEmpty, phase == .transmission else { return }
         phase = .closing
-        flushOutbox(context)
-        context.close(promise: nil)
+        closeAfterReplies(context)
+    }
+
+    /// Closes once every reply gathered so far has left (a close fails writes still pending).
+    func closeAfterReplies(_ context: ChannelHandlerContext) {
+        guard outbox.readableBytes > 0 else {
+            context.close(promise: nil)
+            return
+        }
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(outbox)).whenComplete { _ in channel.close(promise: nil) }
+        outbox.clear()
     }
 }

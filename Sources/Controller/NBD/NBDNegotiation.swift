@@ -19,8 +19,8 @@ extension NBDConnection {
     private func negotiationStep(_ buffer: inout ByteBuffer, context: ChannelHandlerContext) -> Bool {
         if phase == .clientFlags {
             guard let flags: UInt32 = buffer.readInteger() else { return false }
-            if flags & UInt32(NBD.flagFixedNewstyle) == 0 {
-                drop(context, "client does not speak fixed newstyle (flags \(flags))")
+            if flags & UInt32(NBD.flagFixedNewstyle) == 0 || flags & ~(UInt32(NBD.flagFixedNewstyle) | NBD.clientFlagNoZeroes) != 0 {
+                drop(context, "client flags 0x\(String(flags, radix: 16)): fixed newstyle required, no unknown flags")
                 return false
             }
             clientNoZeroes = flags & NBD.clientFlagNoZeroes != 0
@@ -83,6 +83,7 @@ extension NBDConnection {
             phase = .closing
             context.close(promise: nil)
         case NBD.optList:
+            guard payload.readableBytes == 0 else { return optionReply(context, option, NBD.repErrInvalid) }
             for v in domain.metadata.vdisks where v.export != nil {
                 var body = context.channel.allocator.buffer(capacity: 4 + v.name.utf8.count)
                 body.writeInteger(UInt32(v.name.utf8.count))
@@ -129,7 +130,9 @@ extension NBDConnection {
             sizes.writeInteger(NBD.infoBlockSize)
             sizes.writeInteger(UInt32(v.blockSize))
             let preferred = domain.metadata.pool(id: v.poolId).flatMap { domain.profiles.arrays[$0.arrayProfile]?.optimalIOBytes } ?? 65536
-            sizes.writeInteger(UInt32(min(max(preferred, UInt64(v.blockSize)), UInt64(NBD.maxPayload))))
+            // Preferred must be a power of two: the largest one within the profile's optimal I/O size.
+            let bounded = min(max(preferred, UInt64(v.blockSize)), UInt64(NBD.maxPayload))
+            sizes.writeInteger(UInt32(1) << (63 - bounded.leadingZeroBitCount))
             sizes.writeInteger(UInt32(NBD.maxPayload))
             optionReply(context, option, NBD.repInfo, sizes)
             optionReply(context, option, NBD.repAck)
@@ -141,6 +144,7 @@ extension NBDConnection {
 
     /// NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT: the only context is base:allocation.
     private func metaContext(_ option: UInt32, _ payload: inout ByteBuffer, context: ChannelHandlerContext) {
+        if option == NBD.optSetMetaContext { metaContextExport = nil } // a failed SET selects nothing
         guard let nameLength: UInt32 = payload.readInteger(), nameLength <= 4096,
               let name = payload.readString(length: Int(nameLength)), let count: UInt32 = payload.readInteger(), count <= 256
         else { return optionReply(context, option, NBD.repErrInvalid) }

@@ -26,6 +26,8 @@ public final class NBDServer: @unchecked Sendable {
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536,
                                                                                          maximum: NBD.maxPayload + 4096))
             .childChannelOption(.maxMessagesPerRead, value: 16)
+            // Reply-side back-pressure: above 4 MiB unsent, the connection stops reading requests.
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 1 << 20, high: 4 << 20))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     if channel.localAddress?.protocol != .unix {
@@ -77,6 +79,10 @@ public final class NBDServer: @unchecked Sendable {
     public func stop() {
         for c in channels { try? c.close().wait() }
         channels = []
+        // Requests in flight complete on the event loop: close the clients, let them drain,
+        // then stop the loop (a completion must never arrive at a loop that is gone).
+        registry.closeAll()
+        registry.waitUntilEmpty(timeoutSeconds: 10)
         try? group.syncShutdownGracefully()
         unlink(socketPath)
     }

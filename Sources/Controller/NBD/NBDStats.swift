@@ -81,6 +81,17 @@ final class NBDRegistry: Sendable {
         return channels.count
     }
 
+    func closeAll() {
+        let channels = state.withLock { s in s.live.values.map(\.channel) }
+        for c in channels { c.close(promise: nil) }
+    }
+
+    /// Waits until every connection has finished (closed, nothing in flight).
+    func waitUntilEmpty(timeoutSeconds: Double) {
+        let deadline = Date().addingTimeInterval(timeoutSeconds)
+        while state.withLock({ !$0.live.isEmpty }), Date() < deadline { usleep(5000) }
+    }
+
     func connections() -> [NBDConnectionView] {
         state.withLock { s in
             s.live.values.sorted { $0.stats.id < $1.stats.id }.map { e in
