@@ -92,10 +92,9 @@ struct CLIError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
-/// One HTTP GET on 127.0.0.1 (the metrics endpoint); the whole response, headers included.
-func httpGet(port: Int, path: String) throws -> String {
+/// A TCP connection to 127.0.0.1:`port` (a socket descriptor the caller closes).
+func connectLoopback(port: Int) throws -> Int32 {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
     var addr = sockaddr_in()
     addr.sin_family = sa_family_t(AF_INET)
     addr.sin_port = UInt16(port).bigEndian
@@ -103,7 +102,17 @@ func httpGet(port: Int, path: String) throws -> String {
     let rc = withUnsafePointer(to: &addr) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
     }
-    guard rc == 0 else { throw CLIError("127.0.0.1:\(port) not reachable (errno \(errno))") }
+    guard rc == 0 else {
+        close(fd)
+        throw CLIError("127.0.0.1:\(port) not reachable (errno \(errno))")
+    }
+    return fd
+}
+
+/// One HTTP GET on 127.0.0.1 (the metrics endpoint); the whole response, headers included.
+func httpGet(port: Int, path: String) throws -> String {
+    let fd = try connectLoopback(port: port)
+    defer { close(fd) }
     let request = Array("GET \(path) HTTP/1.1\r\nHost: localhost\r\n\r\n".utf8)
     _ = request.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
     var response = [UInt8]()
