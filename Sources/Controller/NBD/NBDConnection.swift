@@ -83,7 +83,14 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// client expect to be served; below it, a too-large request is refused and skipped.
     static let protocolLimit = 32 << 20
 
-    let pool: BufferPool
+    /// The payload buffers, made when the client enters transmission (a connection that
+    /// only negotiates, or never does, costs no 32 MiB).
+    final class PayloadBuffers {
+        let pool: BufferPool
+        init() throws(IOEngine.IOError) { pool = try BufferPool(bufferBytes: NBD.maxPayload, count: NBDConnection.depth) }
+    }
+
+    var buffers: PayloadBuffers?
     var slots: [Slot]
     var freeSlots: [Int]
 
@@ -141,12 +148,11 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     init(domain: Domain, registry: NBDRegistry, eventLoop: EventLoop, allocator: ByteBufferAllocator,
-         log: @escaping @Sendable (String) -> Void) throws
+         log: @escaping @Sendable (String) -> Void)
     {
         self.domain = domain
         self.registry = registry
         self.log = log
-        pool = try BufferPool(bufferBytes: NBD.maxPayload, count: Self.depth)
         slots = Array(repeating: Slot(), count: Self.depth)
         freeSlots = Array((0..<Self.depth).reversed())
         busy.reserveCapacity(Self.depth)
@@ -356,7 +362,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         let index = freeSlots.removeLast()
         var buffer: PooledBuffer?
         if type == NBD.cmdRead || type == NBD.cmdWrite {
-            buffer = pool.handle.take() // one per slot: never empty while a slot is free
+            buffer = buffers!.pool.handle.take() // one per slot: never empty while a slot is free
         }
         slots[index] = Slot(cookie: cookie, type: type, offset: offset, length: Int(length), fua: flags & NBD.cmdFlagFUA != 0,
                             buffer: buffer, end: offset + UInt64(length))
@@ -515,7 +521,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func release(_ index: Int) {
-        if let b = slots[index].buffer { pool.handle.give(back: b) }
+        if let b = slots[index].buffer { buffers!.pool.handle.give(back: b) }
         slots[index].buffer = nil
         freeSlots.append(index)
     }

@@ -173,6 +173,16 @@ extension NBDConnection {
     }
 
     private func enterTransmission(_ v: VDiskRecord, port: VDiskPort) {
+        if buffers == nil {
+            do {
+                buffers = try PayloadBuffers()
+            } catch {
+                log("\(who): no memory for payload buffers: \(error)")
+                phase = .closing
+                context?.close(promise: nil)
+                return
+            }
+        }
         self.port = port
         exportName = v.name
         readOnly = v.export == .readOnly

@@ -34,7 +34,7 @@ public final class NBDServer: @unchecked Sendable {
                         // Replies are gathered per event-loop turn already; don't let Nagle delay them.
                         try channel.syncOptions?.setOption(.socketOption(.tcp_nodelay), value: 1)
                     }
-                    let handler = try NBDConnection(domain: domain, registry: registry, eventLoop: channel.eventLoop,
+                    let handler = NBDConnection(domain: domain, registry: registry, eventLoop: channel.eventLoop,
                                                     allocator: channel.allocator, log: log)
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
