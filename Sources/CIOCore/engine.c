@@ -301,6 +301,7 @@ static int engine_submit(struct cio_engine *e, bool *deferred) {
     int result = 0;
     bool wake = false;
     atomic_store(&e->submit_wanted, true);
+    atomic_thread_fence(memory_order_seq_cst); /* the flag is visible before we look at the lock */
     for (int round = 0; atomic_load(&e->submit_wanted); round++) {
         if (round > CIO_SUBMIT_EXTRA_ROUNDS) {
             wake = true;
@@ -487,8 +488,11 @@ static void *reaper_main(void *arg) {
         pthread_mutex_lock(&e->lock);
         bool stuck = e->staged.count > 0 && e->in_kernel == 0;
         pthread_mutex_unlock(&e->lock);
-        /* Another thread inside io_submit is progress, not a stall. */
-        if (stuck && delivered == 0 && submitted <= 0 && !deferred) {
+        /* Another thread inside io_submit neither proves progress nor a stall: such a
+         * round leaves the count as it is. */
+        if (deferred) {
+            /* unchanged */
+        } else if (stuck && delivered == 0 && submitted <= 0) {
             if (++stalled_rounds >= CIO_MAX_STALLED_ROUNDS) {
                 fail_stalled(e);
                 deliver_completions(e);

@@ -241,6 +241,8 @@ final class NBDTests: XCTestCase {
         XCTAssertEqual(c.simpleReply(dataBytes: 8192)?.data, pattern, "written bytes read back")
         c.send(NBDRawClient.request(type: 3, cookie: 22, offset: 0, length: 0))
         XCTAssertEqual(c.simpleReply()?.error, 0, "flush")
+        c.send(NBDRawClient.request(type: 3, cookie: 24, offset: UInt64.max, length: 4096))
+        XCTAssertEqual(c.simpleReply()?.cookie, 24, "a flush with nonsense fields is still just a flush")
         // Bad magic: the stream cannot be trusted any more, so the server disconnects.
         c.send(NBDRawClient.request(type: 0, cookie: 23, offset: 0, length: 512, magic: 0xDEAD_BEEF))
         XCTAssertTrue(c.isClosedByServer())
@@ -328,7 +330,7 @@ final class NBDTests: XCTestCase {
             XCTAssertEqual(c.simpleReply(dataBytes: 65536)?.data, [UInt8](repeating: UInt8(truncatingIfNeeded: i + 1), count: 65536),
                            "write \(i)")
         }
-        // WRITE_ZEROES of 40 MiB (runs in 16 MiB pieces), then requests and DISC sent
+        // WRITE_ZEROES of 40 MiB (runs in 4 MiB pieces), then requests and DISC sent
         // together: the replies all arrive before the server closes. (384 x 64 KiB = 24 MiB.)
         c.send(NBDRawClient.request(type: 6, cookie: 2000, offset: 0, length: 40 << 20))
         XCTAssertEqual(c.simpleReply()?.error, 0)
@@ -337,9 +339,20 @@ final class NBDTests: XCTestCase {
             tail += NBDRawClient.request(type: 1, cookie: UInt64(3000 + i), offset: (48 << 20) + (UInt64(i) << 12), length: 4096)
             tail += [UInt8](repeating: 0xd0, count: 4096)
         }
+        for i in 0..<16 { // 16 MiB of read replies still queued when DISC arrives
+            tail += NBDRawClient.request(type: 0, cookie: UInt64(4000 + i), offset: UInt64(i) << 20, length: 1 << 20)
+        }
         tail += NBDRawClient.request(type: 2, cookie: 3999, offset: 0, length: 0)
         c.send(tail)
-        for _ in 0..<8 { XCTAssertEqual(c.simpleReply()?.error, 0) }
+        var answered = Set<UInt64>()
+        for _ in 0..<24 {
+            guard let head = c.receive(16) else { break }
+            let cookie: UInt64 = NBDRawClient.int(head[8..<16])
+            XCTAssertEqual(NBDRawClient.int(head[4..<8]) as UInt32, 0)
+            if cookie >= 4000 { XCTAssertNotNil(c.receive(1 << 20), "read \(cookie)'s data") }
+            answered.insert(cookie)
+        }
+        XCTAssertEqual(answered.count, 24, "every request before DISC is answered in full")
         XCTAssertTrue(c.isClosedByServer())
         let (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("v1"), "-c", "read -P 0 0 1M", "-c", "read -P 0 39M 1M",
                                "-c", "read -P 0xd0 48M 32k"])

@@ -90,7 +90,11 @@ public final class Daemon: @unchecked Sendable {
         Glibc.shutdown(listenFD, Int32(SHUT_RDWR))
         close(listenFD)
         metricsServer?.stop()
-        nbd.stop()
+        // stop() waits (blocking) for requests in flight, some of which may need Tasks to
+        // finish: wait on a thread of its own, not on one of the concurrency pool's.
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            Thread { nbd.stop(); c.resume() }.start()
+        }
         // Wait for the command in progress (the handler is an actor: this queues behind it).
         _ = await handler.handle(MgmtRequest(command: "status"))
         upkeep.cancel()

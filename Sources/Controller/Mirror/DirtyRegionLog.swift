@@ -105,13 +105,14 @@ public final class DirtyRegionLog: @unchecked Sendable {
     }
 
     /// Sets every region covering `sizeBytes` (a new leg must receive everything), durably.
-    public func markAll(sizeBytes: UInt64) {
+    /// False when the bitmap could not be written.
+    public func markAll(sizeBytes: UInt64) -> Bool {
         let last = min(regionCount, Int((sizeBytes + regionBytes - 1) / regionBytes))
-        guard last > 0 else { return }
+        guard last > 0 else { return true }
         lock.lock()
         for r in 0..<last { bits[r >> 3] |= 1 << UInt8(r & 7) }
         lock.unlock()
-        persist(0...(((last - 1) >> 3) / 4096))
+        return persist(0...(((last - 1) >> 3) / 4096))
     }
 
     /// Regions whose bit is set.

@@ -49,7 +49,13 @@ public final class MirrorService: @unchecked Sendable {
         port.refresh() // it is a mirror now: the port starts its bitmap before the copy
         // With a write-intent bitmap the new leg's copy is tracked region by region,
         // so a copy cut short (a restart) resumes with the regions still set.
-        try domain.port(for: name).dirtyLog?.markAll(sizeBytes: domain.metadata.vdisk(named: name)?.sizeBytes ?? 0)
+        if let log = try domain.port(for: name).dirtyLog,
+           !log.markAll(sizeBytes: domain.metadata.vdisk(named: name)?.sizeBytes ?? 0)
+        {
+            // Without the bits on disk a copy cut short could not resume correctly: undo.
+            try? await domain.removeLeg(vdisk: name, leg: leg)
+            throw DomainError("add-leg on vdisk '\(name)': cannot write the dirty-region bitmap; the new leg was removed")
+        }
         Task { _ = try? await self.resync(vdisk: name) }
         return leg
     }

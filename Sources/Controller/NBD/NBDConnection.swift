@@ -78,7 +78,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     /// Largest piece of a TRIM or WRITE_ZEROES handed to the vdisk at once.
-    static let zeroChunk = 16 << 20
+    static let zeroChunk = 4 << 20
     /// Requests (and writes' payloads) above this are beyond what the protocol lets a
     /// client expect to be served; below it, a too-large request is refused and skipped.
     static let protocolLimit = 32 << 20
@@ -325,8 +325,8 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         let flags: UInt16 = buffer.readInteger()!
         let type: UInt16 = buffer.readInteger()!
         let cookie: UInt64 = buffer.readInteger()!
-        let offset: UInt64 = buffer.readInteger()!
-        let length: UInt32 = buffer.readInteger()!
+        var offset: UInt64 = buffer.readInteger()!
+        var length: UInt32 = buffer.readInteger()!
         guard magic == NBD.requestMagic else {
             drop(context, "bad request magic 0x\(String(magic, radix: 16))")
             return
@@ -359,13 +359,14 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         default:
             break
         }
+        if type == NBD.cmdFlush { (offset, length) = (0, 0) } // a flush's range fields mean nothing
         let index = freeSlots.removeLast()
         var buffer: PooledBuffer?
         if type == NBD.cmdRead || type == NBD.cmdWrite {
             buffer = buffers!.pool.handle.take() // one per slot: never empty while a slot is free
         }
         slots[index] = Slot(cookie: cookie, type: type, offset: offset, length: Int(length), fua: flags & NBD.cmdFlagFUA != 0,
-                            buffer: buffer, end: offset + UInt64(length))
+                            buffer: buffer, end: offset + UInt64(length)) // range-checked, or zeroed for FLUSH
         if type == NBD.cmdTrim || type == NBD.cmdWriteZeroes { slots[index].length = min(Int(length), Self.zeroChunk) }
         if hasPayload {
             receiving = index
@@ -458,7 +459,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
                 return
             }
             for i in waiting { connection.submit(i) }
-            connection.port?.kick()
+            if let context = connection.context { connection.endOfTurn(context) }
         }
     }
 
@@ -469,8 +470,14 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         while let (index, result) = sink.pop() {
             inflight -= 1
             let s = slots[index]
+            if result == -Int64(EBUSY), context != nil { // a pool's scheduler was full: the piece is resent
+                stats?.inFlight.wrappingSubtract(1, ordering: .relaxed)
+                retryWhenRoom(index)
+                continue
+            }
+            let zeroing = s.type == NBD.cmdTrim || s.type == NBD.cmdWriteZeroes
             let next = s.offset + UInt64(s.length)
-            if result >= 0, next < s.end, context != nil { // the next piece of a long TRIM or WRITE_ZEROES
+            if zeroing, result >= 0, next < s.end, context != nil { // the next piece of a long TRIM or WRITE_ZEROES
                 stats?.inFlight.wrappingSubtract(1, ordering: .relaxed)
                 slots[index].offset = next
                 slots[index].length = Int(min(UInt64(Self.zeroChunk), s.end - next))
@@ -507,11 +514,17 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
             finishIfIdle()
             return
         }
+        endOfTurn(context)
+    }
+
+    /// After requests finished or were resent: parked input, the kick, the replies, a
+    /// pending disconnect, and reading again.
+    func endOfTurn(_ context: ChannelHandlerContext) {
         if var input = parked { // requests that waited for a free slot may go now
             parked = nil
             consume(&input, context: context)
         }
-        if needsKick { // consume() kicks too; this covers the next pieces of long zeroing requests
+        if needsKick { // consume() kicks too; this covers resent requests and next zeroing pieces
             needsKick = false
             port?.kick()
         }
@@ -532,14 +545,13 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         closeAfterReplies(context)
     }
 
-    /// Closes once every reply gathered so far has left (a close fails writes still pending).
+    /// Closes once every reply written so far has left: a close fails writes still
+    /// pending, so it waits for this (possibly empty) last write, which completes after
+    /// all earlier ones. A client that never reads them is cut off after 30 s.
     func closeAfterReplies(_ context: ChannelHandlerContext) {
-        guard outbox.readableBytes > 0 else {
-            context.close(promise: nil)
-            return
-        }
         let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(outbox)).whenComplete { _ in channel.close(promise: nil) }
         outbox.clear()
+        context.eventLoop.scheduleTask(in: .seconds(30)) { channel.close(promise: nil) }
     }
 }
