@@ -124,3 +124,18 @@ func httpGet(port: Int, path: String) throws -> String {
     }
     return String(decoding: response, as: UTF8.self)
 }
+
+/// Runs a command (every end-to-end suite uses it); returns (status, stdout).
+@discardableResult
+func shell(_ args: [String]) -> (Int32, String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    p.arguments = args
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = FileHandle.nullDevice
+    do { try p.run() } catch { return (-1, "") }
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+}

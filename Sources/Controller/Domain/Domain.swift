@@ -27,6 +27,9 @@ public final class Domain: @unchecked Sendable {
         get { stateLock.lock(); defer { stateLock.unlock() }; return storedMetadata }
         set { stateLock.lock(); storedMetadata = newValue; stateLock.unlock() }
     }
+    /// The metadata generation alone: what the data path checks per I/O, without
+    /// copying (and retaining) the whole metadata.
+    var generation: UInt64 { stateLock.withLock { storedMetadata.generation } }
     /// Why the domain is degraded (missing LUNs, damaged setup copies...); empty = healthy.
     public private(set) var problems: [String] = []
     public private(set) var setupCopyStates: [SetupVDiskStore.CopyState] = []

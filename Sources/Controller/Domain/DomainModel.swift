@@ -92,6 +92,15 @@ public struct VDiskRecord: Codable, Equatable, Sendable {
     /// Served over NBD (export name = vdisk name) when set; persisted, so exports survive restarts.
     public var export: ExportMode?
 
+    /// A mirror's state as `mirror status` and `vdisk list` show it: failed (no leg in
+    /// sync), snap-sync (a leg is being copied), partial (a leg failed), normal.
+    public var mirrorState: String {
+        if !legs.contains(where: { $0.state == .inSync }) { return "failed" }
+        if legs.contains(where: { $0.state == .copying }) { return "snap-sync" }
+        if legs.contains(where: { $0.state == .failed }) { return "partial" }
+        return "normal"
+    }
+
     /// The first leg's pool (where a plain vdisk lives).
     public var poolId: UUID { legs[0].poolId }
     public var isMirror: Bool { legs.count > 1 }

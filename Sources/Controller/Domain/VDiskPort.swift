@@ -138,8 +138,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
 
     /// Re-reads the mapping when the metadata moved on (grow, thin allocation, leg states). Caller holds the lock.
     private func refreshIfNeeded() -> Bool {
-        let generation = domain.metadata.generation
-        if generation == mapping.generation { return true }
+        if domain.generation == mapping.generation { return true }
         guard let m = Self.makeMapping(domain, vdiskName) else { return false }
         mapping = m
         if log == nil, m.legs.count > 1 { log = Self.makeLog(domain, vdiskName) } // it just became a mirror

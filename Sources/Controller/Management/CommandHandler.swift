@@ -234,11 +234,7 @@ struct MirrorView: Codable {
         mode = v.mode.rawValue
         dirtyRegions = v.dirtyRegions
         legs = v.legs.enumerated().map { Leg(leg: $0.offset, pool: domain.metadata.pool(id: $0.element.poolId)?.name ?? "?", state: $0.element.state.rawValue) }
-        let inSync = v.legs.filter { $0.state == .inSync }.count
-        if inSync == 0 { state = "failed" }
-        else if v.legs.contains(where: { $0.state == .copying }) { state = "snap-sync" }
-        else if v.legs.contains(where: { $0.state == .failed }) { state = "partial" }
-        else { state = "normal" }
+        state = v.mirrorState
         copy = domain.mirrors.progress(v.name)
         if let log = (try? domain.port(for: v.name))?.dirtyLog {
             dirtyRegionCount = log.dirtyCount
@@ -321,11 +317,7 @@ struct VDiskView: Codable {
         }
         mode = v.isMirror ? v.mode.rawValue : nil
         export = v.export?.rawValue
-        if v.isMirror {
-            let inSync = v.legs.filter { $0.state == .inSync }.count
-            mirrorState = inSync == 0 ? "failed" : v.legs.contains { $0.state == .copying } ? "snap-sync"
-                : v.legs.contains { $0.state == .failed } ? "partial" : "normal"
-        }
+        mirrorState = v.isMirror ? v.mirrorState : nil
     }
 }
 

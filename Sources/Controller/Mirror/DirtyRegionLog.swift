@@ -130,9 +130,9 @@ public final class DirtyRegionLog: @unchecked Sendable {
         let now = nowMs
         var cleared = 0
         var pages: (Int, Int)?
-        lock.lock()
-        for r in only ?? Array(0..<regionCount) where r < regionCount && isSet(r) && inflight[r] == 0 {
-            guard idleSeconds == 0 || now &- lastWriteMs[r] >= idleSeconds &* 1000 else { continue }
+        func clearIfIdle(_ r: Int) {
+            guard r < regionCount, isSet(r), inflight[r] == 0 else { return }
+            guard idleSeconds == 0 || now &- lastWriteMs[r] >= idleSeconds &* 1000 else { return }
             bits[r >> 3] &= ~(1 << UInt8(r & 7))
             // No longer known durable-set: a new write into it persists again instead of
             // trusting a page that this clearing is about to overwrite.
@@ -140,6 +140,15 @@ public final class DirtyRegionLog: @unchecked Sendable {
             cleared += 1
             let page = (r >> 3) / 4096
             pages = (min(pages?.0 ?? page, page), max(pages?.1 ?? page, page))
+        }
+        lock.lock()
+        if let only {
+            for r in only { clearIfIdle(r) }
+        } else {
+            // Only the set bits: the pass costs what is dirty, not the vdisk's size.
+            for i in bits.indices where bits[i] != 0 {
+                for b in 0..<8 { clearIfIdle(i << 3 | b) }
+            }
         }
         lock.unlock()
         if let pages { persist(pages.0...pages.1) }

@@ -63,7 +63,10 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     var outbox: ByteBuffer
     var context: ChannelHandlerContext?
     let sink: Sink
-    var inflight = 0
+    /// Requests at the vdisk; `status` sees the same number through the stats.
+    var inflight = 0 {
+        didSet { stats?.inFlight.store(inflight, ordering: .relaxed) }
+    }
 
     struct Slot {
         var cookie: UInt64 = 0
@@ -422,14 +425,12 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         default: op = .writeZeroes
         }
         inflight += 1
-        stats!.inFlight.wrappingAdd(1, ordering: .relaxed)
         do {
             try port!.submit(op, offset: s.offset, length: s.length, buffer: s.buffer?.pointer, fua: s.fua, sink: sink,
                              cookie: UInt64(index), kick: false)
             needsKick = true
         } catch {
             inflight -= 1
-            stats!.inFlight.wrappingSubtract(1, ordering: .relaxed)
             if error.code == EBUSY {
                 retryWhenRoom(index)
                 return
@@ -471,22 +472,18 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
             inflight -= 1
             let s = slots[index]
             if result == -Int64(EBUSY), context != nil { // a pool's scheduler was full: the piece is resent
-                stats?.inFlight.wrappingSubtract(1, ordering: .relaxed)
                 retryWhenRoom(index)
                 continue
             }
             let zeroing = s.type == NBD.cmdTrim || s.type == NBD.cmdWriteZeroes
             let next = s.offset + UInt64(s.length)
             if zeroing, result >= 0, next < s.end, context != nil { // the next piece of a long TRIM or WRITE_ZEROES
-                stats?.inFlight.wrappingSubtract(1, ordering: .relaxed)
                 slots[index].offset = next
                 slots[index].length = Int(min(UInt64(Self.zeroChunk), s.end - next))
                 submit(index)
-                needsKick = true
                 continue
             }
             if let stats {
-                stats.inFlight.wrappingSubtract(1, ordering: .relaxed)
                 if result < 0 {
                     NBDConnectionStats.add(stats.errors, 1)
                 } else if s.type == NBD.cmdRead {

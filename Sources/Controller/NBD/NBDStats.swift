@@ -93,10 +93,11 @@ final class NBDRegistry: Sendable {
     }
 
     func connections() -> [NBDConnectionView] {
-        state.withLock { s in
+        let dates = ISO8601DateFormatter()
+        return state.withLock { s in
             s.live.values.sorted { $0.stats.id < $1.stats.id }.map { e in
                 NBDConnectionView(id: e.stats.id, export: e.export, peer: e.stats.peer,
-                                  connectedAt: ISO8601DateFormatter().string(from: e.stats.connectedAt),
+                                  connectedAt: dates.string(from: e.stats.connectedAt),
                                   inFlight: e.stats.inFlight.load(ordering: .relaxed), counters: e.stats.snapshot)
             }
         }

@@ -8,7 +8,10 @@ struct DomainOptions: ParsableArguments {
     @Option(help: "Domain state folder (default: $SVSP_DIR).") var dir: String?
     @Flag(help: "Print JSON.") var json = false
 
-    func directory() throws -> String {
+    func directory() throws -> String { try Self.resolveDirectory(dir) }
+
+    /// --dir, else $SVSP_DIR (non-empty), else a one-line error; `serve` uses it too.
+    static func resolveDirectory(_ dir: String?) throws -> String {
         if let dir { return dir }
         if let env = ProcessInfo.processInfo.environment["SVSP_DIR"], !env.isEmpty { return env }
         throw CommandFailure("no domain given: use --dir STATE or set SVSP_DIR")
@@ -76,9 +79,7 @@ struct ServeCommand: ParsableCommand {
     var nbdListen: String?
 
     func run() throws {
-        guard let dir = dir ?? ProcessInfo.processInfo.environment["SVSP_DIR"] else {
-            throw CommandFailure("no domain given: use --dir STATE or set SVSP_DIR")
-        }
+        let dir = try DomainOptions.resolveDirectory(dir)
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles, metricsListen: metricsListen,
                                            nbdListen: nbdListen),
