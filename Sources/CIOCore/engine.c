@@ -131,7 +131,7 @@ void cio_engine_opts_init(struct cio_engine_opts *opts) {
 
 /* ---------------------------------------------------------------- prep */
 
-static void fill_iocb(struct cio_engine *e, struct cio_req *r) {
+static void fill_iocb(struct cio_req *r) {
     uint8_t *buf = r->buf + r->done_bytes;
     uint64_t len = r->len - r->done_bytes;
     long long off = (long long)(r->offset + r->done_bytes);
@@ -184,7 +184,7 @@ static int prep(struct cio_engine *e, struct cio_lun *lun, enum cio_op op, void 
     r->result = 0;
     r->op = (uint8_t)op;
     r->fua = fua;
-    fill_iocb(e, r);
+    fill_iocb(r);
     list_push(&e->staged, r);
     pthread_mutex_unlock(&e->lock);
     return 0;
@@ -330,7 +330,7 @@ int cio_engine_submit(struct cio_engine *e) { return engine_submit(e, NULL); }
 static void handle_event(struct cio_engine *e, struct cio_req *r, long res) {
     if (res == -EAGAIN) {
         e->stats.resubmits++;
-        fill_iocb(e, r);
+        fill_iocb(r);
         list_push(&e->staged, r);
         return;
     }
@@ -350,7 +350,7 @@ static void handle_event(struct cio_engine *e, struct cio_req *r, long res) {
     } else {
         r->done_bytes += (uint64_t)res;
         e->stats.resubmits++;
-        fill_iocb(e, r);
+        fill_iocb(r);
         list_push(&e->staged, r);
     }
 }
@@ -485,20 +485,21 @@ static void *reaper_main(void *arg) {
         bool deferred = false;
         int submitted = engine_submit(e, &deferred);
 
+        /* Another thread inside io_submit neither proves progress nor a stall: such a
+         * round leaves the count as it is. The lock is taken only when nothing moved. */
+        if (deferred) continue;
+        if (delivered > 0 || submitted > 0) {
+            stalled_rounds = 0;
+            continue;
+        }
         pthread_mutex_lock(&e->lock);
         bool stuck = e->staged.count > 0 && e->in_kernel == 0;
         pthread_mutex_unlock(&e->lock);
-        /* Another thread inside io_submit neither proves progress nor a stall: such a
-         * round leaves the count as it is. */
-        if (deferred) {
-            /* unchanged */
-        } else if (stuck && delivered == 0 && submitted <= 0) {
-            if (++stalled_rounds >= CIO_MAX_STALLED_ROUNDS) {
-                fail_stalled(e);
-                deliver_completions(e);
-                stalled_rounds = 0;
-            }
-        } else {
+        if (!stuck) {
+            stalled_rounds = 0;
+        } else if (++stalled_rounds >= CIO_MAX_STALLED_ROUNDS) {
+            fail_stalled(e);
+            deliver_completions(e);
             stalled_rounds = 0;
         }
     }

@@ -3,10 +3,10 @@ import Glibc
 
 /// One-shot sink that resumes a continuation: the control plane's convenience
 /// path (it allocates per call; the hot path uses `CompletionSink` subclasses).
-private final class ContinuationSink: CompletionSink, @unchecked Sendable {
+public final class ContinuationSink: CompletionSink, @unchecked Sendable {
     let continuation: CheckedContinuation<Int64, Never>
-    init(_ continuation: CheckedContinuation<Int64, Never>) { self.continuation = continuation }
-    override func ioCompleted(cookie: UInt64, result: Int64) { continuation.resume(returning: result) }
+    public init(_ continuation: CheckedContinuation<Int64, Never>) { self.continuation = continuation }
+    override public func ioCompleted(cookie: UInt64, result: Int64) { continuation.resume(returning: result) }
 }
 
 extension EngineHandle {

@@ -34,7 +34,7 @@ public final class Domain: @unchecked Sendable {
     public private(set) var problems: [String] = []
     public private(set) var setupCopyStates: [SetupVDiskStore.CopyState] = []
     public let metrics = DomainMetrics()
-    let mutation = MutationLock()
+    let mutation = AsyncSemaphore(permits: 1)
     public private(set) lazy var mirrors = MirrorService(domain: self)
 
     let bootstrap: BootstrapStore
@@ -119,7 +119,7 @@ public final class Domain: @unchecked Sendable {
         for record in pool.luns {
             do {
                 let lun = try LUN(path: record.path, readWrite: true)
-                let label = try readLabel(lun.handle)
+                let label = try probe(lun.handle, signature: false).label
                 guard case .label(let l) = label, l.domainId == metadata.domainId, l.poolId == pool.id,
                       Int(l.lunIndex) == record.index
                 else {
@@ -149,28 +149,19 @@ public final class Domain: @unchecked Sendable {
 
     func lunHandle(pool: UUID, index: Int) -> LUNHandle? { luns[pool]?[index]?.handle }
 
-    private func readLabel(_ lun: LUNHandle) throws -> LUNLabel.DecodeResult {
+    /// Reads a LUN's first bytes once and decodes its label and, when asked, the
+    /// signature of a foreign format there (a LUN under 4 KiB has neither).
+    private func probe(_ lun: LUNHandle, signature wanted: Bool) throws -> (label: LUNLabel.DecodeResult, signature: String?) {
         let buffer = try AlignedBuffer(count: DeviceSignatures.probeBytes)
         let length = min(DeviceSignatures.probeBytes, Int(lun.info.sizeBytes / 4096 * 4096))
-        guard length >= 4096 else { return .none }
+        guard length >= 4096 else { return (.none, nil) }
         let sink = SyncSink()
         try engine.prepRead(lun: lun, buffer: buffer.pointer, length: length, offset: 0, sink: sink, cookie: 0)
         engine.submit()
         let result = sink.wait()
         if result < 0 { throw IOError(result: result, operation: .read, lun: lun.path, offset: 0) }
-        return LUNLabel.decode(UnsafeRawBufferPointer(buffer.bytes))
-    }
-
-    private func signature(_ lun: LUNHandle) throws -> String? {
-        let buffer = try AlignedBuffer(count: DeviceSignatures.probeBytes)
-        let length = min(DeviceSignatures.probeBytes, Int(lun.info.sizeBytes / 4096 * 4096))
-        guard length >= 4096 else { return nil }
-        let sink = SyncSink()
-        try engine.prepRead(lun: lun, buffer: buffer.pointer, length: length, offset: 0, sink: sink, cookie: 0)
-        engine.submit()
-        let result = sink.wait()
-        if result < 0 { throw IOError(result: result, operation: .read, lun: lun.path, offset: 0) }
-        return DeviceSignatures.detect(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(buffer.bytes)[0..<length]))
+        let bytes = UnsafeRawBufferPointer(buffer.bytes)
+        return (LUNLabel.decode(bytes), wanted ? DeviceSignatures.detect(UnsafeRawBufferPointer(rebasing: bytes[0..<length])) : nil)
     }
 
     // MARK: persistence
@@ -234,7 +225,8 @@ public final class Domain: @unchecked Sendable {
                     throw DomainError("LUN \(path): logical block size \(lun.info.logicalBlockSize) not supported")
                 }
                 if !force {
-                    switch try readLabel(lun.handle) {
+                    let probed = try probe(lun.handle, signature: true) // one read for both checks
+                    switch probed.label {
                     case .label(let l) where l.domainId != metadata.domainId:
                         throw DomainError("LUN \(path) belongs to another domain (\(l.domainId)); use --force to take it")
                     case .label:
@@ -242,7 +234,7 @@ public final class Domain: @unchecked Sendable {
                     case .damaged(let why):
                         throw DomainError("LUN \(path) carries a damaged svsp label (\(why)); use --force to take it")
                     case .none:
-                        if let found = try signature(lun.handle) {
+                        if let found = probed.signature {
                             throw DomainError("LUN \(path) holds \(found); use --force to overwrite it")
                         }
                     }

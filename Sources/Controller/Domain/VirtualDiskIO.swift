@@ -1,13 +1,6 @@
 import Foundation
 import IOEngine
 
-/// One-shot sink resuming a continuation (control-plane data path).
-private final class ResultSink: CompletionSink, @unchecked Sendable {
-    private let continuation: CheckedContinuation<Int64, Never>
-    init(_ c: CheckedContinuation<Int64, Never>) { continuation = c }
-    override func ioCompleted(cookie: UInt64, result: Int64) { continuation.resume(returning: result) }
-}
-
 /// The data access API in async form, for control-plane code and tests: read,
 /// write (FUA), flush, trim and write-zeroes at byte offsets of a vdisk. It runs on
 /// the vdisk's `VDiskPort` (the allocation-free callback form front ends use),
@@ -45,7 +38,7 @@ extension Domain {
             var refused: IOError?
             let result = await withCheckedContinuation { (c: CheckedContinuation<Int64, Never>) in
                 do throws(IOError) {
-                    try port.submit(op, offset: offset, length: length, buffer: buffer, fua: fua, sink: ResultSink(c), cookie: 0)
+                    try port.submit(op, offset: offset, length: length, buffer: buffer, fua: fua, sink: ContinuationSink(c), cookie: 0)
                 } catch {
                     refused = error
                     c.resume(returning: -Int64(error.code))

@@ -38,7 +38,7 @@ public final class MirrorService: @unchecked Sendable {
 
     /// Legs copying at once across the domain (the appliance allowed 8); the rest wait their turn.
     public static let maxConcurrentCopies = 8
-    private let copySlots = CopySlots(MirrorService.maxConcurrentCopies)
+    private let copySlots = AsyncSemaphore(permits: MirrorService.maxConcurrentCopies)
 
     public init(domain: Domain) { self.domain = domain }
 
@@ -290,47 +290,7 @@ public final class MirrorService: @unchecked Sendable {
     }
 }
 
-/// A counting semaphore for copy jobs.
-private final class CopySlots: @unchecked Sendable {
-    private let lock = NSLock()
-    private var free: Int
-    private var waiters: [CheckedContinuation<Void, Never>] = []
-    init(_ n: Int) { free = n }
-
-    func acquire() async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            lock.lock()
-            if free > 0 {
-                free -= 1
-                lock.unlock()
-                c.resume()
-            } else {
-                waiters.append(c)
-                lock.unlock()
-            }
-        }
-    }
-
-    func release() {
-        lock.lock()
-        if waiters.isEmpty {
-            free += 1
-            lock.unlock()
-        } else {
-            let c = waiters.removeFirst()
-            lock.unlock()
-            c.resume()
-        }
-    }
-}
-
 /// Leg-level I/O in the background class, for copiers: one leg, bypassing the port's fan-out.
-private final class LegResultSink: CompletionSink, @unchecked Sendable {
-    private let continuation: CheckedContinuation<Int64, Never>
-    init(_ c: CheckedContinuation<Int64, Never>) { continuation = c }
-    override func ioCompleted(cookie: UInt64, result: Int64) { continuation.resume(returning: result) }
-}
-
 extension Domain {
     func legIO(_ op: IOScheduler.Operation, vdisk name: String, leg l: Int, offset: UInt64, length: Int,
                buffer: UnsafeMutableRawPointer) async throws(DomainError)
@@ -355,7 +315,7 @@ extension Domain {
                 let result = await withCheckedContinuation { (c: CheckedContinuation<Int64, Never>) in
                     do throws(IOError) {
                         try scheduler.submit(op, lun: slot, buffer: buffer + done, length: piece, offset: lunOffset,
-                                             fua: op == .write, ioClass: .background, sink: LegResultSink(c), cookie: 0)
+                                             fua: op == .write, ioClass: .background, sink: ContinuationSink(c), cookie: 0)
                         scheduler.kick()
                     } catch {
                         refused = error

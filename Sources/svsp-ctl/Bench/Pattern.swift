@@ -18,11 +18,16 @@ enum Pattern {
     static func firstDifference(_ buffer: UnsafeRawPointer, count: Int, offset: UInt64, seed: UInt64)
         -> (index: Int, expected: UInt8, got: UInt8)?
     {
-        let bytes = buffer.assumingMemoryBound(to: UInt8.self)
-        for i in 0..<count {
-            let w = word(at: offset &+ UInt64(i & ~7), seed: seed)
-            let expected = UInt8(truncatingIfNeeded: w >> (UInt64(i & 7) * 8))
-            if bytes[i] != expected { return (i, expected, bytes[i]) }
+        // Word by word (as `fill` wrote them, little-endian); bytes only inside the first bad word.
+        for w in 0..<(count / 8) {
+            let expectedWord = word(at: offset &+ UInt64(w * 8), seed: seed)
+            let gotWord = buffer.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self)
+            if gotWord == expectedWord { continue }
+            for b in 0..<8 {
+                let expected = UInt8(truncatingIfNeeded: expectedWord >> (UInt64(b) * 8))
+                let got = UInt8(truncatingIfNeeded: gotWord >> (UInt64(b) * 8))
+                if got != expected { return (w * 8 + b, expected, got) }
+            }
         }
         return nil
     }

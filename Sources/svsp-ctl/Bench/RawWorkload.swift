@@ -32,6 +32,21 @@ struct VerifyFailure: Error, CustomStringConvertible {
     }
 }
 
+/// What a `RawWorkload` runs (the same for every target).
+struct RawWorkloadConfig {
+    var pattern: AccessPattern
+    var blockBytes: Int
+    var queueDepth: Int
+    var areaBytes: UInt64
+    var readPercent: Int = 50
+    /// nil = one pass over the area.
+    var seconds: Double?
+    /// One pass only: write (or read and check) the verify pattern.
+    var verifyWrite = false
+    var verifyRead = false
+    var seed: UInt64 = 0x5157_5350
+}
+
 /// Drives `queueDepth` requests against one LUN from the engine's completion
 /// thread: each completion records its latency and issues the slot's next
 /// request. Nothing allocates per I/O: slots, buffers and histograms exist up front.
@@ -39,19 +54,7 @@ struct VerifyFailure: Error, CustomStringConvertible {
 /// Two ways to run: timed (until `seconds` pass) or one pass over the area
 /// (each block exactly once, in sequential or permuted order) used by --verify.
 final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendable {
-    struct Config {
-        var pattern: AccessPattern
-        var blockBytes: Int
-        var queueDepth: Int
-        var areaBytes: UInt64
-        var readPercent: Int = 50
-        /// nil = one pass over the area.
-        var seconds: Double?
-        /// One pass only: write (or read and check) the verify pattern.
-        var verifyWrite = false
-        var verifyRead = false
-        var seed: UInt64 = 0x5157_5350
-    }
+    typealias Config = RawWorkloadConfig
 
     private let config: Config
     private let target: Target
@@ -235,18 +238,16 @@ final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendabl
     private func check(slot: Int) {
         let offset = slotOffset[slot]
         let buffer = buffers.buffer(at: slot).pointer
-        let gotCRC = Checksum.crc32c(UnsafeRawBufferPointer(start: buffer, count: config.blockBytes))
-        let expectedCRC: UInt32
-        if let blockCRCs {
-            expectedCRC = blockCRCs[Int(offset / UInt64(config.blockBytes))]
-            if gotCRC == expectedCRC { return }
-        } else {
-            guard Pattern.firstDifference(buffer, count: config.blockBytes, offset: offset, seed: config.seed) != nil
-            else { return }
-            expectedCRC = 0
+        var crcs: (expected: UInt32, got: UInt32)?
+        if let blockCRCs { // with the write pass's table: one crc32c per block decides
+            let got = Checksum.crc32c(UnsafeRawBufferPointer(start: buffer, count: config.blockBytes))
+            let expected = blockCRCs[Int(offset / UInt64(config.blockBytes))]
+            if got == expected { return }
+            crcs = (expected, got)
         }
         let diff = Pattern.firstDifference(buffer, count: config.blockBytes, offset: offset, seed: config.seed)
+        if crcs == nil, diff == nil { return }
         fail(VerifyFailure(offset: offset + UInt64(diff?.index ?? 0), expected: diff?.expected ?? 0,
-                           got: diff?.got ?? 0, expectedCRC: blockCRCs == nil ? nil : expectedCRC, gotCRC: gotCRC))
+                           got: diff?.got ?? 0, expectedCRC: crcs?.expected, gotCRC: crcs?.got ?? 0))
     }
 }

@@ -85,8 +85,8 @@ struct RawBench: ParsableCommand {
         let profile = try arrayProfile.map { try ProfileLookup.array($0, profilesRoot: profiles) }
         let engine = try Engine(queueDepth: qd)
         let pool = try BufferPool(bufferBytes: Int(blockBytes), count: qd, alignment: Int(info.alignment))
-        let config = RawWorkload<EngineTarget>.Config(pattern: pattern, blockBytes: Int(blockBytes), queueDepth: qd,
-                                                      areaBytes: areaBytes / blockBytes * blockBytes, readPercent: rwmixRead)
+        let config = RawWorkloadConfig(pattern: pattern, blockBytes: Int(blockBytes), queueDepth: qd,
+                                       areaBytes: areaBytes / blockBytes * blockBytes, readPercent: rwmixRead)
         let reports: [BenchReport]
         if let profile {
             let scheduler = IOScheduler(engine: engine.handle, profile: profile, capacity: max(qd, 64))
@@ -99,10 +99,9 @@ struct RawBench: ParsableCommand {
     }
 
     /// Runs the verify passes or the timed run against `target`.
-    private func runPhases<T: BenchTarget>(target: T, config base: RawWorkload<EngineTarget>.Config,
+    private func runPhases<T: BenchTarget>(target: T, config base: RawWorkloadConfig,
                                            pool: BufferPoolHandle) throws -> [BenchReport] {
-        var config = RawWorkload<T>.Config(pattern: base.pattern, blockBytes: base.blockBytes, queueDepth: base.queueDepth,
-                                           areaBytes: base.areaBytes, readPercent: base.readPercent)
+        var config = base
         var reports: [BenchReport] = []
         func report(_ w: RawWorkload<T>, phase: String) -> BenchReport {
             BenchReport(target: self.target, rw: rw, blockBytes: config.blockBytes, queueDepth: qd,

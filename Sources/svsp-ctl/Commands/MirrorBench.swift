@@ -49,7 +49,7 @@ struct MirrorBench: ParsableCommand {
                                                  sizeBytes: wanted / blockBytes * blockBytes, blockSize: 512, thin: false)
                 let port = try domain.port(for: "m")
                 let buffers = try BufferPool(bufferBytes: Int(blockBytes), count: qd)
-                var config = RawWorkload<VDiskTarget>.Config(pattern: pattern, blockBytes: Int(blockBytes), queueDepth: qd,
+                var config = RawWorkloadConfig(pattern: pattern, blockBytes: Int(blockBytes), queueDepth: qd,
                                                              areaBytes: port.sizeBytes / blockBytes * blockBytes)
                 config.seconds = seconds
                 let w = RawWorkload(config: config, target: VDiskTarget(port: port), lunPath: "vdisk m", buffers: buffers.handle)

@@ -58,7 +58,7 @@ struct TuneCommand: ParsableCommand {
         for write in passes {
             for size in sizeList {
                 for depth in depthList {
-                    let config = RawWorkload<EngineTarget>.Config(
+                    let config = RawWorkloadConfig(
                         pattern: write ? .randwrite : .randread, blockBytes: size, queueDepth: depth,
                         areaBytes: areaBytes, seconds: secondsPerStep)
                     let w = RawWorkload(config: config, target: EngineTarget(engine: engine.handle, lun: target.handle),
