@@ -147,6 +147,25 @@ final class DaemonTests: XCTestCase {
         XCTAssertEqual(try ok(["status", "--json"]), before)
     }
 
+    func testSIGTERMLetsTheRunningCommandFinishAndAnswer() throws {
+        try startDaemon()
+        _ = try ok(["pool", "create", "a", "--array-profile", "file-backed", "--lun", dir.file("a.img"), "--create-size", "600M"])
+        _ = try ok(["vdisk", "create", "v1", "--pool", "a", "--size", "512M"])
+        // A verify of 512 MiB writes and reads for a second or more: stop the daemon during it.
+        final class Box: @unchecked Sendable { var result: CLI.Result? }
+        let box = Box()
+        let state = self.state
+        let worker = Thread { box.result = try? CLI.run(["vdisk", "verify", "v1", "--dir", state]) }
+        worker.start()
+        usleep(300_000)
+        XCTAssertTrue(daemon?.process.isRunning ?? false)
+        stopDaemon()
+        while !worker.isFinished { usleep(10_000) }
+        let r = try XCTUnwrap(box.result)
+        XCTAssertEqual(r.status, 0, "the command running at SIGTERM still answers: \(r.stderr)")
+        XCTAssertTrue(r.stdout.contains("1048576 blocks of 512 bytes verified"), r.stdout)
+    }
+
     func testSIGKILLDuringCommandsLeavesACommittedGeneration() throws {
         try startDaemon()
         try makeThreePools()

@@ -4,7 +4,7 @@ import Logging
 /// `svsp-ctl serve`: runs one domain in the foreground until SIGINT/SIGTERM.
 /// Holds STATE/lock (a second daemon on the same STATE is refused), serves the
 /// management socket, and on a signal stops accepting, lets the running command
-/// finish, and exits 0 (metadata is persisted at every commit).
+/// finish (up to `commandGraceSeconds`), and exits 0 (metadata is persisted at every commit).
 public final class Daemon: @unchecked Sendable {
     public struct Options: Sendable {
         public var directory: String
@@ -27,7 +27,9 @@ public final class Daemon: @unchecked Sendable {
     private var lockFD: Int32 = -1
     private var listenFD: Int32 = -1
     private let stopping = DispatchSemaphore(value: 0)
+    private let running = RunningCommands()
     private let logger: Logger
+    static let commandGraceSeconds = 30.0
 
     public init(options: Options, logger: Logger) {
         self.options = options
@@ -95,8 +97,13 @@ public final class Daemon: @unchecked Sendable {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             Thread { nbd.stop(); c.resume() }.start()
         }
-        // Wait for the command in progress (the handler is an actor: this queues behind it).
-        _ = await handler.handle(MgmtRequest(command: "status"))
+        // Let the commands in progress finish and answer (the handler is a reentrant actor,
+        // so only counting them tells when they are done). A long one (a foreground resync)
+        // is cut off after the grace time; it stopped at a committed generation and resumes.
+        let unfinished = await withCheckedContinuation { (c: CheckedContinuation<Int, Never>) in
+            Thread { [running] in c.resume(returning: running.wait(seconds: Self.commandGraceSeconds)) }.start()
+        }
+        if unfinished > 0 { logger.warning("stopping with \(unfinished) command(s) still running after \(Int(Self.commandGraceSeconds))s") }
         upkeep.cancel()
         // A clean stop: no write is in flight, so mirrors whose legs agree start clean.
         for v in domain.metadata.vdisks where v.isMirror && v.legs.allSatisfy({ $0.state == .inSync }) {
@@ -144,7 +151,9 @@ public final class Daemon: @unchecked Sendable {
                 continue
             }
             let logger = self.logger
-            Task {
+            running.enter()
+            Task { [running] in
+                defer { running.leave() }
                 let response: MgmtResponse
                 if let request = try? JSONDecoder().decode(MgmtRequest.self, from: line) {
                     response = await handler.handle(request)
