@@ -72,8 +72,6 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// A range a resync or repair is copying: host writes into it wait until it is released.
     private var gates: [Range<UInt64>] = []
     private var gated: [Int32] = []
-    private let zeros: AlignedBuffer
-    private static let zeroBytes = 1 << 20
     private let readSeries: DomainMetrics.IOSet
     private let writeSeries: DomainMetrics.IOSet
     /// The write-intent bitmap of a sync mirror with dirty-region tracking on
@@ -87,8 +85,6 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         self.capacity = capacity
         guard let m = Self.makeMapping(domain, name) else { throw DomainError("vdisk '\(name)' not found") }
         mapping = m
-        do { zeros = try AlignedBuffer(count: Self.zeroBytes) } catch { throw DomainError("\(error)") }
-        memset(zeros.pointer, 0, Self.zeroBytes)
         gated.reserveCapacity(capacity)
         slots = .allocate(capacity: capacity)
         slots.initialize(repeating: Request(), count: capacity)
@@ -372,8 +368,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 case .writeZeroes, .trim:
                     var z = 0
                     while z < piece {
-                        let n = min(Self.zeroBytes, piece - z)
-                        if !send(.write, lun: ref.lun, lunOffset: lunOffset + UInt64(z), buffer: zeros.pointer, length: n) { return true }
+                        let n = min(SharedZeros.bytes, piece - z)
+                        if !send(.write, lun: ref.lun, lunOffset: lunOffset + UInt64(z), buffer: SharedZeros.pointer, length: n) { return true }
                         z += n
                     }
                 case .flush:
