@@ -12,9 +12,11 @@ public final class Daemon: @unchecked Sendable {
         public var profilesRoot: String?
         public var metricsListen: String?
         public var nbdListen: String?
+        public var nbdMaxConnections: Int
         public init(directory: String, mgmtSocket: String? = nil, profilesRoot: String? = nil, metricsListen: String? = nil,
-                    nbdListen: String? = nil)
+                    nbdListen: String? = nil, nbdMaxConnections: Int = NBDServer.defaultMaxConnections)
         {
+            self.nbdMaxConnections = nbdMaxConnections
             self.directory = directory
             self.mgmtSocket = mgmtSocket
             self.profilesRoot = profilesRoot
@@ -55,7 +57,8 @@ public final class Daemon: @unchecked Sendable {
         // Mirrors written when the daemon last stopped: level their dirty regions first.
         await domain.mirrors.recoverAfterRestart { [logger] in logger.notice("\($0)") }
         let upkeep = Task { await domain.mirrors.runUpkeep() }
-        let nbd = try NBDServer(domain: domain, socketPath: dir + "/nbd.sock", tcpListen: options.nbdListen) { [logger] in
+        let nbd = try NBDServer(domain: domain, socketPath: dir + "/nbd.sock", tcpListen: options.nbdListen,
+                                maxConnections: options.nbdMaxConnections) { [logger] in
             logger.notice("\($0)")
         }
         let handler = CommandHandler(domain: domain, nbd: nbd)

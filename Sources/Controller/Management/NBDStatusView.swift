@@ -12,12 +12,16 @@ struct NBDStatusView: Codable {
 
     var unixSocket: String
     var tcp: String?
+    var maxConnections: Int
+    var turnedAway: UInt64
     var exports: [Export]
     var connections: [NBDConnectionView]
 
     init(_ server: NBDServer, domain: Domain) {
         unixSocket = server.socketPath
         tcp = server.tcpAddress
+        maxConnections = server.registry.maxConnections
+        turnedAway = server.registry.turnedAway
         let totals = server.registry.exportTotals()
         exports = domain.metadata.vdisks.compactMap { v in
             guard let mode = v.export else { return nil }
@@ -30,7 +34,8 @@ struct NBDStatusView: Codable {
 
 extension Table {
     static func nbd(_ n: NBDStatusView) -> String {
-        var lines = ["NBD: unix socket \(n.unixSocket)" + (n.tcp.map { ", tcp \($0)" } ?? "")]
+        var lines = ["NBD: unix socket \(n.unixSocket)" + (n.tcp.map { ", tcp \($0)" } ?? "")
+            + ", at most \(n.maxConnections) connections" + (n.turnedAway > 0 ? " (\(n.turnedAway) turned away)" : "")]
         if n.exports.isEmpty {
             lines.append("no exports (svsp-ctl vdisk export NAME)")
         } else {

@@ -171,7 +171,18 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     func channelActive(context: ChannelHandlerContext) {
         self.context = context
-        stats = registry.register(channel: context.channel)
+        switch registry.register(channel: context.channel) {
+        case .admitted(let s):
+            stats = s
+        case .turnedAway(let first):
+            if first {
+                log("nbd: \(registry.maxConnections) connections open, closing new ones until some end "
+                    + "(serve --nbd-max-connections; `status` counts them)")
+            }
+            phase = .closing
+            context.close(promise: nil)
+            return
+        }
         var out = context.channel.allocator.buffer(capacity: 18)
         out.writeInteger(NBD.initMagic)
         out.writeInteger(NBD.optMagic)

@@ -7,15 +7,21 @@ import NIOPosix
 public final class NBDServer: @unchecked Sendable {
     private let group: MultiThreadedEventLoopGroup
     private var channels: [Channel] = []
-    let registry = NBDRegistry()
+    let registry: NBDRegistry
     public let socketPath: String
     /// The TCP address actually bound (port 0 picks a free one), when listening on TCP.
     public private(set) var tcpAddress: String?
 
-    public init(domain: Domain, socketPath: String, tcpListen: String? = nil,
+    public static let defaultMaxConnections = 64
+
+    public init(domain: Domain, socketPath: String, tcpListen: String? = nil, maxConnections: Int = defaultMaxConnections,
                 log: @escaping @Sendable (String) -> Void) throws(DomainError)
     {
+        guard maxConnections >= 1 else {
+            throw DomainError("--nbd-max-connections \(maxConnections): must be at least 1")
+        }
         self.socketPath = socketPath
+        registry = NBDRegistry(maxConnections: maxConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let registry = registry
         let bootstrap = ServerBootstrap(group: group)

@@ -47,17 +47,35 @@ final class NBDRegistry: Sendable {
         var nextId = 1
         var live: [Int: Entry] = [:]
         var closedTotals: [String: NBDConnectionView.Counters] = [:]
+        var turnedAway: UInt64 = 0
     }
 
     private let state = Mutex(State())
+    /// Each connection may hold up to 32 MiB of payload buffers: this bounds the total.
+    let maxConnections: Int
 
-    func register(channel: Channel) -> NBDConnectionStats {
+    init(maxConnections: Int) { self.maxConnections = maxConnections }
+
+    /// Connections closed at accept because `maxConnections` were open.
+    var turnedAway: UInt64 { state.withLock { $0.turnedAway } }
+
+    enum Admission {
+        case admitted(NBDConnectionStats)
+        /// Over the limit; `first` is true for the first one since start (log it once).
+        case turnedAway(first: Bool)
+    }
+
+    func register(channel: Channel) -> Admission {
         let peer = channel.remoteAddress.map { "\($0)" } ?? "unix"
         return state.withLock { s in
+            guard s.live.count < maxConnections else {
+                s.turnedAway += 1
+                return .turnedAway(first: s.turnedAway == 1)
+            }
             let stats = NBDConnectionStats(id: s.nextId, peer: peer)
             s.nextId += 1
             s.live[stats.id] = Entry(stats: stats, export: nil, channel: channel)
-            return stats
+            return .admitted(stats)
         }
     }
 

@@ -77,12 +77,15 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("nbd-listen"),
             help: "Also serve NBD on TCP: PORT (loopback) or HOST:PORT (e.g. 0.0.0.0:10809 for every interface).")
     var nbdListen: String?
+    @Option(name: .customLong("nbd-max-connections"),
+            help: "Most NBD connections open at once (each may hold 32 MiB of buffers); more are closed at accept.")
+    var nbdMaxConnections: Int = NBDServer.defaultMaxConnections
 
     func run() throws {
         let dir = try DomainOptions.resolveDirectory(dir)
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles, metricsListen: metricsListen,
-                                           nbdListen: nbdListen),
+                                           nbdListen: nbdListen, nbdMaxConnections: nbdMaxConnections),
                             logger: Logger(label: "svsp"))
         let outcome = RunOutcome()
         let done = DispatchSemaphore(value: 0)
