@@ -344,6 +344,20 @@ final class NBDTests: XCTestCase {
         let text = try httpGet(port: port, path: "/metrics")
         XCTAssertTrue(text.contains("svsp_nbd_written_bytes_total{export=\"m1\"} 1048576"), text)
         XCTAssertTrue(text.contains("svsp_nbd_connections_count{export=\"m1\"} 1"), text)
+        // The live connection has its own series, gone once it closes.
+        let id = try XCTUnwrap(live.first?["id"] as? Int)
+        XCTAssertTrue(text.contains("svsp_nbd_connection_reads_total{connection=\"\(id)\",export=\"m1\",peer=\"unix\"} 1"), text)
+        XCTAssertTrue(text.contains("svsp_nbd_connection_read_bytes_total{connection=\"\(id)\",export=\"m1\",peer=\"unix\"} 4096"), text)
+        XCTAssertTrue(text.contains("svsp_nbd_connection_in_flight_count{connection=\"\(id)\",export=\"m1\",peer=\"unix\"} 0"), text)
+        client.send(NBDRawClient.request(type: 2, cookie: 2, offset: 0, length: 0)) // DISC
+        XCTAssertTrue(client.isClosedByServer())
+        var after = text
+        for _ in 0..<40 where after.contains("connection=\"\(id)\"") {
+            usleep(50_000)
+            after = try httpGet(port: port, path: "/metrics")
+        }
+        XCTAssertFalse(after.contains("connection=\"\(id)\""), after)
+        XCTAssertTrue(after.contains("svsp_nbd_reads_total{export=\"m1\"}"), "per-export totals stay")
     }
 
     func testPipelinedRequestsBeyondTheSlotsLongZeroingAndDisconnectAfterReplies() throws {

@@ -77,7 +77,7 @@ public final class Daemon: @unchecked Sendable {
                      healthy: domain.isPoolHealthy($0))
                 }
                 domain.metrics.updatePools(pools)
-                domain.metrics.updateNBD(exports: nbd.registry.exportTotals())
+                domain.metrics.updateNBD(exports: nbd.registry.exportTotals(), connections: nbd.registry.connections())
                 return domain.metrics.exposition()
             }
             server.start()

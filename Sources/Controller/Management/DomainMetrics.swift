@@ -70,9 +70,61 @@ public final class DomainMetrics: @unchecked Sendable {
     /// totals (monotonic: closed connections are folded in), so counters only move forward.
     private var nbdExported: [String: UInt64] = [:]
 
-    func updateNBD(exports: [String: (connections: Int, counters: NBDConnectionView.Counters)]) {
+    /// Per live connection: its in-flight gauge and counters; removed when it closes, so
+    /// the series stay bounded by `--nbd-max-connections`.
+    private struct ConnectionSeries {
+        let inFlight: Gauge
+        let counters: [(Counter, KeyPath<NBDConnectionView.Counters, UInt64>)]
+        var last = NBDConnectionView.Counters()
+    }
+
+    private var nbdConnections: [Int: ConnectionSeries] = [:]
+
+    private func updateNBDConnections(_ connections: [NBDConnectionView]) {
+        var live = Set<Int>()
+        for c in connections {
+            guard let export = c.export else { continue } // still negotiating
+            live.insert(c.id)
+            var s = nbdConnections[c.id] ?? makeConnectionSeries(labels: [("connection", "\(c.id)"), ("export", export), ("peer", c.peer)])
+            s.inFlight.set(to: Double(c.inFlight))
+            for (counter, field) in s.counters {
+                let delta = c.counters[keyPath: field] &- s.last[keyPath: field]
+                if delta > 0 { counter.increment(by: Int64(delta)) }
+            }
+            s.last = c.counters
+            nbdConnections[c.id] = s
+        }
+        for (id, s) in nbdConnections where !live.contains(id) {
+            registry.unregisterGauge(s.inFlight)
+            for (counter, _) in s.counters { registry.unregisterCounter(counter) }
+            nbdConnections[id] = nil
+        }
+    }
+
+    private func makeConnectionSeries(labels: [(String, String)]) -> ConnectionSeries {
+        let fields: [(String, String, KeyPath<NBDConnectionView.Counters, UInt64>)] = [
+            ("reads", "NBD reads completed on this connection", \.reads),
+            ("writes", "NBD writes completed on this connection", \.writes),
+            ("read_bytes", "Bytes read over this NBD connection", \.bytesRead),
+            ("written_bytes", "Bytes written over this NBD connection", \.bytesWritten),
+            ("other_requests", "Flush, trim, write-zeroes and block-status requests on this NBD connection", \.otherRequests),
+            ("errors", "Requests answered with an I/O error on this NBD connection", \.errors),
+            ("refused", "Malformed or out-of-range requests refused on this NBD connection", \.refused),
+        ]
+        return ConnectionSeries(
+            inFlight: registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "nbd_connection", metricName: "in_flight",
+                                                           unitName: "count", helpText: "Requests in flight on this NBD connection"),
+                                         labels: labels),
+            counters: fields.map { metric, help, field in
+                (registry.makeCounter(descriptor: .init(namespace: "svsp", subsystem: "nbd_connection", metricName: metric,
+                                                        unitName: "total", helpText: help), labels: labels), field)
+            })
+    }
+
+    func updateNBD(exports: [String: (connections: Int, counters: NBDConnectionView.Counters)], connections: [NBDConnectionView]) {
         lock.lock()
         defer { lock.unlock() }
+        updateNBDConnections(connections)
         for (name, t) in exports {
             let labels = [("export", name)]
             registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "nbd", metricName: "connections",

@@ -59,6 +59,12 @@ final class NBDRegistry: Sendable {
     /// Connections closed at accept because `maxConnections` were open.
     var turnedAway: UInt64 { state.withLock { $0.turnedAway } }
 
+    /// "unix", "127.0.0.1:40112" or "[::1]:40112".
+    static func peerName(_ address: SocketAddress?) -> String {
+        guard let a = address, a.protocol != .unix, let ip = a.ipAddress else { return "unix" }
+        return (a.protocol == .inet6 ? "[\(ip)]" : ip) + ":\(a.port ?? 0)"
+    }
+
     enum Admission {
         case admitted(NBDConnectionStats)
         /// Over the limit; `first` is true for the first one since start (log it once).
@@ -66,7 +72,7 @@ final class NBDRegistry: Sendable {
     }
 
     func register(channel: Channel) -> Admission {
-        let peer = channel.remoteAddress.map { "\($0)" } ?? "unix"
+        let peer = Self.peerName(channel.remoteAddress)
         return state.withLock { s in
             guard s.live.count < maxConnections else {
                 s.turnedAway += 1
