@@ -25,6 +25,8 @@ public final class DirtyRegionLog: @unchecked Sendable {
     /// The bitmap as last made durable: a write may go once its regions are set here.
     private var durable: [UInt8]
     private var inflight: [UInt16]
+    /// Pages holding bits set but not yet durable (so a waiting write need not scan the bitmap).
+    private var pendingPages: ClosedRange<Int>?
     /// Milliseconds (wrapping) of each region's last write: idleness is measured to the
     /// millisecond, not to a second boundary that may be a moment away.
     private var lastWriteMs: [UInt32]
@@ -71,7 +73,10 @@ public final class DirtyRegionLog: @unchecked Sendable {
             inflight[r] &+= 1
             lastWriteMs[r] = now
             bits[r >> 3] |= 1 << UInt8(r & 7)
-            if durable[r >> 3] & (1 << UInt8(r & 7)) == 0 { ready = false }
+            if durable[r >> 3] & (1 << UInt8(r & 7)) == 0 {
+                ready = false
+                notePending(page: (r >> 3) / 4096)
+            }
         }
         lock.unlock()
         return ready
@@ -87,14 +92,24 @@ public final class DirtyRegionLog: @unchecked Sendable {
     /// persist usually covered them already). False when that failed.
     private func persistPending() -> Bool {
         lock.lock()
-        var pages: (Int, Int)?
-        for i in bits.indices where bits[i] & ~durable[i] != 0 {
-            let page = i / 4096
-            pages = (min(pages?.0 ?? page, page), max(pages?.1 ?? page, page))
-        }
+        let pages = pendingPages
+        pendingPages = nil
+        // An earlier waiter's persist may have covered these bits already.
+        let needed = pages.map { p in (p.lowerBound * 4096..<min(bits.count, (p.upperBound + 1) * 4096)).contains { bits[$0] & ~durable[$0] != 0 } }
         lock.unlock()
-        guard let pages else { return true }
-        return persist(pages.0...pages.1)
+        guard let pages, needed == true else { return true }
+        if persist(pages) { return true }
+        // Not durable: the next waiter (this queue is serial) must try these pages again.
+        lock.lock()
+        notePending(page: pages.lowerBound)
+        notePending(page: pages.upperBound)
+        lock.unlock()
+        return false
+    }
+
+    /// Caller holds `lock`.
+    private func notePending(page: Int) {
+        pendingPages = pendingPages.map { min($0.lowerBound, page)...max($0.upperBound, page) } ?? page...page
     }
 
     /// After a write completed (on every leg it went to).
