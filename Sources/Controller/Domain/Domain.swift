@@ -40,19 +40,13 @@ public final class Domain: @unchecked Sendable {
     let bootstrap: BootstrapStore
     let engineBox: EngineBox
     var engine: EngineHandle { engineBox.engine.handle }
-    private var luns: [UUID: [LUNBox?]] = [:]
     private var storedPorts: [String: VDiskPort] = [:]
-    private var storedSchedulers: [UUID: IOScheduler] = [:]
-    private var storedSlots: [UUID: [Int?]] = [:]
-    private(set) var schedulers: [UUID: IOScheduler] {
-        get { stateLock.lock(); defer { stateLock.unlock() }; return storedSchedulers }
-        set { stateLock.lock(); storedSchedulers = newValue; stateLock.unlock() }
-    }
-    /// Per pool: the scheduler's index of each LUN, nil for a LUN that is missing.
-    private(set) var schedulerSlots: [UUID: [Int?]] {
-        get { stateLock.lock(); defer { stateLock.unlock() }; return storedSlots }
-        set { stateLock.lock(); storedSlots = newValue; stateLock.unlock() }
-    }
+    private var storedPools: [UUID: PoolRuntime] = [:]
+
+    /// The open pool's LUNs and scheduler (nil for a pool not open).
+    func runtime(of pool: UUID) -> PoolRuntime? { stateLock.withLock { storedPools[pool] } }
+
+    private func setRuntime(_ runtime: PoolRuntime?, of pool: UUID) { stateLock.withLock { storedPools[pool] = runtime } }
     private var setupStore: SetupVDiskStore?
 
     /// `svsp-ctl domain init`: an empty domain in `directory`.
@@ -94,7 +88,7 @@ public final class Domain: @unchecked Sendable {
             domain.setupCopyStates = states
             for s in states where s.problem != nil { domain.problems.append("setup vdisk copy on pool '\(s.poolName)': \(s.problem!)") }
         }
-        for pool in domain.metadata.pools where domain.luns[pool.id] == nil { domain.openLUNs(of: pool) }
+        for pool in domain.metadata.pools where domain.runtime(of: pool.id) == nil { domain.openLUNs(of: pool) }
         return domain
     }
 
@@ -133,21 +127,17 @@ public final class Domain: @unchecked Sendable {
                 boxes.append(nil)
             }
         }
-        luns[pool.id] = boxes
-        if let array = profiles.arrays[pool.arrayProfile] {
-            let share = profiles.pools[pool.poolProfile]?.backgroundSharePercent ?? 20
-            let scheduler = IOScheduler(engine: engine, profile: array, backgroundSharePercent: share)
-            schedulerSlots[pool.id] = boxes.map { box in box.map { scheduler.addLUN($0.handle) } }
-            schedulers[pool.id] = scheduler
-        } else {
-            problems.append("pool '\(pool.name)': array profile '\(pool.arrayProfile)' not found")
-        }
+        let array = profiles.arrays[pool.arrayProfile]
+        if array == nil { problems.append("pool '\(pool.name)': array profile '\(pool.arrayProfile)' not found") }
+        setRuntime(PoolRuntime(luns: boxes, engine: engine, array: array,
+                               backgroundSharePercent: profiles.pools[pool.poolProfile]?.backgroundSharePercent ?? 20),
+                   of: pool.id)
     }
 
     /// Whether every LUN of the pool is present.
-    public func isPoolHealthy(_ pool: PoolRecord) -> Bool { luns[pool.id]?.allSatisfy { $0 != nil } ?? false }
+    public func isPoolHealthy(_ pool: PoolRecord) -> Bool { runtime(of: pool.id)?.isHealthy ?? false }
 
-    func lunHandle(pool: UUID, index: Int) -> LUNHandle? { luns[pool]?[index]?.handle }
+    func lunHandle(pool: UUID, index: Int) -> LUNHandle? { runtime(of: pool)?.luns[index]?.handle }
 
     /// Reads a LUN's first bytes once and decodes its label and, when asked, the
     /// signature of a foreign format there (a LUN under 4 KiB has neither).
@@ -181,7 +171,7 @@ public final class Domain: @unchecked Sendable {
 
     private func makeSetupStore(_ poolIds: [UUID], in metadata: DomainMetadata) -> SetupVDiskStore {
         let copies = poolIds.compactMap { id -> SetupVDiskStore.Copy? in
-            guard let pool = metadata.pool(id: id), let handle = luns[id]?.first??.handle else { return nil }
+            guard let pool = metadata.pool(id: id), let handle = runtime(of: id)?.firstLUN else { return nil }
             return SetupVDiskStore.Copy(poolName: pool.name, lun: handle, metadataReserveBytes: pool.metadataReserveBytes)
         }
         return SetupVDiskStore(copies: copies, engine: engine)
@@ -279,10 +269,8 @@ public final class Domain: @unchecked Sendable {
             cleanUp()
             throw error
         }
-        luns[poolId] = boxes
-        let scheduler = IOScheduler(engine: engine, profile: array, backgroundSharePercent: profile.backgroundSharePercent)
-        schedulerSlots[poolId] = boxes.map { scheduler.addLUN($0.handle) }
-        schedulers[poolId] = scheduler
+        setRuntime(PoolRuntime(luns: boxes, engine: engine, array: array, backgroundSharePercent: profile.backgroundSharePercent),
+                   of: poolId)
         return pool
     }
 
@@ -297,13 +285,11 @@ public final class Domain: @unchecked Sendable {
         next.pools.removeAll { $0.id == pool.id }
         try await commit(next)
         // Clear the labels so the LUNs can be reused without --force.
-        if let boxes = luns[pool.id], let zero = try? AlignedBuffer(count: 4096) {
+        if let boxes = runtime(of: pool.id)?.luns, let zero = try? AlignedBuffer(count: 4096) {
             memset(zero.pointer, 0, 4096)
             for box in boxes.compactMap({ $0 }) { _ = try? await engine.write(lun: box.handle, from: zero.pointer, length: 4096, offset: 0, fua: true) }
         }
-        luns[pool.id] = nil
-        schedulers[pool.id] = nil
-        schedulerSlots[pool.id] = nil
+        setRuntime(nil, of: pool.id)
     }
 
     /// Extents of the pool no vdisk uses.
@@ -540,7 +526,7 @@ public final class Domain: @unchecked Sendable {
         var ids: [UUID] = []
         for name in poolNames {
             guard let pool = metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
-            guard luns[pool.id]?.first??.handle != nil else { throw DomainError("pool '\(name)' is missing its first LUN") }
+            guard runtime(of: pool.id)?.firstLUN != nil else { throw DomainError("pool '\(name)' is missing its first LUN") }
             ids.append(pool.id)
         }
         var next = metadata

@@ -118,16 +118,16 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private static func makeMapping(_ domain: Domain, _ name: String) -> Mapping? {
         let m = domain.metadata
         guard let v = m.vdisk(named: name) else { return nil }
-        let schedulers = domain.schedulers, slots = domain.schedulerSlots
         var legs: [LegMap] = []
         for leg in v.legs {
             guard let pool = m.pool(id: leg.poolId) else { return nil }
             let series = pool.luns.map { lun in
                 ["read", "write", "flush"].map { domain.metrics.lunSeries(pool: pool.name, lun: lun.path, op: $0) }
             }
+            let runtime = domain.runtime(of: pool.id)
             legs.append(LegMap(state: leg.state, extentBytes: pool.extentBytes, extents: leg.extents,
-                               lunDataStart: pool.luns.map(\.dataStartBytes), schedulerSlot: slots[pool.id] ?? [],
-                               scheduler: schedulers[pool.id], lunSeries: series))
+                               lunDataStart: pool.luns.map(\.dataStartBytes), schedulerSlot: runtime?.slots ?? [],
+                               scheduler: runtime?.scheduler, lunSeries: series))
         }
         return Mapping(generation: m.generation, sizeBytes: v.sizeBytes, blockSize: v.blockSize, mode: v.mode, legs: legs)
     }

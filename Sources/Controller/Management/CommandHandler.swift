@@ -161,7 +161,7 @@ public actor CommandHandler {
             let text = try arg(r, "rate")
             let rate: Double? = text == "none" ? nil : ProfileUnits.parseRate(text)
             guard text == "none" || (rate ?? 0) > 0 else { throw DomainError("rate '\(text)': use e.g. 50MiB/s, 400Mbit/s or none") }
-            for leg in v.legs { domain.schedulers[leg.poolId]?.setBackgroundRate(rate) }
+            for leg in v.legs { domain.runtime(of: leg.poolId)?.scheduler?.setBackgroundRate(rate) }
             return .success(text: "vdisk '\(name)': background copy rate \(rate.map(ProfileUnits.formatRate) ?? "unlimited")", json: ["rate": text])
         case "setup.create":
             let pools = try arg(r, "pools").split(separator: "\n").map(String.init)

@@ -296,7 +296,7 @@ extension Domain {
                buffer: UnsafeMutableRawPointer) async throws(DomainError)
     {
         guard let v = metadata.vdisk(named: name), v.legs.indices.contains(l), let pool = metadata.pool(id: v.legs[l].poolId),
-              let scheduler = schedulers[pool.id], let slots = schedulerSlots[pool.id]
+              let runtime = runtime(of: pool.id), let scheduler = runtime.scheduler
         else { throw DomainError("vdisk '\(name)': leg \(l) is not available") }
         var done = 0
         while done < length {
@@ -308,7 +308,7 @@ extension Domain {
                 done += piece
                 continue
             }
-            guard let slot = slots[ref.lun] else { throw DomainError("vdisk '\(name)': leg \(l) LUN \(ref.lun) is missing") }
+            guard let slot = runtime.slots[ref.lun] else { throw DomainError("vdisk '\(name)': leg \(l) LUN \(ref.lun) is missing") }
             let lunOffset = pool.luns[ref.lun].dataStartBytes + UInt64(ref.extent) * pool.extentBytes + within
             while true {
                 var refused: IOError?

@@ -1,0 +1,25 @@
+import IOEngine
+
+/// What an open pool has at run time: its LUNs (nil = missing or foreign) and, when its
+/// array profile is known, the pool's scheduler and each LUN's slot in it.
+struct PoolRuntime: Sendable {
+    let luns: [LUNBox?]
+    let scheduler: IOScheduler?
+    /// The scheduler's index of each LUN, nil for a missing one (empty without a scheduler).
+    let slots: [Int?]
+
+    init(luns: [LUNBox?], engine: EngineHandle, array: ArrayProfile?, backgroundSharePercent: Int) {
+        self.luns = luns
+        guard let array else {
+            scheduler = nil
+            slots = []
+            return
+        }
+        let scheduler = IOScheduler(engine: engine, profile: array, backgroundSharePercent: backgroundSharePercent)
+        slots = luns.map { box in box.map { scheduler.addLUN($0.handle) } }
+        self.scheduler = scheduler
+    }
+
+    var isHealthy: Bool { luns.allSatisfy { $0 != nil } }
+    var firstLUN: LUNHandle? { luns.first??.handle }
+}
