@@ -158,7 +158,7 @@ final class DaemonTests: XCTestCase {
         let worker = Thread { box.result = try? CLI.run(["vdisk", "verify", "v1", "--dir", state]) }
         worker.start()
         usleep(300_000)
-        XCTAssertTrue(daemon?.process.isRunning ?? false)
+        XCTAssertFalse(worker.isFinished, "the verify must still be running when the signal comes")
         stopDaemon()
         while !worker.isFinished { usleep(10_000) }
         let r = try XCTUnwrap(box.result)

@@ -27,6 +27,11 @@ final class NBDRawClient: @unchecked Sendable {
 
     deinit { close(fd) }
 
+    func setReceiveTimeout(seconds: Int) {
+        var tv = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
     func send(_ bytes: [UInt8]) {
         var off = 0
         while off < bytes.count {

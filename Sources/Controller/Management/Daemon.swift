@@ -43,6 +43,7 @@ public final class Daemon: @unchecked Sendable {
     /// Runs until a signal; returns normally after a clean shutdown.
     public func run() async throws(DomainError) {
         let dir = options.directory
+        try NBDServer.validate(maxConnections: options.nbdMaxConnections)
         guard BootstrapStore(directory: dir).exists else {
             throw DomainError("\(dir): no domain here (run `svsp-ctl domain init --dir \(dir) --name NAME`)")
         }
@@ -104,13 +105,17 @@ public final class Daemon: @unchecked Sendable {
         // so only counting them tells when they are done). A long one (a foreground resync)
         // is cut off after the grace time; it stopped at a committed generation and resumes.
         let unfinished = await withCheckedContinuation { (c: CheckedContinuation<Int, Never>) in
-            Thread { [running] in c.resume(returning: running.wait(seconds: Self.commandGraceSeconds)) }.start()
+            Thread { [running] in c.resume(returning: running.closeAndWait(seconds: Self.commandGraceSeconds)) }.start()
         }
-        if unfinished > 0 { logger.warning("stopping with \(unfinished) command(s) still running after \(Int(Self.commandGraceSeconds))s") }
         upkeep.cancel()
-        // A clean stop: no write is in flight, so mirrors whose legs agree start clean.
-        for v in domain.metadata.vdisks where v.isMirror && v.legs.allSatisfy({ $0.state == .inSync }) {
-            (try? domain.port(for: v.name))?.dirtyLog?.clean(idleSeconds: 0)
+        if unfinished > 0 {
+            // Their writes may still be in flight: leave the dirty regions for the next start.
+            logger.warning("stopping with \(unfinished) command(s) still running after \(Int(Self.commandGraceSeconds))s")
+        } else {
+            // A clean stop: no write is in flight, so mirrors whose legs agree start clean.
+            for v in domain.metadata.vdisks where v.isMirror && v.legs.allSatisfy({ $0.state == .inSync }) {
+                (try? domain.port(for: v.name))?.dirtyLog?.clean(idleSeconds: 0)
+            }
         }
         unlink(socketPath)
         unlink(MgmtPaths.recorded(dir))
@@ -148,13 +153,18 @@ public final class Daemon: @unchecked Sendable {
                 if errno == EINTR || errno == ECONNABORTED { continue }
                 return // listening socket closed: shutting down
             }
+            // Counted from accept, so a command still being read when shutdown starts is waited for.
+            guard running.tryEnter() else {
+                Self.reply(fd, .failure("the daemon is stopping"))
+                continue
+            }
             guard let line = UnixSocket.readLine(fd, limit: MgmtLimits.maxMessageBytes) else {
                 logger.warning("management: dropped a connection with no or oversized request")
                 close(fd)
+                running.leave()
                 continue
             }
             let logger = self.logger
-            running.enter()
             Task { [running] in
                 defer { running.leave() }
                 let response: MgmtResponse
@@ -165,11 +175,16 @@ public final class Daemon: @unchecked Sendable {
                     response = .failure("malformed management request")
                     logger.warning("management: malformed request")
                 }
-                var data = (try? JSONEncoder().encode(response)) ?? Data()
-                data.append(UInt8(ascii: "\n"))
-                _ = UnixSocket.writeAll(fd, data)
-                close(fd)
+                Self.reply(fd, response)
             }
         }
+    }
+
+    /// Writes one response line and closes the connection.
+    private static func reply(_ fd: Int32, _ response: MgmtResponse) {
+        var data = (try? JSONEncoder().encode(response)) ?? Data()
+        data.append(UInt8(ascii: "\n"))
+        _ = UnixSocket.writeAll(fd, data)
+        close(fd)
     }
 }

@@ -1,24 +1,36 @@
 import Foundation
 import Synchronization
 
-/// Counts management commands between accept and reply, so shutdown can wait for them.
+/// Counts management commands from accept to reply, so shutdown can wait for them.
 final class RunningCommands: Sendable {
-    private let count = Mutex(0)
+    private struct State {
+        var count = 0
+        var closed = false
+    }
+
+    private let state = Mutex(State())
     private let group = DispatchGroup()
 
-    func enter() {
-        group.enter()
-        count.withLock { $0 += 1 }
+    /// Counts one more command; false once shutdown has begun waiting (answer "stopping").
+    func tryEnter() -> Bool {
+        state.withLock { s in
+            guard !s.closed else { return false }
+            s.count += 1
+            group.enter()
+            return true
+        }
     }
 
     func leave() {
-        count.withLock { $0 -= 1 }
+        state.withLock { $0.count -= 1 }
         group.leave()
     }
 
-    /// Blocks until none is running or `seconds` pass; returns how many still run.
-    func wait(seconds: Double) -> Int {
+    /// Refuses new commands, then blocks until none is running or `seconds` pass;
+    /// returns how many still run.
+    func closeAndWait(seconds: Double) -> Int {
+        state.withLock { $0.closed = true }
         _ = group.wait(timeout: .now() + seconds)
-        return count.withLock { $0 }
+        return state.withLock { $0.count }
     }
 }

@@ -21,6 +21,9 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     static let depth = 32
     static let headerBytes = 28
+    /// A client must have chosen an export by then: idle sockets must not hold the
+    /// connection limit against real clients.
+    static let negotiationSeconds: Int64 = 10
 
     let domain: Domain
     let registry: NBDRegistry
@@ -174,6 +177,10 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         switch registry.register(channel: context.channel) {
         case .admitted(let s):
             stats = s
+            context.eventLoop.scheduleTask(in: .seconds(Self.negotiationSeconds)) { [weak self] in
+                guard let self, let context = self.context, self.phase == .clientFlags || self.phase == .options else { return }
+                self.drop(context, "no export chosen within \(Self.negotiationSeconds) s")
+            }
         case .turnedAway(let first):
             if first {
                 log("nbd: \(registry.maxConnections) connections open, closing new ones until some end "

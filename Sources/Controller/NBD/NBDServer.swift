@@ -17,9 +17,7 @@ public final class NBDServer: @unchecked Sendable {
     public init(domain: Domain, socketPath: String, tcpListen: String? = nil, maxConnections: Int = defaultMaxConnections,
                 log: @escaping @Sendable (String) -> Void) throws(DomainError)
     {
-        guard maxConnections >= 1 else {
-            throw DomainError("--nbd-max-connections \(maxConnections): must be at least 1")
-        }
+        try Self.validate(maxConnections: maxConnections)
         self.socketPath = socketPath
         registry = NBDRegistry(maxConnections: maxConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -64,6 +62,10 @@ public final class NBDServer: @unchecked Sendable {
                 throw DomainError("--nbd-listen \(tcpListen): cannot listen: \(error)")
             }
         }
+    }
+
+    static func validate(maxConnections: Int) throws(DomainError) {
+        guard maxConnections >= 1 else { throw DomainError("--nbd-max-connections \(maxConnections): must be at least 1") }
     }
 
     /// "PORT" (loopback), "HOST:PORT" or "[V6]:PORT".
