@@ -1,16 +1,20 @@
-import CIOCore
 import Glibc
+import IOEngine
 
 /// One aligned megabyte of zeros, the source of every vdisk's write-zeroes and trim.
 /// The kernel only reads it, so all vdisks share it instead of holding one each.
 enum SharedZeros {
     static let bytes = 1 << 20
 
-    nonisolated(unsafe) static let pointer: UnsafeMutableRawPointer = {
-        var p: UnsafeMutableRawPointer?
-        let rc = cio_aligned_alloc(bytes, 4096, &p)
-        guard rc == 0, let p else { fatalError("svsp: cannot allocate the 1 MiB zero block (error \(-rc))") }
-        memset(p, 0, bytes)
-        return p
+    private static let block: AlignedBuffer = {
+        do {
+            let block = try AlignedBuffer(count: bytes)
+            memset(block.pointer, 0, bytes)
+            return block
+        } catch {
+            fatalError("svsp: cannot allocate the 1 MiB zero block: \(error)")
+        }
     }()
+
+    static var pointer: UnsafeMutableRawPointer { block.pointer }
 }

@@ -74,7 +74,7 @@ public final class DomainMetrics: @unchecked Sendable {
     /// the series stay bounded by `--nbd-max-connections`.
     private struct ConnectionSeries {
         let inFlight: Gauge
-        let counters: [(Counter, KeyPath<NBDConnectionView.Counters, UInt64>)]
+        let counters: [(Counter, KeyPath<NBDConnectionView.Counters, UInt64> & Sendable)]
         var last = NBDConnectionView.Counters()
     }
 
@@ -101,23 +101,25 @@ public final class DomainMetrics: @unchecked Sendable {
         }
     }
 
+    /// The NBD counters as metrics, per export and per connection: name, help, field.
+    private static let nbdCounterFields: [(String, String, KeyPath<NBDConnectionView.Counters, UInt64> & Sendable)] = [
+        ("reads", "NBD reads completed", \.reads),
+        ("writes", "NBD writes completed", \.writes),
+        ("read_bytes", "Bytes read over NBD", \.bytesRead),
+        ("written_bytes", "Bytes written over NBD", \.bytesWritten),
+        ("other_requests", "NBD flush, trim, write-zeroes and block-status requests", \.otherRequests),
+        ("errors", "NBD requests answered with an I/O error", \.errors),
+        ("refused", "Malformed or out-of-range NBD requests refused", \.refused),
+    ]
+
     private func makeConnectionSeries(labels: [(String, String)]) -> ConnectionSeries {
-        let fields: [(String, String, KeyPath<NBDConnectionView.Counters, UInt64>)] = [
-            ("reads", "NBD reads completed on this connection", \.reads),
-            ("writes", "NBD writes completed on this connection", \.writes),
-            ("read_bytes", "Bytes read over this NBD connection", \.bytesRead),
-            ("written_bytes", "Bytes written over this NBD connection", \.bytesWritten),
-            ("other_requests", "Flush, trim, write-zeroes and block-status requests on this NBD connection", \.otherRequests),
-            ("errors", "Requests answered with an I/O error on this NBD connection", \.errors),
-            ("refused", "Malformed or out-of-range requests refused on this NBD connection", \.refused),
-        ]
-        return ConnectionSeries(
+        ConnectionSeries(
             inFlight: registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "nbd_connection", metricName: "in_flight",
                                                            unitName: "count", helpText: "Requests in flight on this NBD connection"),
                                          labels: labels),
-            counters: fields.map { metric, help, field in
+            counters: Self.nbdCounterFields.map { metric, help, field in
                 (registry.makeCounter(descriptor: .init(namespace: "svsp", subsystem: "nbd_connection", metricName: metric,
-                                                        unitName: "total", helpText: help), labels: labels), field)
+                                                        unitName: "total", helpText: help + " on this connection"), labels: labels), field)
             })
     }
 
@@ -129,13 +131,8 @@ public final class DomainMetrics: @unchecked Sendable {
             let labels = [("export", name)]
             registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "nbd", metricName: "connections",
                                                  unitName: "count", helpText: "Open NBD connections"), labels: labels).set(to: Double(t.connections))
-            let c = t.counters
-            for (metric, help, value) in [("reads", "NBD reads completed", c.reads), ("writes", "NBD writes completed", c.writes),
-                                          ("read_bytes", "Bytes read over NBD", c.bytesRead),
-                                          ("written_bytes", "Bytes written over NBD", c.bytesWritten),
-                                          ("other_requests", "NBD flush, trim, write-zeroes and block-status requests", c.otherRequests),
-                                          ("errors", "NBD requests answered with an I/O error", c.errors),
-                                          ("refused", "Malformed or out-of-range NBD requests refused", c.refused)] {
+            for (metric, help, field) in Self.nbdCounterFields {
+                let value = t.counters[keyPath: field]
                 let key = "\(name)|\(metric)"
                 let delta = value &- (nbdExported[key] ?? 0)
                 guard delta > 0 else { continue }

@@ -75,7 +75,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
             bits[r >> 3] |= 1 << UInt8(r & 7)
             if durable[r >> 3] & (1 << UInt8(r & 7)) == 0 {
                 ready = false
-                notePending(page: (r >> 3) / 4096)
+                pendingPages = Self.merging(pendingPages, (r >> 3) / 4096...(r >> 3) / 4096)
             }
         }
         lock.unlock()
@@ -101,15 +101,14 @@ public final class DirtyRegionLog: @unchecked Sendable {
         if persist(pages) { return true }
         // Not durable: the next waiter (this queue is serial) must try these pages again.
         lock.lock()
-        notePending(page: pages.lowerBound)
-        notePending(page: pages.upperBound)
+        pendingPages = Self.merging(pendingPages, pages)
         lock.unlock()
         return false
     }
 
-    /// Caller holds `lock`.
-    private func notePending(page: Int) {
-        pendingPages = pendingPages.map { min($0.lowerBound, page)...max($0.upperBound, page) } ?? page...page
+    /// The smallest page range covering both.
+    private static func merging(_ a: ClosedRange<Int>?, _ b: ClosedRange<Int>) -> ClosedRange<Int> {
+        a.map { min($0.lowerBound, b.lowerBound)...max($0.upperBound, b.upperBound) } ?? b
     }
 
     /// After a write completed (on every leg it went to).
@@ -144,7 +143,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
     public func clean(idleSeconds: UInt32 = 1, only: [Int]? = nil) -> Int {
         let now = nowMs
         var cleared = 0
-        var pages: (Int, Int)?
+        var pages: ClosedRange<Int>?
         func clearIfIdle(_ r: Int) {
             guard r < regionCount, isSet(r), inflight[r] == 0 else { return }
             guard idleSeconds == 0 || now &- lastWriteMs[r] >= idleSeconds &* 1000 else { return }
@@ -153,8 +152,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
             // trusting a page that this clearing is about to overwrite.
             durable[r >> 3] &= ~(1 << UInt8(r & 7))
             cleared += 1
-            let page = (r >> 3) / 4096
-            pages = (min(pages?.0 ?? page, page), max(pages?.1 ?? page, page))
+            pages = Self.merging(pages, (r >> 3) / 4096...(r >> 3) / 4096)
         }
         lock.lock()
         if let only {
@@ -166,7 +164,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
             }
         }
         lock.unlock()
-        if let pages { persist(pages.0...pages.1) }
+        if let pages { persist(pages) }
         return cleared
     }
 
