@@ -252,6 +252,154 @@ final class NBDTests: XCTestCase {
         XCTAssertTrue(thick.contains("67108864    0"), thick)
     }
 
+    private func allocatedBytes(_ vdisk: String) throws -> Int {
+        let list = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(["vdisk", "list", "--json"]).utf8)) as? [[String: Any]])
+        return try XCTUnwrap(list.first { $0["name"] as? String == vdisk }?["allocatedBytes"] as? Int)
+    }
+
+    private func mapRows(_ export: String) -> [String] {
+        let (_, map) = shell(["timeout", "20", "nbdinfo", "--map", uri(export)])
+        return map.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).prefix(3).joined(separator: " ") }
+    }
+
+    func testTrimOfAThinVDiskFreesWholeExtentsAndZeroesTheRest() throws {
+        // File-backed pools have 1 MiB extents.
+        _ = try ok(["vdisk", "create", "t3", "--pool", "b", "--size", "16M", "--thin"])
+        _ = try ok(["vdisk", "create", "tm", "--pool", "a", "--mirror-pool", "b", "--size", "8M", "--thin"])
+        for v in ["t3", "tm"] { _ = try ok(["vdisk", "export", v]) }
+        var (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("t3"), "-c", "write -P 0x5c 0 16M"])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertEqual(try allocatedBytes("t3"), 16 << 20)
+        // 1.5 MiB .. 6.5 MiB: extents 2-5 are freed, the half extents at both ends zeroed.
+        (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("t3"), "-c", "discard 1536k 5M"])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertEqual(try allocatedBytes("t3"), 12 << 20)
+        XCTAssertEqual(mapRows("t3"), ["0 2097152 0", "2097152 4194304 3", "6291456 10485760 0"])
+        (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("t3"), "-c", "read -P 0x5c 0 1536k", "-c", "read -P 0 1536k 5M",
+                           "-c", "read -P 0x5c 6656k 9728k"])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertFalse(out.contains("Pattern verification failed"), out)
+        // A freed extent is allocated again by the next write into it.
+        (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("t3"), "-c", "write -P 0x3a 3M 64k", "-c", "read -P 0x3a 3M 64k",
+                           "-c", "read -P 0 3136k 960k"])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertFalse(out.contains("Pattern verification failed"), out)
+        XCTAssertEqual(try allocatedBytes("t3"), 13 << 20)
+
+        // A thin mirror frees the extents on both legs, which still agree.
+        (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("tm"), "-c", "write -P 0x44 0 8M", "-c", "discard 1M 3M",
+                           "-c", "read -P 0 1M 3M", "-c", "read -P 0x44 4M 4M"])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertFalse(out.contains("Pattern verification failed"), out)
+        XCTAssertEqual(try allocatedBytes("tm"), 5 << 20)
+        XCTAssertTrue(try ok(["mirror", "verify", "tm"]).contains(" 0 differ"))
+
+        // A thick vdisk keeps its extents: a trim writes zeroes.
+        (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("v1"), "-c", "write -P 0x19 0 4M", "-c", "discard 0 4M",
+                           "-c", "read -P 0 0 4M"])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertFalse(out.contains("Pattern verification failed"), out)
+        XCTAssertEqual(try allocatedBytes("v1"), 64 << 20)
+    }
+
+    func testTrimsAndWritesOnTwoThinVDisksSharingAPoolKeepEveryByte() throws {
+        // Two thin vdisks in pool b free and allocate extents concurrently, each with a
+        // round of requests in flight at once: writes, whole-extent trims (freed) and half
+        // trims (zeroed). A round's requests touch different extents and the next round
+        // starts once all are answered, so the end state is known exactly.
+        let extents = 24, rounds = 6, half = 512 << 10
+        struct Model { var halves: [UInt8]; var allocated: [Bool] }
+        final class Outcome: @unchecked Sendable { var models: [String: Model] = [:]; var errors: [String] = []; let lock = NSLock() }
+        let outcome = Outcome()
+        for name in ["t1", "t2"] {
+            _ = try ok(["vdisk", "create", name, "--pool", "b", "--size", "\(extents)M", "--thin"])
+            _ = try ok(["vdisk", "export", name])
+        }
+        let workers = ["t1", "t2"].enumerated().map { n, name in
+            Thread { [socket] in
+                var m = Model(halves: Array(repeating: 0, count: extents * 2), allocated: Array(repeating: false, count: extents))
+                func fail(_ why: String) { outcome.lock.withLock { outcome.errors.append("\(name): \(why)") } }
+                guard let c = try? NBDRawClient(socket: socket), (try? c.handshake(export: name)) != nil else { return fail("no connection") }
+                for round in 0..<rounds {
+                    var batch: [UInt8] = []
+                    for i in 0..<extents {
+                        let p = UInt8(1 + (round * 37 + i * 5 + n * 101) % 250)
+                        let at = UInt64(i) << 20, cookie = UInt64(round * 100 + i)
+                        switch (i * 7 + round * 3 + n) % 4 {
+                        case 0: // write the whole extent
+                            batch += NBDRawClient.request(type: 1, cookie: cookie, offset: at, length: 1 << 20) + [UInt8](repeating: p, count: 1 << 20)
+                            (m.halves[2 * i], m.halves[2 * i + 1], m.allocated[i]) = (p, p, true)
+                        case 1: // trim it whole: freed
+                            batch += NBDRawClient.request(type: 4, cookie: cookie, offset: at, length: 1 << 20)
+                            (m.halves[2 * i], m.halves[2 * i + 1], m.allocated[i]) = (0, 0, false)
+                        case 2: // trim its first half: zeroed
+                            batch += NBDRawClient.request(type: 4, cookie: cookie, offset: at, length: UInt32(half))
+                            m.halves[2 * i] = 0
+                        default: // write its second half
+                            batch += NBDRawClient.request(type: 1, cookie: cookie, offset: at + UInt64(half), length: UInt32(half))
+                                + [UInt8](repeating: p, count: half)
+                            (m.halves[2 * i + 1], m.allocated[i]) = (p, true)
+                        }
+                    }
+                    c.send(batch)
+                    var answered: Set<UInt64> = []
+                    for _ in 0..<extents {
+                        guard let reply = c.simpleReply() else { return fail("round \(round): connection closed") }
+                        if reply.error != 0 { fail("round \(round) cookie \(reply.cookie): error \(reply.error)") }
+                        answered.insert(reply.cookie)
+                    }
+                    if answered.count != extents { fail("round \(round): \(answered.count) distinct replies") }
+                }
+                outcome.lock.withLock { outcome.models[name] = m }
+            }
+        }
+        workers.forEach { $0.start() }
+        while workers.contains(where: { !$0.isFinished }) { usleep(20_000) }
+        XCTAssertEqual(outcome.errors, [])
+        for name in ["t1", "t2"] {
+            let m = try XCTUnwrap(outcome.models[name], name)
+            let reads = (0..<(extents * 2)).flatMap { h in ["-c", "read -P \(m.halves[h]) \(h * 512)k 512k"] }
+            let (rc, out) = shell(["timeout", "60", "qemu-io", "-f", "raw", uri(name)] + reads)
+            XCTAssertEqual(rc, 0, out)
+            XCTAssertFalse(out.contains("Pattern verification failed"), "\(name): \(out)")
+            XCTAssertEqual(out.components(separatedBy: "read 524288/524288").count - 1, extents * 2, out)
+            XCTAssertEqual(try allocatedBytes(name), m.allocated.filter { $0 }.count << 20, name)
+        }
+    }
+
+    func testPipelinedWriteTrimReadOnOneExtentAllAnswered() throws {
+        // Requests racing on one extent while it is freed: all are answered, the read sees
+        // either the pattern or zeroes (nothing else), and the daemon goes on.
+        _ = try ok(["vdisk", "create", "t4", "--pool", "b", "--size", "4M", "--thin"])
+        _ = try ok(["vdisk", "export", "t4"])
+        let c = try NBDRawClient(socket: socket)
+        _ = try c.handshake(export: "t4")
+        for round in 0..<20 {
+            let pattern = [UInt8](repeating: UInt8(round + 1), count: 1 << 20)
+            let base = UInt64(round % 4) << 20
+            c.send(NBDRawClient.request(type: 1, cookie: 1, offset: base, length: 1 << 20) + pattern
+                + NBDRawClient.request(type: 4, cookie: 2, offset: base, length: 1 << 20)
+                + NBDRawClient.request(type: 0, cookie: 3, offset: base, length: 1 << 20))
+            var seen: Set<UInt64> = []
+            for _ in 0..<3 {
+                // Replies come in completion order; only the read carries data.
+                guard let head = c.receive(16) else { return XCTFail("round \(round): connection closed") }
+                let error: UInt32 = NBDRawClient.int(head[4..<8]), cookie: UInt64 = NBDRawClient.int(head[8..<16])
+                XCTAssertEqual(error, 0, "round \(round) cookie \(cookie)")
+                if cookie == 3 {
+                    let data = try XCTUnwrap(c.receive(1 << 20))
+                    let first = data[0]
+                    XCTAssertTrue(first == 0 || first == UInt8(round + 1), "round \(round): read \(first)")
+                    XCTAssertTrue(data.allSatisfy { $0 == first }, "round \(round): a torn read")
+                }
+                seen.insert(cookie)
+            }
+            XCTAssertEqual(seen, [1, 2, 3])
+        }
+        let (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("v1"), "-c", "write -P 0x61 0 64k", "-c", "read -P 0x61 0 64k"])
+        XCTAssertEqual(rc, 0, out)
+    }
+
     func testMalformedRequestsGetProtocolErrorsAndOthersUnaffected() throws {
         let c = try NBDRawClient(socket: socket)
         XCTAssertEqual(try c.handshake(export: "v1"), 64 << 20)

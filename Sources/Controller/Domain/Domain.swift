@@ -423,10 +423,61 @@ public final class Domain: @unchecked Sendable {
             guard let picked = allocate(missing.count, in: pool, metadata: next) else {
                 throw DomainError("pool '\(pool.name)' is full: thin vdisk '\(name)' cannot allocate \(missing.count) extent(s)")
             }
+            // A freed extent still holds what its last owner wrote: zero it before it is
+            // mapped, so the rest of the extent reads as zeroes, not another vdisk's data.
+            let failed = next.vdisks[vi].legs[l].state == .failed
+            for e in picked {
+                do {
+                    try await zero(extent: e, of: pool)
+                } catch where failed {
+                    continue // the leg gets no writes; its resync rewrites what it needs
+                }
+            }
             for (i, e) in zip(missing, picked) { next.vdisks[vi].legs[l].extents[i] = e }
             changed = true
         }
         if changed { try await commit(next) }
+    }
+
+    /// Writes zeroes over one extent, durably (FUA).
+    private func zero(extent e: ExtentRef, of pool: PoolRecord) async throws(DomainError) {
+        guard let lun = runtime(of: pool.id)?.luns[e.lun]?.handle else {
+            throw DomainError("pool '\(pool.name)': LUN \(e.lun) is missing")
+        }
+        let start = pool.luns[e.lun].dataStartBytes + UInt64(e.extent) * pool.extentBytes
+        var done: UInt64 = 0
+        while done < pool.extentBytes {
+            let n = Int(min(UInt64(SharedZeros.bytes), pool.extentBytes - done))
+            do {
+                _ = try await engine.write(lun: lun, from: SharedZeros.pointer, length: n, offset: start + done, fua: true)
+            } catch {
+                throw DomainError("pool '\(pool.name)': cannot zero a new extent: \(error)")
+            }
+            done += UInt64(n)
+        }
+    }
+
+    /// Thin provisioning: frees every leg's extents lying wholly inside [offset, offset+length)
+    /// (a trim) and commits; the caller makes sure no I/O into them is in flight. Returns how
+    /// many extents were freed.
+    @discardableResult
+    func deallocateExtents(vdisk name: String, offset: UInt64, length: Int) async throws(DomainError) -> Int {
+        await mutation.acquire()
+        defer { mutation.release() }
+        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }), metadata.vdisks[vi].thin else { return 0 }
+        var next = metadata
+        var freed = 0
+        let end = offset + UInt64(length)
+        for l in next.vdisks[vi].legs.indices {
+            guard let pool = next.pool(id: next.vdisks[vi].legs[l].poolId) else { continue }
+            let first = Int((offset + pool.extentBytes - 1) / pool.extentBytes), last = Int(end / pool.extentBytes)
+            for i in first..<max(first, last) where next.vdisks[vi].legs[l].extents[i] != nil {
+                next.vdisks[vi].legs[l].extents[i] = nil
+                freed += 1
+            }
+        }
+        if freed > 0 { try await commit(next) }
+        return freed
     }
 
     /// Adds a leg in `poolName` (state copying); the caller starts the copy.

@@ -38,6 +38,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var readLeg = -1
         var triedLegs: UInt8 = 0 // legs a read was sent to
         var heldAtGate = false
+        var deallocated = false // a thin trim's whole extents were freed (done once)
         var logged = false // counted in the dirty-region log
         var nextFree: Int32 = -1
     }
@@ -58,6 +59,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var sizeBytes: UInt64
         var blockSize: Int
         var mode: MirrorMode
+        var thin: Bool
         var legs: [LegMap]
     }
 
@@ -71,6 +73,9 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private var legOutstanding: [Int] = [0, 0, 0, 0]
     /// A range a resync or repair is copying: host writes into it wait until it is released.
     private var gates: [Range<UInt64>] = []
+    /// Ranges a thin trim is deallocating: every request into them (reads too) waits,
+    /// so no I/O can reach an extent after it is freed and handed to another vdisk.
+    private var exclusive: [Range<UInt64>] = []
     private var gated: [Int32] = []
     private let readSeries: DomainMetrics.IOSet
     private let writeSeries: DomainMetrics.IOSet
@@ -115,6 +120,17 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     public var blockSize: Int { lock.lock(); defer { lock.unlock() }; return mapping.blockSize }
     public var sizeBytes: UInt64 { lock.lock(); defer { lock.unlock() }; return mapping.sizeBytes }
 
+    /// For a thin vdisk, the span that a trim frees when it covers it whole (the largest leg
+    /// extent, a multiple of the others'); nil for thick vdisks, whose trims write zeroes.
+    public var deallocationUnit: UInt64? {
+        lock.lock()
+        defer { lock.unlock() }
+        _ = refreshIfNeeded()
+        guard mapping.thin, let unit = mapping.legs.map(\.extentBytes).max(),
+              mapping.legs.allSatisfy({ unit % $0.extentBytes == 0 }) else { return nil }
+        return unit
+    }
+
     private static func makeMapping(_ domain: Domain, _ name: String) -> Mapping? {
         let m = domain.metadata
         guard let v = m.vdisk(named: name) else { return nil }
@@ -129,7 +145,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                                lunDataStart: pool.luns.map(\.dataStartBytes), schedulerSlot: runtime?.slots ?? [],
                                scheduler: runtime?.scheduler, lunSeries: series))
         }
-        return Mapping(generation: m.generation, sizeBytes: v.sizeBytes, blockSize: v.blockSize, mode: v.mode, legs: legs)
+        return Mapping(generation: m.generation, sizeBytes: v.sizeBytes, blockSize: v.blockSize, mode: v.mode, thin: v.thin, legs: legs)
     }
 
     /// Re-reads the mapping when the metadata moved on (grow, thin allocation, leg states). Caller holds the lock.
@@ -244,28 +260,95 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     public func openGate(_ range: Range<UInt64>) {
         lock.lock()
         if let i = gates.firstIndex(of: range) { gates.remove(at: i) }
+        lock.unlock()
+        releaseHeld()
+    }
+
+    /// Sends on the held requests that no gate holds any more. They go through `proceed`
+    /// again: a write held while a trim freed its extents must allocate them first.
+    private func releaseHeld() {
+        lock.lock()
         var release: [Int32] = []
         gated.removeAll { index in
-            let r = slots[Int(index)]
-            let span = r.offset..<(r.offset + UInt64(r.length))
-            guard !gates.contains(where: { $0.overlaps(span) }) else { return false }
+            guard !isGated(slots[Int(index)]) else { return false }
             slots[Int(index)].heldAtGate = false
             release.append(index)
             return true
         }
         lock.unlock()
-        for index in release { dispatch(Int(index)) }
+        for index in release {
+            let needsAllocation = lock.withLock { slots[Int(index)].op == .write && touchesUnallocated(offset: slots[Int(index)].offset, length: slots[Int(index)].length) }
+            proceed(Int(index), needsAllocation: needsAllocation, kick: true)
+        }
     }
 
-    /// Holds a write whose range a copier has closed; true when held. Caller holds the lock.
-    private func holdAtGate(_ index: Int) -> Bool {
-        let r = slots[index]
-        guard r.op != .read, r.op != .flush, !gates.isEmpty else { return false }
+    /// Whether a gate holds `r`: a copier's gate holds writes, a deallocating trim's holds
+    /// everything but flushes. Caller holds the lock.
+    private func isGated(_ r: Request) -> Bool {
+        guard r.op != .flush, !gates.isEmpty || !exclusive.isEmpty else { return false }
         let span = r.offset..<(r.offset + UInt64(r.length))
-        guard gates.contains(where: { $0.overlaps(span) }) else { return false }
-        gated.append(Int32(index)) // dispatched when the copier releases the range
+        return exclusive.contains(where: { $0.overlaps(span) }) || r.op != .read && gates.contains(where: { $0.overlaps(span) })
+    }
+
+    /// Holds a request a gate holds; true when held. Caller holds the lock.
+    private func holdAtGate(_ index: Int) -> Bool {
+        guard isGated(slots[index]) else { return false }
+        gated.append(Int32(index)) // sent on when the gate opens
         slots[index].heldAtGate = true
         return true
+    }
+
+    /// A trim of a thin vdisk that covers whole allocated extents frees them instead of
+    /// writing zeroes: it holds every request into its range, waits for those already
+    /// sent, commits the freed extents, reopens the range, and then zeroes only the
+    /// partly covered extents at its ends. True when it took the request over.
+    private func deallocateIfWhollyTrimmed(_ index: Int) -> Bool {
+        lock.lock()
+        _ = refreshIfNeeded()
+        let r = slots[index]
+        guard r.op == .trim, !r.deallocated, mapping.thin, coversAllocatedExtent(offset: r.offset, length: r.length) else {
+            lock.unlock()
+            return false
+        }
+        if holdAtGate(index) { // another trim or a copier has the range: after it
+            lock.unlock()
+            return true
+        }
+        slots[index].deallocated = true
+        let span = r.offset..<(r.offset + UInt64(r.length))
+        exclusive.append(span)
+        lock.unlock()
+        Task {
+            while self.othersInFlight(overlapping: span, except: index) {
+                try? await Task.sleep(nanoseconds: 50_000)
+            }
+            // On failure the extents stay and the trim falls back to writing zeroes.
+            _ = try? await self.domain.deallocateExtents(vdisk: self.vdiskName, offset: r.offset, length: r.length)
+            self.lock.withLock {
+                if let i = self.exclusive.firstIndex(of: span) { self.exclusive.remove(at: i) }
+            }
+            self.dispatch(index)
+            self.releaseHeld()
+        }
+        return true
+    }
+
+    /// Caller holds the lock.
+    private func coversAllocatedExtent(offset: UInt64, length: Int) -> Bool {
+        let end = offset + UInt64(length)
+        return mapping.legs.contains { leg in
+            let first = Int((offset + leg.extentBytes - 1) / leg.extentBytes), last = Int(end / leg.extentBytes)
+            return first < last && (first..<last).contains { leg.extents[$0] != nil }
+        }
+    }
+
+    private func othersInFlight(overlapping range: Range<UInt64>, except index: Int) -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        for i in 0..<capacity where i != index && slots[i].sink != nil && !slots[i].heldAtGate && slots[i].op != .flush {
+            if range.overlaps(slots[i].offset..<(slots[i].offset + UInt64(slots[i].length))) { return true }
+        }
+        return false
     }
 
     /// Caller holds the lock.
@@ -288,6 +371,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// Sends every piece of request `index` to the schedulers. The request holds one
     /// extra "dispatching" count so a fast completion cannot finish it early.
     private func dispatch(_ index: Int, kick: Bool = true) {
+        if deallocateIfWhollyTrimmed(index) { return }
         lock.lock()
         _ = refreshIfNeeded()
         let m = mapping

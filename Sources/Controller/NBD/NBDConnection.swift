@@ -388,13 +388,25 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
         slots[index] = Slot(cookie: cookie, type: type, offset: offset, length: Int(length), fua: flags & NBD.cmdFlagFUA != 0,
                             buffer: buffer, end: offset + UInt64(length)) // range-checked, or zeroed for FLUSH
-        if type == NBD.cmdTrim || type == NBD.cmdWriteZeroes { slots[index].length = min(Int(length), Self.zeroChunk) }
+        if type == NBD.cmdTrim || type == NBD.cmdWriteZeroes { slots[index].length = pieceLength(type: type, offset: offset, end: offset + UInt64(length)) }
         if hasPayload {
             receiving = index
             received = 0
         } else {
             submit(index)
         }
+    }
+
+    /// The next piece of a TRIM or WRITE_ZEROES at `offset`: at most `zeroChunk` of zeroing.
+    /// A trim of a thin vdisk sends the whole extents it covers as one piece (they are freed,
+    /// not written) and ends its zeroed pieces at extent boundaries, so that one can start there.
+    func pieceLength(type: UInt16, offset: UInt64, end: UInt64) -> Int {
+        let remaining = end - offset
+        if type == NBD.cmdTrim, let unit = port?.deallocationUnit {
+            if offset % unit == 0, remaining >= unit { return Int(min(remaining / unit * unit, max(unit, (1 << 30) / unit * unit))) }
+            return Int(min(UInt64(Self.zeroChunk), remaining, unit - offset % unit))
+        }
+        return Int(min(UInt64(Self.zeroChunk), remaining))
     }
 
     /// Why a request must be refused (the NBD error to answer with), or nil.
@@ -497,7 +509,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
             let next = s.offset + UInt64(s.length)
             if zeroing, result >= 0, next < s.end, context != nil { // the next piece of a long TRIM or WRITE_ZEROES
                 slots[index].offset = next
-                slots[index].length = Int(min(UInt64(Self.zeroChunk), s.end - next))
+                slots[index].length = pieceLength(type: s.type, offset: next, end: s.end)
                 submit(index)
                 continue
             }
