@@ -371,9 +371,14 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// Sends every piece of request `index` to the schedulers. The request holds one
     /// extra "dispatching" count so a fast completion cannot finish it early.
     private func dispatch(_ index: Int, kick: Bool = true) {
-        if deallocateIfWhollyTrimmed(index) { return }
         lock.lock()
         _ = refreshIfNeeded()
+        if slots[index].op == .trim, !slots[index].deallocated, mapping.thin { // the slow path of thin trims
+            lock.unlock()
+            if deallocateIfWhollyTrimmed(index) { return }
+            lock.lock()
+            _ = refreshIfNeeded()
+        }
         let m = mapping
         var legs: UInt8 = 0 // a bitmask, not an array: nothing allocated per request
         switch slots[index].op {
