@@ -325,7 +325,9 @@ final class NBDTests: XCTestCase {
                     for i in 0..<extents {
                         let p = UInt8(1 + (round * 37 + i * 5 + n * 101) % 250)
                         let at = UInt64(i) << 20, cookie = UInt64(round * 100 + i)
-                        switch (i * 7 + round * 3 + n) % 4 {
+                        // Each extent steps through the four in turn, so a freed extent is next half
+                        // trimmed (nothing there) and then half written (allocated anew: the rest must read 0).
+                        switch (i + round + 2 * n) % 4 {
                         case 0: // write the whole extent
                             batch += NBDRawClient.request(type: 1, cookie: cookie, offset: at, length: 1 << 20) + [UInt8](repeating: p, count: 1 << 20)
                             (m.halves[2 * i], m.halves[2 * i + 1], m.allocated[i]) = (p, p, true)
