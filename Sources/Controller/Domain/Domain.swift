@@ -405,55 +405,77 @@ public final class Domain: @unchecked Sendable {
         var next = metadata
         next.vdisks.removeAll { $0.name == name }
         try await commit(next)
-        stateLock.withLock { storedPorts[name] = nil }
+        // I/O sent with the old mapping lands before the freed extents can be handed out.
+        let port = stateLock.withLock { storedPorts.removeValue(forKey: name) }
+        await port?.drain()
     }
 
     /// Thin provisioning: every leg's extents covering [offset, offset+length), allocated and committed now.
+    ///
+    /// A freed extent still holds what its last owner wrote, so each new one is zeroed
+    /// (FUA) before it is mapped: the rest of it reads as zeroes, not another vdisk's data.
+    /// A failed leg is not zeroed; instead the new extents' range is marked dirty, so its
+    /// resync copies all of it. A leg that cannot be zeroed fails like a leg that cannot
+    /// take a write (automatic-failover goes on without it); otherwise the write fails.
     func allocateExtents(vdisk name: String, offset: UInt64, length: Int) async throws(DomainError) {
         await mutation.acquire()
         defer { mutation.release() }
-        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
+        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found", code: ENODEV) }
         var next = metadata
         var changed = false
+        var dirtyRange: Range<UInt64>?
         for l in next.vdisks[vi].legs.indices {
             guard let pool = next.pool(id: next.vdisks[vi].legs[l].poolId) else { continue }
             let first = Int(offset / pool.extentBytes), last = Int((offset + UInt64(max(length, 1)) - 1) / pool.extentBytes)
             let missing = (first...last).filter { next.vdisks[vi].legs[l].extents[$0] == nil }
             guard !missing.isEmpty else { continue }
             guard let picked = allocate(missing.count, in: pool, metadata: next) else {
-                throw DomainError("pool '\(pool.name)' is full: thin vdisk '\(name)' cannot allocate \(missing.count) extent(s)")
+                throw DomainError("pool '\(pool.name)' is full: thin vdisk '\(name)' cannot allocate \(missing.count) extent(s)", code: ENOSPC)
             }
-            // A freed extent still holds what its last owner wrote: zero it before it is
-            // mapped, so the rest of the extent reads as zeroes, not another vdisk's data.
-            let failed = next.vdisks[vi].legs[l].state == .failed
-            for e in picked {
-                do {
-                    try await zero(extent: e, of: pool)
-                } catch where failed {
-                    continue // the leg gets no writes; its resync rewrites what it needs
-                }
+            var failed = next.vdisks[vi].legs[l].state == .failed
+            if !failed, let problem = await zero(picked, of: pool) {
+                let others = next.vdisks[vi].legs.indices.contains { $0 != l && next.vdisks[vi].legs[$0].state != .failed }
+                guard next.vdisks[vi].mode == .automaticFailover, others else { throw problem }
+                next.vdisks[vi].legs[l].state = .failed
+                next.vdisks[vi].legs[l].failedAtGeneration = metadata.generation + 1
+                failed = true
+            }
+            if failed {
+                let span = UInt64(first) * pool.extentBytes..<UInt64(last + 1) * pool.extentBytes
+                dirtyRange = dirtyRange.map { min($0.lowerBound, span.lowerBound)..<max($0.upperBound, span.upperBound) } ?? span
             }
             for (i, e) in zip(missing, picked) { next.vdisks[vi].legs[l].extents[i] = e }
             changed = true
         }
+        if let dirtyRange, let log = (try? port(for: name))?.dirtyLog,
+           !log.markDirty(offset: dirtyRange.lowerBound, length: Int(dirtyRange.upperBound - dirtyRange.lowerBound))
+        {
+            throw DomainError("vdisk '\(name)': cannot write its dirty-region bitmap")
+        }
         if changed { try await commit(next) }
     }
 
-    /// Writes zeroes over one extent, durably (FUA).
-    private func zero(extent e: ExtentRef, of pool: PoolRecord) async throws(DomainError) {
-        guard let lun = runtime(of: pool.id)?.luns[e.lun]?.handle else {
-            throw DomainError("pool '\(pool.name)': LUN \(e.lun) is missing")
-        }
-        let start = pool.luns[e.lun].dataStartBytes + UInt64(e.extent) * pool.extentBytes
-        var done: UInt64 = 0
-        while done < pool.extentBytes {
-            let n = Int(min(UInt64(SharedZeros.bytes), pool.extentBytes - done))
-            do {
-                _ = try await engine.write(lun: lun, from: SharedZeros.pointer, length: n, offset: start + done, fua: true)
-            } catch {
-                throw DomainError("pool '\(pool.name)': cannot zero a new extent: \(error)")
+    /// Writes zeroes over the extents, all pieces at once, durably (FUA). Nil, or what failed.
+    private func zero(_ extents: [ExtentRef], of pool: PoolRecord) async -> DomainError? {
+        let runtime = runtime(of: pool.id)
+        return await withTaskGroup(of: DomainError?.self) { group in
+            for e in extents {
+                guard let lun = runtime?.luns[e.lun]?.handle else { return DomainError("pool '\(pool.name)': LUN \(e.lun) is missing") }
+                let start = pool.luns[e.lun].dataStartBytes + UInt64(e.extent) * pool.extentBytes
+                for piece in stride(from: UInt64(0), to: pool.extentBytes, by: SharedZeros.bytes) {
+                    let n = Int(min(UInt64(SharedZeros.bytes), pool.extentBytes - piece))
+                    group.addTask { [engine] in
+                        do {
+                            _ = try await engine.write(lun: lun, from: SharedZeros.pointer, length: n, offset: start + piece, fua: true)
+                            return nil
+                        } catch {
+                            return DomainError("pool '\(pool.name)': cannot zero a new extent: \(error)")
+                        }
+                    }
+                }
             }
-            done += UInt64(n)
+            for await problem in group where problem != nil { return problem }
+            return nil
         }
     }
 
@@ -511,6 +533,8 @@ public final class Domain: @unchecked Sendable {
         var next = metadata
         next.vdisks[vi].legs.remove(at: leg)
         try await commit(next)
+        // Writes already sent to the removed leg land before its extents are handed out.
+        await (stateLock.withLock { storedPorts[name] })?.drain()
     }
 
     /// Turns in-sync leg `leg` into an independent vdisk `newName`, consistent as of now

@@ -189,7 +189,6 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         freeHead = slots[index].nextFree
         slots[index] = Request(sink: Unmanaged.passRetained(sink), cookie: cookie, op: op, offset: offset, length: length,
                                buffer: buffer, fua: fua, piecesInFlight: 1, startNs: DispatchTime.now().uptimeNanoseconds)
-        let needsAllocation = op == .write && touchesUnallocated(offset: offset, length: length)
         let writeLog = op != .read && op != .flush && mapping.legs.count > 1 ? log : nil
         if let writeLog {
             lock.unlock()
@@ -202,7 +201,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 lock.unlock()
                 writeLog.whenDurable { durable in
                     if durable {
-                        self.proceed(index, needsAllocation: needsAllocation, kick: true)
+                        self.proceed(index, kick: true)
                     } else { // without its dirty bit on disk the write must not reach any leg
                         self.pieceDone(index, leg: -1, lun: -1, result: -Int64(EIO))
                     }
@@ -211,28 +210,41 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             }
         }
         lock.unlock()
-        proceed(index, needsAllocation: needsAllocation, kick: kick)
+        proceed(index, kick: kick)
     }
 
-    /// Once the request's dirty-region bits are durable: the copier's gate, a thin
-    /// allocation when needed, then the legs.
-    private func proceed(_ index: Int, needsAllocation: Bool, kick: Bool) {
+    /// Once the request's dirty-region bits are durable: the gates, then the legs.
+    private func proceed(_ index: Int, kick: Bool) {
         if lock.withLock({ holdAtGate(index) }) { return }
-        if needsAllocation {
-            // Slow path, once per thin extent: commit the allocation on every leg, then dispatch.
-            let (offset, length) = lock.withLock { (slots[index].offset, slots[index].length) }
-            Task {
-                do {
-                    try await domain.allocateExtents(vdisk: vdiskName, offset: offset, length: length)
-                    let held = self.lock.withLock { self.holdAtGate(index) }
-                    if !held { self.dispatch(index) }
-                } catch {
-                    self.pieceDone(index, leg: -1, lun: -1, result: -Int64(ENOSPC))
-                }
-            }
-            return
-        }
         dispatch(index, kick: kick)
+    }
+
+    /// Slow path, once per thin extent: commit the allocation on every leg, then go on
+    /// (through the gates again: a trim may have taken the range meanwhile).
+    private func allocateThenProceed(_ index: Int) {
+        let (offset, length) = lock.withLock { (slots[index].offset, slots[index].length) }
+        Task {
+            do throws(DomainError) {
+                try await domain.allocateExtents(vdisk: vdiskName, offset: offset, length: length)
+            } catch {
+                self.pieceDone(index, leg: -1, lun: -1, result: -Int64(error.code))
+                return
+            }
+            self.proceed(index, kick: true)
+        }
+    }
+
+    /// Waits (up to `seconds`) until no request is in the port: after a delete or a leg
+    /// removal commits, I/O sent with the old mapping must land before the freed extents
+    /// can be handed out again. True when it drained.
+    @discardableResult
+    func drain(seconds: Double = 30) async -> Bool {
+        let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(seconds * 1e9)
+        while lock.withLock({ (0..<capacity).contains { slots[$0].sink != nil } }) {
+            if DispatchTime.now().uptimeNanoseconds > deadline { return false }
+            try? await Task.sleep(nanoseconds: 1_000_000)
+        }
+        return true
     }
 
     /// Hands every staged LUN request to the kernel (after submits with `kick: false`).
@@ -264,8 +276,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         releaseHeld()
     }
 
-    /// Sends on the held requests that no gate holds any more. They go through `proceed`
-    /// again: a write held while a trim freed its extents must allocate them first.
+    /// Sends on the held requests that no gate holds any more (`dispatch` allocates first
+    /// for a write whose extents a trim freed while it was held).
     private func releaseHeld() {
         lock.lock()
         var release: [Int32] = []
@@ -276,10 +288,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             return true
         }
         lock.unlock()
-        for index in release {
-            let needsAllocation = lock.withLock { slots[Int(index)].op == .write && touchesUnallocated(offset: slots[Int(index)].offset, length: slots[Int(index)].length) }
-            proceed(Int(index), needsAllocation: needsAllocation, kick: true)
-        }
+        for index in release { proceed(Int(index), kick: true) }
     }
 
     /// Whether a gate holds `r`: a copier's gate holds writes, a deallocating trim's holds
@@ -322,12 +331,21 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             while self.othersInFlight(overlapping: span, except: index) {
                 try? await Task.sleep(nanoseconds: 50_000)
             }
-            // On failure the extents stay and the trim falls back to writing zeroes.
-            _ = try? await self.domain.deallocateExtents(vdisk: self.vdiskName, offset: r.offset, length: r.length)
+            var failed: DomainError?
+            do throws(DomainError) {
+                try await self.domain.deallocateExtents(vdisk: self.vdiskName, offset: r.offset, length: r.length)
+            } catch {
+                failed = error
+            }
+            // Still holding the range: the ends are zeroed before anything can allocate there.
+            if let failed { // nothing freed: answer the error (zero-filling GiBs in one go is no fallback)
+                self.pieceDone(index, leg: -1, lun: -1, result: -Int64(failed.code))
+            } else {
+                self.dispatch(index) // the freed extents are skipped; partly covered ones are zeroed
+            }
             self.lock.withLock {
                 if let i = self.exclusive.firstIndex(of: span) { self.exclusive.remove(at: i) }
             }
-            self.dispatch(index)
             self.releaseHeld()
         }
         return true
@@ -372,12 +390,23 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// extra "dispatching" count so a fast completion cannot finish it early.
     private func dispatch(_ index: Int, kick: Bool = true) {
         lock.lock()
-        _ = refreshIfNeeded()
-        if slots[index].op == .trim, !slots[index].deallocated, mapping.thin { // the slow path of thin trims
+        guard refreshIfNeeded() else { // the vdisk was deleted: its extents may be another's by now
             lock.unlock()
-            if deallocateIfWhollyTrimmed(index) { return }
-            lock.lock()
-            _ = refreshIfNeeded()
+            pieceDone(index, leg: -1, lun: -1, result: -Int64(ENODEV))
+            return
+        }
+        if mapping.thin { // the slow paths of thin vdisks
+            let r = slots[index]
+            if r.op == .write, touchesUnallocated(offset: r.offset, length: r.length) {
+                lock.unlock()
+                allocateThenProceed(index)
+                return
+            }
+            if r.op == .trim, !r.deallocated {
+                lock.unlock()
+                if deallocateIfWhollyTrimmed(index) { return }
+                lock.lock()
+            }
         }
         let m = mapping
         var legs: UInt8 = 0 // a bitmask, not an array: nothing allocated per request

@@ -24,8 +24,8 @@ extension Domain {
         try await run(.writeZeroes, name, offset, length, nil, fua: false)
     }
 
-    /// Trim: the host no longer needs the range. Extents stay allocated and are
-    /// zeroed, so later reads are deterministic.
+    /// Trim: the host no longer needs the range; it reads as zeroes afterwards. A thin
+    /// vdisk's extents lying wholly inside are freed; a thick vdisk's are zeroed.
     public func trim(vdisk name: String, offset: UInt64, length: Int) async throws(DomainError) {
         try await run(.trim, name, offset, length, nil, fua: false)
     }

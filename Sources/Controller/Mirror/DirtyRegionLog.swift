@@ -129,6 +129,18 @@ public final class DirtyRegionLog: @unchecked Sendable {
         return persist(0...(((last - 1) >> 3) / 4096))
     }
 
+    /// Sets the regions covering [offset, offset+length), durably (a failed leg got new
+    /// extents it could not be given zeroes on: its resync must copy them whole).
+    public func markDirty(offset: UInt64, length: Int) -> Bool {
+        let covered = regions(offset, length)
+        guard covered.lowerBound < regionCount else { return true }
+        let last = min(covered.upperBound, regionCount - 1)
+        lock.lock()
+        for r in covered.lowerBound...last { bits[r >> 3] |= 1 << UInt8(r & 7) }
+        lock.unlock()
+        return persist((covered.lowerBound >> 3) / 4096...(last >> 3) / 4096)
+    }
+
     /// Regions whose bit is set.
     public func dirtyRegions() -> [Int] {
         lock.lock()
