@@ -191,6 +191,49 @@ final class MirrorTests: XCTestCase {
         try assertLegsIdentical(loops[1], loops[0], bytes: 8 << 20)
     }
 
+    /// Compares one 1 MiB extent's data on two LUNs.
+    private func extent(_ lun: String, _ index: Int) throws -> Data {
+        let f = try FileHandle(forReadingFrom: URL(fileURLWithPath: lun))
+        try f.seek(toOffset: UInt64((4 + index) << 20)) // after the 4 MiB metadata reserve
+        return f.readData(ofLength: 1 << 20)
+    }
+
+    func testNewThinExtentsAreZeroedOnEveryLegAndAFailedLegGetsThemByResync() throws {
+        // Leave another vdisk's data in pool b's extents, then give them to a thin mirror.
+        _ = try ok(["vdisk", "create", "old", "--pool", "b", "--size", "8M"])
+        _ = try ok(["vdisk", "verify", "old"])
+        _ = try ok(["vdisk", "delete", "old"])
+        _ = try ok(["vdisk", "create", "tm", "--pool", "a", "--mirror-pool", "b", "--size", "8M", "--thin"])
+        _ = try ok(["vdisk", "export", "tm"])
+        let uri = "nbd+unix:///tm?socket=\(state)/nbd.sock"
+        var (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri, "-c", "write -P 0x6b 0 64k"])
+        XCTAssertEqual(rc, 0, out)
+        // Extent 0 on both legs: the 64 KiB written, zeroes after (not the old vdisk's data).
+        var expected = Data(repeating: 0x6b, count: 64 << 10) + Data(repeating: 0, count: (1 << 20) - (64 << 10))
+        XCTAssertEqual(try extent(loops[0], 0), expected)
+        XCTAssertEqual(try extent(loops[1], 0), expected)
+
+        // Leg b's device turns read-only: its new extent cannot be zeroed, so the leg fails
+        // (automatic-failover) and the host write succeeds on leg a.
+        XCTAssertEqual(shell(["blockdev", "--setro", loops[1]]).0, 0)
+        (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri, "-c", "write -P 0x2e 4M 64k", "-c", "read -P 0x2e 4M 64k",
+                           "-c", "read -P 0 4160k 960k"])
+        XCTAssertEqual(rc, 0, out)
+        XCTAssertFalse(out.contains("Pattern verification failed"), out)
+        XCTAssertEqual((try mirrorState("tm")["legs"] as? [[String: Any]])?[1]["state"] as? String, "failed")
+        // Both pools hand out their lowest free extent: the vdisk's extent 4 is LUN extent 1 on each.
+        XCTAssertNotEqual(try extent(loops[1], 1), try extent(loops[0], 1), "leg b still holds the old data there")
+
+        // Resync copies the whole new extent to leg b, not just the region written.
+        XCTAssertEqual(shell(["blockdev", "--setrw", loops[1]]).0, 0)
+        _ = try ok(["mirror", "resync", "tm"])
+        XCTAssertEqual(try mirrorState("tm")["state"] as? String, "normal")
+        expected = Data(repeating: 0x2e, count: 64 << 10) + Data(repeating: 0, count: (1 << 20) - (64 << 10))
+        XCTAssertEqual(try extent(loops[0], 1), expected)
+        XCTAssertEqual(try extent(loops[1], 1), expected)
+        XCTAssertTrue(try ok(["mirror", "verify", "tm"]).contains(" 0 differ"))
+    }
+
     func testResyncWithoutAnInSyncLegCopiesNothing() throws {
         _ = try ok(["vdisk", "create", "x", "--pool", "b", "--mirror-pool", "c", "--size", "4M"])
         XCTAssertEqual(shell(["blockdev", "--setro", loops[1]]).0, 0)

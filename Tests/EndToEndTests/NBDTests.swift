@@ -400,6 +400,26 @@ final class NBDTests: XCTestCase {
         }
         let (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("v1"), "-c", "write -P 0x61 0 64k", "-c", "read -P 0x61 0 64k"])
         XCTAssertEqual(rc, 0, out)
+
+        // On a thin mirror, a write right behind a trim of its extent waits for its dirty bit
+        // while the trim frees the extent: it must allocate anew, not fail the legs.
+        _ = try ok(["vdisk", "create", "tm4", "--pool", "a", "--mirror-pool", "b", "--size", "4M", "--thin"])
+        _ = try ok(["vdisk", "export", "tm4"])
+        let m = try NBDRawClient(socket: socket)
+        _ = try m.handshake(export: "tm4")
+        for round in 0..<20 {
+            let base = UInt64(round % 4) << 20
+            m.send(NBDRawClient.request(type: 1, cookie: 9, offset: base, length: 4096) + [UInt8](repeating: 0x70, count: 4096))
+            XCTAssertEqual(m.simpleReply()?.error, 0)
+            let pattern = [UInt8](repeating: UInt8(round + 1), count: 64 << 10)
+            m.send(NBDRawClient.request(type: 4, cookie: 1, offset: base, length: 1 << 20)
+                + NBDRawClient.request(type: 1, cookie: 2, offset: base, length: 64 << 10) + pattern)
+            let replies = [m.simpleReply(), m.simpleReply()]
+            XCTAssertEqual(replies.map { $0?.error }, [0, 0], "round \(round)")
+        }
+        let status = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(["mirror", "status", "tm4", "--json"]).utf8)) as? [String: Any])
+        XCTAssertEqual(status["state"] as? String, "normal", "\(status)")
+        XCTAssertTrue(try ok(["mirror", "verify", "tm4"]).contains(" 0 differ"))
     }
 
     func testMalformedRequestsGetProtocolErrorsAndOthersUnaffected() throws {
