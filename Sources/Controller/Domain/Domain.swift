@@ -299,7 +299,7 @@ public final class Domain: @unchecked Sendable {
 
     /// Picks `count` free extents: concatenated pools fill LUN by LUN, striped ones round-robin.
     func allocate(_ count: Int, in pool: PoolRecord, metadata m: DomainMetadata) -> [ExtentRef]? {
-        var used = Set<ExtentRef>()
+        var used = stateLock.withLock { quarantinedByPool[pool.id] ?? [] }
         for leg in m.vdisks.flatMap(\.legs) where leg.poolId == pool.id { for e in leg.extents { if let e { used.insert(e) } } }
         var picked: [ExtentRef] = []
         if pool.stripe {
@@ -405,9 +405,8 @@ public final class Domain: @unchecked Sendable {
         var next = metadata
         next.vdisks.removeAll { $0.name == name }
         try await commit(next)
-        // I/O sent with the old mapping lands before the freed extents can be handed out.
         let port = stateLock.withLock { storedPorts.removeValue(forKey: name) }
-        await port?.drain()
+        quarantine(v.legs, while: port)
     }
 
     /// Thin provisioning: every leg's extents covering [offset, offset+length), allocated and committed now.
@@ -447,37 +446,48 @@ public final class Domain: @unchecked Sendable {
             for (i, e) in zip(missing, picked) { next.vdisks[vi].legs[l].extents[i] = e }
             changed = true
         }
-        if let dirtyRange, let log = (try? port(for: name))?.dirtyLog,
-           !log.markDirty(offset: dirtyRange.lowerBound, length: Int(dirtyRange.upperBound - dirtyRange.lowerBound))
-        {
-            throw DomainError("vdisk '\(name)': cannot write its dirty-region bitmap")
+        if let dirtyRange, let log = (try? port(for: name))?.dirtyLog {
+            // Held in flight until the commit that fails the leg, so `clean` cannot clear them first.
+            let (at, bytes) = (dirtyRange.lowerBound, Int(dirtyRange.upperBound - dirtyRange.lowerBound))
+            defer { log.endWrite(offset: at, length: bytes) }
+            guard log.markDirty(offset: at, length: bytes) else { throw DomainError("vdisk '\(name)': cannot write its dirty-region bitmap") }
+            if changed { try await commit(next) }
+            return
         }
         if changed { try await commit(next) }
     }
 
-    /// Writes zeroes over the extents, all pieces at once, durably (FUA). Nil, or what failed.
+    /// Writes zeroes over the extents, durably (FUA), at most `zeroingWidth` 1 MiB pieces
+    /// at a time. Nil, or what failed. Every piece has finished when it returns.
     private func zero(_ extents: [ExtentRef], of pool: PoolRecord) async -> DomainError? {
         let runtime = runtime(of: pool.id)
+        var pieces: [(lun: LUNHandle, offset: UInt64, length: Int)] = []
+        for e in extents {
+            guard let lun = runtime?.luns[e.lun]?.handle else { return DomainError("pool '\(pool.name)': LUN \(e.lun) is missing") }
+            let start = pool.luns[e.lun].dataStartBytes + UInt64(e.extent) * pool.extentBytes
+            for at in stride(from: UInt64(0), to: pool.extentBytes, by: SharedZeros.bytes) {
+                pieces.append((lun, start + at, Int(min(UInt64(SharedZeros.bytes), pool.extentBytes - at))))
+            }
+        }
         return await withTaskGroup(of: DomainError?.self) { group in
-            for e in extents {
-                guard let lun = runtime?.luns[e.lun]?.handle else { return DomainError("pool '\(pool.name)': LUN \(e.lun) is missing") }
-                let start = pool.luns[e.lun].dataStartBytes + UInt64(e.extent) * pool.extentBytes
-                for piece in stride(from: UInt64(0), to: pool.extentBytes, by: SharedZeros.bytes) {
-                    let n = Int(min(UInt64(SharedZeros.bytes), pool.extentBytes - piece))
-                    group.addTask { [engine] in
-                        do {
-                            _ = try await engine.write(lun: lun, from: SharedZeros.pointer, length: n, offset: start + piece, fua: true)
-                            return nil
-                        } catch {
-                            return DomainError("pool '\(pool.name)': cannot zero a new extent: \(error)")
-                        }
+            var problem: DomainError?
+            for (i, p) in pieces.enumerated() {
+                if i >= Self.zeroingWidth, let done = await group.next(), let failed = done { problem = problem ?? failed }
+                group.addTask { [engine] in
+                    do {
+                        _ = try await engine.write(lun: p.lun, from: SharedZeros.pointer, length: p.length, offset: p.offset, fua: true)
+                        return nil
+                    } catch {
+                        return DomainError("pool '\(pool.name)': cannot zero a new extent: \(error)")
                     }
                 }
             }
-            for await problem in group where problem != nil { return problem }
-            return nil
+            for await done in group { if let failed = done { problem = problem ?? failed } }
+            return problem
         }
     }
+
+    static let zeroingWidth = 16
 
     /// Thin provisioning: frees every leg's extents lying wholly inside [offset, offset+length)
     /// (a trim) and commits; the caller makes sure no I/O into them is in flight. Returns how
@@ -533,8 +543,27 @@ public final class Domain: @unchecked Sendable {
         var next = metadata
         next.vdisks[vi].legs.remove(at: leg)
         try await commit(next)
-        // Writes already sent to the removed leg land before its extents are handed out.
-        await (stateLock.withLock { storedPorts[name] })?.drain()
+        quarantine([v.legs[leg]], while: stateLock.withLock { storedPorts[name] })
+    }
+
+    /// Freed extents that I/O sent with an old mapping may still reach, per pool: `allocate`
+    /// skips them until that I/O has landed. In memory only (after a restart nothing is in
+    /// flight). Guarded by stateLock.
+    private var quarantinedByPool: [UUID: Set<ExtentRef>] = [:]
+
+    /// Keeps the legs' extents out of `allocate` until the port's requests of now have
+    /// finished. The wait runs outside the mutation lock: those requests may need it
+    /// (a thin allocation, a leg failure) to finish.
+    private func quarantine(_ legs: [LegRecord], while port: VDiskPort?) {
+        guard let port else { return }
+        let waiting = port.requestsInFlight()
+        guard !waiting.isEmpty else { return }
+        let refs = legs.map { leg in (leg.poolId, leg.extents.compactMap { $0 }) }
+        stateLock.withLock { for (pool, extents) in refs { for e in extents { quarantinedByPool[pool, default: []].insert(e) } } }
+        Task {
+            await port.drain(waiting)
+            self.stateLock.withLock { for (pool, extents) in refs { self.quarantinedByPool[pool]?.subtract(extents) } }
+        }
     }
 
     /// Turns in-sync leg `leg` into an independent vdisk `newName`, consistent as of now

@@ -234,13 +234,18 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         }
     }
 
-    /// Waits (up to `seconds`) until no request is in the port: after a delete or a leg
-    /// removal commits, I/O sent with the old mapping must land before the freed extents
-    /// can be handed out again. True when it drained.
+    /// The requests in the port now (slot and start time): after a delete or a leg removal
+    /// commits, these may still send I/O with the old mapping.
+    func requestsInFlight() -> [(slot: Int, startNs: UInt64)] {
+        lock.withLock { (0..<capacity).filter { slots[$0].sink != nil }.map { ($0, slots[$0].startNs) } }
+    }
+
+    /// Waits (up to `seconds`) until every one of `requests` has finished (later requests,
+    /// with the new mapping, do not count). True when they all did.
     @discardableResult
-    func drain(seconds: Double = 30) async -> Bool {
+    func drain(_ requests: [(slot: Int, startNs: UInt64)], seconds: Double = 30) async -> Bool {
         let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(seconds * 1e9)
-        while lock.withLock({ (0..<capacity).contains { slots[$0].sink != nil } }) {
+        while lock.withLock({ requests.contains { slots[$0.slot].sink != nil && slots[$0.slot].startNs == $0.startNs } }) {
             if DispatchTime.now().uptimeNanoseconds > deadline { return false }
             try? await Task.sleep(nanoseconds: 1_000_000)
         }
@@ -391,6 +396,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private func dispatch(_ index: Int, kick: Bool = true) {
         lock.lock()
         guard refreshIfNeeded() else { // the vdisk was deleted: its extents may be another's by now
+            slots[index].triedLegs = 0xFF // and no read retry on another leg
             lock.unlock()
             pieceDone(index, leg: -1, lun: -1, result: -Int64(ENODEV))
             return

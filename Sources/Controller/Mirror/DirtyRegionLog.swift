@@ -129,14 +129,21 @@ public final class DirtyRegionLog: @unchecked Sendable {
         return persist(0...(((last - 1) >> 3) / 4096))
     }
 
-    /// Sets the regions covering [offset, offset+length), durably (a failed leg got new
-    /// extents it could not be given zeroes on: its resync must copy them whole).
+    /// Sets the regions covering [offset, offset+length) durably and counts them in flight
+    /// like a write (so `clean` leaves them) until `endWrite`: a failed leg got new extents
+    /// it could not be given zeroes on, and its resync must copy them whole. Call
+    /// `endWrite` with the same range afterwards, whatever this returns.
     public func markDirty(offset: UInt64, length: Int) -> Bool {
         let covered = regions(offset, length)
         guard covered.lowerBound < regionCount else { return true }
         let last = min(covered.upperBound, regionCount - 1)
+        let now = nowMs
         lock.lock()
-        for r in covered.lowerBound...last { bits[r >> 3] |= 1 << UInt8(r & 7) }
+        for r in covered.lowerBound...last {
+            inflight[r] &+= 1
+            lastWriteMs[r] = now
+            bits[r >> 3] |= 1 << UInt8(r & 7)
+        }
         lock.unlock()
         return persist((covered.lowerBound >> 3) / 4096...(last >> 3) / 4096)
     }
