@@ -412,6 +412,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 lock.unlock()
                 if deallocateIfWhollyTrimmed(index) { return }
                 lock.lock()
+                _ = refreshIfNeeded()
             }
         }
         let m = mapping
