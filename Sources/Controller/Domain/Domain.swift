@@ -500,17 +500,25 @@ public final class Domain: @unchecked Sendable {
         if changed { try await commit(next) }
     }
 
-    /// Sets leg states (resync start and end).
-    func setLegStates(vdisk name: String, _ states: [Int: LegState]) async throws(DomainError) {
+    /// Sets leg states (resync start and end). Legs in `keepFailed` that are failed now
+    /// stay failed (a host write failed them during the copy); returns those.
+    @discardableResult
+    func setLegStates(vdisk name: String, _ states: [Int: LegState], keepFailed: Set<Int> = []) async throws(DomainError) -> [Int] {
         await mutation.acquire()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
         var next = metadata
-        for (l, st) in states {
+        var kept: [Int] = []
+        for (l, st) in states.sorted(by: { $0.key < $1.key }) where l < next.vdisks[vi].legs.count {
+            if keepFailed.contains(l), next.vdisks[vi].legs[l].state == .failed {
+                kept.append(l)
+                continue
+            }
             next.vdisks[vi].legs[l].state = st
             if st == .inSync { next.vdisks[vi].legs[l].failedAtGeneration = nil }
         }
         try await commit(next)
+        return kept
     }
 
     // MARK: setup vdisk

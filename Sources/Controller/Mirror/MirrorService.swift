@@ -119,22 +119,29 @@ public final class MirrorService: @unchecked Sendable {
                                     regionDone: { [domain] range in
                                         // Every leg that takes writes now has this region: its bit may go,
                                         // so an interrupted copy resumes after it.
+                                        // (not when a target failed meanwhile: it may have missed a write here).
                                         guard let log, let now = domain.metadata.vdisk(named: name),
                                               now.legs.count == v.legs.count,
-                                              now.legs.indices.allSatisfy({ now.legs[$0].state == .inSync || targets.contains($0) })
+                                              now.legs.indices.allSatisfy({ now.legs[$0].state == .inSync
+                                                  || targets.contains($0) && now.legs[$0].state == .copying })
                                         else { return }
                                         log.clean(idleSeconds: 0, only: [Int(range.lowerBound / log.regionBytes)])
                                     })
         } catch {
             // The copy stopped: those legs are still behind.
-            try? await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.failed) }))
+            _ = try? await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.failed) }))
             throw error
         }
         report.regions = regions?.count
         report.regionsTotal = log.map { Int((v.sizeBytes + $0.regionBytes - 1) / $0.regionBytes) }
         var states = Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.inSync) })
         if forceFrom != nil { states[source] = .inSync }
-        try await domain.setLegStates(vdisk: name, states)
+        // A target that a host write failed during the copy missed that write: it stays failed.
+        let stillFailed = try await domain.setLegStates(vdisk: name, states, keepFailed: Set(failing))
+        guard stillFailed.isEmpty else {
+            throw DomainError("vdisk '\(name)': leg(s) \(stillFailed.map(String.init).joined(separator: ",")) failed during the resync "
+                + "(a host write could not reach them); they stay failed: run the resync again")
+        }
         if let log, let after = domain.metadata.vdisk(named: name), after.legs.allSatisfy({ $0.state == .inSync }) {
             log.clean(idleSeconds: 0, only: regions)
         }
