@@ -4,7 +4,6 @@ import XCTest
 /// Sync mirrors on loop devices with a real daemon: leg failure with `blockdev --setro`,
 /// resync, verify, compared byte for byte on the LUNs themselves.
 final class MirrorTests: XCTestCase {
-    static let profiles = DaemonTests.profiles
 
     private var dir: TempDir!
     private var state: String { dir.file("state") }

@@ -100,22 +100,12 @@ final class NBDTests: XCTestCase {
 
     func testMalformedHandshakesAreDroppedAndOthersUnaffected() throws {
         // A client that sends garbage instead of option magic is disconnected.
-        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in for (i, b) in socket.utf8.enumerated() { raw[i] = b } }
-        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        XCTAssertEqual(rc, 0)
-        var greeting = [UInt8](repeating: 0, count: 18)
-        XCTAssertEqual(read(fd, &greeting, 18), 18)
+        let garbage = try NBDRawClient(socket: socket)
+        let greeting = try XCTUnwrap(garbage.receive(18))
         XCTAssertEqual(Array(greeting[0..<8]), Array("NBDMAGIC".utf8))
-        var flags: [UInt8] = [0, 0, 0, 3]
-        _ = write(fd, &flags, 4)
-        var junk = [UInt8](repeating: 0x41, count: 16)
-        _ = write(fd, &junk, 16)
-        var buf = [UInt8](repeating: 0, count: 64)
-        XCTAssertEqual(read(fd, &buf, 64), 0, "bad option magic: the server closes the connection")
-        close(fd)
+        garbage.send([0, 0, 0, 3])
+        garbage.send([UInt8](repeating: 0x41, count: 16))
+        XCTAssertTrue(garbage.isClosedByServer(), "bad option magic: the server closes the connection")
         // An unknown export is an error reply, not a crash; normal clients keep working.
         let (bad, _) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("nope"), "-c", "read 0 512"])
         XCTAssertNotEqual(bad, 0)
@@ -242,10 +232,9 @@ final class NBDTests: XCTestCase {
         XCTAssertEqual(irc, 0, info)
         XCTAssertTrue(info.contains("structured"), info)
         XCTAssertTrue(info.contains("base:allocation"), info)
-        let (mrc, map) = shell(["timeout", "20", "nbdinfo", "--map", uri("t2")])
-        XCTAssertEqual(mrc, 0, map)
-        let rows = map.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).prefix(3).joined(separator: " ") }
-        XCTAssertEqual(rows, ["0 4194304 3", "4194304 1048576 0", "5242880 11534336 3"], map)
+        let map = mapRows("t2")
+        XCTAssertEqual(map.status, 0, map.text)
+        XCTAssertEqual(map.rows, ["0 4194304 3", "4194304 1048576 0", "5242880 11534336 3"], map.text)
         // A thick vdisk is data from end to end.
         let (_, thick) = shell(["timeout", "20", "nbdinfo", "--map", uri("v1")])
         XCTAssertEqual(thick.split(separator: "\n").count, 1, thick)
@@ -257,9 +246,10 @@ final class NBDTests: XCTestCase {
         return try XCTUnwrap(list.first { $0["name"] as? String == vdisk }?["allocatedBytes"] as? Int)
     }
 
-    private func mapRows(_ export: String) -> [String] {
-        let (_, map) = shell(["timeout", "20", "nbdinfo", "--map", uri(export)])
-        return map.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).prefix(3).joined(separator: " ") }
+    /// `nbdinfo --map` of an export: its exit status, each row's first three fields, the raw text.
+    private func mapRows(_ export: String) -> (status: Int32, rows: [String], text: String) {
+        let (status, map) = shell(["timeout", "20", "nbdinfo", "--map", uri(export)])
+        return (status, map.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).prefix(3).joined(separator: " ") }, map)
     }
 
     func testTrimOfAThinVDiskFreesWholeExtentsAndZeroesTheRest() throws {
@@ -274,7 +264,7 @@ final class NBDTests: XCTestCase {
         (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("t3"), "-c", "discard 1536k 5M"])
         XCTAssertEqual(rc, 0, out)
         XCTAssertEqual(try allocatedBytes("t3"), 12 << 20)
-        XCTAssertEqual(mapRows("t3"), ["0 2097152 0", "2097152 4194304 3", "6291456 10485760 0"])
+        XCTAssertEqual(mapRows("t3").rows, ["0 2097152 0", "2097152 4194304 3", "6291456 10485760 0"])
         (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri("t3"), "-c", "read -P 0x5c 0 1536k", "-c", "read -P 0 1536k 5M",
                            "-c", "read -P 0x5c 6656k 9728k"])
         XCTAssertEqual(rc, 0, out)
@@ -417,7 +407,7 @@ final class NBDTests: XCTestCase {
             let replies = [m.simpleReply(), m.simpleReply()]
             XCTAssertEqual(replies.map { $0?.error }, [0, 0], "round \(round)")
         }
-        let status = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(["mirror", "status", "tm4", "--json"]).utf8)) as? [String: Any])
+        let status = try json(["mirror", "status", "tm4"])
         XCTAssertEqual(status["state"] as? String, "normal", "\(status)")
         XCTAssertTrue(try ok(["mirror", "verify", "tm4"]).contains(" 0 differ"))
     }

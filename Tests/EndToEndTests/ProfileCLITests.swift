@@ -3,8 +3,7 @@ import XCTest
 
 /// `svsp-ctl profile ...` as a field engineer runs it.
 final class ProfileCLITests: XCTestCase {
-    static let profiles = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent().appendingPathComponent("hardware-profiles").path
+    static let profiles = ServeProcess.profiles
 
     func testValidateShippedShowAndDiff() throws {
         let ok = try CLI.run(["profile", "validate", "--profiles", Self.profiles])

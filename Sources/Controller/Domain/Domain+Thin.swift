@@ -29,8 +29,7 @@ extension Domain {
             if !failed, let problem = await zero(picked, of: pool) {
                 let others = next.vdisks[vi].legs.indices.contains { $0 != l && next.vdisks[vi].legs[$0].state != .failed }
                 guard next.vdisks[vi].mode == .automaticFailover, others else { throw problem }
-                next.vdisks[vi].legs[l].state = .failed
-                next.vdisks[vi].legs[l].failedAtGeneration = metadata.generation + 1
+                next.vdisks[vi].legs[l].markFailed(atGeneration: metadata.generation + 1)
                 failed = true
             }
             if failed {
@@ -40,13 +39,12 @@ extension Domain {
             for (i, e) in zip(missing, picked) { next.vdisks[vi].legs[l].extents[i] = e }
             changed = true
         }
-        if let dirtyRange, let log = (try? port(for: name))?.dirtyLog {
-            // Held in flight until the commit that fails the leg, so `clean` cannot clear them first.
-            let (at, bytes) = (dirtyRange.lowerBound, Int(dirtyRange.upperBound - dirtyRange.lowerBound))
-            defer { log.endWrite(offset: at, length: bytes) }
-            guard log.markDirty(offset: at, length: bytes) else { throw DomainError("vdisk '\(name)': cannot write its dirty-region bitmap") }
-            if changed { try await commit(next) }
-            return
+        // A failed leg's new extents are dirty, held in flight until the commit that maps
+        // them, so `clean` cannot clear them first.
+        let log = dirtyRange == nil ? nil : (try? port(for: name))?.dirtyLog
+        defer { if let log, let r = dirtyRange { log.endWrite(offset: r.lowerBound, length: r.count) } }
+        if let log, let r = dirtyRange, !log.markDirty(offset: r.lowerBound, length: r.count) {
+            throw DomainError("vdisk '\(name)': cannot write its dirty-region bitmap")
         }
         if changed { try await commit(next) }
     }

@@ -493,8 +493,7 @@ public final class Domain: @unchecked Sendable {
         var next = metadata
         var changed = false
         for l in legs where l < next.vdisks[vi].legs.count && next.vdisks[vi].legs[l].state != .failed {
-            next.vdisks[vi].legs[l].state = .failed
-            next.vdisks[vi].legs[l].failedAtGeneration = metadata.generation + 1
+            next.vdisks[vi].legs[l].markFailed(atGeneration: metadata.generation + 1)
             changed = true
         }
         if changed { try await commit(next) }

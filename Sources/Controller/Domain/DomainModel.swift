@@ -71,6 +71,11 @@ public struct LegRecord: Codable, Equatable, Sendable {
     public var state: LegState = .inSync
     /// The metadata generation at which the leg failed: resync copies towards it, never from it.
     public var failedAtGeneration: UInt64?
+
+    mutating func markFailed(atGeneration generation: UInt64) {
+        state = .failed
+        failedAtGeneration = generation
+    }
 }
 
 /// How a vdisk is exported to hosts.

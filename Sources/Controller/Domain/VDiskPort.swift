@@ -61,6 +61,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var mode: MirrorMode
         var thin: Bool
         var legs: [LegMap]
+        /// Thin vdisks: the largest leg extent, a multiple of the others' (nil otherwise).
+        var deallocationUnit: UInt64?
     }
 
     public let domain: Domain
@@ -126,9 +128,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         _ = refreshIfNeeded()
-        guard mapping.thin, let unit = mapping.legs.map(\.extentBytes).max(),
-              mapping.legs.allSatisfy({ unit % $0.extentBytes == 0 }) else { return nil }
-        return unit
+        return mapping.deallocationUnit
     }
 
     private static func makeMapping(_ domain: Domain, _ name: String) -> Mapping? {
@@ -145,7 +145,10 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                                lunDataStart: pool.luns.map(\.dataStartBytes), schedulerSlot: runtime?.slots ?? [],
                                scheduler: runtime?.scheduler, lunSeries: series))
         }
-        return Mapping(generation: m.generation, sizeBytes: v.sizeBytes, blockSize: v.blockSize, mode: v.mode, thin: v.thin, legs: legs)
+        let unit = legs.map(\.extentBytes).max()
+        let deallocationUnit = v.thin && legs.allSatisfy({ unit! % $0.extentBytes == 0 }) ? unit : nil
+        return Mapping(generation: m.generation, sizeBytes: v.sizeBytes, blockSize: v.blockSize, mode: v.mode, thin: v.thin, legs: legs,
+                       deallocationUnit: deallocationUnit)
     }
 
     /// Re-reads the mapping when the metadata moved on (grow, thin allocation, leg states). Caller holds the lock.
@@ -209,11 +212,13 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 return
             }
         }
+        let held = holdAtGate(index)
         lock.unlock()
-        proceed(index, kick: kick)
+        if !held { dispatch(index, kick: kick) }
     }
 
-    /// Once the request's dirty-region bits are durable: the gates, then the legs.
+    /// For the asynchronous paths (a durable dirty bit, an allocation, a reopened gate):
+    /// the gates, then the legs.
     private func proceed(_ index: Int, kick: Bool) {
         if lock.withLock({ holdAtGate(index) }) { return }
         dispatch(index, kick: kick)
@@ -259,18 +264,22 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// so a copier can read one leg and write another without losing a host write.
     public func closeGate(_ range: Range<UInt64>) async {
         lock.withLock { gates.append(range) }
-        while writesInFlight(overlapping: range) {
-            try? await Task.sleep(nanoseconds: 50_000)
-        }
+        await waitWhileInFlight(overlapping: range, reads: false)
     }
 
-    private func writesInFlight(overlapping range: Range<UInt64>) -> Bool {
-        lock.lock()
-        defer { lock.unlock() }
-        for i in 0..<capacity where slots[i].sink != nil && !slots[i].heldAtGate && slots[i].op != .read && slots[i].op != .flush {
-            if range.overlaps(slots[i].offset..<(slots[i].offset + UInt64(slots[i].length))) { return true }
+    /// Polls until no request that is not held at a gate overlaps `range` (reads counted
+    /// when `reads`; flushes never; `except` is the caller's own request).
+    private func waitWhileInFlight(overlapping range: Range<UInt64>, reads: Bool, except: Int = -1) async {
+        func busy() -> Bool {
+            lock.withLock {
+                (0..<capacity).contains { i in
+                    i != except && slots[i].sink != nil && !slots[i].heldAtGate && slots[i].op != .flush
+                        && (reads || slots[i].op != .read)
+                        && range.overlaps(slots[i].offset..<(slots[i].offset + UInt64(slots[i].length)))
+                }
+            }
         }
-        return false
+        while busy() { try? await Task.sleep(nanoseconds: 50_000) }
     }
 
     /// Reopens `range` (closed by `closeGate`); writes no other gate holds go.
@@ -313,29 +322,12 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     }
 
     /// A trim of a thin vdisk that covers whole allocated extents frees them instead of
-    /// writing zeroes: it holds every request into its range, waits for those already
-    /// sent, commits the freed extents, reopens the range, and then zeroes only the
-    /// partly covered extents at its ends. True when it took the request over.
-    private func deallocateIfWhollyTrimmed(_ index: Int) -> Bool {
-        lock.lock()
-        _ = refreshIfNeeded()
-        let r = slots[index]
-        guard r.op == .trim, !r.deallocated, mapping.thin, coversAllocatedExtent(offset: r.offset, length: r.length) else {
-            lock.unlock()
-            return false
-        }
-        if holdAtGate(index) { // another trim or a copier has the range: after it
-            lock.unlock()
-            return true
-        }
-        slots[index].deallocated = true
-        let span = r.offset..<(r.offset + UInt64(r.length))
-        exclusive.append(span)
-        lock.unlock()
+    /// writing zeroes: it holds every request into its range (`exclusive`, set by the
+    /// caller), waits for those already sent, commits the freed extents, zeroes only the
+    /// partly covered extents at its ends, and then reopens the range.
+    private func deallocate(_ index: Int, _ r: Request, span: Range<UInt64>) {
         Task {
-            while self.othersInFlight(overlapping: span, except: index) {
-                try? await Task.sleep(nanoseconds: 50_000)
-            }
+            await self.waitWhileInFlight(overlapping: span, reads: true, except: index)
             var failed: DomainError?
             do throws(DomainError) {
                 try await self.domain.deallocateExtents(vdisk: self.vdiskName, offset: r.offset, length: r.length)
@@ -353,7 +345,6 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             }
             self.releaseHeld()
         }
-        return true
     }
 
     /// Caller holds the lock.
@@ -363,15 +354,6 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             let first = Int((offset + leg.extentBytes - 1) / leg.extentBytes), last = Int(end / leg.extentBytes)
             return first < last && (first..<last).contains { leg.extents[$0] != nil }
         }
-    }
-
-    private func othersInFlight(overlapping range: Range<UInt64>, except index: Int) -> Bool {
-        lock.lock()
-        defer { lock.unlock() }
-        for i in 0..<capacity where i != index && slots[i].sink != nil && !slots[i].heldAtGate && slots[i].op != .flush {
-            if range.overlaps(slots[i].offset..<(slots[i].offset + UInt64(slots[i].length))) { return true }
-        }
-        return false
     }
 
     /// Caller holds the lock.
@@ -408,11 +390,16 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 allocateThenProceed(index)
                 return
             }
-            if r.op == .trim, !r.deallocated {
+            if r.op == .trim, !r.deallocated, coversAllocatedExtent(offset: r.offset, length: r.length) {
+                let held = holdAtGate(index) // another trim or a copier has the range: after it
+                let span = r.offset..<(r.offset + UInt64(r.length))
+                if !held {
+                    slots[index].deallocated = true
+                    exclusive.append(span)
+                }
                 lock.unlock()
-                if deallocateIfWhollyTrimmed(index) { return }
-                lock.lock()
-                _ = refreshIfNeeded()
+                if !held { deallocate(index, r, span: span) }
+                return
             }
         }
         let m = mapping

@@ -96,16 +96,17 @@ public final class Daemon: @unchecked Sendable {
         Glibc.shutdown(listenFD, Int32(SHUT_RDWR))
         close(listenFD)
         metricsServer?.stop()
-        // stop() waits (blocking) for requests in flight, some of which may need Tasks to
-        // finish: wait on a thread of its own, not on one of the concurrency pool's.
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            Thread { nbd.stop(); c.resume() }.start()
-        }
-        // Let the commands in progress finish and answer (the handler is a reentrant actor,
-        // so only counting them tells when they are done). A long one (a foreground resync)
-        // is cut off after the grace time; it stopped at a committed generation and resumes.
+        // Both waits block and what they wait for may need Tasks to finish: they run on a
+        // thread of their own, not on one of the concurrency pool's. nbd.stop() waits for
+        // the NBD requests in flight; then the commands in progress finish and answer (the
+        // handler is a reentrant actor, so only counting them tells when they are done). A
+        // long one (a foreground resync) is cut off after the grace time; it stopped at a
+        // committed generation and resumes.
         let unfinished = await withCheckedContinuation { (c: CheckedContinuation<Int, Never>) in
-            Thread { [running] in c.resume(returning: running.closeAndWait(seconds: Self.commandGraceSeconds)) }.start()
+            Thread { [running] in
+                nbd.stop()
+                c.resume(returning: running.closeAndWait(seconds: Self.commandGraceSeconds))
+            }.start()
         }
         upkeep.cancel()
         if unfinished > 0 {

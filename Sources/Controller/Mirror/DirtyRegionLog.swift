@@ -136,15 +136,8 @@ public final class DirtyRegionLog: @unchecked Sendable {
     public func markDirty(offset: UInt64, length: Int) -> Bool {
         let covered = regions(offset, length)
         guard covered.lowerBound < regionCount else { return true }
+        if beginWrite(offset: offset, length: length) { return true } // durable already
         let last = min(covered.upperBound, regionCount - 1)
-        let now = nowMs
-        lock.lock()
-        for r in covered.lowerBound...last {
-            inflight[r] &+= 1
-            lastWriteMs[r] = now
-            bits[r >> 3] |= 1 << UInt8(r & 7)
-        }
-        lock.unlock()
         return persist((covered.lowerBound >> 3) / 4096...(last >> 3) / 4096)
     }
 

@@ -384,7 +384,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         let index = freeSlots.removeLast()
         var buffer: PooledBuffer?
         if type == NBD.cmdRead || type == NBD.cmdWrite {
-            buffer = buffers!.pool.handle.take() // one per slot: never empty while a slot is free
+            buffer = buffers!.pool.handle.buffer(at: index) // slot i owns buffer i: no free list, no lock
         }
         slots[index] = Slot(cookie: cookie, type: type, offset: offset, length: Int(length), fua: flags & NBD.cmdFlagFUA != 0,
                             buffer: buffer, end: offset + UInt64(length)) // range-checked, or zeroed for FLUSH
@@ -561,7 +561,6 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func release(_ index: Int) {
-        if let b = slots[index].buffer { buffers!.pool.handle.give(back: b) }
         slots[index].buffer = nil
         freeSlots.append(index)
     }

@@ -29,7 +29,6 @@ enum NBD {
     static let repInfo: UInt32 = 3
     static let repMetaContext: UInt32 = 4
     static let repErrUnsup: UInt32 = 0x8000_0001
-    static let repErrPolicy: UInt32 = 0x8000_0002
     static let repErrInvalid: UInt32 = 0x8000_0003
     static let repErrUnknown: UInt32 = 0x8000_0006
 
@@ -55,7 +54,6 @@ enum NBD {
     static let cmdWriteZeroes: UInt16 = 6
     static let cmdBlockStatus: UInt16 = 7
     static let cmdFlagFUA: UInt16 = 1 << 0
-    static let cmdFlagNoHole: UInt16 = 1 << 1
     static let cmdFlagReqOne: UInt16 = 1 << 3
 
     // Structured reply chunks.
@@ -74,11 +72,9 @@ enum NBD {
     // Errors on the wire.
     static let ePerm: UInt32 = 1
     static let eIO: UInt32 = 5
-    static let eNoMem: UInt32 = 12
     static let eInval: UInt32 = 22
     static let eNoSpc: UInt32 = 28
     static let eOverflow: UInt32 = 75
-    static let eNotSup: UInt32 = 95
 
     /// Largest request we accept (and advertise): a peer never makes us allocate more.
     static let maxPayload = 1 << 20
