@@ -5,9 +5,9 @@ import XCTest
 final class DaemonTests: XCTestCase {
     static let profiles = ServeProcess.profiles
 
-    private var dir: TempDir!
-    private var state: String { dir.file("state") }
-    private var daemon: ServeProcess?
+    var dir: TempDir!
+    var state: String { dir.file("state") }
+    var daemon: ServeProcess?
 
     override func setUpWithError() throws {
         dir = TempDir()
@@ -20,38 +20,38 @@ final class DaemonTests: XCTestCase {
         dir = nil // XCTest keeps test cases alive to the end: remove the LUN files now
     }
 
-    private func startDaemon(extra: [String] = []) throws {
+    func startDaemon(extra: [String] = []) throws {
         daemon = try ServeProcess(state: state, extra: extra)
     }
 
-    private func stopDaemon(signal: Int32 = SIGTERM) {
+    func stopDaemon(signal: Int32 = SIGTERM) {
         daemon?.stop(signal: signal)
         daemon = nil
     }
 
-    private func ctl(_ args: [String]) throws -> CLI.Result {
+    func ctl(_ args: [String]) throws -> CLI.Result {
         try CLI.run(args + ["--dir", state])
     }
 
-    private func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+    func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
         let r = try ctl(args)
         XCTAssertEqual(r.status, 0, "\(args): \(r.stderr)", file: file, line: line)
         return r.stdout
     }
 
-    private func fails(_ args: [String], _ expected: String, file: StaticString = #filePath, line: UInt = #line) throws {
+    func fails(_ args: [String], _ expected: String, file: StaticString = #filePath, line: UInt = #line) throws {
         let r = try ctl(args)
         XCTAssertEqual(r.status, 1, "\(args) should fail", file: file, line: line)
         XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "one line: \(r.stderr)", file: file, line: line)
         XCTAssertTrue(r.stderr.hasPrefix("svsp-ctl: ") && r.stderr.contains(expected), "\(args): \(r.stderr)", file: file, line: line)
     }
 
-    private func statusJSON() throws -> [String: Any] {
+    func statusJSON() throws -> [String: Any] {
         let out = try ok(["status", "--json"])
         return try XCTUnwrap(JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any])
     }
 
-    private func makeThreePools() throws {
+    func makeThreePools() throws {
         for p in ["a", "b", "c"] {
             _ = try ok(["pool", "create", p, "--array-profile", "file-backed", "--lun", dir.file("\(p).img"), "--create-size", "48M"])
         }

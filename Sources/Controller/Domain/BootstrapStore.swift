@@ -15,11 +15,14 @@ public struct BootstrapStore: Sendable {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw DomainError("\(directory): no domain here (run `svsp-ctl domain init --dir \(directory) --name NAME`)")
         }
+        let metadata: DomainMetadata
         do {
-            return try JSONDecoder().decode(DomainMetadata.self, from: data)
+            metadata = try JSONDecoder().decode(DomainMetadata.self, from: data)
         } catch {
             throw DomainError("\(path): damaged metadata: \(error)")
         }
+        if let problem = metadata.consistencyProblem { throw DomainError("\(path): damaged metadata: \(problem)") }
+        return metadata
     }
 
     public func save(_ metadata: DomainMetadata) throws(DomainError) {

@@ -3,7 +3,7 @@ extension Domain {
     /// Exports `name` (or changes its mode); nil unexports. Returns the previous mode.
     @discardableResult
     public func setExport(vdisk name: String, mode: ExportMode?) async throws(DomainError) -> ExportMode? {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard let index = metadata.vdisks.firstIndex(where: { $0.name == name }) else {
             throw DomainError("vdisk '\(name)' not found")

@@ -11,7 +11,7 @@ extension Domain {
     /// resync copies all of it. A leg that cannot be zeroed fails like a leg that cannot
     /// take a write (automatic-failover goes on without it); otherwise the write fails.
     func allocateExtents(vdisk name: String, offset: UInt64, length: Int) async throws(DomainError) {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found", code: ENODEV) }
         var next = metadata
@@ -86,7 +86,7 @@ extension Domain {
     /// many extents were freed.
     @discardableResult
     func deallocateExtents(vdisk name: String, offset: UInt64, length: Int) async throws(DomainError) -> Int {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }), metadata.vdisks[vi].thin else { return 0 }
         var next = metadata

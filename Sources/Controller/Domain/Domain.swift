@@ -33,6 +33,9 @@ public final class Domain: @unchecked Sendable {
     /// Why the domain is degraded (missing LUNs, damaged setup copies...); empty = healthy.
     public private(set) var problems: [String] = []
     public private(set) var setupCopyStates: [SetupVDiskStore.CopyState] = []
+    /// Why no metadata change may be committed (fewer than a majority of the configured
+    /// setup copies readable), or nil. Every change is refused while it is set.
+    public private(set) var readOnlyReason: String?
     public let metrics = DomainMetrics()
     let mutation = AsyncSemaphore(permits: 1)
     public private(set) lazy var mirrors = MirrorService(domain: self)
@@ -80,16 +83,68 @@ public final class Domain: @unchecked Sendable {
         do { engine = try Engine(queueDepth: 1024) } catch { throw DomainError("\(error)") }
         let domain = Domain(directory: directory, profiles: profiles, metadata: boot, engine: engine)
         for pool in boot.pools where boot.setupPools.contains(pool.id) { domain.openLUNs(of: pool) }
-        if !boot.setupPools.isEmpty {
-            let store = domain.makeSetupStore(boot.setupPools, in: boot)
-            let (metadata, states) = try await store.load()
-            domain.metadata = metadata
-            domain.setupStore = store
-            domain.setupCopyStates = states
-            for s in states where s.problem != nil { domain.problems.append("setup vdisk copy on pool '\(s.poolName)': \(s.problem!)") }
-        }
+        if !boot.setupPools.isEmpty { try await domain.loadSetupVDisk(boot) }
         for pool in domain.metadata.pools where domain.runtime(of: pool.id) == nil { domain.openLUNs(of: pool) }
+        try await domain.convertOldFormat()
         return domain
+    }
+
+    /// Reads the setup vdisk's copies (every configured one counts towards the majority);
+    /// without a readable majority the domain opens read-only.
+    private func loadSetupVDisk(_ boot: DomainMetadata) async throws(DomainError) {
+        let store = makeSetupStore(boot.setupPools, in: boot)
+        let loaded = try await store.load()
+        metadata = loaded.metadata
+        setupStore = store
+        setupCopyStates = loaded.states
+        problems.removeAll { $0.hasPrefix("setup vdisk") }
+        for s in loaded.states where s.problem != nil { problems.append("setup vdisk copy on pool '\(s.poolName)': \(s.problem!)") }
+        if loaded.hasQuorum {
+            readOnlyReason = nil
+        } else {
+            let missing = loaded.states.filter { $0.problem != nil }.map(\.poolName)
+            readOnlyReason = "setup vdisk: only \(loaded.readableCopies) of \(store.copies.count) configured copies readable "
+                + "(\(store.majority) needed; missing or damaged: \(missing.joined(separator: ", "))): "
+                + "the domain is read-only and no change will be committed until a majority is back"
+            problems.insert(readOnlyReason!, at: 0)
+        }
+    }
+
+    /// A read-only domain tries again to reach a majority of its setup copies (LUNs that
+    /// were missing may be back): reopens their pools and reloads. Caller holds `mutation`.
+    private func regainQuorum() async {
+        let m = metadata
+        for pool in m.pools where m.setupPools.contains(pool.id) && runtime(of: pool.id)?.firstLUN == nil {
+            problems.removeAll { $0.hasPrefix("pool '\(pool.name)': ") }
+            openLUNs(of: pool)
+        }
+        do throws(DomainError) {
+            try await loadSetupVDisk(m)
+        } catch {
+            problems.removeAll { $0.hasPrefix("setup vdisk") }
+            problems.insert(readOnlyReason ?? "setup vdisk: \(error)", at: 0)
+        }
+    }
+
+    /// Takes the mutation lock for a metadata change; refused (lock released) while the
+    /// domain is read-only and a majority of its setup copies is still not readable.
+    func beginChange() async throws(DomainError) {
+        await mutation.acquire()
+        if readOnlyReason != nil { await regainQuorum() }
+        if let why = readOnlyReason {
+            mutation.release()
+            throw DomainError(why, code: EROFS)
+        }
+    }
+
+    /// Records written before legs had ids get them once, committed, so they stay stable.
+    private func convertOldFormat() async throws(DomainError) {
+        guard metadata.format == nil, readOnlyReason == nil else { return }
+        await mutation.acquire()
+        defer { mutation.release() }
+        var next = metadata
+        next.format = DomainMetadata.currentFormat
+        try await commit(next)
     }
 
     /// The vdisk's data port (created on first use, shared by every user of the vdisk).
@@ -159,8 +214,13 @@ public final class Domain: @unchecked Sendable {
     /// Persists `next` as the new generation: on the setup vdisk (majority) when it exists,
     /// else atomically in the bootstrap file. The in-memory state changes only after.
     func commit(_ next: DomainMetadata) async throws(DomainError) {
+        if let why = readOnlyReason { throw DomainError(why, code: EROFS) }
         var next = next
-        next.generation = metadata.generation + 1
+        // Past any generation a failed commit may have left on a minority of copies, so
+        // two different records never share a generation number.
+        next.generation = max(metadata.generation, lastAttemptedGeneration) + 1
+        next.format = DomainMetadata.currentFormat
+        lastAttemptedGeneration = next.generation
         if let setupStore {
             setupCopyStates = try await setupStore.commit(next)
         } else {
@@ -169,10 +229,14 @@ public final class Domain: @unchecked Sendable {
         metadata = next
     }
 
+    private var lastAttemptedGeneration: UInt64 = 0
+
     private func makeSetupStore(_ poolIds: [UUID], in metadata: DomainMetadata) -> SetupVDiskStore {
-        let copies = poolIds.compactMap { id -> SetupVDiskStore.Copy? in
-            guard let pool = metadata.pool(id: id), let handle = runtime(of: id)?.firstLUN else { return nil }
-            return SetupVDiskStore.Copy(poolName: pool.name, lun: handle, metadataReserveBytes: pool.metadataReserveBytes)
+        // Every configured copy, present or not: the majority is of the configured copies.
+        let copies = poolIds.map { id -> SetupVDiskStore.Copy in
+            let pool = metadata.pool(id: id)
+            return SetupVDiskStore.Copy(poolName: pool?.name ?? id.uuidString, lun: runtime(of: id)?.firstLUN,
+                                        metadataReserveBytes: pool?.metadataReserveBytes ?? (4 << 20))
         }
         return SetupVDiskStore(copies: copies, engine: engine)
     }
@@ -182,7 +246,7 @@ public final class Domain: @unchecked Sendable {
     public func createPool(name: String, arrayProfile: String, poolProfile: String?, lunPaths: [String],
                            createBytes: UInt64?, force: Bool) async throws(DomainError) -> PoolRecord
     {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard Parse.name(name) != nil else { throw DomainError("pool name '\(name)': use letters, digits, - _ . (at most 64)") }
         guard metadata.pool(named: name) == nil else { throw DomainError("pool '\(name)' already exists") }
@@ -275,7 +339,7 @@ public final class Domain: @unchecked Sendable {
     }
 
     public func deletePool(name: String) async throws(DomainError) {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard let pool = metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
         let users = metadata.vdisks.filter { $0.legs.contains { $0.poolId == pool.id } }.map(\.name)
@@ -332,7 +396,7 @@ public final class Domain: @unchecked Sendable {
                             thin: Bool, mode: MirrorMode = .automaticFailover, dirtyRegions: Bool = true)
         async throws(DomainError) -> VDiskRecord
     {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard Parse.name(name) != nil else { throw DomainError("vdisk name '\(name)': use letters, digits, - _ . (at most 64)") }
         guard metadata.vdisk(named: name) == nil else { throw DomainError("vdisk '\(name)' already exists") }
@@ -367,7 +431,7 @@ public final class Domain: @unchecked Sendable {
     }
 
     public func growVDisk(name: String, sizeBytes: UInt64) async throws(DomainError) -> VDiskRecord {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard let index = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
         var vdisk = metadata.vdisks[index]
@@ -396,7 +460,7 @@ public final class Domain: @unchecked Sendable {
     }
 
     public func deleteVDisk(name: String) async throws(DomainError) {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard let v = metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
         if let mode = v.export {
@@ -411,7 +475,7 @@ public final class Domain: @unchecked Sendable {
 
     /// Adds a leg in `poolName` (state copying); the caller starts the copy.
     func addLeg(vdisk name: String, poolName: String) async throws(DomainError) -> Int {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
         let v = metadata.vdisks[vi]
@@ -429,7 +493,7 @@ public final class Domain: @unchecked Sendable {
 
     /// Removes leg `leg` (never the last in-sync one); its extents return to the pool.
     func removeLeg(vdisk name: String, leg: Int) async throws(DomainError) {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
         let v = metadata.vdisks[vi]
@@ -466,7 +530,7 @@ public final class Domain: @unchecked Sendable {
     /// Turns in-sync leg `leg` into an independent vdisk `newName`, consistent as of now
     /// (the caller holds host writes out while this commits).
     func splitLeg(vdisk name: String, leg: Int, as newName: String) async throws(DomainError) {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard Parse.name(newName) != nil else { throw DomainError("vdisk name '\(newName)': use letters, digits, - _ . (at most 64)") }
         guard metadata.vdisk(named: newName) == nil else { throw DomainError("vdisk '\(newName)' already exists") }
@@ -487,7 +551,7 @@ public final class Domain: @unchecked Sendable {
 
     /// Marks legs failed (persisted before the host hears of the write that failed them).
     func markLegsFailed(vdisk name: String, legs: [Int]) async throws(DomainError) {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { return }
         var next = metadata
@@ -503,7 +567,7 @@ public final class Domain: @unchecked Sendable {
     /// stay failed (a host write failed them during the copy); returns those.
     @discardableResult
     func setLegStates(vdisk name: String, _ states: [Int: LegState], keepFailed: Set<Int> = []) async throws(DomainError) -> [Int] {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
         var next = metadata
@@ -524,7 +588,7 @@ public final class Domain: @unchecked Sendable {
 
     /// Moves the metadata onto a setup vdisk mirrored on `poolNames` (3..5, or 1 for a scratch domain).
     public func createSetupVDisk(poolNames: [String]) async throws(DomainError) -> [String] {
-        await mutation.acquire()
+        try await beginChange()
         defer { mutation.release() }
         guard metadata.setupPools.isEmpty else { throw DomainError("the setup vdisk already exists") }
         guard poolNames.count == 1 || (3...5).contains(poolNames.count) else {

@@ -10,6 +10,9 @@ public struct DomainMetadata: Codable, Equatable, Sendable {
     public var vdisks: [VDiskRecord] = []
     /// Pools holding a copy of the setup vdisk (empty until it is created).
     public var setupPools: [UUID] = []
+    /// Record format: nil for records written before legs had ids (converted at open).
+    public var format: Int?
+    public static let currentFormat = 2
 
     public init(domainId: UUID = UUID(), name: String) {
         self.domainId = domainId
@@ -30,6 +33,9 @@ public struct PoolRecord: Codable, Equatable, Sendable {
     public var metadataReserveBytes: UInt64
     public var stripe: Bool
     public var luns: [LUNRecord]
+    /// Freed extents not yet overwritten with zeros: never handed out until the zeroer
+    /// has cleared them (persisted, so a restart finishes the job). Nil = none.
+    public var zeroing: [ExtentRef]?
 
     public var extentCount: Int { luns.reduce(0) { $0 + $1.extentCount } }
     public var capacityBytes: UInt64 { UInt64(extentCount) * extentBytes }
@@ -65,12 +71,38 @@ public enum MirrorMode: String, Codable, Sendable, CaseIterable {
 
 /// One copy of a vdisk's data, in one pool.
 public struct LegRecord: Codable, Equatable, Sendable {
+    /// Stable for the leg's life: copiers and the data path name legs by id, never by
+    /// their index, which shifts when a leg is removed or split off.
+    public var id: UUID
     public var poolId: UUID
     /// One entry per extent of the vdisk; nil = not yet allocated (thin), reads as zeros.
     public var extents: [ExtentRef?]
     public var state: LegState = .inSync
     /// The metadata generation at which the leg failed: resync copies towards it, never from it.
     public var failedAtGeneration: UInt64?
+    /// add-leg: the whole leg must be copied (set in the same commit that adds it, cleared
+    /// once the dirty-region bitmap carries every region), so a crash in between cannot
+    /// leave an uncopied leg that looks in sync.
+    public var copyAll: Bool?
+
+    public init(id: UUID = UUID(), poolId: UUID, extents: [ExtentRef?], state: LegState = .inSync) {
+        self.id = id
+        self.poolId = poolId
+        self.extents = extents
+        self.state = state
+    }
+
+    private enum CodingKeys: String, CodingKey { case id, poolId, extents, state, failedAtGeneration, copyAll }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        id = try c.decodeIfPresent(UUID.self, forKey: .id) ?? UUID() // older records: given one at open, then committed
+        poolId = try c.decode(UUID.self, forKey: .poolId)
+        extents = try c.decode([ExtentRef?].self, forKey: .extents)
+        state = try c.decode(LegState.self, forKey: .state)
+        failedAtGeneration = try c.decodeIfPresent(UInt64.self, forKey: .failedAtGeneration)
+        copyAll = try c.decodeIfPresent(Bool.self, forKey: .copyAll)
+    }
 
     mutating func markFailed(atGeneration generation: UInt64) {
         state = .failed
@@ -108,5 +140,7 @@ public struct VDiskRecord: Codable, Equatable, Sendable {
 
     /// The first leg's pool (where a plain vdisk lives).
     public var poolId: UUID { legs[0].poolId }
+    /// The index of the leg with `id` now (nil when it was removed or split off).
+    public func legIndex(_ id: UUID) -> Int? { legs.firstIndex { $0.id == id } }
     public var isMirror: Bool { legs.count > 1 }
 }

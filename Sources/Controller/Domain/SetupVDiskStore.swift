@@ -3,19 +3,26 @@ import IOEngine
 
 /// The setup vdisk: the domain's metadata mirrored on 1 or 3..5 pools. Each copy
 /// lives in the metadata reserve of its pool's first LUN as two alternating slots;
-/// a record is a checksummed, generation-numbered header plus JSON. An update
-/// commits when a majority of copies has it; loading takes the newest generation
-/// a majority agrees on and rewrites the copies that are stale or damaged.
+/// a record is a checksummed, generation-numbered header plus JSON.
+///
+/// Quorum counts the *configured* copies (a copy whose LUN is missing still counts
+/// in N): an update commits when ⌊N/2⌋+1 copies have it, and loading needs that many
+/// copies readable. Any committed generation is on a majority, and any majority
+/// overlaps it, so the newest generation a readable majority holds anywhere is the
+/// newest committed one (or a newer one whose commit was cut short, which is adopted:
+/// nobody was told it succeeded or failed). Loading rewrites the copies that lack it.
+/// With fewer copies readable the metadata is only read, never rewritten.
 public final class SetupVDiskStore: @unchecked Sendable {
     /// One copy: a LUN and where its two slots are.
     public struct Copy: Sendable {
         public let poolName: String
-        public let lun: LUNHandle
+        /// Nil when the pool's first LUN is missing: the copy still counts towards N.
+        public let lun: LUNHandle?
         public let slotBytes: Int
         public var slotOffsets: (UInt64, UInt64) { (Self.firstSlot, Self.firstSlot + UInt64(slotBytes)) }
         static let firstSlot: UInt64 = 64 << 10
 
-        public init(poolName: String, lun: LUNHandle, metadataReserveBytes: UInt64) {
+        public init(poolName: String, lun: LUNHandle?, metadataReserveBytes: UInt64) {
             self.poolName = poolName
             self.lun = lun
             slotBytes = Int((metadataReserveBytes - Self.firstSlot) / 2 / 4096 * 4096)
@@ -36,6 +43,15 @@ public final class SetupVDiskStore: @unchecked Sendable {
     private let engine: EngineHandle
     public var majority: Int { copies.count / 2 + 1 }
 
+    /// What `load` found: the metadata, each copy's state, and whether a majority of the
+    /// configured copies was readable (without it the domain must not commit anything).
+    public struct Loaded: Sendable {
+        public let metadata: DomainMetadata
+        public let states: [CopyState]
+        public let readableCopies: Int
+        public let hasQuorum: Bool
+    }
+
     public init(copies: [Copy], engine: EngineHandle) {
         self.copies = copies
         self.engine = engine
@@ -51,6 +67,11 @@ public final class SetupVDiskStore: @unchecked Sendable {
         var failures: [String] = []
         var states: [CopyState] = []
         for copy in copies {
+            guard copy.lun != nil else {
+                failures.append("\(copy.poolName): missing")
+                states.append(CopyState(poolName: copy.poolName, generation: nil, problem: "missing (its pool's first LUN is not available)"))
+                continue
+            }
             do {
                 try await write(payload, generation: metadata.generation, to: copy)
                 written += 1
@@ -61,35 +82,57 @@ public final class SetupVDiskStore: @unchecked Sendable {
             }
         }
         if written < majority {
-            throw DomainError("setup vdisk update not committed: \(written) of \(copies.count) copies written (\(failures.joined(separator: "; ")))")
+            throw DomainError("setup vdisk update not committed: \(written) of \(copies.count) configured copies written, \(majority) needed (\(failures.joined(separator: "; ")))")
         }
         return states
     }
 
-    /// The newest metadata a majority agrees on, and each copy's state. Copies that
-    /// lack it are rewritten (in the slot its generation selects).
-    public func load() async throws(DomainError) -> (DomainMetadata, [CopyState]) {
+    /// The newest metadata the readable copies hold, and each copy's state. With a
+    /// majority of the configured copies readable, copies that lack it are rewritten (in
+    /// the slot its generation selects); without, nothing is written.
+    public func load() async throws(DomainError) -> Loaded {
         var found: [(copy: Int, generation: UInt64, crc: UInt32, payload: Data)] = []
         var problems: [Int: String] = [:]
+        var readable = 0
         for (i, copy) in copies.enumerated() {
+            guard copy.lun != nil else {
+                problems[i] = "missing (its pool's first LUN is not available)"
+                continue
+            }
+            var usable = false
             for slot in [copy.slotOffsets.0, copy.slotOffsets.1] {
                 switch await read(slot: slot, of: copy) {
-                case .record(let g, let c, let p): found.append((i, g, c, p))
-                case .empty: break
+                case .record(let g, let c, let p):
+                    found.append((i, g, c, p))
+                    usable = true
+                case .empty: usable = true
                 case .damaged(let why): problems[i] = why
                 }
             }
+            if usable { readable += 1 }
         }
-        // Newest generation (with identical content) held by a majority of copies.
-        let candidates = Dictionary(grouping: found) { "\($0.generation):\($0.crc)" }
-            .values.filter { Set($0.map(\.copy)).count >= majority }
-            .sorted { $0[0].generation > $1[0].generation }
-        guard let winner = candidates.first?.first else {
-            throw DomainError("setup vdisk: no metadata generation is held by a majority (\(majority) of \(copies.count)) of its copies")
+        let hasQuorum = readable >= majority
+        // Newest generation first; for one generation written twice (a commit cut short,
+        // then another), the content more copies hold. Then the first that decodes.
+        let candidates = Dictionary(grouping: found) { "\($0.generation):\($0.crc)" }.values
+            .sorted { ($0[0].generation, Set($0.map(\.copy)).count) > ($1[0].generation, Set($1.map(\.copy)).count) }
+        var winner: (generation: UInt64, crc: UInt32, payload: Data)?
+        var metadata: DomainMetadata?
+        var undecodable: [String] = []
+        for group in candidates {
+            let c = group[0]
+            do throws(DomainError) {
+                metadata = try Self.decode(c.payload)
+                winner = (c.generation, c.crc, c.payload)
+                break
+            } catch {
+                undecodable.append("generation \(c.generation): \(error)")
+            }
         }
-        let metadata: DomainMetadata
-        do { metadata = try JSONDecoder().decode(DomainMetadata.self, from: winner.payload) } catch {
-            throw DomainError("setup vdisk: committed record does not decode: \(error)")
+        guard let winner, let metadata else {
+            let why = undecodable.isEmpty ? "" : " (\(undecodable.joined(separator: "; ")))"
+            throw DomainError("setup vdisk: none of its \(copies.count) copies holds a usable metadata record "
+                + "(\(readable) readable)\(why)")
         }
         var states: [CopyState] = []
         for (i, copy) in copies.enumerated() {
@@ -100,6 +143,10 @@ public final class SetupVDiskStore: @unchecked Sendable {
                 continue
             }
             let why = problems[i] ?? (newest.map { "stale (generation \($0))" } ?? "empty")
+            guard hasQuorum, copy.lun != nil else {
+                states.append(CopyState(poolName: copy.poolName, generation: newest, problem: why))
+                continue
+            }
             do {
                 try await write(winner.payload, generation: winner.generation, to: copy)
                 states.append(CopyState(poolName: copy.poolName, generation: newest, problem: "\(why); rewritten"))
@@ -107,7 +154,18 @@ public final class SetupVDiskStore: @unchecked Sendable {
                 states.append(CopyState(poolName: copy.poolName, generation: newest, problem: "\(why); rewrite failed: \(error)"))
             }
         }
-        return (metadata, states)
+        return Loaded(metadata: metadata, states: states, readableCopies: readable, hasQuorum: hasQuorum)
+    }
+
+    /// Decodes and checks a record: a record that passed its checksums but does not
+    /// describe a consistent domain is treated as damaged, never trusted.
+    static func decode(_ payload: Data) throws(DomainError) -> DomainMetadata {
+        let metadata: DomainMetadata
+        do { metadata = try JSONDecoder().decode(DomainMetadata.self, from: payload) } catch {
+            throw DomainError("record does not decode: \(error)")
+        }
+        if let problem = metadata.consistencyProblem { throw DomainError("record is inconsistent: \(problem)") }
+        return metadata
     }
 
     // MARK: record I/O
@@ -131,7 +189,8 @@ public final class SetupVDiskStore: @unchecked Sendable {
         out.storeBytes(of: headerCRC.littleEndian, toByteOffset: 28, as: UInt32.self)
         let slot = generation % 2 == 0 ? copy.slotOffsets.0 : copy.slotOffsets.1
         do {
-            _ = try await engine.write(lun: copy.lun, from: buffer.pointer, length: total, offset: slot, fua: true)
+            guard let lun = copy.lun else { throw DomainError("\(copy.poolName): missing") }
+            _ = try await engine.write(lun: lun, from: buffer.pointer, length: total, offset: slot, fua: true)
         } catch {
             throw DomainError("\(error)")
         }
@@ -140,9 +199,10 @@ public final class SetupVDiskStore: @unchecked Sendable {
     private enum SlotContent { case record(UInt64, UInt32, Data), empty, damaged(String) }
 
     private func read(slot: UInt64, of copy: Copy) async -> SlotContent {
+        guard let lun = copy.lun else { return .damaged("missing") }
         guard let header = try? AlignedBuffer(count: Self.headerBytes) else { return .damaged("out of memory") }
         do {
-            _ = try await engine.read(lun: copy.lun, into: header.pointer, length: Self.headerBytes, offset: slot)
+            _ = try await engine.read(lun: lun, into: header.pointer, length: Self.headerBytes, offset: slot)
         } catch {
             return .damaged("unreadable: \(error)")
         }
@@ -154,14 +214,17 @@ public final class SetupVDiskStore: @unchecked Sendable {
             return .damaged("record header checksum mismatch at \(slot)")
         }
         let generation = h.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
-        let length = Int(h.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian)
+        let rawLength = h.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian
         let payloadCRC = h.loadUnaligned(fromByteOffset: 24, as: UInt32.self).littleEndian
+        // Checked in UInt64 before any Int arithmetic: a crafted length must not trap.
+        guard rawLength <= UInt64(copy.slotBytes - Self.headerBytes) else { return .damaged("record length \(rawLength) out of range at \(slot)") }
+        let length = Int(rawLength)
         let total = (Self.headerBytes + length + 4095) / 4096 * 4096
         guard total <= copy.slotBytes, let whole = try? AlignedBuffer(count: total) else {
-            return .damaged("record length \(length) out of range")
+            return .damaged("record length \(length) out of range at \(slot)")
         }
         do {
-            _ = try await engine.read(lun: copy.lun, into: whole.pointer, length: total, offset: slot)
+            _ = try await engine.read(lun: lun, into: whole.pointer, length: total, offset: slot)
         } catch {
             return .damaged("unreadable: \(error)")
         }

@@ -178,16 +178,17 @@ public actor CommandHandler {
         let pools = m.pools.map { PoolView($0, domain: domain) }
         let vdisks = m.vdisks.map { VDiskView($0, domain: domain) }
         let setup = domain.setupCopyStates.map { SetupCopyView(pool: $0.poolName, generation: $0.generation, problem: $0.problem) }
-        let health = domain.problems.isEmpty ? "normal" : "degraded"
+        let health = domain.readOnlyReason != nil ? "read-only" : (domain.problems.isEmpty ? "normal" : "degraded")
         let nbdView = nbd.map { NBDStatusView($0, domain: domain) }
         let view = StatusView(domain: m.name, domainId: m.domainId.uuidString, generation: m.generation, health: health,
-                              problems: domain.problems, setupVDisk: setup, pools: pools, vdisks: vdisks, nbd: nbdView)
+                              readOnly: domain.readOnlyReason, problems: domain.problems, setupVDisk: setup, pools: pools,
+                              vdisks: vdisks, nbd: nbdView)
         var lines = ["domain \(m.name) (\(m.domainId.uuidString.prefix(8))), metadata generation \(m.generation), health: \(health)"]
         for p in domain.problems { lines.append("  ! \(p)") }
         if setup.isEmpty {
             lines.append("setup vdisk: none (metadata in \(domain.directory)/domain.json)")
         } else {
-            lines.append("setup vdisk: \(setup.count) copies: " + setup.map { "\($0.pool)" + ($0.problem.map { " (\($0))" } ?? " ok") }.joined(separator: ", "))
+            lines.append("setup vdisk: \(setup.count) configured copies: " + setup.map { "\($0.pool)" + ($0.problem.map { " (\($0))" } ?? " ok") }.joined(separator: ", "))
         }
         lines.append("")
         lines.append(Table.pools(pools))
@@ -332,6 +333,8 @@ struct StatusView: Codable {
     var domainId: String
     var generation: UInt64
     var health: String
+    /// Why no change is committed (no majority of the setup copies), or nil.
+    var readOnly: String?
     var problems: [String]
     var setupVDisk: [SetupCopyView]
     var pools: [PoolView]
