@@ -3,11 +3,11 @@ import XCTest
 
 /// The NBD front end with real clients (nbdinfo, qemu-io, nbdcopy, qemu-img, fio's nbd engine).
 final class NBDTests: XCTestCase {
-    private var dir: TempDir!
-    private var state: String { dir.file("state") }
-    private var socket: String { state + "/nbd.sock" }
-    private var daemon: ServeProcess?
-    private var log: String { dir.file("serve.log") }
+    var dir: TempDir!
+    var state: String { dir.file("state") }
+    var socket: String { state + "/nbd.sock" }
+    var daemon: ServeProcess?
+    var log: String { dir.file("serve.log") }
 
     private func tool(_ name: String) -> Bool { shell(["sh", "-c", "command -v \(name)"]).0 == 0 }
 
@@ -32,12 +32,12 @@ final class NBDTests: XCTestCase {
         dir = nil // XCTest keeps test cases alive to the end: remove the LUN files now
     }
 
-    private func restart(extra: [String] = []) throws {
+    func restart(extra: [String] = []) throws {
         daemon?.stop()
         daemon = try ServeProcess(state: state, extra: extra, log: log)
     }
 
-    private func json(_ args: [String]) throws -> [String: Any] {
+    func json(_ args: [String]) throws -> [String: Any] {
         try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(args + ["--json"]).utf8)) as? [String: Any])
     }
 
@@ -48,13 +48,13 @@ final class NBDTests: XCTestCase {
         return try XCTUnwrap(e["counters"] as? [String: Any])
     }
 
-    private func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+    func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
         let r = try CLI.run(args + ["--dir", state])
         XCTAssertEqual(r.status, 0, "\(args): \(r.stderr)", file: file, line: line)
         return r.stdout
     }
 
-    private func uri(_ export: String) -> String { "nbd+unix:///\(export)?socket=\(socket)" }
+    func uri(_ export: String) -> String { "nbd+unix:///\(export)?socket=\(socket)" }
 
     func testListAndQemuIOOnPlainAndMirroredVDisks() throws {
         let (status, list) = shell(["timeout", "20", "nbdinfo", "--list", "nbd+unix:///?socket=\(socket)"])

@@ -51,7 +51,7 @@ extension Domain {
 
     /// Writes zeroes over the extents, durably (FUA), at most `zeroingWidth` 1 MiB pieces
     /// at a time. Nil, or what failed. Every piece has finished when it returns.
-    private func zero(_ extents: [ExtentRef], of pool: PoolRecord) async -> DomainError? {
+    func zero(_ extents: [ExtentRef], of pool: PoolRecord) async -> DomainError? {
         let runtime = runtime(of: pool.id)
         var pieces: [(lun: LUNHandle, offset: UInt64, length: Int)] = []
         for e in extents {
@@ -90,17 +90,23 @@ extension Domain {
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }), metadata.vdisks[vi].thin else { return 0 }
         var next = metadata
-        var freed = 0
+        var freed: [LegRecord] = [] // what each leg gives back, zeroed before reuse
         let end = offset + UInt64(length)
         for l in next.vdisks[vi].legs.indices {
             guard let pool = next.pool(id: next.vdisks[vi].legs[l].poolId) else { continue }
             let first = Int((offset + pool.extentBytes - 1) / pool.extentBytes), last = Int(end / pool.extentBytes)
+            var given = LegRecord(poolId: pool.id, extents: [])
             for i in first..<max(first, last) where next.vdisks[vi].legs[l].extents[i] != nil {
+                given.extents.append(next.vdisks[vi].legs[l].extents[i])
                 next.vdisks[vi].legs[l].extents[i] = nil
-                freed += 1
             }
+            freed.append(given)
         }
-        if freed > 0 { try await commit(next) }
-        return freed
+        let count = freed.reduce(0) { $0 + $1.extents.count }
+        guard count > 0 else { return 0 }
+        listForZeroing(freed, in: &next)
+        try await commit(next)
+        zeroingWork.signal()
+        return count
     }
 }

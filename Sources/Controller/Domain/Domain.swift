@@ -51,6 +51,9 @@ public final class Domain: @unchecked Sendable {
 
     private func setRuntime(_ runtime: PoolRuntime?, of pool: UUID) { stateLock.withLock { storedPools[pool] = runtime } }
     private var setupStore: SetupVDiskStore?
+    /// Wakes the zeroer (extents freed or let out of quarantine) and those waiting for it.
+    let zeroingWork = WakeSignal()
+    let zeroingProgress = WakeSignal()
 
     /// `svsp-ctl domain init`: an empty domain in `directory`.
     public static func initialize(directory: String, name: String) throws(DomainError) -> DomainMetadata {
@@ -356,14 +359,16 @@ public final class Domain: @unchecked Sendable {
         setRuntime(nil, of: pool.id)
     }
 
-    /// Extents of the pool no vdisk uses.
+    /// Extents of the pool no vdisk uses and none is being zeroed.
     public func freeExtents(of pool: PoolRecord) -> Int {
-        pool.extentCount - metadata.vdisks.flatMap(\.legs).filter { $0.poolId == pool.id }.reduce(0) { $0 + $1.extents.compactMap { $0 }.count }
+        pool.extentCount - zeroingExtents(of: pool)
+            - metadata.vdisks.flatMap(\.legs).filter { $0.poolId == pool.id }.reduce(0) { $0 + $1.extents.compactMap { $0 }.count }
     }
 
     /// Picks `count` free extents: concatenated pools fill LUN by LUN, striped ones round-robin.
     func allocate(_ count: Int, in pool: PoolRecord, metadata m: DomainMetadata) -> [ExtentRef]? {
-        var used = stateLock.withLock { quarantinedByPool[pool.id] ?? [] }
+        var used = quarantined(in: pool.id)
+        used.formUnion(m.pool(id: pool.id)?.zeroing ?? []) // freed, not yet zeros
         for leg in m.vdisks.flatMap(\.legs) where leg.poolId == pool.id { for e in leg.extents { if let e { used.insert(e) } } }
         var picked: [ExtentRef] = []
         if pool.stripe {
@@ -396,6 +401,27 @@ public final class Domain: @unchecked Sendable {
                             thin: Bool, mode: MirrorMode = .automaticFailover, dirtyRegions: Bool = true)
         async throws(DomainError) -> VDiskRecord
     {
+        try await retryingAfterZeroing { () async throws(DomainError) -> VDiskRecord in
+            try await createVDiskOnce(name: name, poolName: poolName, mirrorPools: mirrorPools, sizeBytes: sizeBytes,
+                                      blockSize: blockSize, thin: thin, mode: mode, dirtyRegions: dirtyRegions)
+        }
+    }
+
+    /// Runs `change`; when it lacks free extents (ENOSPC) while freed extents are still
+    /// being zeroed, waits for the zeroing and tries again.
+    func retryingAfterZeroing<T>(_ change: () async throws(DomainError) -> T) async throws(DomainError) -> T {
+        while true {
+            do {
+                return try await change()
+            } catch where error.code == ENOSPC {
+                guard await waitForZeroing(in: metadata.pools.map(\.id)) else { throw error }
+            }
+        }
+    }
+
+    private func createVDiskOnce(name: String, poolName: String, mirrorPools: [String], sizeBytes: UInt64, blockSize: Int,
+                                 thin: Bool, mode: MirrorMode, dirtyRegions: Bool) async throws(DomainError) -> VDiskRecord
+    {
         try await beginChange()
         defer { mutation.release() }
         guard Parse.name(name) != nil else { throw DomainError("vdisk name '\(name)': use letters, digits, - _ . (at most 64)") }
@@ -425,12 +451,22 @@ public final class Domain: @unchecked Sendable {
         let extentCount = Int((sizeBytes + pool.extentBytes - 1) / pool.extentBytes)
         guard !thin else { return LegRecord(poolId: pool.id, extents: Array(repeating: nil, count: extentCount)) }
         guard let picked = allocate(extentCount, in: pool, metadata: metadata) else {
-            throw DomainError("pool '\(pool.name)' has \(freeExtents(of: pool)) free extents of \(ByteSize.format(pool.extentBytes)); vdisk '\(vdisk)' needs \(extentCount)")
+            throw DomainError("pool '\(pool.name)' has \(freeExtents(of: pool)) free extents of \(ByteSize.format(pool.extentBytes))"
+                + "\(zeroingNote(pool)); vdisk '\(vdisk)' needs \(extentCount)", code: ENOSPC)
         }
         return LegRecord(poolId: pool.id, extents: picked)
     }
 
+    /// " (N more being zeroed)" when the pool has freed extents not yet zeroed.
+    private func zeroingNote(_ pool: PoolRecord) -> String {
+        zeroingExtents(of: pool) > 0 ? " (\(zeroingExtents(of: pool)) more being zeroed)" : ""
+    }
+
     public func growVDisk(name: String, sizeBytes: UInt64) async throws(DomainError) -> VDiskRecord {
+        try await retryingAfterZeroing { () async throws(DomainError) -> VDiskRecord in try await growVDiskOnce(name: name, sizeBytes: sizeBytes) }
+    }
+
+    private func growVDiskOnce(name: String, sizeBytes: UInt64) async throws(DomainError) -> VDiskRecord {
         try await beginChange()
         defer { mutation.release() }
         guard let index = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
@@ -447,7 +483,8 @@ public final class Domain: @unchecked Sendable {
                 vdisk.legs[l].extents += Array(repeating: nil, count: extra)
             } else {
                 guard let picked = allocate(extra, in: pool, metadata: metadata) else {
-                    throw DomainError("pool '\(pool.name)' has \(freeExtents(of: pool)) free extents; growing '\(name)' needs \(extra)")
+                    throw DomainError("pool '\(pool.name)' has \(freeExtents(of: pool)) free extents\(zeroingNote(pool)); growing '\(name)' needs \(extra)",
+                                      code: ENOSPC)
                 }
                 vdisk.legs[l].extents += picked.map { Optional($0) }
             }
@@ -468,13 +505,19 @@ public final class Domain: @unchecked Sendable {
         }
         var next = metadata
         next.vdisks.removeAll { $0.name == name }
+        listForZeroing(v.legs, in: &next)
         try await commit(next)
         let port = stateLock.withLock { storedPorts.removeValue(forKey: name) }
         quarantine(v.legs, while: port)
+        zeroingWork.signal()
     }
 
     /// Adds a leg in `poolName` (state copying); the caller starts the copy.
     func addLeg(vdisk name: String, poolName: String) async throws(DomainError) -> Int {
+        try await retryingAfterZeroing { () async throws(DomainError) -> Int in try await addLegOnce(vdisk: name, poolName: poolName) }
+    }
+
+    private func addLegOnce(vdisk name: String, poolName: String) async throws(DomainError) -> Int {
         try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
@@ -503,14 +546,18 @@ public final class Domain: @unchecked Sendable {
         guard othersInSync else { throw DomainError("leg \(leg) is the last in-sync leg of '\(name)'") }
         var next = metadata
         next.vdisks[vi].legs.remove(at: leg)
+        listForZeroing([v.legs[leg]], in: &next)
         try await commit(next)
         quarantine([v.legs[leg]], while: stateLock.withLock { storedPorts[name] })
+        zeroingWork.signal()
     }
 
     /// Freed extents that I/O sent with an old mapping may still reach, per pool: `allocate`
     /// skips them until that I/O has landed. In memory only (after a restart nothing is in
     /// flight). Guarded by stateLock.
     private var quarantinedByPool: [UUID: Set<ExtentRef>] = [:]
+
+    func quarantined(in pool: UUID) -> Set<ExtentRef> { stateLock.withLock { quarantinedByPool[pool] ?? [] } }
 
     /// Keeps the legs' extents out of `allocate` until the port's requests of now have
     /// finished. The wait runs outside the mutation lock: those requests may need it
@@ -524,6 +571,7 @@ public final class Domain: @unchecked Sendable {
         Task {
             await port.drain(waiting)
             self.stateLock.withLock { for (pool, extents) in refs { self.quarantinedByPool[pool]?.subtract(extents) } }
+            self.zeroingWork.signal()
         }
     }
 

@@ -260,6 +260,8 @@ struct PoolView: Codable {
     var capacityBytes: UInt64
     var usedBytes: UInt64
     var freeBytes: UInt64
+    /// Freed by a delete, trim or leg removal, being overwritten with zeros: free once done.
+    var zeroingBytes: UInt64
     var health: String
     var luns: [LUNView]
 
@@ -279,7 +281,8 @@ struct PoolView: Codable {
         capacityBytes = p.capacityBytes
         let free = UInt64(domain.freeExtents(of: p)) * p.extentBytes
         freeBytes = free
-        usedBytes = p.capacityBytes - free
+        zeroingBytes = UInt64(domain.zeroingExtents(of: p)) * p.extentBytes
+        usedBytes = p.capacityBytes - free - zeroingBytes
         health = domain.isPoolHealthy(p) ? "normal" : "degraded"
         luns = p.luns.map { LUNView(path: $0.path, sizeBytes: $0.sizeBytes, extents: $0.extentCount,
                                     present: domain.lunHandle(pool: p.id, index: $0.index) != nil) }
@@ -354,9 +357,9 @@ enum Table {
 
     static func pools(_ pools: [PoolView]) -> String {
         if pools.isEmpty { return "no pools" }
-        return render(["POOL", "ARRAY", "LUNS", "EXTENT", "SIZE", "USED", "FREE", "HEALTH"], pools.map {
+        return render(["POOL", "ARRAY", "LUNS", "EXTENT", "SIZE", "USED", "FREE", "BEING ZEROED", "HEALTH"], pools.map {
             [$0.name, $0.arrayProfile, "\($0.luns.count)", ByteSize.format($0.extentBytes), ByteSize.format($0.capacityBytes),
-             ByteSize.format($0.usedBytes), ByteSize.format($0.freeBytes), $0.health]
+             ByteSize.format($0.usedBytes), ByteSize.format($0.freeBytes), ByteSize.format($0.zeroingBytes), $0.health]
         })
     }
 

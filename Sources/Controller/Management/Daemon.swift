@@ -58,6 +58,8 @@ public final class Daemon: @unchecked Sendable {
         // Mirrors written when the daemon last stopped: level their dirty regions first.
         await domain.mirrors.recoverAfterRestart { [logger] in logger.notice("\($0)") }
         let upkeep = Task { await domain.mirrors.runUpkeep() }
+        // Freed extents are zeroed in the background before they can be handed out again.
+        let zeroer = Task { [logger] in await domain.runZeroer { logger.warning("\($0)") } }
         let nbd = try NBDServer(domain: domain, socketPath: dir + "/nbd.sock", tcpListen: options.nbdListen,
                                 maxConnections: options.nbdMaxConnections) { [logger] in
             logger.notice("\($0)")
@@ -109,6 +111,7 @@ public final class Daemon: @unchecked Sendable {
             }.start()
         }
         upkeep.cancel()
+        zeroer.cancel()
         if unfinished > 0 {
             // Their writes may still be in flight: leave the dirty regions for the next start.
             logger.warning("stopping with \(unfinished) command(s) still running after \(Int(Self.commandGraceSeconds))s")
