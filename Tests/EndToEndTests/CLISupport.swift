@@ -18,10 +18,11 @@ struct CLI {
     }
 
     @discardableResult
-    static func run(_ args: [String], environment: [String: String] = [:]) throws -> Result {
+    static func run(_ args: [String], environment: [String: String] = [:], killAfterSeconds: Int? = nil) throws -> Result {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: binary)
-        p.arguments = args
+        // Bounded when asked (timeout(1) exits 124), so a regression that hangs fails instead.
+        p.executableURL = URL(fileURLWithPath: killAfterSeconds == nil ? binary : "/usr/bin/timeout")
+        p.arguments = killAfterSeconds.map { ["\($0)", binary] + args } ?? args
         var env = ProcessInfo.processInfo.environment
         for (k, v) in environment { env[k] = v }
         p.environment = env

@@ -27,7 +27,6 @@ public final class Daemon: @unchecked Sendable {
 
     private let options: Options
     private var lockFD: Int32 = -1
-    private var listenFD: Int32 = -1
     private let stopping = DispatchSemaphore(value: 0)
     private let running = RunningCommands()
     private let logger: Logger
@@ -66,7 +65,7 @@ public final class Daemon: @unchecked Sendable {
         }
         let handler = CommandHandler(domain: domain, nbd: nbd)
         let socketPath = options.mgmtSocket ?? MgmtPaths.defaultSocket(dir)
-        listenFD = try UnixSocket.listen(at: socketPath)
+        let mgmt = try MgmtServer(socketPath: socketPath, running: running, logger: logger) { await handler.handle($0) }
         try BootstrapStore.writeAtomically(Data(socketPath.utf8), to: MgmtPaths.recorded(dir))
         log("serving domain '\(domain.metadata.name)' from \(dir), generation \(domain.metadata.generation), "
             + "health \(domain.problems.isEmpty ? "normal" : "degraded"), management socket \(socketPath), NBD on \(nbd.socketPath)"
@@ -89,14 +88,11 @@ public final class Daemon: @unchecked Sendable {
         }
 
         let signals = installSignalHandlers()
-        let accepter = Thread { [self] in acceptLoop(handler: handler) }
-        accepter.start()
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             DispatchQueue.global().async { self.stopping.wait(); c.resume() }
         }
         log("signal received: stopping")
-        Glibc.shutdown(listenFD, Int32(SHUT_RDWR))
-        close(listenFD)
+        mgmt.stopAccepting()
         metricsServer?.stop()
         // Both waits block and what they wait for may need Tasks to finish: they run on a
         // thread of their own, not on one of the concurrency pool's. nbd.stop() waits for
@@ -121,6 +117,7 @@ public final class Daemon: @unchecked Sendable {
                 (try? domain.port(for: v.name))?.dirtyLog?.clean(idleSeconds: 0)
             }
         }
+        mgmt.shutdown()
         unlink(socketPath)
         unlink(MgmtPaths.recorded(dir))
         for s in signals { s.cancel() }
@@ -148,47 +145,5 @@ public final class Daemon: @unchecked Sendable {
             source.resume()
             return source
         }
-    }
-
-    private func acceptLoop(handler: CommandHandler) {
-        while true {
-            let fd = accept(listenFD, nil, nil)
-            if fd < 0 {
-                if errno == EINTR || errno == ECONNABORTED { continue }
-                return // listening socket closed: shutting down
-            }
-            // Counted from accept, so a command still being read when shutdown starts is waited for.
-            guard running.tryEnter() else {
-                Self.reply(fd, .failure("the daemon is stopping"))
-                continue
-            }
-            guard let line = UnixSocket.readLine(fd, limit: MgmtLimits.maxMessageBytes) else {
-                logger.warning("management: dropped a connection with no or oversized request")
-                close(fd)
-                running.leave()
-                continue
-            }
-            let logger = self.logger
-            Task { [running] in
-                defer { running.leave() }
-                let response: MgmtResponse
-                if let request = try? JSONDecoder().decode(MgmtRequest.self, from: line) {
-                    response = await handler.handle(request)
-                    if !response.ok { logger.notice("\(request.command): \(response.error ?? "")") }
-                } else {
-                    response = .failure("malformed management request")
-                    logger.warning("management: malformed request")
-                }
-                Self.reply(fd, response)
-            }
-        }
-    }
-
-    /// Writes one response line and closes the connection.
-    private static func reply(_ fd: Int32, _ response: MgmtResponse) {
-        var data = (try? JSONEncoder().encode(response)) ?? Data()
-        data.append(UInt8(ascii: "\n"))
-        _ = UnixSocket.writeAll(fd, data)
-        close(fd)
     }
 }

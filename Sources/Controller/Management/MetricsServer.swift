@@ -1,9 +1,18 @@
 import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
 
-/// A minimal HTTP listener for Prometheus scrapes: `GET /metrics` on HOST:PORT.
+/// The Prometheus endpoint: `GET /metrics` on HOST:PORT, served without blocking
+/// (SwiftNIO's HTTP/1 codec, one event loop). It may face the network when bound off
+/// loopback, so a client that does not finish its request within `readDeadline` is
+/// dropped, request heads are bounded by the codec (80 KiB), bodies are refused, and
+/// each connection answers one request and closes.
 final class MetricsServer: @unchecked Sendable {
-    private let fd: Int32
-    private let render: @Sendable () -> [UInt8]
+    static let readDeadline = TimeAmount.seconds(10)
+
+    private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    private let channel: Channel
 
     /// Listens on `hostPort` ("127.0.0.1:9464"; IPv4).
     init(hostPort: String, render: @escaping @Sendable () -> [UInt8]) throws(DomainError) {
@@ -11,58 +20,79 @@ final class MetricsServer: @unchecked Sendable {
         guard parts.count == 2, let port = UInt16(parts[1]) else {
             throw DomainError("--metrics-listen '\(hostPort)': expected HOST:PORT (e.g. 127.0.0.1:9464)")
         }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = port.bigEndian
         let host = parts[0].isEmpty ? "127.0.0.1" : String(parts[0])
-        guard inet_pton(AF_INET, host, &addr.sin_addr) == 1 else {
+        var probe = in_addr()
+        guard inet_pton(AF_INET, host, &probe) == 1 else {
             throw DomainError("--metrics-listen '\(hostPort)': '\(host)' is not an IPv4 address")
         }
-        let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        var one: Int32 = 1
-        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard s >= 0, rc == 0, listen(s, 16) == 0 else {
-            let why = String(cString: strerror(errno))
-            if s >= 0 { close(s) }
-            throw DomainError("--metrics-listen \(hostPort): \(why)")
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 16)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let ops = channel.pipeline.syncOperations
+                    try ops.addHandler(IdleStateHandler(readTimeout: Self.readDeadline))
+                    try ops.configureHTTPServerPipeline(withPipeliningAssistance: false, withErrorHandling: true)
+                    try ops.addHandler(MetricsHandler(render: render))
+                }
+            }
+        do {
+            channel = try bootstrap.bind(host: host, port: Int(port)).wait()
+        } catch {
+            try? group.syncShutdownGracefully()
+            throw DomainError("--metrics-listen \(hostPort): \(error)")
         }
-        fd = s
-        self.render = render
     }
 
-    func start() {
-        let thread = Thread { [self] in serve() }
-        thread.start()
-    }
+    func start() {} // serving starts at bind; kept so the daemon's start/stop read as a pair
 
     func stop() {
-        Glibc.shutdown(fd, Int32(SHUT_RDWR))
-        close(fd)
+        try? channel.close().wait()
+        try? group.syncShutdownGracefully()
+    }
+}
+
+/// Answers one GET with the exposition text (404 for other paths, 405 for other methods).
+private final class MetricsHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let render: @Sendable () -> [UInt8]
+    private var head: HTTPRequestHead?
+    private var answered = false
+
+    init(render: @escaping @Sendable () -> [UInt8]) { self.render = render }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h): head = h
+        case .body: break // a GET has none; whatever comes is not kept
+        case .end:
+            guard let head, !answered else { return }
+            answered = true
+            let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
+            if head.method != .GET {
+                respond(context, .methodNotAllowed, Array("only GET /metrics is served\n".utf8))
+            } else if path == "/metrics" || path == "/" {
+                respond(context, .ok, render())
+            } else {
+                respond(context, .notFound, Array("only GET /metrics is served\n".utf8))
+            }
+        }
     }
 
-    private func serve() {
-        while true {
-            let c = accept(fd, nil, nil)
-            if c < 0 {
-                if errno == EINTR || errno == ECONNABORTED { continue }
-                return
-            }
-            var request = [UInt8](repeating: 0, count: 4096)
-            let n = request.withUnsafeMutableBytes { read(c, $0.baseAddress, $0.count) }
-            let line = n > 0 ? String(decoding: request[0..<n], as: UTF8.self).split(separator: "\r\n").first ?? "" : ""
-            let body: [UInt8]
-            let status: String
-            if line.hasPrefix("GET /metrics ") || line.hasPrefix("GET / ") {
-                body = render()
-                status = "200 OK"
-            } else {
-                body = Array("only GET /metrics is served\n".utf8)
-                status = "404 Not Found"
-            }
-            let head = "HTTP/1.1 \(status)\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: \(body.count)\r\nConnection: close\r\n\r\n"
-            _ = UnixSocket.writeAll(c, Data(head.utf8) + Data(body))
-            close(c)
-        }
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil) } else { context.fireUserInboundEventTriggered(event) }
+    }
+
+    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ body: [UInt8]) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "text/plain; version=0.0.4")
+        headers.add(name: "Content-Length", value: "\(body.count)")
+        headers.add(name: "Connection", value: "close")
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
     }
 }

@@ -1,6 +1,6 @@
 import Foundation
 
-/// Minimal blocking Unix-domain stream sockets for the management API.
+/// Blocking Unix-domain socket helpers for the management client (the daemon's side is `MgmtServer`).
 enum UnixSocket {
     static func address(_ path: String) -> sockaddr_un? {
         var addr = sockaddr_un()
@@ -14,22 +14,12 @@ enum UnixSocket {
         return addr
     }
 
-    /// Listening socket at `path` (owner-only), replacing a stale socket file.
-    static func listen(at path: String) throws(DomainError) -> Int32 {
-        guard var addr = address(path) else { throw DomainError("socket path \(path) is too long (max 107 bytes)") }
-        unlink(path)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw DomainError("socket: \(String(cString: strerror(errno)))") }
+    /// Runs `body` (a bind) with umask 0177, so a socket file is owner-only from the
+    /// moment it exists, never open to others until a chmod.
+    static func withOwnerOnlyFiles<T>(_ body: () throws -> T) rethrows -> T {
         let old = umask(0o177)
-        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        umask(old)
-        guard rc == 0, Glibc.listen(fd, 64) == 0 else {
-            let why = String(cString: strerror(errno))
-            close(fd)
-            throw DomainError("\(path): cannot listen: \(why)")
-        }
-        chmod(path, 0o600)
-        return fd
+        defer { umask(old) }
+        return try body()
     }
 
     static func connect(to path: String) -> (fd: Int32, errno: Int32) {
@@ -52,7 +42,8 @@ enum UnixSocket {
         while true {
             let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n < 0, errno == EINTR { continue }
-            if n <= 0 { return data.isEmpty ? nil : data }
+            if n < 0 { return nil } // errno tells why (EAGAIN: the receive timeout passed)
+            if n == 0 { return data.isEmpty ? nil : data }
             if let nl = chunk[0..<n].firstIndex(of: UInt8(ascii: "\n")) {
                 data.append(contentsOf: chunk[0..<nl])
                 return data.count <= limit ? data : nil

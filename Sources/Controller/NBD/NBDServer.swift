@@ -45,8 +45,7 @@ public final class NBDServer: @unchecked Sendable {
             }
         unlink(socketPath)
         do {
-            channels.append(try bootstrap.bind(unixDomainSocketPath: socketPath).wait())
-            chmod(socketPath, 0o600)
+            channels.append(try UnixSocket.withOwnerOnlyFiles { try bootstrap.bind(unixDomainSocketPath: socketPath).wait() })
         } catch {
             try? group.syncShutdownGracefully()
             throw DomainError("NBD socket \(socketPath): \(error)")
