@@ -31,7 +31,16 @@ public final class Domain: @unchecked Sendable {
     /// copying (and retaining) the whole metadata.
     var generation: UInt64 { stateLock.withLock { storedMetadata.generation } }
     /// Why the domain is degraded (missing LUNs, damaged setup copies...); empty = healthy.
-    public private(set) var problems: [String] = []
+    public private(set) var problems: [String] {
+        get { stateLock.withLock { storedProblems } }
+        set { stateLock.withLock { storedProblems = newValue } }
+    }
+    private var storedProblems: [String] = []
+
+    /// Records a problem found at run time (shown by `status`, logged by the daemon).
+    func report(_ problem: String) {
+        stateLock.withLock { if !storedProblems.contains(problem) { storedProblems.append(problem) } }
+    }
     public private(set) var setupCopyStates: [SetupVDiskStore.CopyState] = []
     /// Why no metadata change may be committed (fewer than a majority of the configured
     /// setup copies readable), or nil. Every change is refused while it is set.
@@ -490,6 +499,10 @@ public final class Domain: @unchecked Sendable {
             }
         }
         vdisk.sizeBytes = sizeBytes
+        // The write-intent bitmap covers the new size before any write can reach it.
+        if let log = stateLock.withLock({ storedPorts[name] })?.dirtyLog, !log.grow(sizeBytes: sizeBytes) {
+            throw DomainError("vdisk '\(name)': cannot extend its dirty-region bitmap; not grown")
+        }
         var next = metadata
         next.vdisks[index] = vdisk
         try await commit(next)
@@ -503,6 +516,7 @@ public final class Domain: @unchecked Sendable {
         if let mode = v.export {
             throw DomainError("vdisk '\(name)' is exported over NBD (\(mode.rawValue)); run `svsp-ctl vdisk unexport \(name)` first")
         }
+        try refuseWhileCopying(name, "its delete")
         var next = metadata
         next.vdisks.removeAll { $0.name == name }
         listForZeroing(v.legs, in: &next)
@@ -528,6 +542,7 @@ public final class Domain: @unchecked Sendable {
         guard v.legs.contains(where: { $0.state == .inSync }) else { throw DomainError("vdisk '\(name)' has no in-sync leg to copy from") }
         var leg = try newLeg(in: pool, sizeBytes: v.sizeBytes, thin: false, vdisk: name)
         leg.state = .copying
+        leg.copyAll = true // cleared once the bitmap carries the whole copy
         var next = metadata
         next.vdisks[vi].legs.append(leg)
         try await commit(next)
@@ -542,6 +557,7 @@ public final class Domain: @unchecked Sendable {
         let v = metadata.vdisks[vi]
         guard v.legs.indices.contains(leg) else { throw DomainError("vdisk '\(name)' has legs 0..\(v.legs.count - 1), not \(leg)") }
         guard v.legs.count > 1 else { throw DomainError("vdisk '\(name)' has only one leg") }
+        try refuseWhileCopying(name, "removing a leg")
         let othersInSync = v.legs.indices.contains { $0 != leg && v.legs[$0].state == .inSync }
         guard othersInSync else { throw DomainError("leg \(leg) is the last in-sync leg of '\(name)'") }
         var next = metadata
@@ -586,6 +602,7 @@ public final class Domain: @unchecked Sendable {
         let v = metadata.vdisks[vi]
         guard v.legs.indices.contains(leg) else { throw DomainError("vdisk '\(name)' has legs 0..\(v.legs.count - 1), not \(leg)") }
         guard v.legs[leg].state == .inSync else { throw DomainError("leg \(leg) of '\(name)' is \(v.legs[leg].state.rawValue), not in-sync") }
+        try refuseWhileCopying(name, "a split")
         guard v.legs.indices.contains(where: { $0 != leg && v.legs[$0].state == .inSync }) else {
             throw DomainError("leg \(leg) is the last in-sync leg of '\(name)'")
         }
@@ -598,38 +615,70 @@ public final class Domain: @unchecked Sendable {
     }
 
     /// Marks legs failed (persisted before the host hears of the write that failed them).
-    func markLegsFailed(vdisk name: String, legs: [Int]) async throws(DomainError) {
+    /// A leg no longer in the vdisk (removed meanwhile) has nothing left to mark.
+    func markLegsFailed(vdisk name: String, legs ids: [UUID]) async throws(DomainError) {
         try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { return }
         var next = metadata
         var changed = false
-        for l in legs where l < next.vdisks[vi].legs.count && next.vdisks[vi].legs[l].state != .failed {
+        for id in ids {
+            guard let l = next.vdisks[vi].legIndex(id), next.vdisks[vi].legs[l].state != .failed else { continue }
             next.vdisks[vi].legs[l].markFailed(atGeneration: metadata.generation + 1)
             changed = true
         }
         if changed { try await commit(next) }
     }
 
-    /// Sets leg states (resync start and end). Legs in `keepFailed` that are failed now
-    /// stay failed (a host write failed them during the copy); returns those.
+    /// Sets leg states (resync start and end), legs named by id. Legs in `keepFailed` that
+    /// are failed now stay failed (a host write failed them during the copy); returns those.
+    /// A leg set in sync has nothing left to copy (`copyAll` goes too).
     @discardableResult
-    func setLegStates(vdisk name: String, _ states: [Int: LegState], keepFailed: Set<Int> = []) async throws(DomainError) -> [Int] {
+    func setLegStates(vdisk name: String, _ states: [UUID: LegState], keepFailed: Set<UUID> = []) async throws(DomainError) -> [UUID] {
         try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
         var next = metadata
-        var kept: [Int] = []
-        for (l, st) in states.sorted(by: { $0.key < $1.key }) where l < next.vdisks[vi].legs.count {
-            if keepFailed.contains(l), next.vdisks[vi].legs[l].state == .failed {
-                kept.append(l)
+        var kept: [UUID] = []
+        for (id, st) in states {
+            guard let l = next.vdisks[vi].legIndex(id) else {
+                throw DomainError("vdisk '\(name)': a leg of the copy was removed or split off meanwhile")
+            }
+            if keepFailed.contains(id), next.vdisks[vi].legs[l].state == .failed {
+                kept.append(id)
                 continue
             }
             next.vdisks[vi].legs[l].state = st
-            if st == .inSync { next.vdisks[vi].legs[l].failedAtGeneration = nil }
+            if st == .inSync {
+                next.vdisks[vi].legs[l].failedAtGeneration = nil
+                next.vdisks[vi].legs[l].copyAll = nil
+            }
         }
         try await commit(next)
         return kept
+    }
+
+    /// The bitmap now carries the whole-leg copy of these legs (every bit set durably).
+    func clearCopyAll(vdisk name: String, legs ids: [UUID]) async throws(DomainError) {
+        try await beginChange()
+        defer { mutation.release() }
+        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { return }
+        var next = metadata
+        var changed = false
+        for id in ids {
+            guard let l = next.vdisks[vi].legIndex(id), next.vdisks[vi].legs[l].copyAll != nil else { continue }
+            next.vdisks[vi].legs[l].copyAll = nil
+            changed = true
+        }
+        if changed { try await commit(next) }
+    }
+
+    /// Refuses a change that would remove or re-index legs under a running copy or verify.
+    private func refuseWhileCopying(_ name: String, _ what: String) throws(DomainError) {
+        if let running = mirrors.progress(name) {
+            throw DomainError("vdisk '\(name)': a \(running.operation) is running; \(what) waits until it ends (see `svsp-ctl mirror status \(name)`)",
+                              code: EBUSY)
+        }
     }
 
     // MARK: setup vdisk

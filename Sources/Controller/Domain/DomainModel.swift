@@ -144,3 +144,8 @@ public struct VDiskRecord: Codable, Equatable, Sendable {
     public func legIndex(_ id: UUID) -> Int? { legs.firstIndex { $0.id == id } }
     public var isMirror: Bool { legs.count > 1 }
 }
+
+extension UUID {
+    /// All zeros: an unused slot in fixed-size id tables.
+    static let zero = UUID(uuid: (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+}

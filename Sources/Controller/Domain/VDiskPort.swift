@@ -35,6 +35,10 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var startNs: UInt64 = 0
         var targetLegs: UInt8 = 0 // legs a write went to
         var failedLegs: UInt8 = 0 // legs whose piece failed
+        var busyLegs: UInt8 = 0 // legs whose scheduler was full (EBUSY): the legs may now differ
+        /// The ids of the legs the bit masks name, as mapped when the request was dispatched:
+        /// a leg failure or repair is recorded against the right leg even if the layout changed since.
+        var legIds = LegIds()
         var readLeg = -1
         var triedLegs: UInt8 = 0 // legs a read was sent to
         var heldAtGate = false
@@ -43,8 +47,34 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var nextFree: Int32 = -1
     }
 
+    /// Up to four leg ids, inline (no allocation per request).
+    struct LegIds {
+        private var ids = (UUID.zero, UUID.zero, UUID.zero, UUID.zero)
+        subscript(_ i: Int) -> UUID {
+            get {
+                switch i {
+                case 0: ids.0
+                case 1: ids.1
+                case 2: ids.2
+                default: ids.3
+                }
+            }
+            set {
+                switch i {
+                case 0: ids.0 = newValue
+                case 1: ids.1 = newValue
+                case 2: ids.2 = newValue
+                default: ids.3 = newValue
+                }
+            }
+        }
+        /// The ids of the legs set in `mask`.
+        func named(by mask: UInt8) -> [UUID] { (0..<4).filter { mask & (1 << $0) != 0 }.map { self[$0] } }
+    }
+
     /// One leg's routing for one metadata generation.
     private struct LegMap {
+        var id: UUID
         var state: LegState
         var extentBytes: UInt64
         var extents: [ExtentRef?]
@@ -104,14 +134,22 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// Picks up metadata changes now (instead of at the next request).
     public func refresh() { lock.withLock { _ = refreshIfNeeded() } }
 
-    /// The bitmap of a mirror with dirty regions on, or nil.
+    /// The bitmap of a mirror with dirty regions on, or nil. Its geometry comes from its
+    /// own header; the pool profile's region size only sizes a new one. A bitmap that
+    /// cannot be opened is a domain problem (never silently untracked writes).
     private static func makeLog(_ domain: Domain, _ name: String) -> DirtyRegionLog? {
         let meta = domain.metadata
         guard let v = meta.vdisk(named: name), v.isMirror, v.dirtyRegions, let pool = meta.pool(id: v.poolId) else { return nil }
         let regionBytes = domain.profiles.pools[pool.poolProfile]?.dirtyRegionBytes ?? (1 << 20)
-        // Sized for growth up to 16x: regions past the end of the map would go untracked.
-        return try? DirtyRegionLog(path: domain.directory + "/dirty/\(v.id.uuidString).bitmap", regionBytes: regionBytes,
-                                   sizeBytes: max(v.sizeBytes * 16, 1 << 30))
+        do {
+            let log = try DirtyRegionLog(path: domain.directory + "/dirty/\(v.id.uuidString).bitmap", regionBytes: regionBytes,
+                                         sizeBytes: v.sizeBytes)
+            if let why = log.openProblem { domain.report("vdisk '\(name)': \(why): every region will be resynchronized") }
+            return log
+        } catch {
+            domain.report("vdisk '\(name)': dirty-region bitmap unusable: \(error)")
+            return nil
+        }
     }
 
     deinit {
@@ -141,7 +179,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 ["read", "write", "flush"].map { domain.metrics.lunSeries(pool: pool.name, lun: lun.path, op: $0) }
             }
             let runtime = domain.runtime(of: pool.id)
-            legs.append(LegMap(state: leg.state, extentBytes: pool.extentBytes, extents: leg.extents,
+            legs.append(LegMap(id: leg.id, state: leg.state, extentBytes: pool.extentBytes, extents: leg.extents,
                                lunDataStart: pool.luns.map(\.dataStartBytes), schedulerSlot: runtime?.slots ?? [],
                                scheduler: runtime?.scheduler, lunSeries: series))
         }
@@ -403,6 +441,12 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             }
         }
         let m = mapping
+        var ids = LegIds()
+        for l in m.legs.indices { ids[l] = m.legs[l].id }
+        if slots[index].triedLegs != 0, (0..<m.legs.count).contains(where: { slots[index].legIds[$0] != ids[$0] }) {
+            slots[index].triedLegs = 0 // a read retried after the leg layout changed: the old bits name other legs
+        }
+        slots[index].legIds = ids
         var legs: UInt8 = 0 // a bitmask, not an array: nothing allocated per request
         switch slots[index].op {
         case .read:
@@ -507,9 +551,11 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// A leg's piece failed: for writes remember the leg (the request decides at the end), for reads retry elsewhere.
     private func legPieceFailed(_ index: Int, leg: Int, result: Int64) {
         lock.lock()
-        // A full queue is backpressure, not a broken leg: fail the request, keep the leg.
+        // A full queue is backpressure, not a broken leg: fail the request, keep the leg; but
+        // a mirrored write may have reached the other legs, so remember it (see `finish`).
         if slots[index].op == .read || mapping.legs.count == 1 || result == -Int64(EBUSY) {
             if slots[index].result >= 0 { slots[index].result = result }
+            if result == -Int64(EBUSY), slots[index].op != .read, leg >= 0 { slots[index].busyLegs |= 1 << leg }
         } else {
             slots[index].failedLegs |= 1 << leg
             if slots[index].result >= 0 { slots[index].result = result } // kept only if no leg succeeds
@@ -552,6 +598,20 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             return
         }
         lock.unlock()
+        if r.busyLegs != 0 && mirrored {
+            // A write refused by a full scheduler on some legs may have landed on others: the
+            // legs may differ there until a copy makes them agree. With a bitmap the regions stay
+            // pinned dirty (upkeep reconciles them); without one, nothing could track them, so
+            // the refused legs fail over like legs that could not take the write.
+            if let log = dirtyLog {
+                log.pin(offset: r.offset, length: r.length)
+            } else {
+                var failed = r
+                failed.failedLegs |= r.busyLegs
+                finishAfterLegFailure(index, failed, mode: mode)
+                return
+            }
+        }
         if r.failedLegs != 0 && r.op != .read && mirrored {
             finishAfterLegFailure(index, r, mode: mode)
             return
@@ -562,7 +622,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// Persist the failed legs first; then acknowledge from the survivors (automatic-failover)
     /// or fail the write (synchronous-always, or when no leg took it).
     private func finishAfterLegFailure(_ index: Int, _ r: Request, mode: MirrorMode) {
-        let failed = (0..<8).filter { r.failedLegs & (1 << $0) != 0 }
+        let failed = r.legIds.named(by: r.failedLegs)
         let survivors = r.targetLegs & ~r.failedLegs
         Task {
             var result: Int64
@@ -589,8 +649,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             if r.op == .write { writeSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }
         }
         if repairLegs != 0 {
-            let good = r.readLeg, offset = r.offset, length = r.length
-            Task { await self.repair(legs: repairLegs, from: good, offset: offset, length: length) }
+            let bad = r.legIds.named(by: repairLegs), good = r.legIds[r.readLeg], offset = r.offset, length = r.length
+            Task { await self.repair(legs: bad, from: good, offset: offset, length: length) }
         }
         r.sink!.takeRetainedValue().ioCompleted(cookie: r.cookie, result: result)
     }
@@ -599,7 +659,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// Host writes to the range are held meanwhile and the good data is read afresh,
     /// so the rewrite can never put older data over a newer host write. A leg that
     /// cannot take the rewrite is marked failed.
-    private func repair(legs: UInt8, from good: Int, offset: UInt64, length: Int) async {
+    private func repair(legs: [UUID], from good: UUID, offset: UInt64, length: Int) async {
         let range = offset..<(offset + UInt64(length))
         guard let buffer = try? AlignedBuffer(count: length) else { return }
         await closeGate(range)
@@ -609,7 +669,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         } catch {
             return // the good leg failed too: its own error handling takes over
         }
-        for l in 0..<8 where legs & (1 << l) != 0 {
+        for l in legs {
             do {
                 try await domain.legIO(.write, vdisk: vdiskName, leg: l, offset: offset, length: length, buffer: buffer.pointer)
             } catch {

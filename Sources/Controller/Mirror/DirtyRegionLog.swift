@@ -1,7 +1,20 @@
 import Foundation
+import IOEngine
 
-/// A sync mirror's write-intent bitmap: one bit per region (the pool profile's
-/// `dirty_region_size`), persisted in STATE/dirty/<vdisk id>.bitmap.
+/// A sync mirror's write-intent bitmap: one bit per region, persisted in
+/// STATE/dirty/<vdisk id>.bitmap.
+///
+/// - The file starts with a checksummed 4 KiB header that records the region size and
+///   count the bits were written with; the bits follow. The geometry comes from the
+///   header, never from today's profile (the pool profile's `dirty_region_size` only
+///   sizes a new bitmap), so removing a leg or editing the profile cannot make a bit
+///   name another range. A file without a valid header (the format before headers, or
+///   damage) cannot be trusted region by region: every region is taken as dirty.
+/// - `grow` extends the bitmap (and its header) when the vdisk grows.
+/// - Regions that must be copied before their bit may go are *pinned*: the bits found
+///   set at open (the legs may differ there after a crash) and the regions of a write
+///   that reached some legs and not others. Idle clean-up leaves pinned regions; only
+///   `copied` (a successful copy of the region to every leg) clears them.
 ///
 /// - A region's bit is on disk (pwrite + fdatasync of its 4 KiB page) before the
 ///   first write into it goes to any leg; writes into a region whose bit is already
@@ -17,11 +30,16 @@ import Foundation
 /// every write waiting then shares one pwrite + fdatasync (group commit).
 public final class DirtyRegionLog: @unchecked Sendable {
     public let regionBytes: UInt64
-    public let regionCount: Int
+    public var regionCount: Int { lock.withLock { count } }
+    private var count: Int
     private let fd: Int32
     private let lock = NSLock()
     private let persistLock = NSLock()
     private var bits: [UInt8]
+    /// Regions whose bit may go only after a copy made the legs agree (see the type's comment).
+    private var pinned: [UInt8]
+    /// Why the file's contents were not usable region by region at open (every region taken as dirty), or nil.
+    public private(set) var openProblem: String?
     /// The bitmap as last made durable: a write may go once its regions are set here.
     private var durable: [UInt8]
     private var inflight: [UInt16]
@@ -35,21 +53,108 @@ public final class DirtyRegionLog: @unchecked Sendable {
     /// Bitmap writes so far (each a pwrite + fdatasync): hot regions must not add to it.
     public private(set) var persistCount = 0
 
-    public init(path: String, regionBytes: UInt64, sizeBytes: UInt64) throws(DomainError) {
-        self.regionBytes = regionBytes
-        regionCount = Int((sizeBytes + regionBytes - 1) / regionBytes)
-        let fileBytes = ((regionCount + 7) / 8 + 4095) / 4096 * 4096
+    static let magic = Array("SVSPDRL1".utf8)
+    static let headerBytes = 4096
+
+    /// Opens (or creates, with `regionBytes`) the bitmap at `path`, covering at least `sizeBytes`.
+    public init(path: String, regionBytes newRegionBytes: UInt64, sizeBytes: UInt64) throws(DomainError) {
         try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         let file = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard file >= 0 else { throw DomainError("\(path): \(String(cString: strerror(errno)))") }
-        var loaded = [UInt8](repeating: 0, count: fileBytes)
-        let n = loaded.withUnsafeMutableBytes { pread(file, $0.baseAddress, fileBytes, 0) }
-        if n < fileBytes { ftruncate(file, off_t(fileBytes)) }
+        var st = stat()
+        fstat(file, &st)
+        let existing = Int(st.st_size)
+        var header = [UInt8](repeating: 0, count: Self.headerBytes)
+        let got = existing > 0 ? header.withUnsafeMutableBytes { pread(file, $0.baseAddress, Self.headerBytes, 0) } : 0
+        var regionBytes = newRegionBytes
+        var count = Int((sizeBytes + newRegionBytes - 1) / newRegionBytes)
+        var loaded: [UInt8]
+        var problem: String?
+        if got == Self.headerBytes, let geometry = Self.decodeHeader(header) {
+            regionBytes = geometry.regionBytes
+            let stored = geometry.regionCount
+            let storedBytes = Self.bitsBytes(stored)
+            loaded = [UInt8](repeating: 0, count: storedBytes)
+            let n = loaded.withUnsafeMutableBytes { pread(file, $0.baseAddress, storedBytes, off_t(Self.headerBytes)) }
+            if n != storedBytes { problem = "bitmap \(path) is short (\(n) of \(storedBytes) bytes)" }
+            count = max(stored, Int((sizeBytes + regionBytes - 1) / regionBytes))
+        } else {
+            loaded = []
+            if existing > 0 { problem = "bitmap \(path) has no valid header (older format or damaged)" }
+        }
+        let bytes = Self.bitsBytes(count)
+        if loaded.count < bytes { loaded += [UInt8](repeating: 0, count: bytes - loaded.count) }
+        if problem != nil {
+            // Which ranges the bits named is unknown: every region may differ between legs.
+            loaded = [UInt8](repeating: 0xFF, count: bytes)
+        }
         fd = file
+        self.regionBytes = regionBytes
+        self.count = count
         bits = loaded
-        durable = loaded
-        inflight = [UInt16](repeating: 0, count: regionCount)
-        lastWriteMs = [UInt32](repeating: 0, count: regionCount)
+        durable = [UInt8](repeating: 0, count: bytes)
+        pinned = loaded
+        inflight = [UInt16](repeating: 0, count: count)
+        lastWriteMs = [UInt32](repeating: 0, count: count)
+        openProblem = problem
+        guard writeHeader(), persist(0...max(0, (bytes - 1) / 4096)) else {
+            close(file)
+            throw DomainError("\(path): cannot write the bitmap: \(String(cString: strerror(errno)))")
+        }
+    }
+
+    private static func bitsBytes(_ regions: Int) -> Int { ((regions + 7) / 8 + 4095) / 4096 * 4096 }
+
+    private static func decodeHeader(_ h: [UInt8]) -> (regionBytes: UInt64, regionCount: Int)? {
+        guard Array(h[0..<8]) == magic else { return nil }
+        return h.withUnsafeBytes { raw in
+            let crc = raw.loadUnaligned(fromByteOffset: 32, as: UInt32.self).littleEndian
+            guard Checksum.crc32c(UnsafeRawBufferPointer(rebasing: raw[0..<32])) == crc else { return nil }
+            let regionBytes = raw.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian
+            let regionCount = raw.loadUnaligned(fromByteOffset: 24, as: UInt64.self).littleEndian
+            // Bounded: at most 2^31 regions (a 256 MiB bitmap), regions of 4 KiB..64 GiB.
+            guard (4096...(64 << 30)).contains(regionBytes), regionCount <= 1 << 31 else { return nil }
+            return (regionBytes, Int(regionCount))
+        }
+    }
+
+    /// Writes the header (geometry as it is now) durably. Caller holds no lock but `persistLock` or is in init.
+    private func writeHeader() -> Bool {
+        var h = [UInt8](repeating: 0, count: Self.headerBytes)
+        for (i, b) in Self.magic.enumerated() { h[i] = b }
+        let regions = UInt64(lock.withLock { count })
+        h.withUnsafeMutableBytes { raw in
+            raw.storeBytes(of: UInt32(1).littleEndian, toByteOffset: 8, as: UInt32.self) // version
+            raw.storeBytes(of: regionBytes.littleEndian, toByteOffset: 16, as: UInt64.self)
+            raw.storeBytes(of: regions.littleEndian, toByteOffset: 24, as: UInt64.self)
+            let crc = Checksum.crc32c(UnsafeRawBufferPointer(rebasing: raw[0..<32]))
+            raw.storeBytes(of: crc.littleEndian, toByteOffset: 32, as: UInt32.self)
+        }
+        let n = h.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        return n == Self.headerBytes && fdatasync(fd) == 0
+    }
+
+    /// Extends the bitmap to cover `sizeBytes` (a grown vdisk); the new regions start clean.
+    /// False when the header could not be written (the caller must not write past the old size).
+    @discardableResult
+    public func grow(sizeBytes: UInt64) -> Bool {
+        persistLock.lock()
+        defer { persistLock.unlock() }
+        let needed = Int((sizeBytes + regionBytes - 1) / regionBytes)
+        lock.lock()
+        guard needed > count else { lock.unlock(); return true }
+        let bytes = Self.bitsBytes(needed)
+        if bytes > bits.count {
+            let extra = bytes - bits.count
+            bits += [UInt8](repeating: 0, count: extra)
+            durable += [UInt8](repeating: 0, count: extra)
+            pinned += [UInt8](repeating: 0, count: extra)
+        }
+        inflight += [UInt16](repeating: 0, count: needed - count)
+        lastWriteMs += [UInt32](repeating: 0, count: needed - count)
+        count = needed
+        lock.unlock()
+        return writeHeader()
     }
 
     deinit { close(fd) }
@@ -69,7 +174,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
         var ready = true
         let now = nowMs
         lock.lock()
-        for r in regions(offset, length) where r < regionCount {
+        for r in regions(offset, length) where r < count {
             inflight[r] &+= 1
             lastWriteMs[r] = now
             bits[r >> 3] |= 1 << UInt8(r & 7)
@@ -114,18 +219,18 @@ public final class DirtyRegionLog: @unchecked Sendable {
     /// After a write completed (on every leg it went to).
     public func endWrite(offset: UInt64, length: Int) {
         lock.lock()
-        for r in regions(offset, length) where r < regionCount && inflight[r] > 0 { inflight[r] -= 1 }
+        for r in regions(offset, length) where r < count && inflight[r] > 0 { inflight[r] -= 1 }
         lock.unlock()
     }
 
     /// Sets every region covering `sizeBytes` (a new leg must receive everything), durably.
     /// False when the bitmap could not be written.
     public func markAll(sizeBytes: UInt64) -> Bool {
-        let last = min(regionCount, Int((sizeBytes + regionBytes - 1) / regionBytes))
-        guard last > 0 else { return true }
         lock.lock()
+        let last = min(count, Int((sizeBytes + regionBytes - 1) / regionBytes))
         for r in 0..<last { bits[r >> 3] |= 1 << UInt8(r & 7) }
         lock.unlock()
+        guard last > 0 else { return true }
         return persist(0...(((last - 1) >> 3) / 4096))
     }
 
@@ -135,6 +240,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
     /// `endWrite` with the same range afterwards, whatever this returns.
     public func markDirty(offset: UInt64, length: Int) -> Bool {
         let covered = regions(offset, length)
+        let regionCount = self.regionCount
         guard covered.lowerBound < regionCount else { return true }
         if beginWrite(offset: offset, length: length) { return true } // durable already
         let last = min(covered.upperBound, regionCount - 1)
@@ -145,19 +251,46 @@ public final class DirtyRegionLog: @unchecked Sendable {
     public func dirtyRegions() -> [Int] {
         lock.lock()
         defer { lock.unlock() }
-        return (0..<regionCount).filter { isSet($0) }
+        return (0..<count).filter { isSet($0) }
     }
 
     public var dirtyCount: Int { dirtyRegions().count }
 
-    /// Clears idle regions' bits (call only while every leg is in sync). Returns how many were cleared.
+    /// Regions that must be copied before their bits may go (see the type's comment).
+    public var pinnedCount: Int {
+        lock.lock()
+        defer { lock.unlock() }
+        return (0..<count).filter { pinned[$0 >> 3] & (1 << UInt8($0 & 7)) != 0 }.count
+    }
+
+    /// A write reached some legs and not others: its regions stay dirty (their bits were
+    /// made durable before the write went) until a copy makes the legs agree.
+    public func pin(offset: UInt64, length: Int) {
+        lock.lock()
+        for r in regions(offset, length) where r < count {
+            bits[r >> 3] |= 1 << UInt8(r & 7)
+            pinned[r >> 3] |= 1 << UInt8(r & 7)
+        }
+        lock.unlock()
+    }
+
+    /// A copy brought every leg level in `regions`: they are no longer pinned, and their
+    /// bits go unless a write is in flight there.
+    public func copied(_ regions: [Int]) {
+        lock.lock()
+        for r in regions where r < count { pinned[r >> 3] &= ~(1 << UInt8(r & 7)) }
+        lock.unlock()
+        clean(idleSeconds: 0, only: regions)
+    }
+
+    /// Clears idle regions' bits that are not pinned (call only while every leg is in sync). Returns how many were cleared.
     @discardableResult
     public func clean(idleSeconds: UInt32 = 1, only: [Int]? = nil) -> Int {
         let now = nowMs
         var cleared = 0
         var pages: ClosedRange<Int>?
         func clearIfIdle(_ r: Int) {
-            guard r < regionCount, isSet(r), inflight[r] == 0 else { return }
+            guard r < count, isSet(r), inflight[r] == 0, pinned[r >> 3] & (1 << UInt8(r & 7)) == 0 else { return }
             guard idleSeconds == 0 || now &- lastWriteMs[r] >= idleSeconds &* 1000 else { return }
             bits[r >> 3] &= ~(1 << UInt8(r & 7))
             // No longer known durable-set: a new write into it persists again instead of
@@ -190,7 +323,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
         let start = pages.lowerBound * 4096, end = (pages.upperBound + 1) * 4096
         let snapshot = Array(bits[start..<end])
         lock.unlock()
-        let written = snapshot.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(start)) }
+        let written = snapshot.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(Self.headerBytes + start)) }
         guard written == snapshot.count, fdatasync(fd) == 0 else { return false }
         lock.lock()
         // Durable = what reached the disk AND is still set: a bit that `clean` cleared

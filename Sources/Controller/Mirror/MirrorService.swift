@@ -43,18 +43,21 @@ public final class MirrorService: @unchecked Sendable {
     public init(domain: Domain) { self.domain = domain }
 
     /// add-leg: a new leg in `poolName`, filled in the background while the vdisk stays in use.
+    /// The leg is committed with `copyAll` (a restart copies all of it); once the bitmap
+    /// carries every region durably the flag goes, and the copy resumes region by region.
     public func addLeg(vdisk name: String, poolName: String) async throws(DomainError) -> Int {
         let leg = try await domain.addLeg(vdisk: name, poolName: poolName)
         let port = try domain.port(for: name)
         port.refresh() // it is a mirror now: the port starts its bitmap before the copy
-        // With a write-intent bitmap the new leg's copy is tracked region by region,
-        // so a copy cut short (a restart) resumes with the regions still set.
-        if let log = try domain.port(for: name).dirtyLog,
-           !log.markAll(sizeBytes: domain.metadata.vdisk(named: name)?.sizeBytes ?? 0)
-        {
-            // Without the bits on disk a copy cut short could not resume correctly: undo.
-            try? await domain.removeLeg(vdisk: name, leg: leg)
-            throw DomainError("add-leg on vdisk '\(name)': cannot write the dirty-region bitmap; the new leg was removed")
+        CrashPoint.hit("add-leg-committed")
+        if let log = port.dirtyLog {
+            let legId = domain.metadata.vdisk(named: name)?.legs[leg].id
+            guard log.markAll(sizeBytes: domain.metadata.vdisk(named: name)?.sizeBytes ?? 0), let legId else {
+                // Without the bits on disk the copy could not resume region by region: undo.
+                try? await domain.removeLeg(vdisk: name, leg: leg)
+                throw DomainError("add-leg on vdisk '\(name)': cannot write the dirty-region bitmap; the new leg was removed")
+            }
+            try await domain.clearCopyAll(vdisk: name, legs: [legId])
         }
         Task { _ = try? await self.resync(vdisk: name) }
         return leg
@@ -73,6 +76,14 @@ public final class MirrorService: @unchecked Sendable {
     /// Brings failed or copying legs back in sync from an in-sync leg (or `forceFrom`).
     /// With dirty-region tracking only the regions whose bits are set are walked;
     /// `afterCrash` also brings the other in-sync legs level in those regions.
+    ///
+    /// Legs are named by their ids from here on: a leg removed or split off meanwhile
+    /// (refused while the copy runs, but a copy may start behind such a change) stops the
+    /// copy instead of letting an index name another leg.
+    ///
+    /// `--force-from LEG` declares that leg the truth: it becomes in-sync at once (so it
+    /// takes every host write during the copy and serves reads), and every other leg
+    /// becomes a copying target that receives the whole vdisk from it.
     public func resync(vdisk name: String, forceFrom: Int? = nil, afterCrash: Bool = false) async throws(DomainError) -> Report {
         // One copy per vdisk at a time: wait for a running one (an automatic retry, say) first.
         while progress(name) != nil { try? await Task.sleep(nanoseconds: 50_000_000) }
@@ -96,18 +107,30 @@ public final class MirrorService: @unchecked Sendable {
             return Report(vdisk: name, operation: "resync", source: source, targets: [], blocksCompared: 0, mismatchedBlocks: 0,
                           copiedBlocks: 0, seconds: 0)
         }
+        let sourceId = v.legs[source].id
+        let targetIds = targets.map { v.legs[$0].id }
         let port = try domain.port(for: name)
         let log = port.dirtyLog
         try begin(name, "resync", total: v.sizeBytes)
         defer { end(name) }
         await copySlots.acquire()
         defer { copySlots.release() }
-        let failing = targets.filter { v.legs[$0].state != .inSync }
-        try await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.copying) }))
-        port.refresh() // from here on host writes reach the targets too
-        // --force-from copies everything; otherwise the bitmap says what may differ (add-leg set
-        // every bit of its new leg; a failed leg missed only what is set, read after it became copying).
-        let regions = log != nil && forceFrom == nil ? log!.dirtyRegions() : nil
+        // The legs that are behind: they become `copying` (they take host writes, serve no reads).
+        let behindIds = forceFrom != nil ? targetIds : targets.filter { v.legs[$0].state != .inSync }.map { v.legs[$0].id }
+        var starting = Dictionary(uniqueKeysWithValues: behindIds.map { ($0, LegState.copying) })
+        if forceFrom != nil { starting[sourceId] = .inSync }
+        try await domain.setLegStates(vdisk: name, starting)
+        port.refresh() // from here on host writes reach the targets (and a forced source) too
+        // A whole-leg copy (forced, or a new leg whose bitmap does not carry it yet): with a
+        // bitmap, every region is set durably first, so a copy cut short resumes region by region.
+        let wholeLeg = forceFrom != nil || targets.contains { v.legs[$0].copyAll == true }
+        if wholeLeg, let log {
+            guard log.markAll(sizeBytes: v.sizeBytes) else {
+                throw DomainError("vdisk '\(name)': cannot write the dirty-region bitmap; nothing copied")
+            }
+            try await domain.clearCopyAll(vdisk: name, legs: targetIds)
+        }
+        let regions = log?.dirtyRegions()
         if let regions, let log { lock.withLock { running[name]?.totalBytes = UInt64(regions.count) * log.regionBytes } }
         var report: Report
         do {
@@ -115,35 +138,37 @@ public final class MirrorService: @unchecked Sendable {
                 rs.filter { UInt64($0) * log!.regionBytes < v.sizeBytes }
                     .map { r in UInt64(r) * log!.regionBytes..<min(UInt64(r + 1) * log!.regionBytes, v.sizeBytes) }
             }
-            report = try await walk(name, source: source, targets: targets, repair: true, operation: "resync", ranges: ranges,
+            report = try await walk(name, source: sourceId, targets: targetIds, repair: true, operation: "resync", ranges: ranges,
                                     regionDone: { [domain] range in
                                         // Every leg that takes writes now has this region: its bit may go,
-                                        // so an interrupted copy resumes after it.
-                                        // (not when a target failed meanwhile: it may have missed a write here).
+                                        // so an interrupted copy resumes after it (not when a target
+                                        // failed meanwhile: it may have missed a write here).
                                         guard let log, let now = domain.metadata.vdisk(named: name),
-                                              now.legs.count == v.legs.count,
-                                              now.legs.indices.allSatisfy({ now.legs[$0].state == .inSync
-                                                  || targets.contains($0) && now.legs[$0].state == .copying })
+                                              targetIds.allSatisfy({ now.legIndex($0) != nil }),
+                                              now.legs.allSatisfy({ $0.state == .inSync || targetIds.contains($0.id) && $0.state == .copying })
                                         else { return }
-                                        log.clean(idleSeconds: 0, only: [Int(range.lowerBound / log.regionBytes)])
+                                        let first = Int(range.lowerBound / log.regionBytes)
+                                        let last = Int((range.upperBound - 1) / log.regionBytes)
+                                        log.copied(Array(first...last))
                                     })
         } catch {
             // The copy stopped: those legs are still behind.
-            _ = try? await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.failed) }))
+            _ = try? await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: behindIds.map { ($0, LegState.failed) }))
             throw error
         }
+        report.source = source
+        report.targets = targets
         report.regions = regions?.count
         report.regionsTotal = log.map { Int((v.sizeBytes + $0.regionBytes - 1) / $0.regionBytes) }
-        var states = Dictionary(uniqueKeysWithValues: failing.map { ($0, LegState.inSync) })
-        if forceFrom != nil { states[source] = .inSync }
         // A target that a host write failed during the copy missed that write: it stays failed.
-        let stillFailed = try await domain.setLegStates(vdisk: name, states, keepFailed: Set(failing))
+        let stillFailed = try await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: behindIds.map { ($0, LegState.inSync) }),
+                                                        keepFailed: Set(behindIds))
         guard stillFailed.isEmpty else {
-            throw DomainError("vdisk '\(name)': leg(s) \(stillFailed.map(String.init).joined(separator: ",")) failed during the resync "
+            throw DomainError("vdisk '\(name)': \(stillFailed.count) leg(s) failed during the resync "
                 + "(a host write could not reach them); they stay failed: run the resync again")
         }
         if let log, let after = domain.metadata.vdisk(named: name), after.legs.allSatisfy({ $0.state == .inSync }) {
-            log.clean(idleSeconds: 0, only: regions)
+            log.copied(regions ?? [])
         }
         return report
     }
@@ -161,7 +186,8 @@ public final class MirrorService: @unchecked Sendable {
                 lock.withLock { lastRecovery[v.name] = r }
                 log("startup resync of '\(v.name)': \(r.regions ?? 0) dirty region(s) of \(r.regionsTotal ?? 0), \(r.copiedBlocks) block(s) copied")
             } catch {
-                log("startup resync of '\(v.name)' failed: \(error)")
+                // Its regions stay pinned: upkeep retries the reconcile, the bits never go uncopied.
+                log("startup resync of '\(v.name)' failed: \(error); retried every leg_retry_interval")
             }
         }
     }
@@ -176,15 +202,19 @@ public final class MirrorService: @unchecked Sendable {
         while !Task.isCancelled {
             try? await Task.sleep(nanoseconds: 1_000_000_000)
             for v in domain.metadata.vdisks where v.isMirror {
-                if v.legs.allSatisfy({ $0.state == .inSync }) {
+                let log = (try? domain.port(for: v.name))?.dirtyLog
+                // Regions where the legs may differ (a failed reconcile, a write that reached
+                // only some legs) are copied, not cleared: they are retried like a failed leg.
+                let unreconciled = (log?.pinnedCount ?? 0) > 0
+                if v.legs.allSatisfy({ $0.state == .inSync }) && !unreconciled {
                     // Re-read: a leg may have failed since this pass began.
                     guard let fresh = domain.metadata.vdisk(named: v.name), fresh.legs.allSatisfy({ $0.state == .inSync }),
                           progress(v.name) == nil else { continue }
-                    (try? domain.port(for: v.name))?.dirtyLog?.clean()
+                    log?.clean()
                     _ = lock.withLock { lastRetry.removeValue(forKey: v.name) }
                     continue
                 }
-                guard v.legs.contains(where: { $0.state == .failed }), progress(v.name) == nil,
+                guard v.legs.contains(where: { $0.state == .failed }) || unreconciled, progress(v.name) == nil,
                       let pool = domain.metadata.pool(id: v.poolId) else { continue }
                 let interval = Double(domain.profiles.pools[pool.poolProfile]?.legRetryIntervalNs ?? 60_000_000_000) / 1e9
                 // The first retry comes one interval after the failure was seen, then every interval.
@@ -196,7 +226,8 @@ public final class MirrorService: @unchecked Sendable {
                 }
                 if due {
                     let name = v.name
-                    Task { _ = try? await self.resync(vdisk: name) }
+                    let afterCrash = !v.legs.contains(where: { $0.state == .failed })
+                    Task { _ = try? await self.resync(vdisk: name, afterCrash: afterCrash) }
                 }
             }
         }
@@ -210,8 +241,11 @@ public final class MirrorService: @unchecked Sendable {
         guard inSync.count >= 2 else { throw DomainError("vdisk '\(name)': fewer than two in-sync legs to compare") }
         try begin(name, repair ? "verify+repair" : "verify", total: v.sizeBytes)
         defer { end(name) }
-        return try await walk(name, source: inSync[0], targets: Array(inSync.dropFirst()), repair: repair,
-                              operation: repair ? "verify+repair" : "verify", ranges: nil, regionDone: nil)
+        var report = try await walk(name, source: v.legs[inSync[0]].id, targets: inSync.dropFirst().map { v.legs[$0].id }, repair: repair,
+                                    operation: repair ? "verify+repair" : "verify", ranges: nil, regionDone: nil)
+        report.source = inSync[0]
+        report.targets = Array(inSync.dropFirst())
+        return report
     }
 
     private func begin(_ name: String, _ op: String, total: UInt64) throws(DomainError) {
@@ -226,7 +260,7 @@ public final class MirrorService: @unchecked Sendable {
     private func end(_ name: String) { lock.withLock { running[name] = nil } }
 
     /// Compares (and with `repair` copies) `ranges` of the vdisk, or all of it.
-    private func walk(_ name: String, source: Int, targets: [Int], repair: Bool, operation: String,
+    private func walk(_ name: String, source: UUID, targets: [UUID], repair: Bool, operation: String,
                       ranges: [Range<UInt64>]?, regionDone: ((Range<UInt64>) -> Void)?) async throws(DomainError) -> Report {
         let port = try domain.port(for: name)
         guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
@@ -283,7 +317,7 @@ public final class MirrorService: @unchecked Sendable {
         }
         regionDone?(span)
         }
-        return Report(vdisk: name, operation: operation, source: source, targets: targets, blocksCompared: compared,
+        return Report(vdisk: name, operation: operation, source: -1, targets: [], blocksCompared: compared,
                       mismatchedBlocks: mismatched, copiedBlocks: copied, seconds: (Date().timeIntervalSince(started) * 100).rounded() / 100)
     }
 
@@ -299,11 +333,15 @@ public final class MirrorService: @unchecked Sendable {
 
 /// Leg-level I/O in the background class, for copiers: one leg, bypassing the port's fan-out.
 extension Domain {
-    func legIO(_ op: IOScheduler.Operation, vdisk name: String, leg l: Int, offset: UInt64, length: Int,
+    /// Reads or writes one leg, named by its id (resolved now: a leg removed or split off
+    /// since the caller looked is an error, never another leg that took its index).
+    func legIO(_ op: IOScheduler.Operation, vdisk name: String, leg id: UUID, offset: UInt64, length: Int,
                buffer: UnsafeMutableRawPointer) async throws(DomainError)
     {
-        guard let v = metadata.vdisk(named: name), v.legs.indices.contains(l), let pool = metadata.pool(id: v.legs[l].poolId),
-              let runtime = runtime(of: pool.id), let scheduler = runtime.scheduler
+        guard let v = metadata.vdisk(named: name), let l = v.legIndex(id) else {
+            throw DomainError("vdisk '\(name)': a leg of the copy was removed or split off meanwhile; the copy stops")
+        }
+        guard let pool = metadata.pool(id: v.legs[l].poolId), let runtime = runtime(of: pool.id), let scheduler = runtime.scheduler
         else { throw DomainError("vdisk '\(name)': leg \(l) is not available") }
         var done = 0
         while done < length {
