@@ -64,10 +64,13 @@ final class ServeProcess {
     let process: Process
 
     /// Starts the daemon; throws when it does not answer within 5 s.
-    init(state: String, extra: [String] = [], log: String? = nil) throws {
+    init(state: String, extra: [String] = [], log: String? = nil, profiles: String = ServeProcess.profiles,
+         environment: [String: String] = [:]) throws
+    {
         process = Process()
         process.executableURL = URL(fileURLWithPath: CLI.binary)
-        process.arguments = ["serve", "--dir", state, "--profiles", Self.profiles] + extra
+        process.arguments = ["serve", "--dir", state, "--profiles", profiles] + extra
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         if let log { _ = FileManager.default.createFile(atPath: log, contents: nil) }
         process.standardError = FileHandle(forWritingAtPath: log ?? "/dev/null")
         process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
@@ -86,6 +89,16 @@ final class ServeProcess {
         kill(process.processIdentifier, signal)
         process.waitUntilExit()
     }
+}
+
+/// A copy of the shipped profiles in `dir` with `files` (path under the profiles root ->
+/// YAML text) written over it, for tests that need other numbers.
+func customProfiles(in dir: TempDir, _ files: [String: String]) throws -> String {
+    let root = dir.file("profiles")
+    try? FileManager.default.removeItem(atPath: root)
+    try FileManager.default.copyItem(atPath: ServeProcess.profiles, toPath: root)
+    for (path, text) in files { try text.write(toFile: root + "/" + path, atomically: true, encoding: .utf8) }
+    return root
 }
 
 struct CLIError: Error, CustomStringConvertible {

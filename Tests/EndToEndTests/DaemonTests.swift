@@ -20,8 +20,8 @@ final class DaemonTests: XCTestCase {
         dir = nil // XCTest keeps test cases alive to the end: remove the LUN files now
     }
 
-    func startDaemon(extra: [String] = []) throws {
-        daemon = try ServeProcess(state: state, extra: extra)
+    func startDaemon(extra: [String] = [], profiles: String = ServeProcess.profiles, environment: [String: String] = [:]) throws {
+        daemon = try ServeProcess(state: state, extra: extra, profiles: profiles, environment: environment)
     }
 
     func stopDaemon(signal: Int32 = SIGTERM) {
@@ -249,11 +249,11 @@ final class DaemonTests: XCTestCase {
         XCTAssertTrue(text.contains("svsp_pool_free_bytes{pool=\"a\"} \(Double(40 << 20))"), text)
     }
 
-    private func mirror(_ name: String) throws -> [String: Any] {
+    func mirror(_ name: String) throws -> [String: Any] {
         try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(["mirror", "status", name, "--json"]).utf8)) as? [String: Any])
     }
 
-    private func legDataAreas(_ a: String, _ b: String, bytes: Int) throws -> Bool {
+    func legDataAreas(_ a: String, _ b: String, bytes: Int) throws -> Bool {
         let fa = try FileHandle(forReadingFrom: URL(fileURLWithPath: a)), fb = try FileHandle(forReadingFrom: URL(fileURLWithPath: b))
         try fa.seek(toOffset: 4 << 20); try fb.seek(toOffset: 4 << 20)
         return fa.readData(ofLength: bytes) == fb.readData(ofLength: bytes)

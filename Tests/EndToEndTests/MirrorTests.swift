@@ -5,10 +5,10 @@ import XCTest
 /// resync, verify, compared byte for byte on the LUNs themselves.
 final class MirrorTests: XCTestCase {
 
-    private var dir: TempDir!
-    private var state: String { dir.file("state") }
-    private var daemon: ServeProcess?
-    private var loops: [String] = []
+    var dir: TempDir!
+    var state: String { dir.file("state") }
+    var daemon: ServeProcess?
+    var loops: [String] = []
 
     override func setUpWithError() throws {
         guard getuid() == 0 else { throw XCTSkip("mirror tests skipped: need root for loop devices") }
@@ -34,23 +34,23 @@ final class MirrorTests: XCTestCase {
         dir = nil // XCTest keeps test cases alive to the end: remove the LUN files now
     }
 
-    private func startDaemon() throws {
+    func startDaemon() throws {
         daemon = try ServeProcess(state: state)
     }
 
-    private func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+    func ok(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
         let r = try CLI.run(args + ["--dir", state])
         XCTAssertEqual(r.status, 0, "\(args): \(r.stderr)", file: file, line: line)
         return r.stdout
     }
 
-    private func mirrorState(_ name: String) throws -> [String: Any] {
+    func mirrorState(_ name: String) throws -> [String: Any] {
         let out = try ok(["mirror", "status", name, "--json"])
         return try XCTUnwrap(JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any])
     }
 
     /// The data areas of two LUNs (same extents, since both pools allocate from extent 0), compared directly.
-    private func assertLegsIdentical(_ a: String, _ b: String, bytes: Int, file: StaticString = #filePath, line: UInt = #line) throws {
+    func assertLegsIdentical(_ a: String, _ b: String, bytes: Int, file: StaticString = #filePath, line: UInt = #line) throws {
         let reserve = 4 << 20 // file-backed pool profile: metadata_reserve 4M, extent 1M
         let fa = try FileHandle(forReadingFrom: URL(fileURLWithPath: a)), fb = try FileHandle(forReadingFrom: URL(fileURLWithPath: b))
         try fa.seek(toOffset: UInt64(reserve)); try fb.seek(toOffset: UInt64(reserve))
@@ -245,7 +245,7 @@ final class MirrorTests: XCTestCase {
     }
 }
 
-private final class Counter: @unchecked Sendable {
+final class Counter: @unchecked Sendable {
     private let lock = NSLock()
     private var n = 0
     func add() { lock.lock(); n += 1; lock.unlock() }
