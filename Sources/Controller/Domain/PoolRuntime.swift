@@ -15,7 +15,8 @@ struct PoolRuntime: Sendable {
             slots = []
             return
         }
-        let scheduler = IOScheduler(engine: engine, profile: array, backgroundSharePercent: backgroundSharePercent)
+        let scheduler = IOScheduler(engine: engine, profile: array, backgroundSharePercent: backgroundSharePercent,
+                                    capacity: TestKnobs.schedulerCapacity ?? 1024)
         slots = luns.map { box in box.map { scheduler.addLUN($0.handle) } }
         self.scheduler = scheduler
     }

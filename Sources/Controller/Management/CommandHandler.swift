@@ -220,7 +220,12 @@ struct MirrorView: Codable {
     var percent: Double?
     var rateMiBPerSecond: Double?
     var dirtyRegionCount: Int?
+    /// Regions whose legs may differ until a copy levels them (crash, failed reconcile, partial write).
+    var unreconciledRegionCount: Int?
+    /// Writes that reached some legs and not others since the daemon started (each pinned its regions).
+    var partialWrites: Int?
     var regionCount: Int?
+    var regionBytes: UInt64?
     var bitmapWrites: Int?
     var lastStartupResync: MirrorService.Report?
 
@@ -239,7 +244,10 @@ struct MirrorView: Codable {
         copy = domain.mirrors.progress(v.name)
         if let log = (try? domain.port(for: v.name))?.dirtyLog {
             dirtyRegionCount = log.dirtyCount
+            unreconciledRegionCount = log.pinnedCount
+            partialWrites = log.partialWrites
             bitmapWrites = log.persistCount
+            regionBytes = log.regionBytes
             regionCount = Int((v.sizeBytes + log.regionBytes - 1) / log.regionBytes)
         }
         lastStartupResync = domain.mirrors.lastRecoveryReport(v.name)

@@ -71,6 +71,7 @@ public final class Daemon: @unchecked Sendable {
             + "health \(domain.problems.isEmpty ? "normal" : "degraded"), management socket \(socketPath), NBD on \(nbd.socketPath)"
             + (nbd.tcpAddress.map { " and tcp \($0)" } ?? ""))
         for p in domain.problems { logger.warning("degraded: \(p)") }
+        if let n = TestKnobs.schedulerCapacity { logger.critical("TEST KNOB SET (SVSP_SCHEDULER_CAPACITY=\(n)): pool schedulers hold \(n) requests") }
         if let point = CrashPoint.armed { logger.critical("TEST CRASH POINT ARMED (SVSP_CRASH_AT=\(point)): this daemon will exit there on purpose") }
         var metricsServer: MetricsServer?
         if let listen = options.metricsListen {

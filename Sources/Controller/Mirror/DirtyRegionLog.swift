@@ -52,6 +52,9 @@ public final class DirtyRegionLog: @unchecked Sendable {
     private let persistQueue = DispatchQueue(label: "svsp.dirty-region-log")
     /// Bitmap writes so far (each a pwrite + fdatasync): hot regions must not add to it.
     public private(set) var persistCount = 0
+    /// Writes that reached some legs and not others (`pin` calls) since open.
+    public var partialWrites: Int { lock.withLock { partialWritesCount } }
+    private var partialWritesCount = 0
 
     static let magic = Array("SVSPDRL1".utf8)
     static let headerBytes = 4096
@@ -267,6 +270,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
     /// made durable before the write went) until a copy makes the legs agree.
     public func pin(offset: UInt64, length: Int) {
         lock.lock()
+        partialWritesCount += 1
         for r in regions(offset, length) where r < count {
             bits[r >> 3] |= 1 << UInt8(r & 7)
             pinned[r >> 3] |= 1 << UInt8(r & 7)
