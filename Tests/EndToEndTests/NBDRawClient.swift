@@ -40,6 +40,28 @@ final class NBDRawClient: @unchecked Sendable {
         }
     }
 
+    /// Sends `unit` over and over without ever reading, until `limit` bytes went out or the
+    /// server has taken nothing for `stallSeconds`; returns the bytes the server accepted.
+    func flood(_ unit: [UInt8], limit: Int, stallSeconds: Double = 1) -> Int {
+        var block = [UInt8]()
+        while block.count < 64 << 10 { block += unit }
+        var sent = 0, offset = 0
+        var lastProgress = Date()
+        while sent < limit, Date().timeIntervalSince(lastProgress) < stallSeconds {
+            let n = block[offset...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+            if n > 0 {
+                sent += n
+                offset = (offset + n) % block.count
+                lastProgress = Date()
+            } else if n < 0 && errno != EAGAIN && errno != EWOULDBLOCK {
+                break
+            } else {
+                usleep(10_000)
+            }
+        }
+        return sent
+    }
+
     /// Exactly `count` bytes, or nil when the server closed the connection (or timed out).
     func receive(_ count: Int) -> [UInt8]? {
         var out = [UInt8](repeating: 0, count: count)

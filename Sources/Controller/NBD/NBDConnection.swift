@@ -20,6 +20,8 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     enum Phase { case clientFlags, options, transmission, closing }
 
     static let depth = 32
+    /// Replies gathered before they are flushed within one batch of input.
+    static let outboxFlushBytes = 256 << 10
     static let headerBytes = 28
     /// A client must have chosen an export by then: idle sockets must not hold the
     /// connection limit against real clients.
@@ -241,22 +243,47 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Back-pressure: no socket reads while every slot is busy (unless the last one is
     /// waiting for its write's payload), while input is parked, or while the client is
     /// not reading its replies (the channel is above its high water mark).
+    /// The same holds during negotiation: no reads while the client leaves its option
+    /// replies unread, or while a whole option is already waiting to be handled.
     func read(context: ChannelHandlerContext) {
-        if phase == .transmission, (freeSlots.isEmpty && receiving == nil) || parked != nil || !context.channel.isWritable {
+        if mustWaitBeforeReading(context) {
             readWanted = true
         } else {
             context.read()
         }
     }
 
+    private func mustWaitBeforeReading(_ context: ChannelHandlerContext) -> Bool {
+        switch phase {
+        case .transmission:
+            return (freeSlots.isEmpty && receiving == nil) || parked != nil || !context.channel.isWritable
+        case .clientFlags, .options:
+            return !context.channel.isWritable || (pending?.readableBytes ?? 0) > 16 + Int(NBD.maxOptionBytes)
+        case .closing:
+            return false
+        }
+    }
+
     func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            switch phase {
+            case .clientFlags, .options: // options held back while the client was not reading
+                negotiate(context: context)
+                if phase == .transmission, var rest = pending {
+                    pending = nil
+                    consume(&rest, context: context)
+                }
+            case .transmission where parked != nil && (!freeSlots.isEmpty || receiving != nil):
+                endOfTurn(context) // input parked while replies could not leave
+            default: break
+            }
+        }
         resumeReading(context)
         context.fireChannelWritabilityChanged()
     }
 
     func resumeReading(_ context: ChannelHandlerContext) {
-        guard readWanted, phase == .transmission, parked == nil, !freeSlots.isEmpty || receiving != nil,
-              context.channel.isWritable else { return }
+        guard readWanted, phase != .closing, !mustWaitBeforeReading(context) else { return }
         readWanted = false
         context.read()
     }
@@ -311,6 +338,15 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
             guard !freeSlots.isEmpty else {
                 parked = buffer // resumed when a slot frees up
                 return
+            }
+            // Replies that take no slot (refusals, errors, block status) are bounded too: past
+            // a quarter MiB they are flushed, and input waits while the client does not read them.
+            if outbox.readableBytes >= Self.outboxFlushBytes {
+                flushOutbox(context)
+                if !context.channel.isWritable {
+                    parked = buffer // resumed when the channel is writable again
+                    return
+                }
             }
             if header.readableBytes > 0 || buffer.readableBytes < Self.headerBytes {
                 var piece = buffer.readSlice(length: min(Self.headerBytes - header.readableBytes, buffer.readableBytes))!

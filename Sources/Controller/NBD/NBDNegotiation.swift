@@ -5,8 +5,11 @@ import NIOCore
 /// so it may allocate freely.
 extension NBDConnection {
     /// Handles every complete negotiation message buffered in `pending`.
+    /// Stops while the client is not reading the replies (the channel is above its high
+    /// water mark): a client streaming options it never reads the answers to cannot make
+    /// us queue without bound; the rest waits in `pending` and no more is read meanwhile.
     func negotiate(context: ChannelHandlerContext) {
-        while phase == .clientFlags || phase == .options, var buffer = pending {
+        while phase == .clientFlags || phase == .options, context.channel.isWritable, var buffer = pending {
             let before = buffer.readerIndex
             let progressed = negotiationStep(&buffer, context: context)
             pending = buffer.readableBytes > 0 ? buffer : nil
@@ -101,7 +104,7 @@ extension NBDConnection {
             let name = payload.readString(length: payload.readableBytes) ?? ""
             guard let v = exported(name), let port = try? domain.port(for: name) else {
                 // This option has no error reply: the protocol's answer is to disconnect.
-                drop(context, "EXPORT_NAME for unknown or unexported '\(name)'")
+                drop(context, "EXPORT_NAME for unknown or unexported \(NBDClientText.escaped(name))")
                 return
             }
             var out = context.channel.allocator.buffer(capacity: 134)
@@ -118,7 +121,9 @@ extension NBDConnection {
                 return optionReply(context, option, NBD.repErrInvalid)
             }
             guard let v = exported(name), let port = try? domain.port(for: name) else {
-                log("\(who): asked for unknown or unexported export '\(name)'")
+                if let line = registry.unknownExportLog.admit("\(who): asked for unknown or unexported export \(NBDClientText.escaped(name))") {
+                    log(line)
+                }
                 return optionReply(context, option, NBD.repErrUnknown)
             }
             var export = context.channel.allocator.buffer(capacity: 12)

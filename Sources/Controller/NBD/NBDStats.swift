@@ -37,6 +37,9 @@ final class NBDConnectionStats: Sendable {
 /// Every live NBD connection (for `status`, the metrics, and dropping the clients of an
 /// export that is unexported), plus per-export totals of connections already closed.
 final class NBDRegistry: Sendable {
+    /// "Unknown export" lines, across every connection: a client probing names cannot flood the log.
+    let unknownExportLog = LogRateLimit(perSecond: 5)
+
     private struct Entry {
         let stats: NBDConnectionStats
         var export: String?
