@@ -111,6 +111,7 @@ public final class Domain: @unchecked Sendable {
         setupCopyStates = loaded.states
         problems.removeAll { $0.hasPrefix("setup vdisk") }
         for s in loaded.states where s.problem != nil { problems.append("setup vdisk copy on pool '\(s.poolName)': \(s.problem!)") }
+        for why in loaded.ignored { problems.append("setup vdisk: ignored a record that is not usable: \(why)") }
         if loaded.hasQuorum {
             readOnlyReason = nil
         } else {

@@ -50,6 +50,8 @@ public final class SetupVDiskStore: @unchecked Sendable {
         public let states: [CopyState]
         public let readableCopies: Int
         public let hasQuorum: Bool
+        /// Newer records that passed their checksums but were not usable (and were skipped).
+        public let ignored: [String]
     }
 
     public init(copies: [Copy], engine: EngineHandle) {
@@ -126,7 +128,8 @@ public final class SetupVDiskStore: @unchecked Sendable {
                 winner = (c.generation, c.crc, c.payload)
                 break
             } catch {
-                undecodable.append("generation \(c.generation): \(error)")
+                let holders = Set(group.map(\.copy)).sorted().map { copies[$0].poolName }.joined(separator: ", ")
+                undecodable.append("generation \(c.generation) on \(holders): \(error)")
             }
         }
         guard let winner, let metadata else {
@@ -154,7 +157,7 @@ public final class SetupVDiskStore: @unchecked Sendable {
                 states.append(CopyState(poolName: copy.poolName, generation: newest, problem: "\(why); rewrite failed: \(error)"))
             }
         }
-        return Loaded(metadata: metadata, states: states, readableCopies: readable, hasQuorum: hasQuorum)
+        return Loaded(metadata: metadata, states: states, readableCopies: readable, hasQuorum: hasQuorum, ignored: undecodable)
     }
 
     /// Decodes and checks a record: a record that passed its checksums but does not
