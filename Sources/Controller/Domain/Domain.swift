@@ -358,6 +358,10 @@ public final class Domain: @unchecked Sendable {
         let users = metadata.vdisks.filter { $0.legs.contains { $0.poolId == pool.id } }.map(\.name)
         guard users.isEmpty else { throw DomainError("pool '\(name)' is used by vdisk(s) \(users.joined(separator: ", "))") }
         guard !metadata.setupPools.contains(pool.id) else { throw DomainError("pool '\(name)' holds a copy of the setup vdisk") }
+        // Zero writes may still be on their way to its LUNs: a pool made on them next must not get them.
+        guard zeroingExtents(of: pool) == 0 else {
+            throw DomainError("pool '\(name)' still has \(zeroingExtents(of: pool)) freed extents being zeroed; try again when `pool show \(name)` shows none")
+        }
         var next = metadata
         next.pools.removeAll { $0.id == pool.id }
         try await commit(next)
