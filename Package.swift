@@ -49,10 +49,12 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Fuzz targets (scripts/fuzz builds them with libFuzzer; the normal build replays corpora).
+        .executableTarget(name: "svsp-fuzz", dependencies: ["Controller"]),
         .testTarget(name: "CIOCoreTests", dependencies: ["CIOCore"]),
         .testTarget(name: "IOEngineTests", dependencies: ["IOEngine", "CIOCore"]),
         .testTarget(name: "ControllerTests", dependencies: ["Controller", "IOEngine"]),
-        .testTarget(name: "EndToEndTests", dependencies: ["svsp-ctl"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["svsp-ctl", "svsp-fuzz"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -201,6 +201,29 @@ public final class SetupVDiskStore: @unchecked Sendable {
 
     private enum SlotContent { case record(UInt64, UInt32, Data), empty, damaged(String) }
 
+    /// What a slot's first 4 KiB say: nothing written, a record (generation, payload
+    /// length, payload crc) whose length fits the slot, or why not. Pure: what is read
+    /// back from disk is never trusted before this.
+    enum SlotHeader: Equatable { case empty, record(generation: UInt64, length: Int, payloadCRC: UInt32), damaged(String) }
+
+    static func parseHeader(_ h: UnsafeRawBufferPointer, slotBytes: Int, at slot: UInt64) -> SlotHeader {
+        guard h.count >= headerBytes else { return .damaged("short header at \(slot)") }
+        if h[0..<8].allSatisfy({ $0 == 0 }) { return .empty }
+        guard h[0..<8].elementsEqual(magic) else { return .damaged("slot at \(slot) holds no record") }
+        let headerCRC = h.loadUnaligned(fromByteOffset: 28, as: UInt32.self).littleEndian
+        guard Checksum.crc32c(UnsafeRawBufferPointer(rebasing: h[0..<28])) == headerCRC else {
+            return .damaged("record header checksum mismatch at \(slot)")
+        }
+        let generation = h.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
+        let rawLength = h.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian
+        // Checked in UInt64 before any Int arithmetic: a crafted length must not trap.
+        guard slotBytes > headerBytes, rawLength <= UInt64(slotBytes - headerBytes) else {
+            return .damaged("record length \(rawLength) out of range at \(slot)")
+        }
+        return .record(generation: generation, length: Int(rawLength),
+                       payloadCRC: h.loadUnaligned(fromByteOffset: 24, as: UInt32.self).littleEndian)
+    }
+
     private func read(slot: UInt64, of copy: Copy) async -> SlotContent {
         guard let lun = copy.lun else { return .damaged("missing") }
         guard let header = try? AlignedBuffer(count: Self.headerBytes) else { return .damaged("out of memory") }
@@ -209,23 +232,14 @@ public final class SetupVDiskStore: @unchecked Sendable {
         } catch {
             return .damaged("unreadable: \(error)")
         }
-        let h = UnsafeRawBufferPointer(header.bytes)
-        if h[0..<8].allSatisfy({ $0 == 0 }) { return .empty }
-        guard Array(h[0..<8]) == Self.magic else { return .damaged("slot at \(slot) holds no record") }
-        let headerCRC = h.loadUnaligned(fromByteOffset: 28, as: UInt32.self).littleEndian
-        guard Checksum.crc32c(UnsafeRawBufferPointer(rebasing: h[0..<28])) == headerCRC else {
-            return .damaged("record header checksum mismatch at \(slot)")
+        let length: Int, payloadCRC: UInt32, generation: UInt64
+        switch Self.parseHeader(UnsafeRawBufferPointer(header.bytes), slotBytes: copy.slotBytes, at: slot) {
+        case .empty: return .empty
+        case .damaged(let why): return .damaged(why)
+        case .record(let g, let l, let c): (generation, length, payloadCRC) = (g, l, c)
         }
-        let generation = h.loadUnaligned(fromByteOffset: 8, as: UInt64.self).littleEndian
-        let rawLength = h.loadUnaligned(fromByteOffset: 16, as: UInt64.self).littleEndian
-        let payloadCRC = h.loadUnaligned(fromByteOffset: 24, as: UInt32.self).littleEndian
-        // Checked in UInt64 before any Int arithmetic: a crafted length must not trap.
-        guard rawLength <= UInt64(copy.slotBytes - Self.headerBytes) else { return .damaged("record length \(rawLength) out of range at \(slot)") }
-        let length = Int(rawLength)
         let total = (Self.headerBytes + length + 4095) / 4096 * 4096
-        guard total <= copy.slotBytes, let whole = try? AlignedBuffer(count: total) else {
-            return .damaged("record length \(length) out of range at \(slot)")
-        }
+        guard let whole = try? AlignedBuffer(count: total) else { return .damaged("out of memory") }
         do {
             _ = try await engine.read(lun: lun, into: whole.pointer, length: total, offset: slot)
         } catch {

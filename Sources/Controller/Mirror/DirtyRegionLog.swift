@@ -108,7 +108,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
 
     private static func bitsBytes(_ regions: Int) -> Int { ((regions + 7) / 8 + 4095) / 4096 * 4096 }
 
-    private static func decodeHeader(_ h: [UInt8]) -> (regionBytes: UInt64, regionCount: Int)? {
+    static func decodeHeader(_ h: [UInt8]) -> (regionBytes: UInt64, regionCount: Int)? {
         guard Array(h[0..<8]) == magic else { return nil }
         return h.withUnsafeBytes { raw in
             let crc = raw.loadUnaligned(fromByteOffset: 32, as: UInt32.self).littleEndian
