@@ -1,0 +1,30 @@
+import Foundation
+import XCTest
+
+/// A few rounds of `scripts/torture` per scenario on every test run (CI): SIGKILL (and,
+/// as root with loop devices, a failing leg) at random moments under NBD writes, every
+/// acknowledged write checked afterwards. `scripts/torture --rounds 1000` is the long run.
+final class TortureTests: XCTestCase {
+    static let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("scripts/torture").path
+
+    private func torture(_ scenario: String, rounds: Int = 5) throws {
+        guard shell(["sh", "-c", "command -v python3"]).0 == 0 else { throw XCTSkip("torture skipped: python3 not installed") }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["python3", Self.script, "--rounds", "\(rounds)", "--scenario", scenario, "--svsp-ctl", CLI.binary]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 0, text)
+        XCTAssertTrue(text.contains("total: \(rounds) rounds (\(scenario))") && text.contains(", 0 failed"), text)
+        print(text)
+    }
+
+    func testMirrorTorture() throws { try torture("mirror") }
+
+    func testThinTorture() throws { try torture("thin") }
+}
