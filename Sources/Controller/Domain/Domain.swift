@@ -60,6 +60,8 @@ public final class Domain: @unchecked Sendable {
 
     private func setRuntime(_ runtime: PoolRuntime?, of pool: UUID) { stateLock.withLock { storedPools[pool] = runtime } }
     private var setupStore: SetupVDiskStore?
+    /// Seeded LUN faults (`serve --fault-plan`), applied to the pools it names.
+    private(set) var faultPlan: FaultPlan?
     /// Wakes the zeroer (extents freed or let out of quarantine) and those waiting for it.
     let zeroingWork = WakeSignal()
     let zeroingProgress = WakeSignal()
@@ -89,11 +91,12 @@ public final class Domain: @unchecked Sendable {
 
     /// Opens the domain in `directory`: bootstrap file, LUNs (recognized by their labels),
     /// the setup vdisk when there is one. Missing or foreign LUNs leave the domain degraded.
-    public static func open(directory: String, profiles: ProfileCatalog) async throws(DomainError) -> Domain {
+    public static func open(directory: String, profiles: ProfileCatalog, faultPlan: FaultPlan? = nil) async throws(DomainError) -> Domain {
         let boot = try BootstrapStore(directory: directory).load()
         let engine: Engine
         do { engine = try Engine(queueDepth: 1024) } catch { throw DomainError("\(error)") }
         let domain = Domain(directory: directory, profiles: profiles, metadata: boot, engine: engine)
+        domain.faultPlan = faultPlan
         for pool in boot.pools where boot.setupPools.contains(pool.id) { domain.openLUNs(of: pool) }
         if !boot.setupPools.isEmpty { try await domain.loadSetupVDisk(boot) }
         for pool in domain.metadata.pools where domain.runtime(of: pool.id) == nil { domain.openLUNs(of: pool) }
@@ -198,7 +201,8 @@ public final class Domain: @unchecked Sendable {
         let array = profiles.arrays[pool.arrayProfile]
         if array == nil { problems.append("pool '\(pool.name)': array profile '\(pool.arrayProfile)' not found") }
         setRuntime(PoolRuntime(luns: boxes, engine: engine, array: array,
-                               backgroundSharePercent: profiles.pools[pool.poolProfile]?.backgroundSharePercent ?? 20),
+                               backgroundSharePercent: profiles.pools[pool.poolProfile]?.backgroundSharePercent ?? 20,
+                               faults: faultPlan?.faults(forPool: pool.name)),
                    of: pool.id)
     }
 
@@ -346,7 +350,8 @@ public final class Domain: @unchecked Sendable {
             cleanUp()
             throw error
         }
-        setRuntime(PoolRuntime(luns: boxes, engine: engine, array: array, backgroundSharePercent: profile.backgroundSharePercent),
+        setRuntime(PoolRuntime(luns: boxes, engine: engine, array: array, backgroundSharePercent: profile.backgroundSharePercent,
+                               faults: faultPlan?.faults(forPool: name)),
                    of: poolId)
         return pool
     }

@@ -8,7 +8,7 @@ struct PoolRuntime: Sendable {
     /// The scheduler's index of each LUN, nil for a missing one (empty without a scheduler).
     let slots: [Int?]
 
-    init(luns: [LUNBox?], engine: EngineHandle, array: ArrayProfile?, backgroundSharePercent: Int) {
+    init(luns: [LUNBox?], engine: EngineHandle, array: ArrayProfile?, backgroundSharePercent: Int, faults: SchedulerFaults? = nil) {
         self.luns = luns
         guard let array else {
             scheduler = nil
@@ -17,6 +17,7 @@ struct PoolRuntime: Sendable {
         }
         let scheduler = IOScheduler(engine: engine, profile: array, backgroundSharePercent: backgroundSharePercent,
                                     capacity: TestKnobs.schedulerCapacity ?? 1024)
+        scheduler.faults = faults
         slots = luns.map { box in box.map { scheduler.addLUN($0.handle) } }
         self.scheduler = scheduler
     }

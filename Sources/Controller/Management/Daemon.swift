@@ -13,9 +13,11 @@ public final class Daemon: @unchecked Sendable {
         public var metricsListen: String?
         public var nbdListen: String?
         public var nbdMaxConnections: Int
+        public var faultPlan: String?
         public init(directory: String, mgmtSocket: String? = nil, profilesRoot: String? = nil, metricsListen: String? = nil,
-                    nbdListen: String? = nil, nbdMaxConnections: Int = NBDServer.defaultMaxConnections)
+                    nbdListen: String? = nil, nbdMaxConnections: Int = NBDServer.defaultMaxConnections, faultPlan: String? = nil)
         {
+            self.faultPlan = faultPlan
             self.nbdMaxConnections = nbdMaxConnections
             self.directory = directory
             self.mgmtSocket = mgmtSocket
@@ -43,6 +45,7 @@ public final class Daemon: @unchecked Sendable {
     public func run() async throws(DomainError) {
         let dir = options.directory
         try NBDServer.validate(maxConnections: options.nbdMaxConnections)
+        let faultPlan = try options.faultPlan.map { path throws(DomainError) in try FaultPlan.load(path) }
         guard BootstrapStore(directory: dir).exists else {
             throw DomainError("\(dir): no domain here (run `svsp-ctl domain init --dir \(dir) --name NAME`)")
         }
@@ -53,7 +56,10 @@ public final class Daemon: @unchecked Sendable {
         } catch {
             throw DomainError("hardware profiles: \(error.problems.first?.description ?? "\(error)")")
         }
-        let domain = try await Domain.open(directory: dir, profiles: catalog)
+        let domain = try await Domain.open(directory: dir, profiles: catalog, faultPlan: faultPlan)
+        if let path = options.faultPlan, let plan = faultPlan {
+            logger.critical("FAULT PLAN ACTIVE (\(path)): \(plan.rules.count) rule(s) fail LUN I/O on purpose; never use this in production")
+        }
         // Mirrors written when the daemon last stopped: level their dirty regions first.
         await domain.mirrors.recoverAfterRestart { [logger] in logger.notice("\($0)") }
         let upkeep = Task { await domain.mirrors.runUpkeep() }

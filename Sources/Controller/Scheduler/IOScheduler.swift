@@ -72,6 +72,8 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     private var stats = Stats()
     private let timer: DispatchSourceTimer
     private let timerQueue = DispatchQueue(label: "svsp.scheduler.pacing")
+    /// Seeded faults of a `--fault-plan` (tests and drills only; nil costs one branch per chunk).
+    var faults: SchedulerFaults?
 
     /// - Parameters:
     ///   - capacity: requests queued or in flight at most (submit beyond it throws EBUSY).
@@ -218,7 +220,10 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         if !takeTokens(bytes: chunk, ioClass: ioClass, now: now) { return false }
 
         let offset = slot.offset + UInt64(slot.dispatchedBytes)
-        do {
+        do throws(IOError) {
+            if let faults, let code = faults.failure(lun: l, op: slot.op, ioClass: ioClass) {
+                throw IOError(code: code, operation: slot.op == .read ? .read : (slot.op == .write ? .write : .flush))
+            }
             switch slot.op {
             case .read:
                 try engine.prepRead(lun: luns[l].handle, buffer: slot.buffer! + slot.dispatchedBytes, length: chunk,

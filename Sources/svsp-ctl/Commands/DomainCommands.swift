@@ -80,12 +80,14 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("nbd-max-connections"),
             help: "Most NBD connections open at once (each may hold 32 MiB of buffers); more are closed at accept.")
     var nbdMaxConnections: Int = NBDServer.defaultMaxConnections
+    @Option(name: .customLong("fault-plan"), help: "Tests and drills only: fail LUN I/O as this JSON plan says (see README).")
+    var faultPlan: String?
 
     func run() throws {
         let dir = try DomainOptions.resolveDirectory(dir)
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles, metricsListen: metricsListen,
-                                           nbdListen: nbdListen, nbdMaxConnections: nbdMaxConnections),
+                                           nbdListen: nbdListen, nbdMaxConnections: nbdMaxConnections, faultPlan: faultPlan),
                             logger: Logger(label: "svsp"))
         let outcome = RunOutcome()
         let done = DispatchSemaphore(value: 0)

@@ -1,0 +1,127 @@
+import Foundation
+
+/// Seeded LUN faults for tests and field drills: `svsp-ctl serve --fault-plan FILE`
+/// (never on by default; the daemon logs it as critical). A JSON file:
+///
+///     {"seed": 7, "rules": [{"pool": "b", "op": "write", "class": "host", "errno": 5}]}
+///
+/// Each rule matches the chunks a pool's scheduler is about to send to a LUN (`lun`:
+/// one LUN index, default every LUN; `op`: read, write, flush or any; `class`: host,
+/// background or any) and fails them with `errno` instead of touching the device: the
+/// first `after` matches pass, then each fails with `probability` (default 1), at most
+/// `count` times (default unlimited). Draws come from one generator per rule seeded by
+/// `seed`, so the same plan under the same I/O order fails the same chunks.
+/// `"class": "host"` makes writes fail for host I/O while a copier's succeed.
+public struct FaultPlan: Decodable, Sendable {
+    public var seed: UInt64 = 1
+    public var rules: [Rule]
+
+    public struct Rule: Decodable, Sendable {
+        public var pool: String
+        public var lun: Int?
+        public var op: String = "any"
+        public var ioClass: String = "any"
+        public var errno: Int32 = EIO
+        public var probability: Double = 1
+        public var after: Int = 0
+        public var count: Int?
+
+        enum CodingKeys: String, CodingKey { case pool, lun, op, ioClass = "class", errno, probability, after, count }
+
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            pool = try c.decode(String.self, forKey: .pool)
+            lun = try c.decodeIfPresent(Int.self, forKey: .lun)
+            op = try c.decodeIfPresent(String.self, forKey: .op) ?? "any"
+            ioClass = try c.decodeIfPresent(String.self, forKey: .ioClass) ?? "any"
+            errno = try c.decodeIfPresent(Int32.self, forKey: .errno) ?? EIO
+            probability = try c.decodeIfPresent(Double.self, forKey: .probability) ?? 1
+            after = try c.decodeIfPresent(Int.self, forKey: .after) ?? 0
+            count = try c.decodeIfPresent(Int.self, forKey: .count)
+        }
+    }
+
+    enum CodingKeys: String, CodingKey { case seed, rules }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        seed = try c.decodeIfPresent(UInt64.self, forKey: .seed) ?? 1
+        rules = try c.decode([Rule].self, forKey: .rules)
+    }
+
+    /// Reads and checks a plan; every problem is one line naming the rule and field.
+    public static func load(_ path: String) throws(DomainError) -> FaultPlan {
+        guard let data = FileManager.default.contents(atPath: path) else { throw DomainError("--fault-plan \(path): cannot read the file") }
+        let plan: FaultPlan
+        do { plan = try JSONDecoder().decode(FaultPlan.self, from: data) } catch {
+            throw DomainError("--fault-plan \(path): not a fault plan (\(Self.describe(error)))")
+        }
+        for (i, r) in plan.rules.enumerated() {
+            let at = "--fault-plan \(path): rule \(i + 1)"
+            guard ["read", "write", "flush", "any"].contains(r.op) else { throw DomainError("\(at): op '\(r.op)' (read, write, flush, any)") }
+            guard ["host", "background", "any"].contains(r.ioClass) else { throw DomainError("\(at): class '\(r.ioClass)' (host, background, any)") }
+            guard (1...4095).contains(r.errno), r.errno != EBUSY else {
+                throw DomainError("\(at): errno \(r.errno) (1..4095; not EBUSY, which means 'retry' inside the scheduler)")
+            }
+            guard (0...1).contains(r.probability) else { throw DomainError("\(at): probability \(r.probability) (0..1)") }
+            guard r.after >= 0, (r.count ?? 0) >= 0, (r.lun ?? 0) >= 0 else { throw DomainError("\(at): after, count and lun are not negative") }
+        }
+        return plan
+    }
+
+    private static func describe(_ error: Error) -> String {
+        switch error {
+        case DecodingError.keyNotFound(let key, _): return "missing '\(key.stringValue)'"
+        case DecodingError.typeMismatch(_, let ctx), DecodingError.valueNotFound(_, let ctx):
+            return "wrong type at \(ctx.codingPath.map(\.stringValue).joined(separator: "."))"
+        case DecodingError.dataCorrupted(let ctx): return ctx.debugDescription
+        default: return "\(error)"
+        }
+    }
+
+    /// The faults for one pool's scheduler, or nil when no rule names the pool.
+    func faults(forPool name: String) -> SchedulerFaults? {
+        let mine = rules.enumerated().filter { $0.element.pool == name }
+        guard !mine.isEmpty else { return nil }
+        return SchedulerFaults(rules: mine.map { SchedulerFaults.Armed(rule: $0.element, state: seed &+ UInt64($0.offset) &* 0x9E37_79B9_7F4A_7C15) })
+    }
+}
+
+/// One scheduler's armed rules. Called under the scheduler's lock, so it keeps no lock.
+public final class SchedulerFaults: @unchecked Sendable {
+    struct Armed {
+        let rule: FaultPlan.Rule
+        var state: UInt64 // splitmix64
+        var matched = 0
+        var failed = 0
+    }
+
+    private var rules: [Armed]
+    /// Chunks failed so far (shown in the log at stop).
+    public private(set) var injected = 0
+
+    init(rules: [Armed]) { self.rules = rules }
+
+    /// The errno this chunk fails with, or nil to let it reach the device.
+    func failure(lun: Int, op: IOScheduler.Operation, ioClass: IOScheduler.IOClass) -> Int32? {
+        let opName = op == .read ? "read" : (op == .write ? "write" : "flush")
+        let className = ioClass == .host ? "host" : "background"
+        for i in rules.indices {
+            let r = rules[i].rule
+            guard r.lun == nil || r.lun == lun, r.op == "any" || r.op == opName, r.ioClass == "any" || r.ioClass == className
+            else { continue }
+            rules[i].matched += 1
+            guard rules[i].matched > r.after, r.count.map({ rules[i].failed < $0 }) ?? true else { continue }
+            rules[i].state &+= 0x9E37_79B9_7F4A_7C15
+            var z = rules[i].state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            z ^= z >> 31
+            guard Double(z >> 11) / Double(1 << 53) < r.probability else { continue }
+            rules[i].failed += 1
+            injected += 1
+            return r.errno
+        }
+        return nil
+    }
+}

@@ -1,0 +1,46 @@
+import Foundation
+import XCTest
+
+/// Seeded LUN faults from `serve --fault-plan`: faults loop devices cannot make.
+extension DaemonTests {
+    private func writePlan(_ json: String) throws -> String {
+        let path = dir.file("plan.json")
+        try json.write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
+    /// Host writes to leg b fail while the copier's writes to it succeed: the resync
+    /// must not declare b in sync over a host write it missed.
+    func testAHostWriteFailingOnAResyncTargetKeepsTheTargetFailed() throws {
+        let plan = try writePlan(#"{"seed": 3, "rules": [{"pool": "b", "op": "write", "class": "host", "errno": 5}]}"#)
+        try startDaemon(extra: ["--fault-plan", plan])
+        try makeThreePools()
+        _ = try ok(["vdisk", "create", "m", "--pool", "a", "--mirror-pool", "b", "--size", "16M"])
+        XCTAssertEqual(try ctl(["vdisk", "verify", "m", "--size", "1M"]).status, 0, "automatic-failover: the write succeeds on a")
+        XCTAssertEqual((try mirror("m")["legs"] as? [[String: Any]])?[1]["state"] as? String, "failed")
+        XCTAssertEqual(try ctl(["vdisk", "verify", "m"]).status, 0) // every region dirty: the copy walks 16 MiB
+        // Slow the copy (pool a's background class) so host writes land while it runs.
+        _ = try ok(["vdisk", "create", "tmp", "--pool", "a", "--mirror-pool", "c", "--size", "1M"])
+        _ = try ok(["mirror", "set-rate", "tmp", "8MiB/s"])
+        let resync = ResultBox()
+        let copier = Thread { [state] in resync.result = try? CLI.run(["mirror", "resync", "m", "--dir", state]) }
+        copier.start()
+        var tries = 0
+        while try mirror("m")["percent"] == nil, tries < 400 { usleep(5_000); tries += 1 }
+        XCTAssertEqual(try ctl(["vdisk", "verify", "m", "--size", "4M"]).status, 0, "host writes go on during the copy")
+        while !copier.isFinished { usleep(20_000) }
+        let r = try XCTUnwrap(resync.result)
+        XCTAssertEqual(r.status, 1, r.stdout)
+        XCTAssertTrue(r.stderr.contains("failed during the resync") && r.stderr.contains("stay failed"), r.stderr)
+        XCTAssertEqual((try mirror("m")["legs"] as? [[String: Any]])?[1]["state"] as? String, "failed", "b missed a host write")
+        XCTAssertEqual(try ctl(["vdisk", "verify", "m", "--size", "4M"]).status, 0, "reads come from the in-sync leg")
+    }
+
+    func testABadFaultPlanIsOneClearLine() throws {
+        let plan = try writePlan(#"{"rules": [{"pool": "b", "op": "wrte"}]}"#)
+        let r = try CLI.run(["serve", "--dir", state, "--profiles", ServeProcess.profiles, "--fault-plan", plan], killAfterSeconds: 10)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertEqual(r.stderr.split(separator: "\n").filter { $0.hasPrefix("svsp-ctl:") }.count, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("rule 1: op 'wrte'"), r.stderr)
+    }
+}
