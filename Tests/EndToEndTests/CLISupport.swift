@@ -139,6 +139,21 @@ func httpGet(port: Int, path: String) throws -> String {
     return String(decoding: response, as: UTF8.self)
 }
 
+/// Runs `executable` to its end with stdout and stderr together; returns (status, output).
+func runCapturing(_ executable: String, _ args: [String], environment: [String: String] = [:]) throws -> (Int32, String) {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: executable)
+    p.arguments = args
+    p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    let out = Pipe()
+    p.standardOutput = out
+    p.standardError = out
+    try p.run()
+    let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    p.waitUntilExit()
+    return (p.terminationStatus, text)
+}
+
 /// Runs a command (every end-to-end suite uses it); returns (status, stdout).
 @discardableResult
 func shell(_ args: [String]) -> (Int32, String) {

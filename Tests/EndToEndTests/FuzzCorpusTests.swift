@@ -13,17 +13,9 @@ final class FuzzCorpusTests: XCTestCase {
         let targets = try FileManager.default.contentsOfDirectory(atPath: Self.corpus).sorted()
         XCTAssertEqual(Set(targets), ["setup-record", "bitmap-header", "lun-label", "profile", "mgmt-request", "nbd"])
         for target in targets {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: replayer)
-            p.arguments = [target, Self.corpus + "/" + target]
-            p.environment = ProcessInfo.processInfo.environment.merging(["SVSP_PROFILES": ServeProcess.profiles]) { $1 }
-            let out = Pipe()
-            p.standardOutput = out
-            p.standardError = out
-            try p.run()
-            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            p.waitUntilExit()
-            XCTAssertEqual(p.terminationStatus, 0, "\(target): \(text)")
+            let (status, text) = try runCapturing(replayer, [target, Self.corpus + "/" + target],
+                                                  environment: ["SVSP_PROFILES": ServeProcess.profiles])
+            XCTAssertEqual(status, 0, "\(target): \(text)")
             XCTAssertTrue(text.contains("input(s) replayed"), "\(target): \(text)")
         }
     }

@@ -8,6 +8,7 @@ extension DaemonTests {
         try makeThreePools()
         _ = try ok(["domain", "setup-vdisk", "create", "--pool", "a", "--pool", "b", "--pool", "c"])
         _ = try ok(["vdisk", "create", "v1", "--pool", "a", "--size", "4M"])
+        _ = try ok(["vdisk", "verify", "v1", "--phase", "write", "--seed", "9"])
     }
 
     func testTwoOfThreeSetupCopiesMissingOpensReadOnlyUntilTheyReturn() throws {
@@ -25,7 +26,11 @@ extension DaemonTests {
         try fails(["vdisk", "create", "v2", "--pool", "a", "--size", "4M"], "read-only")
         try fails(["vdisk", "delete", "v1"], "read-only")
         XCTAssertEqual(try statusJSON()["generation"] as? Int, generation)
-        XCTAssertTrue(try ok(["vdisk", "verify", "v1"]).contains("verified"), "I/O to existing vdisks goes on")
+        // Reads go on; writes are refused (the one copy's extent maps may be stale).
+        XCTAssertTrue(try ok(["vdisk", "verify", "v1", "--phase", "read", "--seed", "9"]).contains("matched the pattern"))
+        let write = try ctl(["vdisk", "verify", "v1"])
+        XCTAssertEqual(write.status, 1)
+        XCTAssertTrue(write.stderr.contains("Read-only") || write.stderr.contains("read-only"), write.stderr)
         // The copies come back: the next change finds the majority again and commits.
         for p in ["b", "c"] { try FileManager.default.moveItem(atPath: dir.file("\(p).away"), toPath: dir.file("\(p).img")) }
         _ = try ok(["vdisk", "create", "v2", "--pool", "a", "--size", "4M"])

@@ -10,16 +10,9 @@ final class TortureTests: XCTestCase {
 
     private func torture(_ scenario: String, rounds: Int = 5) throws {
         guard shell(["sh", "-c", "command -v python3"]).0 == 0 else { throw XCTSkip("torture skipped: python3 not installed") }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3", Self.script, "--rounds", "\(rounds)", "--scenario", scenario, "--svsp-ctl", CLI.binary]
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        XCTAssertEqual(p.terminationStatus, 0, text)
+        let (status, text) = try runCapturing("/usr/bin/env", ["python3", Self.script, "--rounds", "\(rounds)", "--scenario", scenario,
+                                                               "--svsp-ctl", CLI.binary])
+        XCTAssertEqual(status, 0, text)
         XCTAssertTrue(text.contains("total: \(rounds) rounds (\(scenario))") && text.contains(", 0 failed"), text)
         print(text)
     }

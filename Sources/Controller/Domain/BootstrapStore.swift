@@ -22,7 +22,7 @@ public struct BootstrapStore: Sendable {
             throw DomainError("\(path): damaged metadata: \(error)")
         }
         if let problem = metadata.consistencyProblem { throw DomainError("\(path): damaged metadata: \(problem)") }
-        return metadata
+        return metadata.withLegacyLegIds()
     }
 
     public func save(_ metadata: DomainMetadata) throws(DomainError) {

@@ -62,6 +62,9 @@ extension Domain {
 
     /// Up to `zeroingBatchBytes` of one pool's listed extents that no old I/O can still reach.
     private func nextZeroingBatch() -> (PoolRecord, [ExtentRef])? {
+        // A read-only domain may run on a stale copy of the metadata: its list may name
+        // extents that a newer generation gave to a vdisk. Nothing is zeroed until a majority is back.
+        guard readOnlyReason == nil else { return nil }
         for pool in metadata.pools where !(pool.zeroing ?? []).isEmpty {
             let held = quarantined(in: pool.id)
             let limit = max(1, Int(Self.zeroingBatchBytes / pool.extentBytes))
@@ -81,11 +84,13 @@ extension Domain {
         func remaining() -> Int { pools.reduce(0) { $0 + (metadata.pool(id: $1)?.zeroing?.count ?? 0) } }
         var left = remaining()
         guard left > 0 else { return false }
+        var lastProgress = DispatchTime.now().uptimeNanoseconds
         while left > 0 {
-            await zeroingProgress.wait(timeoutNs: 30_000_000_000)
+            await zeroingProgress.wait(timeoutNs: 1_000_000_000)
             let now = remaining()
-            if now == left { return false }
+            if now < left { lastProgress = DispatchTime.now().uptimeNanoseconds }
             left = now
+            if DispatchTime.now().uptimeNanoseconds - lastProgress > 30_000_000_000 { return false }
         }
         return true
     }

@@ -1,5 +1,6 @@
 import Foundation
 import IOEngine
+import Synchronization
 
 /// Keeps a noncopyable LUN owner in collections.
 final class LUNBox: @unchecked Sendable {
@@ -44,7 +45,20 @@ public final class Domain: @unchecked Sendable {
     public private(set) var setupCopyStates: [SetupVDiskStore.CopyState] = []
     /// Why no metadata change may be committed (fewer than a majority of the configured
     /// setup copies readable), or nil. Every change is refused while it is set.
-    public private(set) var readOnlyReason: String?
+    public private(set) var readOnlyReason: String? {
+        get { stateLock.withLock { storedReadOnlyReason } }
+        set {
+            stateLock.withLock { storedReadOnlyReason = newValue }
+            refusesWrites.store(newValue != nil, ordering: .releasing)
+        }
+    }
+    /// The data path's view of read-only (one atomic load per write): the metadata may be a
+    /// stale minority copy, so no write may reach a LUN through its mappings.
+    let refusesWrites = Atomic<Bool>(false)
+    private var storedReadOnlyReason: String?
+    /// Old records' replaced pool runtimes: ports may still send I/O through their
+    /// schedulers, so their LUNs stay open (a regained quorum reopens a setup pool).
+    private var retiredRuntimes: [PoolRuntime] = []
     public let metrics = DomainMetrics()
     let mutation = AsyncSemaphore(permits: 1)
     public private(set) lazy var mirrors = MirrorService(domain: self)
@@ -132,6 +146,8 @@ public final class Domain: @unchecked Sendable {
         let m = metadata
         for pool in m.pools where m.setupPools.contains(pool.id) && runtime(of: pool.id)?.firstLUN == nil {
             problems.removeAll { $0.hasPrefix("pool '\(pool.name)': ") }
+            // Ports may still hold this runtime's scheduler and LUN handles: keep them open.
+            if let old = runtime(of: pool.id) { stateLock.withLock { retiredRuntimes.append(old) } }
             openLUNs(of: pool)
         }
         do throws(DomainError) {
@@ -239,11 +255,36 @@ public final class Domain: @unchecked Sendable {
         next.format = DomainMetadata.currentFormat
         lastAttemptedGeneration = next.generation
         if let setupStore {
-            setupCopyStates = try await setupStore.commit(next)
+            do {
+                setupCopyStates = try await setupStore.commit(next)
+            } catch {
+                await supersedeFailedCommit(store: setupStore)
+                throw error
+            }
         } else {
             try bootstrap.save(next)
         }
         metadata = next
+    }
+
+    /// A commit reported as failed may still sit on a minority of copies, where a later
+    /// load (which takes the newest readable generation) would find it. Writing the
+    /// unchanged metadata again at a higher generation buries it; when even that misses
+    /// a majority, what a restart would load is unknown, so nothing more is committed.
+    private func supersedeFailedCommit(store: SetupVDiskStore) async {
+        var again = metadata
+        again.generation = lastAttemptedGeneration + 1
+        again.format = DomainMetadata.currentFormat
+        lastAttemptedGeneration = again.generation
+        do throws(DomainError) {
+            setupCopyStates = try await store.commit(again)
+            metadata = again
+        } catch {
+            let why = "setup vdisk: a change failed and could not be undone on a majority of the copies (\(error)); "
+                + "the domain is read-only until it is restarted with its copies readable"
+            readOnlyReason = why
+            report(why)
+        }
     }
 
     private var lastAttemptedGeneration: UInt64 = 0
@@ -530,18 +571,21 @@ public final class Domain: @unchecked Sendable {
         var next = metadata
         next.vdisks.removeAll { $0.name == name }
         listForZeroing(v.legs, in: &next)
+        // Held back before the commit lists them, so the zeroer can never reach them first.
+        quarantine(v.legs, while: stateLock.withLock { storedPorts[name] })
         try await commit(next)
-        let port = stateLock.withLock { storedPorts.removeValue(forKey: name) }
-        quarantine(v.legs, while: port)
+        _ = stateLock.withLock { storedPorts.removeValue(forKey: name) }
         zeroingWork.signal()
     }
 
     /// Adds a leg in `poolName` (state copying); the caller starts the copy.
-    func addLeg(vdisk name: String, poolName: String) async throws(DomainError) -> Int {
-        try await retryingAfterZeroing { () async throws(DomainError) -> Int in try await addLegOnce(vdisk: name, poolName: poolName) }
+    func addLeg(vdisk name: String, poolName: String) async throws(DomainError) -> (index: Int, id: UUID) {
+        try await retryingAfterZeroing { () async throws(DomainError) -> (index: Int, id: UUID) in
+            try await addLegOnce(vdisk: name, poolName: poolName)
+        }
     }
 
-    private func addLegOnce(vdisk name: String, poolName: String) async throws(DomainError) -> Int {
+    private func addLegOnce(vdisk name: String, poolName: String) async throws(DomainError) -> (index: Int, id: UUID) {
         try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
@@ -556,7 +600,13 @@ public final class Domain: @unchecked Sendable {
         var next = metadata
         next.vdisks[vi].legs.append(leg)
         try await commit(next)
-        return next.vdisks[vi].legs.count - 1
+        return (next.vdisks[vi].legs.count - 1, leg.id)
+    }
+
+    /// Removes the leg with this id (an add-leg undone), wherever it is now.
+    func removeLeg(vdisk name: String, id: UUID) async throws(DomainError) {
+        guard let index = metadata.vdisk(named: name)?.legIndex(id) else { return }
+        try await removeLeg(vdisk: name, leg: index)
     }
 
     /// Removes leg `leg` (never the last in-sync one); its extents return to the pool.
@@ -573,8 +623,8 @@ public final class Domain: @unchecked Sendable {
         var next = metadata
         next.vdisks[vi].legs.remove(at: leg)
         listForZeroing([v.legs[leg]], in: &next)
+        quarantine([v.legs[leg]], while: stateLock.withLock { storedPorts[name] }) // before the commit lists them
         try await commit(next)
-        quarantine([v.legs[leg]], while: stateLock.withLock { storedPorts[name] })
         zeroingWork.signal()
     }
 
@@ -595,7 +645,9 @@ public final class Domain: @unchecked Sendable {
         let refs = legs.map { leg in (leg.poolId, leg.extents.compactMap { $0 }) }
         stateLock.withLock { for (pool, extents) in refs { for e in extents { quarantinedByPool[pool, default: []].insert(e) } } }
         Task {
-            await port.drain(waiting)
+            // Held until every one of those requests has landed: a device that hangs keeps
+            // them out of reach (and out of the zeroer's) until the daemon restarts.
+            while !(await port.drain(waiting)) {}
             self.stateLock.withLock { for (pool, extents) in refs { self.quarantinedByPool[pool]?.subtract(extents) } }
             self.zeroingWork.signal()
         }
@@ -627,15 +679,25 @@ public final class Domain: @unchecked Sendable {
     /// Marks legs failed (persisted before the host hears of the write that failed them).
     /// A leg no longer in the vdisk (removed meanwhile) has nothing left to mark.
     func markLegsFailed(vdisk name: String, legs ids: [UUID]) async throws(DomainError) {
+        try await changeLegs(vdisk: name, ids) { leg, nextGeneration in
+            guard leg.state != .failed else { return false }
+            leg.markFailed(atGeneration: nextGeneration)
+            return true
+        }
+    }
+
+    /// Applies `change` to the legs with these ids (gone ones are skipped; it also gets the
+    /// generation the commit will have) and commits when it changed any. A deleted vdisk
+    /// has nothing to change.
+    private func changeLegs(vdisk name: String, _ ids: [UUID], _ change: (inout LegRecord, UInt64) -> Bool) async throws(DomainError) {
         try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { return }
         var next = metadata
         var changed = false
         for id in ids {
-            guard let l = next.vdisks[vi].legIndex(id), next.vdisks[vi].legs[l].state != .failed else { continue }
-            next.vdisks[vi].legs[l].markFailed(atGeneration: metadata.generation + 1)
-            changed = true
+            guard let l = next.vdisks[vi].legIndex(id) else { continue }
+            if change(&next.vdisks[vi].legs[l], metadata.generation + 1) { changed = true }
         }
         if changed { try await commit(next) }
     }
@@ -670,17 +732,11 @@ public final class Domain: @unchecked Sendable {
 
     /// The bitmap now carries the whole-leg copy of these legs (every bit set durably).
     func clearCopyAll(vdisk name: String, legs ids: [UUID]) async throws(DomainError) {
-        try await beginChange()
-        defer { mutation.release() }
-        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { return }
-        var next = metadata
-        var changed = false
-        for id in ids {
-            guard let l = next.vdisks[vi].legIndex(id), next.vdisks[vi].legs[l].copyAll != nil else { continue }
-            next.vdisks[vi].legs[l].copyAll = nil
-            changed = true
+        try await changeLegs(vdisk: name, ids) { leg, _ in
+            guard leg.copyAll != nil else { return false }
+            leg.copyAll = nil
+            return true
         }
-        if changed { try await commit(next) }
     }
 
     /// Refuses a change that would remove or re-index legs under a running copy or verify.

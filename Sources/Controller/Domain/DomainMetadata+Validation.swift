@@ -39,6 +39,25 @@ extension DomainMetadata {
     }
 }
 
+extension DomainMetadata {
+    /// Records written before legs had ids (format nil) get ids derived from the vdisk's id
+    /// and the leg's position, the same at every load until the converted record commits:
+    /// a random id per decode would change under ports and copiers between two reloads.
+    func withLegacyLegIds() -> DomainMetadata {
+        guard format == nil else { return self }
+        var m = self
+        for v in m.vdisks.indices {
+            for l in m.vdisks[v].legs.indices {
+                var bytes = m.vdisks[v].id.uuid
+                bytes.15 ^= UInt8(l + 1)
+                bytes.14 ^= 0x5A
+                m.vdisks[v].legs[l].id = UUID(uuid: bytes)
+            }
+        }
+        return m
+    }
+}
+
 extension PoolRecord {
     /// Whether `e` names an extent of one of the pool's LUNs.
     func holds(_ e: ExtentRef) -> Bool {

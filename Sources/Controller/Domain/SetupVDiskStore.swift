@@ -106,8 +106,8 @@ public final class SetupVDiskStore: @unchecked Sendable {
                 switch await read(slot: slot, of: copy) {
                 case .record(let g, let c, let p):
                     found.append((i, g, c, p))
-                    usable = true
-                case .empty: usable = true
+                    usable = true // only a copy holding a record can vouch for what was committed
+                case .empty: break
                 case .damaged(let why): problems[i] = why
                 }
             }
@@ -168,7 +168,7 @@ public final class SetupVDiskStore: @unchecked Sendable {
             throw DomainError("record does not decode: \(error)")
         }
         if let problem = metadata.consistencyProblem { throw DomainError("record is inconsistent: \(problem)") }
-        return metadata
+        return metadata.withLegacyLegIds()
     }
 
     // MARK: record I/O

@@ -206,6 +206,9 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                        sink: CompletionSink, cookie: UInt64, kick: Bool = true) throws(IOError)
     {
         let ioOp: IOOperation = op == .read ? .read : (op == .flush ? .flush : .write)
+        if op != .read && op != .flush && domain.refusesWrites.load(ordering: .acquiring) {
+            throw IOError(code: EROFS, operation: ioOp, lun: vdiskName, offset: offset) // see Domain.readOnlyReason
+        }
         lock.lock()
         guard refreshIfNeeded() else {
             lock.unlock()
@@ -589,6 +592,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         let r = slots[index]
         let mirrored = mapping.legs.count > 1
         let mode = mapping.mode
+        var inSyncLegs: UInt8 = 0
+        for (l, leg) in mapping.legs.enumerated() where leg.state == .inSync { inSyncLegs |= 1 << l }
         // A read that failed on one leg: retry it whole on another in-sync leg.
         if r.op == .read, r.result < 0, pickReadLeg(excluding: r.triedLegs) != nil {
             slots[index].result = 0
@@ -603,9 +608,11 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             // legs may differ there until a copy makes them agree. With a bitmap the regions stay
             // pinned dirty (upkeep reconciles them); without one, nothing could track them, so
             // the refused legs fail over like legs that could not take the write.
+            // (Only when an in-sync leg took it whole: back-pressure alone must never take
+            // the last in-sync legs away; with none, the legs are kept and EBUSY answers.)
             if let log = dirtyLog {
                 log.pin(offset: r.offset, length: r.length)
-            } else {
+            } else if r.targetLegs & ~r.failedLegs & ~r.busyLegs & inSyncLegs != 0 {
                 var failed = r
                 failed.failedLegs |= r.busyLegs
                 finishAfterLegFailure(index, failed, mode: mode)

@@ -8,7 +8,7 @@ final class RunningCommands: Sendable {
         var closed = false
     }
 
-    private let state = Mutex(State())
+    private let state = DataPathMutex(State())
     private let group = DispatchGroup()
 
     /// Counts one more command; false once shutdown has begun waiting (answer "stopping").

@@ -38,6 +38,10 @@ public final class DirtyRegionLog: @unchecked Sendable {
     private var bits: [UInt8]
     /// Regions whose bit may go only after a copy made the legs agree (see the type's comment).
     private var pinned: [UInt8]
+    /// When each region was last pinned (`pinCounter` then; 0 = at open): a copy that began
+    /// before a pin does not lift it.
+    private var pinnedAt: [UInt32]
+    private var pinCounter: UInt32 = 0
     /// Why the file's contents were not usable region by region at open (every region taken as dirty), or nil.
     public private(set) var openProblem: String?
     /// The bitmap as last made durable: a write may go once its regions are set here.
@@ -97,10 +101,13 @@ public final class DirtyRegionLog: @unchecked Sendable {
         bits = loaded
         durable = [UInt8](repeating: 0, count: bytes)
         pinned = loaded
+        pinnedAt = [UInt32](repeating: 0, count: count)
         inflight = [UInt16](repeating: 0, count: count)
         lastWriteMs = [UInt32](repeating: 0, count: count)
         openProblem = problem
-        guard writeHeader(), persist(0...max(0, (bytes - 1) / 4096)) else {
+        // The bits first, the header last: a crash in between leaves no valid header, which
+        // the next open takes as "every region dirty", never old bits under a new geometry.
+        guard persist(0...max(0, (bytes - 1) / 4096)), writeHeader() else {
             close(file)
             throw DomainError("\(path): cannot write the bitmap: \(String(cString: strerror(errno)))")
         }
@@ -155,6 +162,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
         }
         inflight += [UInt16](repeating: 0, count: needed - count)
         lastWriteMs += [UInt32](repeating: 0, count: needed - count)
+        pinnedAt += [UInt32](repeating: 0, count: needed - count)
         count = needed
         lock.unlock()
         return writeHeader()
@@ -271,18 +279,23 @@ public final class DirtyRegionLog: @unchecked Sendable {
     public func pin(offset: UInt64, length: Int) {
         lock.lock()
         partialWritesCount += 1
+        pinCounter &+= 1
         for r in regions(offset, length) where r < count {
             bits[r >> 3] |= 1 << UInt8(r & 7)
             pinned[r >> 3] |= 1 << UInt8(r & 7)
+            pinnedAt[r] = pinCounter
         }
         lock.unlock()
     }
 
-    /// A copy brought every leg level in `regions`: they are no longer pinned, and their
-    /// bits go unless a write is in flight there.
-    public func copied(_ regions: [Int]) {
+    /// Marks the start of a copy: pass it to `copied`, so pins made after it stay.
+    public var pinMark: UInt32 { lock.withLock { pinCounter } }
+
+    /// A copy that began at `mark` brought every leg level in `regions`: those not pinned
+    /// again since are no longer pinned, and their bits go unless a write is in flight there.
+    public func copied(_ regions: [Int], since mark: UInt32) {
         lock.lock()
-        for r in regions where r < count { pinned[r >> 3] &= ~(1 << UInt8(r & 7)) }
+        for r in regions where r < count && pinnedAt[r] <= mark { pinned[r >> 3] &= ~(1 << UInt8(r & 7)) }
         lock.unlock()
         clean(idleSeconds: 0, only: regions)
     }

@@ -46,15 +46,14 @@ public final class MirrorService: @unchecked Sendable {
     /// The leg is committed with `copyAll` (a restart copies all of it); once the bitmap
     /// carries every region durably the flag goes, and the copy resumes region by region.
     public func addLeg(vdisk name: String, poolName: String) async throws(DomainError) -> Int {
-        let leg = try await domain.addLeg(vdisk: name, poolName: poolName)
+        let (leg, legId) = try await domain.addLeg(vdisk: name, poolName: poolName)
         let port = try domain.port(for: name)
         port.refresh() // it is a mirror now: the port starts its bitmap before the copy
         CrashPoint.hit("add-leg-committed")
         if let log = port.dirtyLog {
-            let legId = domain.metadata.vdisk(named: name)?.legs[leg].id
-            guard log.markAll(sizeBytes: domain.metadata.vdisk(named: name)?.sizeBytes ?? 0), let legId else {
+            guard log.markAll(sizeBytes: domain.metadata.vdisk(named: name)?.sizeBytes ?? 0) else {
                 // Without the bits on disk the copy could not resume region by region: undo.
-                try? await domain.removeLeg(vdisk: name, leg: leg)
+                try? await domain.removeLeg(vdisk: name, id: legId)
                 throw DomainError("add-leg on vdisk '\(name)': cannot write the dirty-region bitmap; the new leg was removed")
             }
             try await domain.clearCopyAll(vdisk: name, legs: [legId])
@@ -131,6 +130,10 @@ public final class MirrorService: @unchecked Sendable {
             try await domain.clearCopyAll(vdisk: name, legs: targetIds)
         }
         let regions = log?.dirtyRegions()
+        let pinMark = log?.pinMark ?? 0
+        // Only a copy to every leg but the source levels the legs: otherwise (a failed leg's
+        // resync) in-sync legs were not compared, and regions pinned for them stay pinned.
+        let levelsEveryLeg = targets.count == v.legs.count - 1
         if let regions, let log { lock.withLock { running[name]?.totalBytes = UInt64(regions.count) * log.regionBytes } }
         var report: Report
         do {
@@ -149,7 +152,11 @@ public final class MirrorService: @unchecked Sendable {
                                         else { return }
                                         let first = Int(range.lowerBound / log.regionBytes)
                                         let last = Int((range.upperBound - 1) / log.regionBytes)
-                                        log.copied(Array(first...last))
+                                        if levelsEveryLeg {
+                                            log.copied(Array(first...last), since: pinMark)
+                                        } else {
+                                            log.clean(idleSeconds: 0, only: Array(first...last))
+                                        }
                                     })
         } catch {
             // The copy stopped: those legs are still behind.
@@ -168,7 +175,7 @@ public final class MirrorService: @unchecked Sendable {
                 + "(a host write could not reach them); they stay failed: run the resync again")
         }
         if let log, let after = domain.metadata.vdisk(named: name), after.legs.allSatisfy({ $0.state == .inSync }) {
-            log.copied(regions ?? [])
+            if levelsEveryLeg { log.copied(regions ?? [], since: pinMark) } else { log.clean(idleSeconds: 0, only: regions ?? []) }
         }
         return report
     }

@@ -30,7 +30,7 @@ final class LogRateLimit: Sendable {
         var suppressed = 0
     }
 
-    private let state = Mutex(State())
+    private let state = DataPathMutex(State())
     let perSecond: Int
 
     init(perSecond: Int) { self.perSecond = perSecond }

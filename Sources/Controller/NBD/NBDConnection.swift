@@ -117,12 +117,12 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
 
         var owner: NBDConnection?
         let eventLoop: EventLoop
-        let queue: Mutex<Queue>
+        let queue: DataPathMutex<Queue>
         private(set) var wake: @Sendable () -> Void = {}
 
         init(eventLoop: EventLoop, depth: Int) {
             self.eventLoop = eventLoop
-            queue = Mutex(Queue(ring: Array(repeating: 0, count: depth), results: Array(repeating: 0, count: depth)))
+            queue = DataPathMutex(Queue(ring: Array(repeating: 0, count: depth), results: Array(repeating: 0, count: depth)))
             super.init()
             // Made once: handing a stored closure to execute() allocates nothing.
             wake = { [weak self] in self?.owner?.drainCompletions() }
@@ -273,6 +273,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
                     pending = nil
                     consume(&rest, context: context)
                 }
+                flushOutbox(context) // replies without a slot (refusals, block status) leave now
             case .transmission where parked != nil && (!freeSlots.isEmpty || receiving != nil):
                 endOfTurn(context) // input parked while replies could not leave
             default: break
@@ -504,7 +505,8 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
             NBDConnectionStats.add(stats!.errors, 1)
             log("\(who): request at \(s.offset)+\(s.length) failed to start: \(error)")
             release(index)
-            appendError(cookie: s.cookie, error: error.code == EINVAL || error.code == ERANGE ? NBD.eInval : NBD.eIO)
+            appendError(cookie: s.cookie, error: error.code == EINVAL || error.code == ERANGE ? NBD.eInval
+                                                  : (error.code == EROFS ? NBD.ePerm : NBD.eIO))
         }
     }
 

@@ -53,7 +53,7 @@ final class NBDRegistry: Sendable {
         var turnedAway: UInt64 = 0
     }
 
-    private let state = Mutex(State())
+    private let state = DataPathMutex(State())
     /// Each connection may hold up to 32 MiB of payload buffers: this bounds the total.
     let maxConnections: Int
 

@@ -56,11 +56,14 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     public let profile: ArrayProfile
     private let maxChunkBytes: Int
     private let backgroundDepth: Int
-    private let lock = Mutex(())
+    private let lock = DataPathMutex(())
     private let slots: UnsafeMutablePointer<Slot>
     private let capacity: Int
     private var freeHead: Int32
     private var luns: [LUNState] = []
+    /// The LUNs' handles, apart from their mutable queue state: `submit` checks requests
+    /// against them before taking the lock (written only by `addLUN`, before any I/O).
+    private var handles: [LUNHandle] = []
     private var arrayInFlight = 0
     private var backgroundInFlight = 0
     private var queuedHost = 0
@@ -116,6 +119,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         lock.withLock { _ in
             luns.append(LUNState(handle: handle, host: SlotRing(capacity: capacity),
                                  background: SlotRing(capacity: capacity)))
+            handles.append(handle)
             return luns.count - 1
         }
     }
@@ -146,15 +150,15 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
                        fua: Bool = false, ioClass: IOClass = .host, sink: CompletionSink, cookie: UInt64) throws(IOError)
     {
         let ioOp: IOOperation = op == .read ? .read : (op == .write ? .write : .flush)
-        guard lun >= 0, lun < luns.count else { throw IOError(code: EINVAL, operation: ioOp) }
-        let info = luns[lun].handle.info
+        guard lun >= 0, lun < handles.count else { throw IOError(code: EINVAL, operation: ioOp) }
+        let info = handles[lun].info
         if op != .flush {
             let lbs = Int(info.logicalBlockSize)
             guard let buffer, length > 0, length % lbs == 0, offset % UInt64(lbs) == 0,
                   Int(bitPattern: buffer) % lbs == 0
-            else { throw IOError(code: EINVAL, operation: ioOp, lun: luns[lun].handle.path, offset: offset) }
+            else { throw IOError(code: EINVAL, operation: ioOp, lun: handles[lun].path, offset: offset) }
             guard offset <= info.sizeBytes, UInt64(length) <= info.sizeBytes - offset else {
-                throw IOError(code: ERANGE, operation: ioOp, lun: luns[lun].handle.path, offset: offset)
+                throw IOError(code: ERANGE, operation: ioOp, lun: handles[lun].path, offset: offset)
             }
         }
         let accepted: Bool = lock.withLock { _ in
@@ -173,7 +177,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
             pumpLocked()
             return true
         }
-        if !accepted { throw IOError(code: EBUSY, operation: ioOp, lun: luns[lun].handle.path, offset: offset) }
+        if !accepted { throw IOError(code: EBUSY, operation: ioOp, lun: handles[lun].path, offset: offset) }
     }
 
     /// Hands staged chunks to the kernel (not needed inside completion callbacks).
