@@ -745,6 +745,9 @@ public final class Domain: @unchecked Sendable {
             throw DomainError("vdisk '\(name)': a \(running.operation) is running; \(what) waits until it ends (see `svsp-ctl mirror status \(name)`)",
                               code: EBUSY)
         }
+        if let port = stateLock.withLock({ storedPorts[name] }), port.repairsRunning > 0 {
+            throw DomainError("vdisk '\(name)': a read repair is rewriting a leg; \(what) waits until it ends (try again in a moment)", code: EBUSY)
+        }
     }
 
     // MARK: setup vdisk

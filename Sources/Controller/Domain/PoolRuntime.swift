@@ -19,6 +19,7 @@ struct PoolRuntime: Sendable {
                                     capacity: TestKnobs.schedulerCapacity ?? 1024)
         scheduler.faults = faults
         slots = luns.map { box in box.map { scheduler.addLUN($0.handle) } }
+        faults?.lunIndexOfSlot = slots.enumerated().compactMap { $0.element == nil ? nil : $0.offset }
         self.scheduler = scheduler
     }
 

@@ -115,6 +115,10 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// (created when the vdisk becomes a mirror, e.g. by add-leg).
     public var dirtyLog: DirtyRegionLog? { lock.withLock { log } }
     private var log: DirtyRegionLog?
+    /// Read repairs running: their leg writes bypass the slots, so a leg removal or a
+    /// delete (whose freed extents only wait for slot requests) is refused meanwhile.
+    private var repairs = 0
+    var repairsRunning: Int { lock.withLock { repairs } }
 
     public init(domain: Domain, vdisk name: String, capacity: Int = 256) throws(DomainError) {
         self.domain = domain
@@ -667,6 +671,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// so the rewrite can never put older data over a newer host write. A leg that
     /// cannot take the rewrite is marked failed.
     private func repair(legs: [UUID], from good: UUID, offset: UInt64, length: Int) async {
+        lock.withLock { repairs += 1 }
+        defer { lock.withLock { repairs -= 1 } }
         let range = offset..<(offset + UInt64(length))
         guard let buffer = try? AlignedBuffer(count: length) else { return }
         await closeGate(range)

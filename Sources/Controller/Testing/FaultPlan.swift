@@ -11,7 +11,8 @@ import Foundation
 /// first `after` matches pass, then each fails with `probability` (default 1), at most
 /// `count` times (default unlimited). Draws come from one generator per rule seeded by
 /// `seed`, so the same plan under the same I/O order fails the same chunks.
-/// `"class": "host"` makes writes fail for host I/O while a copier's succeed.
+/// `"class": "host"` makes writes fail for host I/O while a copier's succeed. (A chunk the
+/// engine had no room for is looked at again when it is retried, and counts again.)
 public struct FaultPlan: Decodable, Sendable {
     public var seed: UInt64 = 1
     public var rules: [Rule]
@@ -97,13 +98,16 @@ public final class SchedulerFaults: @unchecked Sendable {
     }
 
     private var rules: [Armed]
-    /// Chunks failed so far (shown in the log at stop).
+    /// Chunks failed so far.
     public private(set) var injected = 0
+    /// The pool's LUN index of each scheduler slot (a missing LUN has no slot, so they differ).
+    var lunIndexOfSlot: [Int] = []
 
     init(rules: [Armed]) { self.rules = rules }
 
     /// The errno this chunk fails with, or nil to let it reach the device.
-    func failure(lun: Int, op: IOScheduler.Operation, ioClass: IOScheduler.IOClass) -> Int32? {
+    func failure(lun slot: Int, op: IOScheduler.Operation, ioClass: IOScheduler.IOClass) -> Int32? {
+        let lun = slot < lunIndexOfSlot.count ? lunIndexOfSlot[slot] : slot
         let opName = op == .read ? "read" : (op == .write ? "write" : "flush")
         let className = ioClass == .host ? "host" : "background"
         for i in rules.indices {
