@@ -44,3 +44,22 @@ extension DaemonTests {
         XCTAssertTrue(r.stderr.contains("rule 1: op 'wrte'"), r.stderr)
     }
 }
+
+extension DaemonTests {
+    /// A copy nobody waits for that fails is logged and shown by `mirror status`, never dropped.
+    func testABackgroundResyncFailureIsReported() throws {
+        let path = dir.file("plan.json")
+        try #"{"rules": [{"pool": "b", "op": "write", "class": "host", "count": 1}, {"pool": "b", "op": "write", "class": "background"}]}"#
+            .write(toFile: path, atomically: true, encoding: .utf8)
+        try startDaemon(extra: ["--fault-plan", path])
+        try makeThreePools()
+        _ = try ok(["vdisk", "create", "m", "--pool", "a", "--mirror-pool", "b", "--size", "8M"])
+        XCTAssertEqual(try ctl(["vdisk", "verify", "m", "--size", "1M"]).status, 0) // fails leg b once
+        _ = try ok(["mirror", "resync", "m", "--background"])
+        var tries = 0
+        while try mirror("m")["lastBackgroundError"] == nil, tries < 200 { usleep(25_000); tries += 1 }
+        let why = try XCTUnwrap(try mirror("m")["lastBackgroundError"] as? String)
+        XCTAssertTrue(why.contains("background resync of 'm' failed"), why)
+        XCTAssertEqual((try mirror("m")["legs"] as? [[String: Any]])?[1]["state"] as? String, "failed")
+    }
+}

@@ -126,8 +126,7 @@ public actor CommandHandler {
                 return v
             }
             if r.args["background"] == "true" {
-                let mirrors = domain.mirrors
-                Task { _ = try? await mirrors.resync(vdisk: name, forceFrom: forceFrom) }
+                domain.mirrors.resyncInBackground(vdisk: name, forceFrom: forceFrom, why: "background resync")
                 return .success(text: "resync of '\(name)' started (see `svsp-ctl mirror status \(name)`)", json: ["started": name])
             }
             let report = try await domain.mirrors.resync(vdisk: name, forceFrom: forceFrom)
@@ -228,6 +227,8 @@ struct MirrorView: Codable {
     var regionBytes: UInt64?
     var bitmapWrites: Int?
     var lastStartupResync: MirrorService.Report?
+    /// Why the last copy nobody waited for (add-leg, automatic retry, --background) failed.
+    var lastBackgroundError: String?
 
     struct Leg: Codable {
         var leg: Int
@@ -251,6 +252,7 @@ struct MirrorView: Codable {
             regionCount = Int((v.sizeBytes + log.regionBytes - 1) / log.regionBytes)
         }
         lastStartupResync = domain.mirrors.lastRecoveryReport(v.name)
+        lastBackgroundError = domain.mirrors.lastBackgroundError(v.name)
         if let c = copy, c.totalBytes > 0 {
             percent = (Double(c.doneBytes) / Double(c.totalBytes) * 1000).rounded() / 10
             let elapsed = max(Date().timeIntervalSince(c.startedAt), 0.001)

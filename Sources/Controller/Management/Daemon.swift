@@ -60,6 +60,7 @@ public final class Daemon: @unchecked Sendable {
         if let path = options.faultPlan, let plan = faultPlan {
             logger.critical("FAULT PLAN ACTIVE (\(path)): \(plan.rules.count) rule(s) fail LUN I/O on purpose; never use this in production")
         }
+        domain.mirrors.log = { [logger] in logger.warning("\($0)") }
         // Mirrors written when the daemon last stopped: level their dirty regions first.
         await domain.mirrors.recoverAfterRestart { [logger] in logger.notice("\($0)") }
         let upkeep = Task { await domain.mirrors.runUpkeep() }

@@ -58,7 +58,7 @@ public final class MirrorService: @unchecked Sendable {
             }
             try await domain.clearCopyAll(vdisk: name, legs: [legId])
         }
-        Task { _ = try? await self.resync(vdisk: name) }
+        resyncInBackground(vdisk: name, why: "add-leg copy")
         return leg
     }
 
@@ -160,7 +160,11 @@ public final class MirrorService: @unchecked Sendable {
                                     })
         } catch {
             // The copy stopped: those legs are still behind.
-            _ = try? await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: behindIds.map { ($0, LegState.failed) }))
+            do throws(DomainError) {
+                try await domain.setLegStates(vdisk: name, Dictionary(uniqueKeysWithValues: behindIds.map { ($0, LegState.failed) }))
+            } catch let recording {
+                throw DomainError("\(error); and the legs it copied to could not be marked failed: \(recording)")
+            }
             throw error
         }
         report.source = source
@@ -201,6 +205,28 @@ public final class MirrorService: @unchecked Sendable {
 
     public func lastRecoveryReport(_ vdisk: String) -> Report? { lock.withLock { lastRecovery[vdisk] } }
     private var lastRecovery: [String: Report] = [:]
+
+    /// Where background copies report (the daemon's log); nil: nowhere but `mirror status`.
+    public nonisolated(unsafe) var log: (@Sendable (String) -> Void)?
+
+    /// The last background copy's failure per vdisk, for `mirror status` (cleared by a success).
+    public func lastBackgroundError(_ vdisk: String) -> String? { lock.withLock { backgroundErrors[vdisk] } }
+    private var backgroundErrors: [String: String] = [:]
+
+    /// Runs a resync nobody waits for (add-leg, an automatic retry, `--background`): its
+    /// error is never dropped but logged and kept for `mirror status`.
+    public func resyncInBackground(vdisk name: String, forceFrom: Int? = nil, afterCrash: Bool = false, why: String) {
+        Task {
+            do throws(DomainError) {
+                _ = try await self.resync(vdisk: name, forceFrom: forceFrom, afterCrash: afterCrash)
+                _ = self.lock.withLock { self.backgroundErrors.removeValue(forKey: name) }
+            } catch {
+                let line = "\(why) of '\(name)' failed: \(error)"
+                self.lock.withLock { self.backgroundErrors[name] = line }
+                self.log?(line)
+            }
+        }
+    }
     private var lastRetry: [String: Date] = [:]
 
     /// Background upkeep, once a second: clear idle dirty bits of mirrors whose legs
@@ -234,7 +260,7 @@ public final class MirrorService: @unchecked Sendable {
                 if due {
                     let name = v.name
                     let afterCrash = !v.legs.contains(where: { $0.state == .failed })
-                    Task { _ = try? await self.resync(vdisk: name, afterCrash: afterCrash) }
+                    resyncInBackground(vdisk: name, afterCrash: afterCrash, why: "automatic resync")
                 }
             }
         }
