@@ -229,7 +229,7 @@ public final class Domain: @unchecked Sendable {
 
     /// Reads a LUN's first bytes once and decodes its label and, when asked, the
     /// signature of a foreign format there (a LUN under 4 KiB has neither).
-    private func probe(_ lun: LUNHandle, signature wanted: Bool) throws -> (label: LUNLabel.DecodeResult, signature: String?) {
+    func probe(_ lun: LUNHandle, signature wanted: Bool) throws -> (label: LUNLabel.DecodeResult, signature: String?) {
         let buffer = try AlignedBuffer(count: DeviceSignatures.probeBytes)
         let length = min(DeviceSignatures.probeBytes, Int(lun.info.sizeBytes / 4096 * 4096))
         guard length >= 4096 else { return (.none, nil) }

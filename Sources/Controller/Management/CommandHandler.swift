@@ -49,6 +49,13 @@ public actor CommandHandler {
             guard let pool = domain.metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
             let view = PoolView(pool, domain: domain)
             return .success(text: Table.poolDetail(view), json: view)
+        case "pool.check":
+            let report = try domain.checkPool(name: try arg(r, "name"))
+            let head = "pool '\(report.pool)': \(report.extents) extents, \(report.mapped) mapped, \(report.beingZeroed) being zeroed, "
+                + "\(report.free) free, \(report.heldBack) held back for I/O in flight: "
+            let text = report.clean ? head + "clean"
+                : head + "\(report.problems.count) problem(s)\n" + report.problems.map { "  ! \($0)" }.joined(separator: "\n")
+            return .success(text: text, json: report, warnings: report.clean ? [] : ["pool '\(report.pool)' check found \(report.problems.count) problem(s)"])
         case "pool.delete":
             let name = try arg(r, "name")
             try await domain.deletePool(name: name)

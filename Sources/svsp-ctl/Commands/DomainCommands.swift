@@ -18,7 +18,9 @@ struct DomainOptions: ParsableArguments {
     }
 
     /// Sends one request to the daemon and prints its answer (table or JSON); failures are one line.
-    func send(_ command: String, _ args: [String: String] = [:]) throws {
+    /// Sends one command and prints its answer. With `failOnWarning` (checks), a warning
+    /// is the verdict: the answer is printed, then the warning is the one-line failure.
+    func send(_ command: String, _ args: [String: String] = [:], failOnWarning: Bool = false) throws {
         let response: MgmtResponse
         do {
             response = try MgmtClient.send(MgmtRequest(command: command, args: args), directory: try directory())
@@ -26,6 +28,10 @@ struct DomainOptions: ParsableArguments {
             throw CommandFailure(error.message)
         }
         guard response.ok else { throw CommandFailure(response.error ?? "failed") }
+        if failOnWarning, let verdict = response.warnings.first {
+            print(json ? response.json : response.text)
+            throw CommandFailure(verdict)
+        }
         for w in response.warnings { FileHandle.standardError.write(Data("svsp-ctl: warning: \(w)\n".utf8)) }
         print(json ? response.json : response.text)
     }
@@ -110,7 +116,7 @@ struct StatusCommand: ParsableCommand {
 
 struct PoolCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "pool", abstract: "Storage pools.", subcommands: [Create.self, List.self, Show.self, Delete.self])
+        commandName: "pool", abstract: "Storage pools.", subcommands: [Create.self, List.self, Show.self, Delete.self, Check.self])
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a pool from LUNs (files are created with --create-size).")
@@ -146,6 +152,14 @@ struct PoolCommand: ParsableCommand {
         @Argument var name: String
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("pool.delete", ["name": name]) }
+    }
+
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check the pool's space accounting and labels (safe on a live pool); exit 1 on any problem.")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("pool.check", ["name": name], failOnWarning: true) }
     }
 }
 
