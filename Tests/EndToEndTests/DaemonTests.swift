@@ -51,6 +51,17 @@ final class DaemonTests: XCTestCase {
         return try XCTUnwrap(JSONSerialization.jsonObject(with: Data(out.utf8)) as? [String: Any])
     }
 
+    /// The vdisk names a status answer lists.
+    func vdiskNames(_ status: [String: Any]) -> Set<String> {
+        Set((status["vdisks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String })
+    }
+
+    /// Where the setup record of `generation` lives on a copy (file-backed pools: 4 MiB reserve).
+    func setupSlotOffset(generation: Int) -> Int {
+        let slotBytes = ((4 << 20) - (64 << 10)) / 2 / 4096 * 4096
+        return (64 << 10) + (generation % 2) * slotBytes
+    }
+
     func makeThreePools() throws {
         for p in ["a", "b", "c"] {
             _ = try ok(["pool", "create", p, "--array-profile", "file-backed", "--lun", dir.file("\(p).img"), "--create-size", "48M"])
@@ -216,8 +227,7 @@ final class DaemonTests: XCTestCase {
         let generation = try statusJSON()["generation"] as? Int ?? -1
         stopDaemon()
         // Damage the newest record on pool b's copy: its slot is at 64k + (generation % 2) * slot size.
-        let slotBytes = ((4 << 20) - (64 << 10)) / 2 / 4096 * 4096
-        let slot = (64 << 10) + (generation % 2) * slotBytes
+        let slot = setupSlotOffset(generation: generation)
         let handle = try FileHandle(forUpdating: URL(fileURLWithPath: dir.file("b.img")))
         try handle.seek(toOffset: UInt64(slot + 4096 + 10))
         handle.write(Data([0xde, 0xad, 0xbe, 0xef]))

@@ -39,8 +39,7 @@ extension DaemonTests {
         XCTAssertNil(after["readOnly"] as? String)
         stopDaemon()
         try startDaemon()
-        let names = (try statusJSON()["vdisks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
-        XCTAssertEqual(Set(names), ["v1", "v2"])
+        XCTAssertEqual(vdiskNames(try statusJSON()), ["v1", "v2"])
     }
 
     func testOneOfThreeSetupCopiesMissingStillCommitsAtTwoOfThree() throws {
@@ -58,8 +57,7 @@ extension DaemonTests {
         try startDaemon()
         let back = try statusJSON()
         XCTAssertTrue((back["problems"] as? [String] ?? []).contains { $0.contains("pool 'c'") && $0.contains("stale") && $0.contains("rewritten") })
-        let names = (back["vdisks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
-        XCTAssertEqual(Set(names), ["v1", "v2"])
+        XCTAssertEqual(vdiskNames(back), ["v1", "v2"])
     }
 
     /// A committed generation on two copies wins even when only one of them is readable
@@ -76,7 +74,6 @@ extension DaemonTests {
         try FileManager.default.moveItem(atPath: dir.file("c.away"), toPath: dir.file("c.img"))
         try FileManager.default.moveItem(atPath: dir.file("b.img"), toPath: dir.file("b.away"))
         try startDaemon()
-        let names = (try statusJSON()["vdisks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
-        XCTAssertEqual(Set(names), ["v1", "v2"], "the acknowledged create of v2 survives")
+        XCTAssertEqual(vdiskNames(try statusJSON()), ["v1", "v2"], "the acknowledged create of v2 survives")
     }
 }

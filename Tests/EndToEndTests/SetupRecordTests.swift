@@ -5,10 +5,6 @@ import XCTest
 /// a length past every bound, a LUN index past the pool's LUNs. Each is a damaged copy,
 /// outvoted and rewritten, never a crash or a misrouted I/O.
 extension DaemonTests {
-    private static let slotBytes = ((4 << 20) - (64 << 10)) / 2 / 4096 * 4096
-
-    private func slotOffset(generation: Int) -> Int { (64 << 10) + (generation % 2) * Self.slotBytes }
-
     /// CRC-32C (Castagnoli), bit by bit: tests need no ISA-L for a few records.
     private static func crc32c(_ bytes: [UInt8]) -> UInt32 {
         var crc: UInt32 = 0xFFFF_FFFF
@@ -27,7 +23,7 @@ extension DaemonTests {
             + Self.le(Self.crc32c(payload))
         header += Self.le(Self.crc32c(header))
         let h = try FileHandle(forUpdating: URL(fileURLWithPath: dir.file("\(pool).img")))
-        try h.seek(toOffset: UInt64(slotOffset(generation: generation)))
+        try h.seek(toOffset: UInt64(setupSlotOffset(generation: generation)))
         h.write(Data(header + [UInt8](repeating: 0, count: 4096 - header.count) + payload))
         try h.close()
     }
@@ -36,7 +32,7 @@ extension DaemonTests {
     private func readPayload(pool: String, generation: Int) throws -> [UInt8] {
         let h = try FileHandle(forReadingFrom: URL(fileURLWithPath: dir.file("\(pool).img")))
         defer { try? h.close() }
-        try h.seek(toOffset: UInt64(slotOffset(generation: generation)))
+        try h.seek(toOffset: UInt64(setupSlotOffset(generation: generation)))
         let header = [UInt8](h.readData(ofLength: 4096))
         let length = header[16..<24].enumerated().reduce(0) { $0 | Int($1.element) << (8 * $1.offset) }
         return [UInt8](h.readData(ofLength: length))

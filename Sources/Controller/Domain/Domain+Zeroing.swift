@@ -96,7 +96,8 @@ extension Domain {
     }
 }
 
-/// A wake-up for a background task: `signal` wakes one `wait` (or the next one, once).
+/// A wake-up for background tasks: `signal` wakes every task in `wait` (or, with none
+/// waiting, the next `wait` returns at once).
 final class WakeSignal: @unchecked Sendable {
     private let lock = NSLock()
     private var pending = false

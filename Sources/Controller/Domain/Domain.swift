@@ -38,6 +38,9 @@ public final class Domain: @unchecked Sendable {
     }
     private var storedProblems: [String] = []
 
+    /// read-only (no majority of setup copies), degraded (a problem listed) or normal.
+    public var health: String { readOnlyReason != nil ? "read-only" : (problems.isEmpty ? "normal" : "degraded") }
+
     /// Records a problem found at run time (shown by `status`, logged by the daemon).
     func report(_ problem: String) {
         stateLock.withLock { if !storedProblems.contains(problem) { storedProblems.append(problem) } }

@@ -596,8 +596,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         let r = slots[index]
         let mirrored = mapping.legs.count > 1
         let mode = mapping.mode
-        var inSyncLegs: UInt8 = 0
-        for (l, leg) in mapping.legs.enumerated() where leg.state == .inSync { inSyncLegs |= 1 << l }
+        var inSyncLegs: UInt8 = 0 // needed only for a write some leg refused (EBUSY)
+        if r.busyLegs != 0 { for (l, leg) in mapping.legs.enumerated() where leg.state == .inSync { inSyncLegs |= 1 << l } }
         // A read that failed on one leg: retry it whole on another in-sync leg.
         if r.op == .read, r.result < 0, pickReadLeg(excluding: r.triedLegs) != nil {
             slots[index].result = 0

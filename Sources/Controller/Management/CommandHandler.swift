@@ -184,7 +184,7 @@ public actor CommandHandler {
         let pools = m.pools.map { PoolView($0, domain: domain) }
         let vdisks = m.vdisks.map { VDiskView($0, domain: domain) }
         let setup = domain.setupCopyStates.map { SetupCopyView(pool: $0.poolName, generation: $0.generation, problem: $0.problem) }
-        let health = domain.readOnlyReason != nil ? "read-only" : (domain.problems.isEmpty ? "normal" : "degraded")
+        let health = domain.health
         let nbdView = nbd.map { NBDStatusView($0, domain: domain) }
         let view = StatusView(domain: m.name, domainId: m.domainId.uuidString, generation: m.generation, health: health,
                               readOnly: domain.readOnlyReason, problems: domain.problems, setupVDisk: setup, pools: pools,

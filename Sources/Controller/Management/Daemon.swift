@@ -75,7 +75,7 @@ public final class Daemon: @unchecked Sendable {
         let mgmt = try MgmtServer(socketPath: socketPath, running: running, logger: logger) { await handler.handle($0) }
         try BootstrapStore.writeAtomically(Data(socketPath.utf8), to: MgmtPaths.recorded(dir))
         log("serving domain '\(domain.metadata.name)' from \(dir), generation \(domain.metadata.generation), "
-            + "health \(domain.problems.isEmpty ? "normal" : "degraded"), management socket \(socketPath), NBD on \(nbd.socketPath)"
+            + "health \(domain.health), management socket \(socketPath), NBD on \(nbd.socketPath)"
             + (nbd.tcpAddress.map { " and tcp \($0)" } ?? ""))
         for p in domain.problems { logger.warning("degraded: \(p)") }
         if let n = TestKnobs.schedulerCapacity { logger.critical("TEST KNOB SET (SVSP_SCHEDULER_CAPACITY=\(n)): pool schedulers hold \(n) requests") }
@@ -91,7 +91,6 @@ public final class Daemon: @unchecked Sendable {
                 domain.metrics.updateNBD(exports: nbd.registry.exportTotals(), connections: nbd.registry.connections())
                 return domain.metrics.exposition()
             }
-            server.start()
             metricsServer = server
             log("Prometheus metrics on http://\(listen)/metrics")
         }

@@ -44,8 +44,6 @@ final class MetricsServer: @unchecked Sendable {
         }
     }
 
-    func start() {} // serving starts at bind; kept so the daemon's start/stop read as a pair
-
     func stop() {
         try? channel.close().wait()
         try? group.syncShutdownGracefully()

@@ -26,9 +26,7 @@ public enum MgmtClient {
         defer { close(fd) }
         guard var payload = try? JSONEncoder().encode(request) else { throw DomainError("cannot encode request") }
         payload.append(UInt8(ascii: "\n"))
-        var limit = timeval(tv_sec: timeout, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        UnixSocket.setTimeouts(fd, seconds: timeout)
         let tooSlow = DomainError("the daemon at \(path) did not answer within \(timeout) s (set SVSP_TIMEOUT=SECONDS to wait longer)")
         guard UnixSocket.writeAll(fd, payload) else {
             throw errno == EAGAIN || errno == EWOULDBLOCK ? tooSlow : DomainError("lost the daemon while sending")

@@ -14,12 +14,10 @@ final class MgmtServer: @unchecked Sendable {
 
     private let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     private let channel: Channel
-    let socketPath: String
 
     init(socketPath: String, running: RunningCommands, logger: Logger,
          handle: @escaping @Sendable (MgmtRequest) async -> MgmtResponse) throws(DomainError)
     {
-        self.socketPath = socketPath
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 64)
             .childChannelInitializer { channel in

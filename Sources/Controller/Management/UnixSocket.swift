@@ -22,6 +22,13 @@ enum UnixSocket {
         return try body()
     }
 
+    /// Send and receive timeouts on a blocking socket (a peer that stops answering ends in EAGAIN).
+    static func setTimeouts(_ fd: Int32, seconds: Int) {
+        var limit = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+    }
+
     static func connect(to path: String) -> (fd: Int32, errno: Int32) {
         guard var addr = address(path) else { return (-1, ENAMETOOLONG) }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)

@@ -41,6 +41,8 @@ public final class DirtyRegionLog: @unchecked Sendable {
     /// When each region was last pinned (`pinCounter` then; 0 = at open): a copy that began
     /// before a pin does not lift it.
     private var pinnedAt: [UInt32]
+    /// How many regions are pinned (kept as they change: upkeep asks every second).
+    private var pinnedTotal = 0
     private var pinCounter: UInt32 = 0
     /// Why the file's contents were not usable region by region at open (every region taken as dirty), or nil.
     public private(set) var openProblem: String?
@@ -77,6 +79,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
         var count = Int((sizeBytes + newRegionBytes - 1) / newRegionBytes)
         var loaded: [UInt8]
         var problem: String?
+        var upToDate = false // the file already holds this geometry and these bits
         if got == Self.headerBytes, let geometry = Self.decodeHeader(header) {
             regionBytes = geometry.regionBytes
             let stored = geometry.regionCount
@@ -85,6 +88,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
             let n = loaded.withUnsafeMutableBytes { pread(file, $0.baseAddress, storedBytes, off_t(Self.headerBytes)) }
             if n != storedBytes { problem = "bitmap \(path) is short (\(n) of \(storedBytes) bytes)" }
             count = max(stored, Int((sizeBytes + regionBytes - 1) / regionBytes))
+            upToDate = problem == nil && count == stored
         } else {
             loaded = []
             if existing > 0 { problem = "bitmap \(path) has no valid header (older format or damaged)" }
@@ -99,12 +103,14 @@ public final class DirtyRegionLog: @unchecked Sendable {
         self.regionBytes = regionBytes
         self.count = count
         bits = loaded
-        durable = [UInt8](repeating: 0, count: bytes)
+        durable = upToDate ? loaded : [UInt8](repeating: 0, count: bytes)
         pinned = loaded
+        pinnedTotal = (0..<count).reduce(0) { $0 + (loaded[$1 >> 3] >> UInt8($1 & 7) & 1 == 1 ? 1 : 0) }
         pinnedAt = [UInt32](repeating: 0, count: count)
         inflight = [UInt16](repeating: 0, count: count)
         lastWriteMs = [UInt32](repeating: 0, count: count)
         openProblem = problem
+        if upToDate { return } // nothing to write at start-up
         // The bits first, the header last: a crash in between leaves no valid header, which
         // the next open takes as "every region dirty", never old bits under a new geometry.
         guard persist(0...max(0, (bytes - 1) / 4096)), writeHeader() else {
@@ -271,7 +277,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
     public var pinnedCount: Int {
         lock.lock()
         defer { lock.unlock() }
-        return (0..<count).filter { pinned[$0 >> 3] & (1 << UInt8($0 & 7)) != 0 }.count
+        return pinnedTotal
     }
 
     /// A write reached some legs and not others: its regions stay dirty (their bits were
@@ -282,6 +288,7 @@ public final class DirtyRegionLog: @unchecked Sendable {
         pinCounter &+= 1
         for r in regions(offset, length) where r < count {
             bits[r >> 3] |= 1 << UInt8(r & 7)
+            if pinned[r >> 3] & (1 << UInt8(r & 7)) == 0 { pinnedTotal += 1 }
             pinned[r >> 3] |= 1 << UInt8(r & 7)
             pinnedAt[r] = pinCounter
         }
@@ -295,7 +302,10 @@ public final class DirtyRegionLog: @unchecked Sendable {
     /// again since are no longer pinned, and their bits go unless a write is in flight there.
     public func copied(_ regions: [Int], since mark: UInt32) {
         lock.lock()
-        for r in regions where r < count && pinnedAt[r] <= mark { pinned[r >> 3] &= ~(1 << UInt8(r & 7)) }
+        for r in regions where r < count && pinnedAt[r] <= mark && pinned[r >> 3] & (1 << UInt8(r & 7)) != 0 {
+            pinned[r >> 3] &= ~(1 << UInt8(r & 7))
+            pinnedTotal -= 1
+        }
         lock.unlock()
         clean(idleSeconds: 0, only: regions)
     }

@@ -226,13 +226,18 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
             consume(&incoming, context: context)
         case .clientFlags, .options:
             if pending == nil { pending = incoming } else { pending!.writeBuffer(&incoming) }
-            negotiate(context: context)
-            if phase == .transmission, var rest = pending {
-                pending = nil
-                consume(&rest, context: context)
-            }
+            negotiateThenConsume(context)
         case .closing:
             break
+        }
+    }
+
+    /// Handles the buffered options; what follows the one that chose an export is requests.
+    private func negotiateThenConsume(_ context: ChannelHandlerContext) {
+        negotiate(context: context)
+        if phase == .transmission, var rest = pending {
+            pending = nil
+            consume(&rest, context: context)
         }
     }
 
@@ -268,11 +273,7 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
         if context.channel.isWritable {
             switch phase {
             case .clientFlags, .options: // options held back while the client was not reading
-                negotiate(context: context)
-                if phase == .transmission, var rest = pending {
-                    pending = nil
-                    consume(&rest, context: context)
-                }
+                negotiateThenConsume(context)
                 flushOutbox(context) // replies without a slot (refusals, block status) leave now
             case .transmission where parked != nil && (!freeSlots.isEmpty || receiving != nil):
                 endOfTurn(context) // input parked while replies could not leave

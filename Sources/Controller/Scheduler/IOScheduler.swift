@@ -149,7 +149,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     public func submit(_ op: Operation, lun: Int, buffer: UnsafeMutableRawPointer?, length: Int, offset: UInt64,
                        fua: Bool = false, ioClass: IOClass = .host, sink: CompletionSink, cookie: UInt64) throws(IOError)
     {
-        let ioOp: IOOperation = op == .read ? .read : (op == .write ? .write : .flush)
+        let ioOp = IOOperation(op)
         guard lun >= 0, lun < handles.count else { throw IOError(code: EINVAL, operation: ioOp) }
         let info = handles[lun].info
         if op != .flush {
@@ -226,7 +226,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         let offset = slot.offset + UInt64(slot.dispatchedBytes)
         do throws(IOError) {
             if let faults, let code = faults.failure(lun: l, op: slot.op, ioClass: ioClass) {
-                throw IOError(code: code, operation: slot.op == .read ? .read : (slot.op == .write ? .write : .flush))
+                throw IOError(code: code, operation: IOOperation(slot.op))
             }
             switch slot.op {
             case .read:
@@ -377,4 +377,15 @@ struct SlotRing {
     }
 
     var isEmpty: Bool { count == 0 }
+}
+
+extension IOOperation {
+    /// The engine's name for a scheduler operation (in errors).
+    init(_ op: IOScheduler.Operation) {
+        switch op {
+        case .read: self = .read
+        case .write: self = .write
+        case .flush: self = .flush
+        }
+    }
 }

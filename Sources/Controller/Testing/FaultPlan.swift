@@ -98,8 +98,6 @@ public final class SchedulerFaults: @unchecked Sendable {
     }
 
     private var rules: [Armed]
-    /// Chunks failed so far.
-    public private(set) var injected = 0
     /// The pool's LUN index of each scheduler slot (a missing LUN has no slot, so they differ).
     var lunIndexOfSlot: [Int] = []
 
@@ -123,7 +121,6 @@ public final class SchedulerFaults: @unchecked Sendable {
             z ^= z >> 31
             guard Double(z >> 11) / Double(1 << 53) < r.probability else { continue }
             rules[i].failed += 1
-            injected += 1
             return r.errno
         }
         return nil

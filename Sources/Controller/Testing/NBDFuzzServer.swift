@@ -45,19 +45,10 @@ final class NBDFuzzServer: Sendable {
     /// Connects, takes the greeting, sends `input`, half-closes, and reads until the
     /// server closes (or 2 s pass: a server that neither answers nor closes is a hang).
     func exchange(_ input: UnsafeRawBufferPointer) {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        precondition(fd >= 0)
+        let (fd, _) = UnixSocket.connect(to: socketPath)
+        precondition(fd >= 0, "fuzz NBD server: connect failed")
         defer { close(fd) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in for (i, b) in socketPath.utf8.enumerated() { raw[i] = b } }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        precondition(rc == 0, "fuzz NBD server: connect failed")
-        var tv = timeval(tv_sec: 2, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        UnixSocket.setTimeouts(fd, seconds: 2)
         var buffer = [UInt8](repeating: 0, count: 1 << 16)
         _ = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, 18) } // the greeting
         var sent = 0
