@@ -1,0 +1,226 @@
+/// A radix tree of 64-bit entries over metadata pages (fan-out 508 per page) that stores
+/// runs compactly: a slot above the leaves is empty, a child page, or a run standing for
+/// its whole subtree. Block maps use linear runs (entry i of the run = base + i: a vdisk
+/// chunk range laid on consecutive pool chunks); the space map uses constant runs (one
+/// reference count for a whole range). So a 4 TiB thick vdisk allocated in a few
+/// contiguous pieces costs a few pages, and an entry changed in the middle of a run
+/// splits only the pages on its path. Editing collapses a page back into a run when
+/// its slots line up again.
+///
+/// Entry values are below 2^62 (the slot tags use the top two bits); 0 means unmapped
+/// (block maps) or free (space map).
+struct ChunkTree: Equatable, Sendable {
+    enum Runs: UInt8, Sendable { case linear = 1, constant = 2 }
+
+    static let fanout = UInt64(MetaPage.slotCount)
+    static let childTag: UInt64 = 1 << 62
+    static let runTag: UInt64 = 2 << 62
+    static let valueMask: UInt64 = (1 << 62) - 1
+
+    var runs: Runs
+    /// The root slot covers fanout^height entries (height >= 1).
+    var height: Int
+    var root: UInt64 = 0
+    /// Entries in use (the vdisk's chunk count): indexes at or past it are refused.
+    var count: UInt64
+
+    init(runs: Runs, count: UInt64) {
+        self.runs = runs
+        self.count = count
+        var h = 1
+        while Self.span(h) < count { h += 1 }
+        height = h
+    }
+
+    init(runs: Runs, height: Int, root: UInt64, count: UInt64) {
+        self.runs = runs
+        self.height = height
+        self.root = root
+        self.count = count
+    }
+
+    static func span(_ level: Int) -> UInt64 {
+        var s: UInt64 = 1
+        for _ in 0..<level { s *= fanout }
+        return s
+    }
+
+    private enum Slot { case empty, child(UInt32), run(UInt64) }
+
+    private static func decode(_ slot: UInt64) -> Slot {
+        switch slot >> 62 {
+        case 1: .child(UInt32(truncatingIfNeeded: slot & valueMask))
+        case 2: .run(slot & valueMask)
+        default: .empty
+        }
+    }
+
+    private static func runSlot(_ value: UInt64) -> UInt64 { value == 0 ? 0 : runTag | value }
+
+    /// Entry `k` of a run with first value `base`.
+    private func value(ofRun base: UInt64, at k: UInt64) -> UInt64 {
+        base == 0 ? 0 : (runs == .linear ? base + k : base)
+    }
+
+    // MARK: reading
+
+    /// The entry at `index` and how many entries from it (at most `limit`) continue its run.
+    func run(at index: UInt64, limit: UInt64, in pages: some PageSource) throws(TreeError) -> (value: UInt64, count: UInt64) {
+        precondition(index < count && limit > 0, "chunk \(index) outside a tree of \(count)")
+        let limit = min(limit, count - index)
+        let first = try piece(at: index, limit: limit, in: pages)
+        var total = first.count
+        while total < limit {
+            let next = try piece(at: index + total, limit: limit - total, in: pages)
+            guard next.value == value(ofRun: first.value, at: total) else { break }
+            total += next.count
+        }
+        return (first.value, min(total, limit))
+    }
+
+    /// The entry at `index` and how many entries from it continue it inside one slot or leaf.
+    private func piece(at index: UInt64, limit: UInt64, in pages: some PageSource) throws(TreeError) -> (value: UInt64, count: UInt64) {
+        var slot = root, level = height, start: UInt64 = 0
+        while true {
+            switch Self.decode(slot) {
+            case .empty:
+                return (0, min(limit, start + Self.span(level) - index))
+            case .run(let base):
+                return (value(ofRun: base, at: index - start), min(limit, start + Self.span(level) - index))
+            case .child(let n):
+                guard let page = pages.page(n) else { throw TreeError(page: n, why: "not loaded") }
+                level -= 1
+                let span = Self.span(level)
+                let i = Int((index - start) / span)
+                start += UInt64(i) * span
+                if level == 0 { // a leaf: the run may go on in the same page
+                    let v = page.slots[i]
+                    var n: UInt64 = 1
+                    while n < limit, i + Int(n) < page.slots.count, page.slots[i + Int(n)] == value(ofRun: v, at: n) { n += 1 }
+                    return (v, n)
+                }
+                slot = page.slots[i]
+            }
+        }
+    }
+
+    /// Calls `body` with each run of entries in `range` (maximal within the range).
+    func forEachRun(in range: Range<UInt64>, _ pages: some PageSource,
+                    _ body: (Range<UInt64>, UInt64) throws(TreeError) -> Void) throws(TreeError)
+    {
+        var i = range.lowerBound
+        while i < range.upperBound {
+            let (v, n) = try run(at: i, limit: range.upperBound - i, in: pages)
+            try body(i..<(i + n), v)
+            i += n
+        }
+    }
+
+    /// Every page of the tree, parents before children.
+    func pageNumbers(in pages: some PageSource) throws(TreeError) -> [UInt32] {
+        var out: [UInt32] = []
+        var stack: [(UInt64, Int)] = [(root, height)]
+        while let (slot, level) = stack.popLast() {
+            guard case .child(let n) = Self.decode(slot) else { continue }
+            out.append(n)
+            guard level > 1 else { continue }
+            guard let page = pages.page(n) else { throw TreeError(page: n, why: "not loaded") }
+            for s in page.slots { stack.append((s, level - 1)) }
+        }
+        return out
+    }
+
+    /// Child pages of page `n` at `level` (for loading a tree page by page).
+    static func children(of page: MetaPage, level: Int) -> [UInt32] {
+        guard level > 1 else { return [] }
+        return page.slots.compactMap { if case .child(let c) = decode($0) { c } else { nil } }
+    }
+
+    static func childPage(_ slot: UInt64) -> UInt32? { if case .child(let n) = decode(slot) { n } else { nil } }
+
+    // MARK: editing
+
+    /// Sets entries `range` to `base` (linear: base, base+1, ...; constant: base each;
+    /// 0 clears them).
+    mutating func set(_ range: Range<UInt64>, to base: UInt64, in tx: MetaTransaction) throws(PageStore.Failure) {
+        precondition(range.upperBound <= count && base <= Self.valueMask, "tree edit \(range) outside \(count) entries")
+        guard !range.isEmpty else { return }
+        root = try set(slot: root, level: height, start: 0, range, base, tx)
+    }
+
+    /// The value entry `at` gets from an edit of `range` to `base`.
+    private func edited(_ at: UInt64, _ range: Range<UInt64>, _ base: UInt64) -> UInt64 {
+        base == 0 ? 0 : (runs == .linear ? base + (at - range.lowerBound) : base)
+    }
+
+    private func set(slot: UInt64, level: Int, start: UInt64, _ range: Range<UInt64>, _ base: UInt64,
+                     _ tx: MetaTransaction) throws(PageStore.Failure) -> UInt64
+    {
+        let span = Self.span(level)
+        let lo = max(range.lowerBound, start), hi = min(range.upperBound, start + span)
+        guard lo < hi else { return slot }
+        if level == 0 { return edited(start, range, base) }
+        if lo == start && hi == start + span { // the whole subtree: one run
+            freeSubtree(slot, level: level, tx)
+            return Self.runSlot(edited(start, range, base))
+        }
+        let childSpan = Self.span(level - 1)
+        var page: MetaPage
+        switch Self.decode(slot) {
+        case .child(let n):
+            guard let p = tx.page(n) else { throw .damaged("metadata page \(n): not loaded") }
+            page = p
+        case .empty, .run:
+            let runBase: UInt64 = if case .run(let b) = Self.decode(slot) { b } else { 0 }
+            page = MetaPage(kind: .treeNode, number: try tx.newPage())
+            for k in 0..<Int(Self.fanout) {
+                let v = value(ofRun: runBase, at: UInt64(k) * childSpan)
+                page.slots[k] = level - 1 == 0 ? v : Self.runSlot(v)
+            }
+        }
+        let first = Int((lo - start) / childSpan), last = Int((hi - 1 - start) / childSpan)
+        var changed = Self.childPage(slot) == nil // a new page is written whatever it holds
+        for k in first...last {
+            let edited = try set(slot: page.slots[k], level: level - 1, start: start + UInt64(k) * childSpan, range, base, tx)
+            if edited != page.slots[k] { page.slots[k] = edited; changed = true }
+        }
+        if let v = uniformRun(page.slots, childLevel: level - 1) {
+            tx.free(page.number)
+            return Self.runSlot(v)
+        }
+        if changed { tx.put(page) } // a page whose slots stay as they were costs nothing
+        return Self.childTag | UInt64(page.number)
+    }
+
+    /// The run a page's slots form together, if they do.
+    private func uniformRun(_ slots: [UInt64], childLevel: Int) -> UInt64? {
+        let span = Self.span(childLevel)
+        func base(_ s: UInt64) -> UInt64? {
+            if childLevel == 0 { return s }
+            switch Self.decode(s) {
+            case .empty: return 0
+            case .run(let b): return b
+            case .child: return nil
+            }
+        }
+        guard let v0 = base(slots[0]) else { return nil }
+        for k in 1..<slots.count {
+            guard let v = base(slots[k]), v == value(ofRun: v0, at: UInt64(k) * span) else { return nil }
+        }
+        return v0
+    }
+
+    private func freeSubtree(_ slot: UInt64, level: Int, _ tx: MetaTransaction) {
+        guard case .child(let n) = Self.decode(slot) else { return }
+        if level > 1, let page = tx.page(n) {
+            for s in page.slots { freeSubtree(s, level: level - 1, tx) }
+        }
+        tx.free(n)
+    }
+
+    /// Frees every page of the tree (the tree is being deleted).
+    mutating func freeAll(in tx: MetaTransaction) {
+        freeSubtree(root, level: height, tx)
+        root = 0
+    }
+}

@@ -1,0 +1,363 @@
+import Foundation
+
+/// A pool's block maps and space map, kept in the pool's own metadata area.
+///
+/// Each leg in the pool has a block map: vdisk chunk -> pool chunk (+1; 0 = unmapped).
+/// The space map holds a reference count per pool chunk (a chunk shared by a vdisk and
+/// its PiTs counts each). Changes go through `change`, which runs concurrent callers'
+/// edits in one transaction and one journal write (group commit); each caller's edits
+/// stand or fall alone, and each caller returns only once its edits are durable.
+public final class PoolMetadata: @unchecked Sendable {
+    public let store: PageStore
+    public let chunkCount: UInt64
+    // Guarded by the store's lock (published with the pages they point into).
+    private var trees: [UUID: TreeEntry]
+    private var freeIndex: FreeChunks
+    private let queueLock = NSLock()
+    private var queue: [Waiter] = []
+    private var committing = false
+
+    /// Space-map values besides reference counts.
+    public enum SpaceValue {
+        /// Free, and reads as zeros: the only value `allocate` takes.
+        public static let free: UInt64 = 0
+        /// Released by its last holder: zeroed before it is free again.
+        public static let awaitingZeroing: UInt64 = 1 << 61
+        /// Holds the metadata area (never allocated).
+        public static let metadata: UInt64 = (1 << 61) + 1
+    }
+
+    static let spaceMapId = UUID(halves: (UInt64.max, 1))
+
+    struct TreeEntry: Equatable {
+        var slot: Int // index in the root table
+        var tree: ChunkTree
+    }
+
+    private init(store: PageStore, chunkCount: UInt64, trees: [UUID: TreeEntry], free: FreeChunks) {
+        self.store = store
+        self.chunkCount = chunkCount
+        self.trees = trees
+        freeIndex = free
+    }
+
+    // MARK: open and format
+
+    /// A new pool's metadata: an empty space map with `reserved` chunks (the area itself) held.
+    public static func format(area: MetaArea, layout: MetaLayout, poolId: UUID, chunkCount: UInt64,
+                              reserved: [Range<UInt64>]) async throws(PageStore.Failure) -> PoolMetadata
+    {
+        let store = try await PageStore.format(area: area, layout: layout, poolId: poolId)
+        let meta = PoolMetadata(store: store, chunkCount: chunkCount, trees: [:], free: FreeChunks())
+        let tx = MetaTransaction(store: store)
+        var space = ChunkTree(runs: .constant, count: chunkCount)
+        for r in reserved { try space.set(r, to: SpaceValue.metadata, in: tx) }
+        var trees: [UUID: TreeEntry] = [:]
+        trees[spaceMapId] = TreeEntry(slot: 0, tree: space)
+        writeRoot(trees[spaceMapId]!, id: spaceMapId, in: tx)
+        var free = FreeChunks()
+        do { try space.forEachRun(in: 0..<chunkCount, tx) { r, v in if v == SpaceValue.free { free.insert(r) } } } catch { throw .damaged("\(error)") }
+        try await store.commit(tx) { meta.trees = trees; meta.freeIndex = free }
+        try await store.checkpoint()
+        return meta
+    }
+
+    /// Opens a pool's metadata: replays its journal, reads every tree page (checked), and
+    /// indexes the free chunks.
+    public static func open(area: MetaArea, poolId: UUID) async throws(PageStore.Failure) -> PoolMetadata {
+        let store = try await PageStore.open(area: area, poolId: poolId)
+        var trees: [UUID: TreeEntry] = [:]
+        for slot in 0..<rootSlots {
+            let (page, at) = rootLocation(slot, store.layout)
+            guard let s = store.committed(page)?.slots, s[at] != 0 || s[at + 1] != 0 else { continue }
+            let id = UUID(halves: (s[at], s[at + 1]))
+            let info = s[at + 3]
+            guard let runs = ChunkTree.Runs(rawValue: UInt8(info >> 56)) else {
+                throw .damaged("metadata page \(page): root table entry \(slot) has an unknown tree kind")
+            }
+            let tree = ChunkTree(runs: runs, height: Int((info >> 48) & 0xFF), root: s[at + 2], count: info & 0xFFFF_FFFF_FFFF)
+            guard tree.height >= 1, tree.height <= 7, ChunkTree.span(tree.height) >= tree.count else {
+                throw .damaged("metadata page \(page): root table entry \(slot) has height \(tree.height) for \(tree.count) entries")
+            }
+            trees[id] = TreeEntry(slot: slot, tree: tree)
+        }
+        guard let space = trees[spaceMapId]?.tree else { throw .damaged("metadata: the space map's root is missing") }
+        for entry in trees.values { try await load(entry.tree, store) }
+        var free = FreeChunks()
+        do {
+            try store.reading { pages throws(TreeError) in
+                try space.forEachRun(in: 0..<space.count, pages) { r, v in if v == SpaceValue.free { free.insert(r) } }
+            }
+        } catch { throw .damaged("\(error)") }
+        return PoolMetadata(store: store, chunkCount: space.count, trees: trees, free: free)
+    }
+
+    /// Reads every page of a tree, level by level, checking each.
+    private static func load(_ tree: ChunkTree, _ store: PageStore) async throws(PageStore.Failure) {
+        var level = tree.height
+        var frontier = ChunkTree.childPage(tree.root).map { [$0] } ?? []
+        while !frontier.isEmpty {
+            var next: [UInt32] = []
+            for n in frontier { next += ChunkTree.children(of: try await store.load(n, kind: .treeNode), level: level) }
+            frontier = next
+            level -= 1
+        }
+    }
+
+    // MARK: root table
+
+    static let rootsPerPage = MetaPage.slotCount / 4
+    static var rootSlots: Int { rootsPerPage * Int(MetaLayout.rootTablePages) }
+
+    private static func rootLocation(_ slot: Int, _ layout: MetaLayout) -> (page: UInt32, at: Int) {
+        (layout.rootTableStart + UInt32(slot / rootsPerPage), (slot % rootsPerPage) * 4)
+    }
+
+    fileprivate static func writeRoot(_ entry: TreeEntry?, id: UUID, slot: Int? = nil, in tx: MetaTransaction) {
+        let (n, at) = rootLocation(entry?.slot ?? slot!, tx.store.layout)
+        var page = tx.page(n) ?? MetaPage(kind: .rootTable, number: n)
+        if let entry {
+            (page.slots[at], page.slots[at + 1]) = id.halves
+            page.slots[at + 2] = entry.tree.root
+            page.slots[at + 3] = UInt64(entry.tree.runs.rawValue) << 56 | UInt64(entry.tree.height) << 48 | entry.tree.count
+        } else {
+            for i in 0..<4 { page.slots[at + i] = 0 }
+        }
+        tx.put(page)
+    }
+
+    // MARK: reading (data path)
+
+    /// Where chunk `chunk` of block map `map` lives (pool chunk, nil = unmapped) and how many
+    /// chunks from it (at most `limit`) are laid out consecutively the same way.
+    public func lookup(map: UUID, chunk: UInt64, limit: UInt64) throws(TreeError) -> (poolChunk: UInt64?, count: UInt64) {
+        try store.reading { pages throws(TreeError) in
+            guard let tree = trees[map]?.tree else { throw TreeError(page: 0, why: "no block map \(map)") }
+            let (v, n) = try tree.run(at: chunk, limit: limit, in: pages)
+            return (v == 0 ? nil : v - 1, n)
+        }
+    }
+
+    public func hasMap(_ id: UUID) -> Bool { store.locked { trees[id] != nil } }
+
+    /// Chunks free to allocate now.
+    public var freeChunks: UInt64 { store.locked { freeIndex.count } }
+
+    /// Runs of the space map (chunk range, value), for checks and reports.
+    public func spaceRuns() throws(TreeError) -> [(Range<UInt64>, UInt64)] {
+        try store.reading { pages throws(TreeError) in
+            var out: [(Range<UInt64>, UInt64)] = []
+            try trees[Self.spaceMapId]!.tree.forEachRun(in: 0..<chunkCount, pages) { out.append(($0, $1)) }
+            return out
+        }
+    }
+
+    /// Runs of a block map (vdisk chunk range, first pool chunk or nil).
+    public func mapRuns(_ id: UUID) throws(TreeError) -> [(Range<UInt64>, UInt64?)] {
+        try store.reading { pages throws(TreeError) in
+            guard let tree = trees[id]?.tree else { throw TreeError(page: 0, why: "no block map \(id)") }
+            var out: [(Range<UInt64>, UInt64?)] = []
+            try tree.forEachRun(in: 0..<tree.count, pages) { out.append(($0, $1 == 0 ? nil : $1 - 1)) }
+            return out
+        }
+    }
+
+    /// The pages of a block map's tree, parents first (checks, tests).
+    public func treePages(_ id: UUID) throws(TreeError) -> [UInt32] {
+        try store.reading { pages throws(TreeError) in
+            guard let tree = trees[id]?.tree else { throw TreeError(page: 0, why: "no block map \(id)") }
+            return try tree.pageNumbers(in: pages)
+        }
+    }
+
+    // MARK: changes (group commit)
+
+    private final class Waiter {
+        let apply: (inout VolumeTransaction) throws(PageStore.Failure) -> Void
+        var outcome: PageStore.Failure?
+        var continuation: CheckedContinuation<Void, Never>?
+        init(_ apply: @escaping (inout VolumeTransaction) throws(PageStore.Failure) -> Void) { self.apply = apply }
+    }
+
+    /// Runs `body` in a transaction shared with whatever other changes are waiting, and
+    /// returns once it is durable. A `body` that throws leaves no trace.
+    public func change<T>(_ body: @escaping (inout VolumeTransaction) throws(PageStore.Failure) -> T) async throws(PageStore.Failure) -> T {
+        var result: T?
+        let waiter = Waiter { (v: inout VolumeTransaction) throws(PageStore.Failure) in result = try body(&v) }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            waiter.continuation = c
+            let lead = queueLock.withLock { () -> Bool in
+                queue.append(waiter)
+                if committing { return false }
+                committing = true
+                return true
+            }
+            if lead { Task { await self.commitQueued() } }
+        }
+        if let failure = waiter.outcome { throw failure }
+        return result!
+    }
+
+    /// Commits what is queued, then what queued meanwhile, until the queue is empty.
+    private func commitQueued() async {
+        while true {
+            let group: [Waiter] = queueLock.withLock {
+                let g = queue
+                queue = []
+                if g.isEmpty { committing = false }
+                return g
+            }
+            if group.isEmpty { return }
+            await store.writer.acquire()
+            let tx = MetaTransaction(store: store)
+            var v = store.locked { VolumeTransaction(tx: tx, trees: trees, free: freeIndex, chunkCount: chunkCount) }
+            var applied: [Waiter] = []
+            for w in group {
+                let saved = (v, tx.savepoint)
+                do throws(PageStore.Failure) {
+                    try w.apply(&v)
+                    applied.append(w)
+                } catch {
+                    (v, _) = saved
+                    tx.rollBack(to: saved.1)
+                    w.outcome = error
+                }
+            }
+            for id in v.touched {
+                if let slot = v.removedSlots[id] { Self.writeRoot(nil, id: id, slot: slot, in: tx) }
+                if let entry = v.trees[id] { Self.writeRoot(entry, id: id, in: tx) }
+            }
+            do throws(PageStore.Failure) {
+                let (trees, free) = (v.trees, v.free)
+                try await store.commit(tx) { self.trees = trees; self.freeIndex = free }
+            } catch {
+                tx.abandon()
+                for w in applied { w.outcome = error }
+            }
+            store.writer.release()
+            for w in group { w.continuation!.resume() }
+        }
+    }
+}
+
+/// The edits one `PoolMetadata.change` may make.
+public struct VolumeTransaction {
+    let tx: MetaTransaction
+    fileprivate(set) var trees: [UUID: PoolMetadata.TreeEntry]
+    fileprivate(set) var free: FreeChunks
+    let chunkCount: UInt64
+    /// Trees whose root entry changed (written into the root table at commit).
+    fileprivate(set) var touched: Set<UUID> = []
+    fileprivate(set) var removedSlots: [UUID: Int] = [:]
+
+    init(tx: MetaTransaction, trees: [UUID: PoolMetadata.TreeEntry], free: FreeChunks, chunkCount: UInt64) {
+        self.tx = tx
+        self.trees = trees
+        self.free = free
+        self.chunkCount = chunkCount
+    }
+
+    private typealias Failure = PageStore.Failure
+    private typealias SpaceValue = PoolMetadata.SpaceValue
+
+    /// A new, empty block map of `chunks` chunks.
+    public mutating func createMap(_ id: UUID, chunks: UInt64) throws(PageStore.Failure) {
+        guard trees[id] == nil else { throw .damaged("block map \(id) already exists") }
+        let used = Set(trees.values.map(\.slot)).union(removedSlots.values)
+        guard let slot = (0..<PoolMetadata.rootSlots).first(where: { !used.contains($0) }) else {
+            throw .full("the pool's root table is full (\(PoolMetadata.rootSlots) block maps)")
+        }
+        trees[id] = PoolMetadata.TreeEntry(slot: slot, tree: ChunkTree(runs: .linear, count: chunks))
+        touched.insert(id)
+    }
+
+    /// Deletes a block map, releasing every chunk it references.
+    public mutating func deleteMap(_ id: UUID) throws(PageStore.Failure) {
+        guard let entry = trees[id] else { return }
+        try unmap(id, 0..<entry.tree.count)
+        var tree = trees[id]!.tree
+        tree.freeAll(in: tx)
+        removedSlots[id] = entry.slot
+        trees[id] = nil
+        touched.insert(id)
+    }
+
+    /// Takes `n` free chunks (reference count 1 each) as few runs as the free space allows.
+    public mutating func allocate(_ n: UInt64) throws(PageStore.Failure) -> [Range<UInt64>] {
+        guard let runs = free.take(n) else {
+            throw .full("the pool is full: \(free.count) free chunk(s), \(n) needed")
+        }
+        for r in runs { try setSpace(r, to: 1) }
+        return runs
+    }
+
+    /// Maps vdisk chunks from `chunk` onto the pool chunks of `runs` (in order). What the
+    /// entries referenced before is released.
+    public mutating func map(_ id: UUID, at chunk: UInt64, to runs: [Range<UInt64>]) throws(PageStore.Failure) {
+        var at = chunk
+        for r in runs {
+            let range = at..<(at + UInt64(r.count))
+            try unmap(id, range)
+            try edit(id) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: r.lowerBound + 1, in: tx) }
+            at += UInt64(r.count)
+        }
+    }
+
+    /// Unmaps vdisk chunks `range`, releasing the pool chunks they referenced.
+    public mutating func unmap(_ id: UUID, _ range: Range<UInt64>) throws(PageStore.Failure) {
+        guard let tree = trees[id]?.tree else { throw .damaged("no block map \(id)") }
+        var held: [Range<UInt64>] = []
+        do {
+            try tree.forEachRun(in: range, tx) { r, v in if v != 0 { held.append((v - 1)..<(v - 1 + UInt64(r.count))) } }
+        } catch { throw .damaged("\(error)") }
+        guard !held.isEmpty else { return }
+        try edit(id) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: 0, in: tx) }
+        for r in held { try release(r) }
+    }
+
+    /// Lowers the reference count of each chunk of `range`; a chunk left unreferenced
+    /// awaits zeroing.
+    mutating func release(_ range: Range<UInt64>) throws(PageStore.Failure) {
+        var runs: [(Range<UInt64>, UInt64)] = []
+        do { try trees[PoolMetadata.spaceMapId]!.tree.forEachRun(in: range, tx) { runs.append(($0, $1)) } } catch { throw .damaged("\(error)") }
+        for (r, v) in runs {
+            guard v >= 1, v < SpaceValue.awaitingZeroing else {
+                throw .damaged("space map: chunks \(r) released while their count is \(v)")
+            }
+            try setSpace(r, to: v == 1 ? SpaceValue.awaitingZeroing : v - 1)
+        }
+    }
+
+    /// Chunks released and not yet zeroed (at most `limit` of them).
+    public func awaitingZeroing(limit: UInt64) throws(PageStore.Failure) -> [Range<UInt64>] {
+        var out: [Range<UInt64>] = []
+        var total: UInt64 = 0
+        do {
+            try trees[PoolMetadata.spaceMapId]!.tree.forEachRun(in: 0..<chunkCount, tx) { r, v in
+                guard v == SpaceValue.awaitingZeroing, total < limit else { return }
+                let take = r.lowerBound..<(r.lowerBound + min(UInt64(r.count), limit - total))
+                out.append(take)
+                total += UInt64(take.count)
+            }
+        } catch { throw .damaged("\(error)") }
+        return out
+    }
+
+    /// Zeroed chunks become free.
+    public mutating func markZeroed(_ range: Range<UInt64>) throws(PageStore.Failure) {
+        try setSpace(range, to: SpaceValue.free)
+        free.insert(range)
+    }
+
+    private mutating func setSpace(_ range: Range<UInt64>, to value: UInt64) throws(PageStore.Failure) {
+        try edit(PoolMetadata.spaceMapId) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: value, in: tx) }
+    }
+
+    private mutating func edit(_ id: UUID, _ body: (inout ChunkTree, MetaTransaction) throws(PageStore.Failure) -> Void) throws(PageStore.Failure) {
+        guard var entry = trees[id] else { throw .damaged("no tree \(id)") }
+        let before = entry.tree.root
+        try body(&entry.tree, tx)
+        trees[id] = entry
+        if entry.tree.root != before { touched.insert(id) }
+    }
+}

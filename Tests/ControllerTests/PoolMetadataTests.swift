@@ -1,0 +1,289 @@
+import Controller
+import Foundation
+import IOEngine
+import XCTest
+
+/// A pool's metadata area on a real file (O_DIRECT through the engine), reopened as a
+/// restarted daemon would open it.
+final class MetaFixture {
+    let path: String
+    let engine: Engine
+    var lun: LUN
+    let poolId = UUID()
+    let pages: UInt32
+
+    init(_ name: String, pages: UInt32, fileBytes: UInt64? = nil) throws {
+        path = NSTemporaryDirectory() + "svsp-meta-\(name)-\(UUID().uuidString.prefix(6)).img"
+        self.pages = pages
+        try LUN.createFile(path: path, sizeBytes: fileBytes ?? UInt64(pages) * 4096)
+        engine = try Engine(queueDepth: 64)
+        lun = try LUN(path: path, readWrite: true)
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+
+    var area: MetaArea { MetaArea(lun: lun.handle, engine: engine.handle, startBytes: 0, pageCount: pages) }
+
+    /// Overwrites bytes of the file (a fault the tests inject), outside the engine.
+    func scribble(atByte offset: UInt64, _ bytes: [UInt8]) throws {
+        let h = try FileHandle(forUpdating: URL(fileURLWithPath: path))
+        try h.seek(toOffset: offset)
+        try h.write(contentsOf: Data(bytes))
+        try h.close()
+    }
+
+    func readPage(_ n: UInt32) throws -> Data {
+        let h = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
+        defer { try? h.close() }
+        try h.seek(toOffset: UInt64(n) * 4096)
+        return try h.read(upToCount: 4096) ?? Data()
+    }
+}
+
+final class PoolMetadataTests: XCTestCase {
+    private func formatted(_ f: MetaFixture, chunks: UInt64, reserved: UInt64 = 0) async throws -> PoolMetadata {
+        let layout = MetaLayout.sized(forChunks: Int(chunks))
+        XCTAssertLessThanOrEqual(layout.pageCount, f.pages)
+        return try await PoolMetadata.format(area: f.area, layout: layout, poolId: f.poolId, chunkCount: chunks,
+                                             reserved: reserved > 0 ? [0..<reserved] : [])
+    }
+
+    /// Every chunk of a map, as (vdisk chunk -> pool chunk or nil).
+    private func entries(_ meta: PoolMetadata, _ id: UUID, _ count: UInt64) throws -> [UInt64?] {
+        var out: [UInt64?] = []
+        var i: UInt64 = 0
+        while i < count {
+            let (p, n) = try meta.lookup(map: id, chunk: i, limit: count - i)
+            for k in 0..<n { out.append(p.map { $0 + k }) }
+            i += n
+        }
+        return out
+    }
+
+    func testMappingsSurviveReopenFromTheJournalAndAfterACheckpoint() async throws {
+        let f = try MetaFixture("reopen", pages: MetaLayout.sized(forChunks: 4096).pageCount)
+        let meta = try await formatted(f, chunks: 4096, reserved: 16)
+        let map = UUID()
+        let placed = try await meta.change { v throws(PageStore.Failure) -> [Range<UInt64>] in
+            try v.createMap(map, chunks: 100)
+            let runs = try v.allocate(10)
+            try v.map(map, at: 40, to: runs)
+            return runs
+        }
+        XCTAssertEqual(placed, [16..<26])
+        let expected: [UInt64?] = (0..<100).map { (40..<50).contains($0) ? 16 + UInt64($0 - 40) : nil }
+        XCTAssertEqual(try entries(meta, map, 100), expected)
+        XCTAssertEqual(meta.freeChunks, 4096 - 16 - 10)
+
+        // Not checkpointed: the journal alone carries the change.
+        let replayed = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+        XCTAssertEqual(try entries(replayed, map, 100), expected)
+        XCTAssertEqual(replayed.freeChunks, 4096 - 16 - 10)
+        try await replayed.store.checkpoint()
+        let checkpointed = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+        XCTAssertEqual(try entries(checkpointed, map, 100), expected)
+        XCTAssertEqual(checkpointed.store.journalUsed, 0)
+    }
+
+    func testATornJournalRecordIsDroppedWholeAndTheCommitBeforeItKept() async throws {
+        let f = try MetaFixture("torn", pages: MetaLayout.sized(forChunks: 4096).pageCount)
+        let meta = try await formatted(f, chunks: 4096)
+        let a = UUID(), b = UUID()
+        try await meta.change { v throws(PageStore.Failure) in try v.createMap(a, chunks: 8); try v.map(a, at: 0, to: try v.allocate(8)) }
+        let usedBefore = meta.store.journalUsed
+        try await meta.change { v throws(PageStore.Failure) in try v.createMap(b, chunks: 8); try v.map(b, at: 0, to: try v.allocate(8)) }
+        // Damage the second record's last image page, as a crash in the middle of its write would.
+        let layout = meta.store.layout
+        let lastImage = layout.journalStart + meta.store.journalUsed - 1
+        XCTAssertGreaterThan(meta.store.journalUsed, usedBefore)
+        try f.scribble(atByte: UInt64(lastImage) * 4096 + 100, [0xFF, 0xEE])
+        let reopened = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+        XCTAssertTrue(reopened.hasMap(a))
+        XCTAssertFalse(reopened.hasMap(b), "a transaction whose record is torn must not be applied")
+        XCTAssertEqual(try entries(reopened, a, 8), (0..<8).map { Optional(UInt64($0)) })
+        XCTAssertEqual(reopened.freeChunks, 4096 - 8)
+        // And the journal goes on from there.
+        try await reopened.change { v throws(PageStore.Failure) in try v.createMap(b, chunks: 4); try v.map(b, at: 0, to: try v.allocate(4)) }
+        let again = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+        XCTAssertEqual(try entries(again, b, 4), (8..<12).map { Optional(UInt64($0)) })
+    }
+
+    func testADamagedTreePageIsRefusedNamingThePage() async throws {
+        let f = try MetaFixture("damaged", pages: MetaLayout.sized(forChunks: 100_000).pageCount)
+        let meta = try await formatted(f, chunks: 100_000)
+        let map = UUID()
+        // Scattered single chunks: the map needs leaf pages.
+        try await meta.change { v throws(PageStore.Failure) in
+            try v.createMap(map, chunks: 50_000)
+            for i in stride(from: UInt64(0), to: 50_000, by: 997) { try v.map(map, at: i, to: try v.allocate(1)) }
+        }
+        try await meta.store.checkpoint()
+        let pages = try meta.treePages(map)
+        XCTAssertGreaterThan(pages.count, 1)
+        let victim = pages.last!
+        try f.scribble(atByte: UInt64(victim) * 4096 + 2000, [0x55])
+        do {
+            _ = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+            XCTFail("a page with a bad checksum was accepted")
+        } catch {
+            XCTAssertEqual("\(error)", "metadata page \(victim): checksum mismatch")
+        }
+    }
+
+    func testChunkTreeAgreesWithAPlainArrayUnderRandomEdits() async throws {
+        let f = try MetaFixture("model", pages: MetaLayout.sized(forChunks: 600_000).pageCount)
+        let meta = try await formatted(f, chunks: 600_000)
+        let map = UUID()
+        let count: UInt64 = 300_000 // height 3: runs at every level
+        try await meta.change { v throws(PageStore.Failure) in try v.createMap(map, chunks: count) }
+        var model = [UInt64?](repeating: nil, count: Int(count))
+        var rng = SystemRandomNumberGenerator()
+        for round in 0..<60 {
+            let start = UInt64.random(in: 0..<count, using: &rng)
+            let length = [1, 7, 508, 600, 5000, 258_064][round % 6]
+            let end = min(count, start + UInt64(length))
+            let unmap = round % 5 == 4
+            let runs = try await meta.change { v throws(PageStore.Failure) -> [Range<UInt64>] in
+                // What earlier rounds released is zeroed (as the zeroer would) and reused.
+                for r in try v.awaitingZeroing(limit: .max) { try v.markZeroed(r) }
+                if unmap { try v.unmap(map, start..<end); return [] }
+                let runs = try v.allocate(end - start)
+                try v.map(map, at: start, to: runs)
+                return runs
+            }
+            var at = Int(start)
+            if unmap { for i in Int(start)..<Int(end) { model[i] = nil } }
+            for r in runs { for p in r { model[at] = p; at += 1 } }
+        }
+        XCTAssertEqual(try entries(meta, map, count), model)
+        let reopened = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+        XCTAssertEqual(try entries(reopened, map, count), model)
+        // Every chunk the map holds counts 1 in the space map; every other is free or awaiting zeroing.
+        let held = Set(model.compactMap { $0 })
+        for (range, value) in try reopened.spaceRuns() {
+            for c in range { XCTAssertEqual(value == 1, held.contains(c), "chunk \(c) has count \(value)") }
+        }
+    }
+
+    func testConcurrentChangesShareCommitsAndAFailedOneLeavesNoTrace() async throws {
+        let f = try MetaFixture("group", pages: MetaLayout.sized(forChunks: 1000).pageCount)
+        let meta = try await formatted(f, chunks: 1000)
+        let map = UUID()
+        try await meta.change { v throws(PageStore.Failure) in try v.createMap(map, chunks: 1000) }
+        let before = meta.store.commits
+        let outcomes = await withTaskGroup(of: Bool.self) { group in
+            for i in 0..<64 {
+                group.addTask {
+                    do {
+                        try await meta.change { v throws(PageStore.Failure) in
+                            // One asks for more than the pool holds: refused alone.
+                            try v.map(map, at: UInt64(i) * 10, to: try v.allocate(i == 13 ? 5000 : 3))
+                        }
+                        return true
+                    } catch {
+                        return false
+                    }
+                }
+            }
+            var ok = 0
+            for await o in group where o { ok += 1 }
+            return ok
+        }
+        XCTAssertEqual(outcomes, 63)
+        XCTAssertLessThan(meta.store.commits - before, 64, "concurrent changes should share commits")
+        let got = try entries(meta, map, 1000)
+        var seen = Set<UInt64>()
+        for i in 0..<64 where i != 13 {
+            for k in 0..<3 {
+                let c = try XCTUnwrap(got[i * 10 + k])
+                XCTAssertTrue(seen.insert(c).inserted, "pool chunk \(c) mapped twice")
+            }
+            XCTAssertNil(got[i * 10 + 3])
+        }
+        XCTAssertNil(got[130])
+        XCTAssertEqual(meta.freeChunks, 1000 - 63 * 3)
+    }
+
+    func testReleasedChunksWaitForZeroingBeforeReuse() async throws {
+        let f = try MetaFixture("release", pages: MetaLayout.sized(forChunks: 100).pageCount)
+        let meta = try await formatted(f, chunks: 100)
+        let a = UUID()
+        try await meta.change { v throws(PageStore.Failure) in try v.createMap(a, chunks: 100); try v.map(a, at: 0, to: try v.allocate(100)) }
+        XCTAssertEqual(meta.freeChunks, 0)
+        try await meta.change { v throws(PageStore.Failure) in try v.deleteMap(a) }
+        XCTAssertFalse(meta.hasMap(a))
+        XCTAssertEqual(meta.freeChunks, 0, "released chunks are not free until zeroed")
+        do {
+            try await meta.change { v throws(PageStore.Failure) in _ = try v.allocate(1) }
+            XCTFail("allocated a chunk awaiting zeroing")
+        } catch {
+            XCTAssertEqual("\(error)", "the pool is full: 0 free chunk(s), 1 needed")
+        }
+        let waiting = try await meta.change { v throws(PageStore.Failure) in try v.awaitingZeroing(limit: 1000) }
+        XCTAssertEqual(waiting, [0..<100])
+        try await meta.change { v throws(PageStore.Failure) in try v.markZeroed(0..<60) }
+        let reopened = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+        XCTAssertEqual(reopened.freeChunks, 60)
+        XCTAssertEqual(try reopened.spaceRuns().map(\.0), [0..<60, 60..<100])
+    }
+
+    /// The scale the volume layer is for: an 8 TiB pool of 64 KiB chunks on a sparse file.
+    /// A commit costs the pages it changes: a 4 TiB vdisk costs at most twice a 1 GiB one,
+    /// counted in journal bytes, thick (created whole) and thin (10 000 random first writes).
+    func testCommitCostDoesNotGrowWithTheVDisk() async throws {
+        let chunkBytes: UInt64 = 64 << 10
+        let chunks = (8 << 40) / chunkBytes
+        let layout = MetaLayout.sized(forChunks: Int(chunks))
+        let f = try MetaFixture("scale", pages: layout.pageCount)
+        let meta = try await formatted(f, chunks: chunks, reserved: UInt64(layout.bytes) / chunkBytes + 1)
+
+        func thickCost(_ bytes: UInt64) async throws -> Int {
+            let n = bytes / chunkBytes, id = UUID()
+            try await meta.change { v throws(PageStore.Failure) in try v.createMap(id, chunks: n); try v.map(id, at: 0, to: try v.allocate(n)) }
+            XCTAssertEqual(try meta.lookup(map: id, chunk: 0, limit: n).count, n, "a thick vdisk is one run")
+            return meta.store.lastCommitBytes
+        }
+        func thinCost(_ bytes: UInt64, writes: Int) async throws -> Double {
+            let n = bytes / chunkBytes, id = UUID()
+            try await meta.change { v throws(PageStore.Failure) in try v.createMap(id, chunks: n) }
+            var targets = Set<UInt64>()
+            var rng = SystemRandomNumberGenerator()
+            while targets.count < writes { targets.insert(UInt64.random(in: 0..<n, using: &rng)) }
+            let start = meta.store.area.bytesWritten, commits = meta.store.commits
+            var journal = 0
+            for t in targets {
+                try await meta.change { v throws(PageStore.Failure) in try v.map(id, at: t, to: try v.allocate(1)) }
+                journal += meta.store.lastCommitBytes
+            }
+            XCTAssertEqual(meta.store.commits - commits, writes)
+            print("thin \(bytes): journal \(journal / writes) bytes per first write, \(Double(meta.store.area.bytesWritten - start) / Double(writes)) with checkpoints")
+            return Double(meta.store.area.bytesWritten - start) / Double(writes)
+        }
+        let thickSmall = try await thickCost(1 << 30), thickLarge = try await thickCost(4 << 40)
+        let thinSmall = try await thinCost(1 << 30, writes: 10_000), thinLarge = try await thinCost(4 << 40, writes: 10_000)
+        print("metadata bytes per commit: thick 1 GiB \(thickSmall), 4 TiB \(thickLarge); thin first write 1 GiB \(thinSmall), 4 TiB \(thinLarge)")
+        XCTAssertLessThanOrEqual(thickLarge, 2 * thickSmall)
+        XCTAssertLessThanOrEqual(thinLarge, 2 * thinSmall)
+    }
+
+    func testATransactionTooLargeForTheJournalIsRefusedAndChangesNothing() async throws {
+        let f = try MetaFixture("big", pages: MetaLayout.sized(forChunks: 600_000).pageCount)
+        let meta = try await formatted(f, chunks: 600_000)
+        let map = UUID()
+        try await meta.change { v throws(PageStore.Failure) in try v.createMap(map, chunks: 600_000) }
+        let free = meta.freeChunks
+        do {
+            // Every other chunk: one leaf per 508 chunks, far more pages than the journal holds.
+            try await meta.change { v throws(PageStore.Failure) in
+                for i in stride(from: UInt64(0), to: 600_000, by: 2) { try v.map(map, at: i, to: try v.allocate(1)) }
+            }
+            XCTFail("an oversized transaction was committed")
+        } catch {
+            XCTAssertTrue("\(error)".contains("does not fit the"), "\(error)")
+        }
+        XCTAssertEqual(meta.freeChunks, free)
+        XCTAssertNil(try meta.lookup(map: map, chunk: 0, limit: 1).poolChunk)
+        let reopened = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+        XCTAssertEqual(reopened.freeChunks, free)
+    }
+}
