@@ -63,7 +63,7 @@ final class DataPathTests: XCTestCase {
         pattern(buffer.pointer, 8192, 7, 7)
         let copy = Array(buffer.bytes)
         try await domain.write(vdisk: "t", offset: (3 << 20) - 4096, length: 8192, from: buffer.pointer, fua: true)
-        XCTAssertEqual(domain.metadata.vdisk(named: "t")?.legs[0].extents.compactMap { $0 }.count, 2, "the write spans two extents")
+        XCTAssertEqual(domain.mappedChunks(of: try XCTUnwrap(domain.metadata.vdisk(named: "t")?.legs[0])), 2, "the write spans two extents")
         memset(buffer.pointer, 0, 8192)
         try await domain.read(vdisk: "t", offset: (3 << 20) - 4096, length: 8192, into: buffer.pointer)
         XCTAssertEqual(Array(buffer.bytes), copy)

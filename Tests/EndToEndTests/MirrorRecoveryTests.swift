@@ -22,9 +22,10 @@ extension DaemonTests {
         while try mirror(name)["state"] as? String != "normal", tries < 200 { usleep(50_000); tries += 1 }
     }
 
-    /// The metadata as the add-leg commit leaves it (edited into domain.json while the
-    /// daemon is down): a new copying leg, whole copy pending, and no bit in the bitmap.
-    func testACrashRightAfterTheAddLegCommitCopiesTheWholeLeg() throws {
+    /// A record of the previous format (extent lists in the catalog, no block maps) as the
+    /// add-leg commit left it, edited into domain.json while the daemon is down: the start
+    /// converts it (maps made from the lists, every byte kept) and copies the new leg whole.
+    func testAFormat2RecordCutAfterTheAddLegCommitIsConvertedAndCopiedWhole() throws {
         try startDaemon()
         try makeThreePools()
         _ = try ok(["vdisk", "create", "g", "--pool", "a", "--size", "16M"])
@@ -32,21 +33,29 @@ extension DaemonTests {
         stopDaemon()
         let path = state + "/domain.json"
         var root = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as? [String: Any])
+        root["format"] = 2
+        // Format 2 had no metadata areas: the extents (the first 16 of LUN 0) are listed instead.
         var pools = try XCTUnwrap(root["pools"] as? [[String: Any]])
+        for i in pools.indices { pools[i]["metadataArea"] = nil }
+        root["pools"] = pools
         let b = try XCTUnwrap(pools.first { $0["name"] as? String == "b" })
         var vdisks = try XCTUnwrap(root["vdisks"] as? [[String: Any]])
         var legs = try XCTUnwrap(vdisks[0]["legs"] as? [[String: Any]])
+        legs[0]["extents"] = (0..<16).map { ["lun": 0, "extent": $0] }
         legs.append(["id": UUID().uuidString, "poolId": try XCTUnwrap(b["id"]), "state": "copying", "copyAll": true,
                      "extents": (0..<16).map { ["lun": 0, "extent": $0] }])
         vdisks[0]["legs"] = legs
         root["vdisks"] = vdisks
-        pools = pools.map { $0 }
-        root["pools"] = pools
         try JSONSerialization.data(withJSONObject: root).write(to: URL(fileURLWithPath: path))
         try startDaemon()
         try waitForNormal("g")
         XCTAssertTrue(try ok(["mirror", "verify", "g"]).contains(" 0 differ"), "the new leg got every block")
         XCTAssertTrue(try legDataAreas(dir.file("a.img"), dir.file("b.img"), bytes: 16 << 20))
+        XCTAssertEqual(try pattern("g", "read", seed: 3, size: "16M").status, 0, "every byte kept by the conversion")
+        let converted = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as? [String: Any])
+        XCTAssertEqual(converted["format"] as? Int, 3)
+        XCTAssertFalse(String(decoding: try Data(contentsOf: URL(fileURLWithPath: path)), as: UTF8.self).contains("\"extents\""))
+        for pool in ["a", "b", "c"] { XCTAssertTrue(try ok(["pool", "check", pool]).hasSuffix("clean\n")) }
     }
 
     /// The same with a real crash at that point (the daemon exits right after the commit).

@@ -212,18 +212,20 @@ final class MirrorTests: XCTestCase {
         XCTAssertEqual(try extent(loops[0], 0), expected)
         XCTAssertEqual(try extent(loops[1], 0), expected)
 
-        // Leg b's device turns read-only: its new extent cannot be zeroed, so the leg fails
-        // (automatic-failover) and the host write succeeds on leg a.
+        // Leg b's device turns read-only: its pool cannot commit the new chunk's mapping, so
+        // the leg fails (automatic-failover) and the host write succeeds on leg a.
         XCTAssertEqual(shell(["blockdev", "--setro", loops[1]]).0, 0)
         (rc, out) = shell(["timeout", "20", "qemu-io", "-f", "raw", uri, "-c", "write -P 0x2e 4M 64k", "-c", "read -P 0x2e 4M 64k",
                            "-c", "read -P 0 4160k 960k"])
         XCTAssertEqual(rc, 0, out)
         XCTAssertFalse(out.contains("Pattern verification failed"), out)
         XCTAssertEqual((try mirrorState("tm")["legs"] as? [[String: Any]])?[1]["state"] as? String, "failed")
-        // Both pools hand out their lowest free extent: the vdisk's extent 4 is LUN extent 1 on each.
-        XCTAssertNotEqual(try extent(loops[1], 1), try extent(loops[0], 1), "leg b still holds the old data there")
+        // Both pools hand out their lowest free extent: the vdisk's extent 4 is LUN extent 1 on
+        // leg a; leg b has none yet (the old vdisk's data there was zeroed when it was deleted).
+        XCTAssertEqual(try extent(loops[1], 1), Data(repeating: 0, count: 1 << 20), "freed space on leg b is zeros")
+        XCTAssertNotEqual(try extent(loops[1], 1), try extent(loops[0], 1))
 
-        // Resync copies the whole new extent to leg b, not just the region written.
+        // Resync maps leg b's chunk and copies the whole new extent, not just the region written.
         XCTAssertEqual(shell(["blockdev", "--setrw", loops[1]]).0, 0)
         _ = try ok(["mirror", "resync", "tm"])
         XCTAssertEqual(try mirrorState("tm")["state"] as? String, "normal")

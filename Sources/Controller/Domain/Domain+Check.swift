@@ -1,21 +1,23 @@
 import Foundation
 import IOEngine
 
-/// `svsp-ctl pool check NAME`: the pool's space accounting and labels, read-only and
-/// safe on a live pool. Today's maps are the extent lists in the catalog; the check
-/// grows with the block maps (pages, checksums, reference counts).
+/// `svsp-ctl pool check NAME`: the pool's block maps against its space map, its metadata
+/// pages against their checksums, and its labels; read-only and safe on a live pool.
 extension Domain {
     public struct PoolCheckReport: Encodable, Sendable {
         public var pool: String
         public var extents: Int
+        /// Chunks some block map references.
         public var mapped: Int
         public var beingZeroed: Int
         public var free: Int
+        /// Chunks held by maps no leg names (being released after a delete, or left by a crash).
         public var heldBack: Int
+        public var metadataPages: Int
         public var problems: [String]
         public var clean: Bool { problems.isEmpty }
 
-        enum CodingKeys: String, CodingKey { case pool, extents, mapped, beingZeroed, free, heldBack, problems, clean }
+        enum CodingKeys: String, CodingKey { case pool, extents, mapped, beingZeroed, free, heldBack, metadataPages, problems, clean }
         public func encode(to encoder: Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             try c.encode(pool, forKey: .pool)
@@ -24,41 +26,28 @@ extension Domain {
             try c.encode(beingZeroed, forKey: .beingZeroed)
             try c.encode(free, forKey: .free)
             try c.encode(heldBack, forKey: .heldBack)
+            try c.encode(metadataPages, forKey: .metadataPages)
             try c.encode(problems, forKey: .problems)
             try c.encode(clean, forKey: .clean)
         }
     }
 
-    /// Every extent mapped at most once and inside the pool, none both mapped and being
-    /// zeroed, the zeroing list without repeats, every LUN present and carrying this
-    /// pool's label, and the pool's setup-vdisk copy (if any) current.
-    public func checkPool(name: String) throws(DomainError) -> PoolCheckReport {
+    /// Walks every block map of the pool and the space map: each chunk's count equals the
+    /// references to it (a count above: leaked; below: referenced twice without a share),
+    /// no map points at free, zeroing or metadata chunks or outside the pool, every leg has
+    /// its map; every metadata page on disk passes its checksum; every LUN carries the
+    /// pool's label; the pool's setup-vdisk copy (if any) is current.
+    public func checkPool(name: String) async throws(DomainError) -> PoolCheckReport {
         let m = metadata
         guard let pool = m.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
         var problems: [String] = []
-        var owner: [ExtentRef: String] = [:]
-        for v in m.vdisks {
-            for (l, leg) in v.legs.enumerated() where leg.poolId == pool.id {
-                for (i, ref) in leg.extents.enumerated() {
-                    guard let ref else { continue }
-                    let here = "vdisk '\(v.name)' leg \(l) extent \(i)"
-                    guard pool.holds(ref) else {
-                        problems.append("\(here) maps LUN \(ref.lun) extent \(ref.extent), outside the pool")
-                        continue
-                    }
-                    if let first = owner[ref] {
-                        problems.append("LUN \(ref.lun) extent \(ref.extent) is mapped twice: by \(first) and by \(here)")
-                    } else {
-                        owner[ref] = here
-                    }
-                }
-            }
-        }
-        var listed = Set<ExtentRef>()
-        for ref in pool.zeroing ?? [] {
-            if !listed.insert(ref).inserted { problems.append("LUN \(ref.lun) extent \(ref.extent) is listed twice for zeroing") }
-            if let user = owner[ref] { problems.append("LUN \(ref.lun) extent \(ref.extent) is being zeroed while mapped by \(user)") }
-            if !pool.holds(ref) { problems.append("LUN \(ref.lun) extent \(ref.extent) to zero is outside the pool") }
+        var report = PoolCheckReport(pool: pool.name, extents: pool.extentCount, mapped: 0, beingZeroed: 0, free: 0, heldBack: 0,
+                                     metadataPages: 0, problems: [])
+        if let meta = poolMeta(pool.id) {
+            problems += checkMaps(pool, meta, m, &report)
+            problems += await meta.store.verifyOnDisk()
+        } else {
+            problems.append("its block maps are not open (see `svsp-ctl status`)")
         }
         let runtime = runtime(of: pool.id)
         for lun in pool.luns {
@@ -75,9 +64,82 @@ extension Domain {
         for copy in setupCopyStates where copy.poolName == pool.name {
             if let problem = copy.problem { problems.append("setup vdisk copy: \(problem)") }
         }
-        let zeroing = listed.count
-        return PoolCheckReport(pool: pool.name, extents: pool.extentCount, mapped: owner.count, beingZeroed: zeroing,
-                               free: max(0, pool.extentCount - owner.count - zeroing), heldBack: quarantined(in: pool.id).count,
-                               problems: problems)
+        report.problems = problems
+        return report
+    }
+
+    /// The map walk: references counted by a sweep over the maps' runs (never per chunk
+    /// in memory), then compared with the space map's runs.
+    private func checkMaps(_ pool: PoolRecord, _ meta: PoolMetadata, _ m: DomainMetadata, _ report: inout PoolCheckReport) -> [String] {
+        var problems: [String] = []
+        let legs = m.vdisks.flatMap { v in v.legs.enumerated().filter { $0.element.poolId == pool.id }.map { (v, $0.offset, $0.element) } }
+        let named = Set(legs.map(\.2.id))
+        var events: [(at: UInt64, delta: Int)] = []
+        for id in meta.mapIds {
+            let runs: [(Range<UInt64>, UInt64?)]
+            do { runs = try meta.mapRuns(id) } catch {
+                problems.append("block map \(id): \(error)")
+                continue
+            }
+            for (vdiskChunks, first) in runs {
+                guard let first else { continue }
+                let poolChunks = first..<(first + UInt64(vdiskChunks.count))
+                if poolChunks.upperBound > meta.chunkCount {
+                    problems.append("block map \(id) maps chunks \(vdiskChunks) to pool chunks \(poolChunks), outside the pool")
+                    continue
+                }
+                if !named.contains(id) { report.heldBack += poolChunks.count }
+                events.append((poolChunks.lowerBound, 1))
+                events.append((poolChunks.upperBound, -1))
+            }
+        }
+        for (v, l, leg) in legs {
+            guard let count = meta.mapCount(leg.id) else {
+                problems.append("vdisk '\(v.name)' leg \(l) has no block map")
+                continue
+            }
+            if count < Self.chunkCount(v.sizeBytes, pool) {
+                problems.append("vdisk '\(v.name)' leg \(l): its block map covers \(count) chunks, the vdisk needs \(Self.chunkCount(v.sizeBytes, pool))")
+            }
+        }
+        events.sort { $0.at < $1.at }
+        // References as runs: (range, count), contiguous from 0 to chunkCount.
+        var refs: [(Range<UInt64>, Int)] = []
+        var level = 0, at: UInt64 = 0
+        for e in events {
+            if e.at > at { refs.append((at..<e.at, level)); at = e.at }
+            level += e.delta
+        }
+        if at < meta.chunkCount { refs.append((at..<meta.chunkCount, 0)) }
+        let space: [(Range<UInt64>, UInt64)]
+        do { space = try meta.spaceRuns() } catch { return problems + ["space map: \(error)"] }
+        var r = 0
+        for (range, value) in space {
+            switch value {
+            case PoolMetadata.SpaceValue.free: report.free += range.count
+            case PoolMetadata.SpaceValue.awaitingZeroing: report.beingZeroed += range.count
+            case PoolMetadata.SpaceValue.metadata: break
+            default: report.mapped += range.count
+            }
+            var c = range.lowerBound
+            while c < range.upperBound {
+                while r < refs.count, refs[r].0.upperBound <= c { r += 1 }
+                guard r < refs.count else { break }
+                let piece = c..<min(range.upperBound, refs[r].0.upperBound)
+                let referenced = refs[r].1
+                let counted: Int? = value >= 1 && value < PoolMetadata.SpaceValue.awaitingZeroing ? Int(value) : nil
+                if let counted, counted != referenced {
+                    problems.append(counted > referenced
+                        ? "pool chunks \(piece): counted \(counted), referenced \(referenced) times (leaked)"
+                        : "pool chunks \(piece): referenced \(referenced) times, counted \(counted) (mapped twice without a share)")
+                } else if counted == nil, referenced > 0 {
+                    let what = value == PoolMetadata.SpaceValue.free ? "free" : value == PoolMetadata.SpaceValue.metadata ? "the metadata area" : "being zeroed"
+                    problems.append("pool chunks \(piece) are mapped \(referenced) time(s) but are \(what)")
+                }
+                c = piece.upperBound
+            }
+        }
+        report.metadataPages = Int(meta.store.layout.pageCount)
+        return problems
     }
 }

@@ -1,64 +1,62 @@
 import Foundation
 import IOEngine
 
-/// Thin provisioning: extents allocated on first write (zeroed first) and freed by trims.
+/// Thin provisioning: chunks mapped on first write and released by trims.
 extension Domain {
-    /// Thin provisioning: every leg's extents covering [offset, offset+length), allocated and committed now.
+    /// Maps every leg's chunks covering [offset, offset+length) that are not mapped yet,
+    /// durably (the pool's group commit) before it returns. Free chunks read as zeros (the
+    /// zeroer clears released ones before they are free again), so nothing is written to
+    /// them here and the rest of a chunk a write covers partly reads as zeros on every leg.
+    /// Concurrent first writes into one chunk share its allocation: the second finds it mapped.
     ///
-    /// A freed extent still holds what its last owner wrote, so each new one is zeroed
-    /// (FUA) before it is mapped: the rest of it reads as zeroes, not another vdisk's data.
-    /// A failed leg is not zeroed; instead the new extents' range is marked dirty, so its
-    /// resync copies all of it. A leg that cannot be zeroed fails like a leg that cannot
-    /// take a write (automatic-failover goes on without it); otherwise the write fails.
-    func allocateExtents(vdisk name: String, offset: UInt64, length: Int) async throws(DomainError) {
-        try await beginChange()
-        defer { mutation.release() }
-        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found", code: ENODEV) }
-        var next = metadata
-        var changed = false
-        var dirtyRange: Range<UInt64>?
-        for l in next.vdisks[vi].legs.indices {
-            guard let pool = next.pool(id: next.vdisks[vi].legs[l].poolId) else { continue }
-            let first = Int(offset / pool.extentBytes), last = Int((offset + UInt64(max(length, 1)) - 1) / pool.extentBytes)
-            let missing = (first...last).filter { next.vdisks[vi].legs[l].extents[$0] == nil }
-            guard !missing.isEmpty else { continue }
-            guard let picked = allocate(missing.count, in: pool, metadata: next) else {
-                throw DomainError("pool '\(pool.name)' is full: thin vdisk '\(name)' cannot allocate \(missing.count) extent(s)", code: ENOSPC)
+    /// A leg whose pool cannot commit the allocation (a failing metadata area) fails like a
+    /// leg that cannot take a write: with automatic-failover and another leg left, it is
+    /// marked failed and the write goes on; resync allocates its chunks when it copies.
+    /// A full pool is ENOSPC for the write. `only` restricts it to one leg (a copier's write).
+    func allocateExtents(vdisk name: String, offset: UInt64, length: Int, only: UUID? = nil) async throws(DomainError) {
+        if let why = readOnlyReason { throw DomainError(why, code: EROFS) }
+        let m = metadata
+        guard let v = m.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found", code: ENODEV) }
+        // A failed leg gets no write, so no chunk: resync maps what it copies (`only`).
+        for leg in v.legs where only == nil ? leg.state != .failed : leg.id == only {
+            guard let pool = m.pool(id: leg.poolId) else { continue }
+            let first = offset / pool.extentBytes, last = (offset + UInt64(max(length, 1)) - 1) / pool.extentBytes
+            let id = leg.id
+            do {
+                try await changeBlockMaps(pool) { (t: inout VolumeTransaction) throws(PageStore.Failure) in
+                    var i = first
+                    while i <= last {
+                        if try t.isMapped(id, i) { i += 1; continue }
+                        var j = i + 1
+                        while j <= last, try !t.isMapped(id, j) { j += 1 }
+                        try t.map(id, at: i, to: try t.allocate(j - i))
+                        i = j
+                    }
+                }
+            } catch where error.code == ENOSPC {
+                throw DomainError("pool '\(pool.name)' is full: thin vdisk '\(name)' cannot allocate (\(error))", code: ENOSPC)
+            } catch {
+                let others = v.legs.contains { $0.id != id && $0.state != .failed }
+                guard only == nil, v.mode == .automaticFailover, others else { throw error }
+                try await markLegsFailed(vdisk: name, legs: [id])
+                report("vdisk '\(name)': leg in pool '\(pool.name)' failed: cannot map a new chunk: \(error)")
             }
-            var failed = next.vdisks[vi].legs[l].state == .failed
-            if !failed, let problem = await zero(picked, of: pool) {
-                let others = next.vdisks[vi].legs.indices.contains { $0 != l && next.vdisks[vi].legs[$0].state != .failed }
-                guard next.vdisks[vi].mode == .automaticFailover, others else { throw problem }
-                next.vdisks[vi].legs[l].markFailed(atGeneration: metadata.generation + 1)
-                failed = true
-            }
-            if failed {
-                let span = UInt64(first) * pool.extentBytes..<UInt64(last + 1) * pool.extentBytes
-                dirtyRange = dirtyRange.map { min($0.lowerBound, span.lowerBound)..<max($0.upperBound, span.upperBound) } ?? span
-            }
-            for (i, e) in zip(missing, picked) { next.vdisks[vi].legs[l].extents[i] = e }
-            changed = true
         }
-        // A failed leg's new extents are dirty, held in flight until the commit that maps
-        // them, so `clean` cannot clear them first.
-        let log = dirtyRange == nil ? nil : (try? port(for: name))?.dirtyLog
-        defer { if let log, let r = dirtyRange { log.endWrite(offset: r.lowerBound, length: r.count) } }
-        if let log, let r = dirtyRange, !log.markDirty(offset: r.lowerBound, length: r.count) {
-            throw DomainError("vdisk '\(name)': cannot write its dirty-region bitmap")
-        }
-        if changed { try await commit(next) }
     }
 
-    /// Writes zeroes over the extents, durably (FUA), at most `zeroingWidth` 1 MiB pieces
+    /// Writes zeroes over pool chunks, durably (FUA), at most `zeroingWidth` 1 MiB pieces
     /// at a time. Nil, or what failed. Every piece has finished when it returns.
-    func zero(_ extents: [ExtentRef], of pool: PoolRecord) async -> DomainError? {
+    func zero(_ chunks: [Range<UInt64>], of pool: PoolRecord) async -> DomainError? {
         let runtime = runtime(of: pool.id)
+        let geometry = PoolGeometry(pool)
         var pieces: [(lun: LUNHandle, offset: UInt64, length: Int)] = []
-        for e in extents {
-            guard let lun = runtime?.luns[e.lun]?.handle else { return DomainError("pool '\(pool.name)': LUN \(e.lun) is missing") }
-            let start = pool.luns[e.lun].dataStartBytes + UInt64(e.extent) * pool.extentBytes
-            for at in stride(from: UInt64(0), to: pool.extentBytes, by: SharedZeros.bytes) {
-                pieces.append((lun, start + at, Int(min(UInt64(SharedZeros.bytes), pool.extentBytes - at))))
+        for run in chunks {
+            for c in run {
+                let place = geometry.lunOffset(c)
+                guard let lun = runtime?.luns[place.lun]?.handle else { return DomainError("pool '\(pool.name)': LUN \(place.lun) is missing") }
+                for at in stride(from: UInt64(0), to: pool.extentBytes, by: SharedZeros.bytes) {
+                    pieces.append((lun, place.offset + at, Int(min(UInt64(SharedZeros.bytes), pool.extentBytes - at))))
+                }
             }
         }
         return await withTaskGroup(of: DomainError?.self) { group in
@@ -70,7 +68,7 @@ extension Domain {
                         _ = try await engine.write(lun: p.lun, from: SharedZeros.pointer, length: p.length, offset: p.offset, fua: true)
                         return nil
                     } catch {
-                        return DomainError("pool '\(pool.name)': cannot zero a new extent: \(error)")
+                        return DomainError("pool '\(pool.name)': cannot zero a freed extent: \(error)")
                     }
                 }
             }
@@ -81,32 +79,29 @@ extension Domain {
 
     static let zeroingWidth = 16
 
-    /// Thin provisioning: frees every leg's extents lying wholly inside [offset, offset+length)
-    /// (a trim) and commits; the caller makes sure no I/O into them is in flight. Returns how
-    /// many extents were freed.
+    /// Thin provisioning: releases every leg's chunks lying wholly inside [offset, offset+length)
+    /// (a trim); the caller makes sure no I/O into them is in flight. They are zeroed in
+    /// the background before anyone can have them. Returns how many were released.
     @discardableResult
     func deallocateExtents(vdisk name: String, offset: UInt64, length: Int) async throws(DomainError) -> Int {
-        try await beginChange()
-        defer { mutation.release() }
-        guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }), metadata.vdisks[vi].thin else { return 0 }
-        var next = metadata
-        var freed: [LegRecord] = [] // what each leg gives back, zeroed before reuse
+        if let why = readOnlyReason { throw DomainError(why, code: EROFS) }
+        let m = metadata
+        guard let v = m.vdisk(named: name), v.thin else { return 0 }
         let end = offset + UInt64(length)
-        for l in next.vdisks[vi].legs.indices {
-            guard let pool = next.pool(id: next.vdisks[vi].legs[l].poolId) else { continue }
-            let first = Int((offset + pool.extentBytes - 1) / pool.extentBytes), last = Int(end / pool.extentBytes)
-            var given = LegRecord(poolId: pool.id, extents: [])
-            for i in first..<max(first, last) where next.vdisks[vi].legs[l].extents[i] != nil {
-                given.extents.append(next.vdisks[vi].legs[l].extents[i])
-                next.vdisks[vi].legs[l].extents[i] = nil
+        var released = 0
+        for leg in v.legs {
+            guard let pool = m.pool(id: leg.poolId) else { continue }
+            let first = (offset + pool.extentBytes - 1) / pool.extentBytes, last = end / pool.extentBytes
+            guard first < last else { continue }
+            let id = leg.id
+            released += try await changeBlockMaps(pool) { (t: inout VolumeTransaction) throws(PageStore.Failure) -> Int in
+                var n = 0
+                for i in first..<last where try t.isMapped(id, i) { n += 1 }
+                try t.unmap(id, first..<last)
+                return n
             }
-            freed.append(given)
         }
-        let count = freed.reduce(0) { $0 + $1.extents.count }
-        guard count > 0 else { return 0 }
-        listForZeroing(freed, in: &next)
-        try await commit(next)
-        zeroingWork.signal()
-        return count
+        if released > 0 { zeroingWork.signal() }
+        return released
     }
 }

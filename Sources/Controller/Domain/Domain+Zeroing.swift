@@ -3,54 +3,38 @@ import IOEngine
 
 /// Freed space reads as zeros before anyone else can read it.
 ///
-/// Extents that a vdisk (or a leg, or a thin trim) gives back are not free yet: the
-/// same commit that frees them lists them in their pool's `zeroing`, and `allocate`
-/// skips them. A background zeroer overwrites them with zeros (FUA) and commits them
+/// A chunk that its last holder releases (a vdisk or leg deleted, a thin trim) goes to
+/// "awaiting zeroing" in its pool's space map, in the same commit; `allocate` takes only
+/// free chunks. A background zeroer overwrites them with zeros (FUA) and commits them
 /// free in batches; a restart finishes what a stop cut short. So a thick create costs
 /// one commit whatever its size, and the price of zeroing is paid once, at disk speed,
-/// in the background after a delete. An extent is zeroed only after the I/O sent to it
-/// with its old mapping has landed (the quarantine), so no late write lands on zeros.
+/// in the background after a delete. A deleted leg's map is released only after the I/O
+/// sent with its old mapping has landed, so no late write lands on zeros.
 extension Domain {
-    /// Extents zeroed per commit: bounds both the commit rate and the work a stop repeats.
+    /// Chunks zeroed per commit: bounds both the commit rate and the work a stop repeats.
     static let zeroingBatchBytes: UInt64 = 1 << 30
 
-    /// `next` with the legs' extents listed as being zeroed in their pools.
-    func listForZeroing(_ legs: [LegRecord], in next: inout DomainMetadata) {
-        for leg in legs {
-            guard let p = next.pools.firstIndex(where: { $0.id == leg.poolId }) else { continue }
-            let freed = leg.extents.compactMap { $0 }
-            guard !freed.isEmpty else { continue }
-            next.pools[p].zeroing = (next.pools[p].zeroing ?? []) + freed
-        }
-    }
-
-    /// Runs until cancelled: zeroes what the pools list, a batch at a time, and commits.
+    /// Runs until cancelled: zeroes what the space maps hold for it, a batch at a time, and commits.
     func runZeroer(log: @escaping @Sendable (String) -> Void) async {
         var reported: String?
         while !Task.isCancelled {
             guard let (pool, batch) = nextZeroingBatch() else {
-                await zeroingWork.wait(timeoutNs: 1_000_000_000) // woken by a free; the timeout rechecks quarantines
+                await zeroingWork.wait(timeoutNs: 1_000_000_000) // woken by a release; the timeout rechecks pool health
                 continue
             }
             var problem: DomainError? = await zero(batch, of: pool)
             if problem == nil {
-                defer { zeroingProgress.signal() }
                 do throws(DomainError) {
-                    try await beginChange()
-                    defer { mutation.release() }
-                    var next = metadata
-                    if let p = next.pools.firstIndex(where: { $0.id == pool.id }) {
-                        let done = Set(batch)
-                        next.pools[p].zeroing = next.pools[p].zeroing?.filter { !done.contains($0) }
-                        if next.pools[p].zeroing?.isEmpty == true { next.pools[p].zeroing = nil }
-                        try await commit(next)
+                    try await changeBlockMaps(pool) { (t: inout VolumeTransaction) throws(PageStore.Failure) in
+                        for r in batch { try t.markZeroed(r) }
                     }
                 } catch {
                     problem = error
                 }
+                zeroingProgress.signal()
             }
             if let problem {
-                // Never silently: the extents stay listed (not allocatable) and the reason is logged once.
+                // Never silently: the chunks stay awaiting zeroing (not allocatable) and the reason is logged once.
                 if reported != problem.message { log("zeroing freed extents of pool '\(pool.name)': \(problem); retrying") }
                 reported = problem.message
                 try? await Task.sleep(nanoseconds: 2_000_000_000)
@@ -60,39 +44,38 @@ extension Domain {
         }
     }
 
-    /// Up to `zeroingBatchBytes` of one pool's listed extents that no old I/O can still reach.
-    private func nextZeroingBatch() -> (PoolRecord, [ExtentRef])? {
-        // A read-only domain may run on a stale copy of the metadata: its list may name
-        // extents that a newer generation gave to a vdisk. Nothing is zeroed until a majority is back.
+    /// Up to `zeroingBatchBytes` of one healthy pool's chunks awaiting zeroing.
+    private func nextZeroingBatch() -> (PoolRecord, [Range<UInt64>])? {
+        // A read-only domain may run on a stale catalog: nothing is changed until a majority is back.
         guard readOnlyReason == nil else { return nil }
-        for pool in metadata.pools where !(pool.zeroing ?? []).isEmpty {
-            let held = quarantined(in: pool.id)
-            let limit = max(1, Int(Self.zeroingBatchBytes / pool.extentBytes))
-            let batch = Array(pool.zeroing!.lazy.filter { !held.contains($0) }.prefix(limit))
-            if !batch.isEmpty, runtime(of: pool.id)?.isHealthy == true { return (pool, batch) }
+        for pool in metadata.pools {
+            guard let meta = poolMeta(pool.id), runtime(of: pool.id)?.isHealthy == true else { continue }
+            let limit = max(1, Self.zeroingBatchBytes / pool.extentBytes)
+            if let batch = try? meta.awaitingZeroing(limit: limit), !batch.isEmpty { return (pool, batch) }
         }
         return nil
     }
 
     /// Extents of the pool still being zeroed.
-    public func zeroingExtents(of pool: PoolRecord) -> Int { pool.zeroing?.count ?? 0 }
+    public func zeroingExtents(of pool: PoolRecord) -> Int {
+        guard let runs = try? poolMeta(pool.id)?.awaitingZeroing(limit: .max) else { return 0 }
+        return runs.reduce(0) { $0 + $1.count }
+    }
 
-    /// Waits while `pools` have extents being zeroed (a change that lacks free extents
-    /// there waits for them instead of failing). False when nothing was being zeroed, or
-    /// when zeroing made no progress for 30 s (a failing LUN: the caller reports).
+    /// Waits until the zeroer frees some of what `pools` have awaiting zeroing (a change
+    /// that lacks free extents there waits and tries again instead of failing). False when
+    /// nothing was being zeroed, or when zeroing made no progress for 30 s (a failing LUN:
+    /// the caller reports).
     func waitForZeroing(in pools: [UUID]) async -> Bool {
-        func remaining() -> Int { pools.reduce(0) { $0 + (metadata.pool(id: $1)?.zeroing?.count ?? 0) } }
-        var left = remaining()
+        func remaining() -> Int { pools.reduce(0) { sum, id in sum + (metadata.pool(id: id).map { zeroingExtents(of: $0) } ?? 0) } }
+        let left = remaining()
         guard left > 0 else { return false }
-        var lastProgress = DispatchTime.now().uptimeNanoseconds
-        while left > 0 {
+        let start = DispatchTime.now().uptimeNanoseconds
+        while DispatchTime.now().uptimeNanoseconds - start < 30_000_000_000 {
             await zeroingProgress.wait(timeoutNs: 1_000_000_000)
-            let now = remaining()
-            if now < left { lastProgress = DispatchTime.now().uptimeNanoseconds }
-            left = now
-            if DispatchTime.now().uptimeNanoseconds - lastProgress > 30_000_000_000 { return false }
+            if remaining() < left { return true }
         }
-        return true
+        return false
     }
 }
 

@@ -76,6 +76,11 @@ public final class Domain: @unchecked Sendable {
     func runtime(of pool: UUID) -> PoolRuntime? { stateLock.withLock { storedPools[pool] } }
 
     private func setRuntime(_ runtime: PoolRuntime?, of pool: UUID) { stateLock.withLock { storedPools[pool] = runtime } }
+
+    /// The pool's block maps and space map (nil: not open, see `problems`).
+    func poolMeta(_ pool: UUID) -> PoolMetadata? { stateLock.withLock { storedPoolMeta[pool] } }
+    func setPoolMeta(_ meta: PoolMetadata?, of pool: UUID) { stateLock.withLock { storedPoolMeta[pool] = meta } }
+    private var storedPoolMeta: [UUID: PoolMetadata] = [:]
     private var setupStore: SetupVDiskStore?
     /// Seeded LUN faults (`serve --fault-plan`), applied to the pools it names.
     private(set) var faultPlan: FaultPlan?
@@ -117,7 +122,9 @@ public final class Domain: @unchecked Sendable {
         for pool in boot.pools where boot.setupPools.contains(pool.id) { domain.openLUNs(of: pool) }
         if !boot.setupPools.isEmpty { try await domain.loadSetupVDisk(boot) }
         for pool in domain.metadata.pools where domain.runtime(of: pool.id) == nil { domain.openLUNs(of: pool) }
+        await domain.openBlockMaps()
         try await domain.convertOldFormat()
+        await domain.releaseOrphanMaps()
         return domain
     }
 
@@ -172,12 +179,18 @@ public final class Domain: @unchecked Sendable {
         }
     }
 
-    /// Records written before legs had ids get them once, committed, so they stay stable.
+    /// Records of an earlier format are converted once, committed: legs get ids (so they
+    /// stay stable), extent lists move into block maps in the pools.
     private func convertOldFormat() async throws(DomainError) {
-        guard metadata.format == nil, readOnlyReason == nil else { return }
+        guard (metadata.format ?? 0) < DomainMetadata.currentFormat else { return }
+        guard readOnlyReason == nil else {
+            report("the domain's record is of format \(metadata.format ?? 1): it is converted when a majority of its setup copies is readable")
+            return
+        }
         await mutation.acquire()
         defer { mutation.release() }
         var next = metadata
+        try await convertExtentLists(&next)
         next.format = DomainMetadata.currentFormat
         try await commit(next)
     }
@@ -383,20 +396,32 @@ public final class Domain: @unchecked Sendable {
             cleanUp()
             throw DomainError("cannot label LUNs: \(error)")
         }
-        let pool = PoolRecord(id: poolId, name: name, arrayProfile: arrayProfile, poolProfile: poolProfileName,
+        var pool = PoolRecord(id: poolId, name: name, arrayProfile: arrayProfile, poolProfile: poolProfileName,
                               extentBytes: profile.extentBytes, metadataReserveBytes: reserve,
                               stripe: profile.placement == .stripe, luns: records)
-        var next = metadata
-        next.pools.append(pool)
-        do {
-            try await commit(next)
-        } catch {
+        guard let (area, _) = Self.plannedMetadataArea(for: pool) else {
             cleanUp()
-            throw error
+            let needs = ByteSize.format(MetaLayout.sized(forChunks: pool.extentCount).bytes)
+            throw DomainError("LUN \(lunPaths[0]) (\(records[0].extentCount) extents of \(ByteSize.format(pool.extentBytes))) is too small "
+                + "for the pool's metadata area (\(needs)) plus one extent of data")
         }
+        pool.metadataArea = area
         setRuntime(PoolRuntime(luns: boxes, engine: engine, array: array, backgroundSharePercent: profile.backgroundSharePercent,
                                faults: faultPlan?.faults(forPool: name)),
                    of: poolId)
+        do {
+            // LUNs svsp just made are sparse files, zeros throughout; any other may hold old data.
+            let meta = try await formatBlockMaps(of: pool, area: area, unzeroed: created.count != lunPaths.count)
+            var next = metadata
+            next.pools.append(pool)
+            try await commit(next)
+            setPoolMeta(meta, of: poolId)
+        } catch {
+            setRuntime(nil, of: poolId)
+            cleanUp()
+            throw error
+        }
+        if created.count != lunPaths.count { zeroingWork.signal() }
         return pool
     }
 
@@ -414,6 +439,7 @@ public final class Domain: @unchecked Sendable {
         var next = metadata
         next.pools.removeAll { $0.id == pool.id }
         try await commit(next)
+        setPoolMeta(nil, of: pool.id)
         // Clear the labels so the LUNs can be reused without --force.
         if let boxes = runtime(of: pool.id)?.luns, let zero = try? AlignedBuffer(count: 4096) {
             memset(zero.pointer, 0, 4096)
@@ -422,41 +448,8 @@ public final class Domain: @unchecked Sendable {
         setRuntime(nil, of: pool.id)
     }
 
-    /// Extents of the pool no vdisk uses and none is being zeroed.
-    public func freeExtents(of pool: PoolRecord) -> Int {
-        pool.extentCount - zeroingExtents(of: pool)
-            - metadata.vdisks.flatMap(\.legs).filter { $0.poolId == pool.id }.reduce(0) { $0 + $1.extents.compactMap { $0 }.count }
-    }
-
-    /// Picks `count` free extents: concatenated pools fill LUN by LUN, striped ones round-robin.
-    func allocate(_ count: Int, in pool: PoolRecord, metadata m: DomainMetadata) -> [ExtentRef]? {
-        var used = quarantined(in: pool.id)
-        used.formUnion(m.pool(id: pool.id)?.zeroing ?? []) // freed, not yet zeros
-        for leg in m.vdisks.flatMap(\.legs) where leg.poolId == pool.id { for e in leg.extents { if let e { used.insert(e) } } }
-        var picked: [ExtentRef] = []
-        if pool.stripe {
-            var cursor = Array(repeating: 0, count: pool.luns.count)
-            var lun = 0, idle = 0
-            while picked.count < count, idle < pool.luns.count {
-                var found = false
-                while cursor[lun] < pool.luns[lun].extentCount {
-                    let ref = ExtentRef(lun: lun, extent: cursor[lun])
-                    cursor[lun] += 1
-                    if !used.contains(ref) { picked.append(ref); found = true; break }
-                }
-                idle = found ? 0 : idle + 1
-                lun = (lun + 1) % pool.luns.count
-            }
-        } else {
-            outer: for l in pool.luns {
-                for e in 0..<l.extentCount where !used.contains(ExtentRef(lun: l.index, extent: e)) {
-                    picked.append(ExtentRef(lun: l.index, extent: e))
-                    if picked.count == count { break outer }
-                }
-            }
-        }
-        return picked.count == count ? picked : nil
-    }
+    /// Extents of the pool free to allocate now (none being zeroed).
+    public func freeExtents(of pool: PoolRecord) -> Int { Int(poolMeta(pool.id)?.freeChunks ?? 0) }
 
     // MARK: vdisks
 
@@ -496,33 +489,40 @@ public final class Domain: @unchecked Sendable {
         let poolNames = [poolName] + mirrorPools
         guard poolNames.count <= 4 else { throw DomainError("a sync mirror has at most 4 legs, got \(poolNames.count)") }
         guard Set(poolNames).count == poolNames.count else { throw DomainError("each mirror leg must be in a different pool") }
-        var legs: [LegRecord] = []
+        var pools: [PoolRecord] = []
         for name in poolNames {
             guard let pool = metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
-            legs.append(try newLeg(in: pool, sizeBytes: sizeBytes, thin: thin, vdisk: name))
+            pools.append(pool)
         }
+        let legs = try await newLegs(in: pools, sizeBytes: sizeBytes, thin: thin, vdisk: name)
         let vdisk = VDiskRecord(id: UUID(), name: name, sizeBytes: sizeBytes, blockSize: blockSize, thin: thin, legs: legs,
                                 mode: mode, dirtyRegions: dirtyRegions)
         var next = metadata
         next.vdisks.append(vdisk)
-        try await commit(next)
+        do {
+            try await commit(next)
+        } catch {
+            releaseLegMaps(legs, after: nil)
+            throw error
+        }
         return vdisk
     }
 
-    /// A leg of `sizeBytes` in `pool`: every extent allocated (thick) or none (thin).
-    func newLeg(in pool: PoolRecord, sizeBytes: UInt64, thin: Bool, vdisk: String) throws(DomainError) -> LegRecord {
-        let extentCount = Int((sizeBytes + pool.extentBytes - 1) / pool.extentBytes)
-        guard !thin else { return LegRecord(poolId: pool.id, extents: Array(repeating: nil, count: extentCount)) }
-        guard let picked = allocate(extentCount, in: pool, metadata: metadata) else {
-            throw DomainError("pool '\(pool.name)' has \(freeExtents(of: pool)) free extents of \(ByteSize.format(pool.extentBytes))"
-                + "\(zeroingNote(pool)); vdisk '\(vdisk)' needs \(extentCount)", code: ENOSPC)
+    /// New legs of `sizeBytes`, one per pool, their block maps made (every chunk allocated
+    /// when thick). Maps made before a failure are released again.
+    func newLegs(in pools: [PoolRecord], sizeBytes: UInt64, thin: Bool, vdisk: String) async throws(DomainError) -> [LegRecord] {
+        var legs: [LegRecord] = []
+        for pool in pools {
+            let leg = LegRecord(poolId: pool.id)
+            do {
+                try await makeLegMap(leg, in: pool, sizeBytes: sizeBytes, thin: thin, vdisk: vdisk)
+            } catch {
+                releaseLegMaps(legs, after: nil)
+                throw error
+            }
+            legs.append(leg)
         }
-        return LegRecord(poolId: pool.id, extents: picked)
-    }
-
-    /// " (N more being zeroed)" when the pool has freed extents not yet zeroed.
-    private func zeroingNote(_ pool: PoolRecord) -> String {
-        zeroingExtents(of: pool) > 0 ? " (\(zeroingExtents(of: pool)) more being zeroed)" : ""
+        return legs
     }
 
     public func growVDisk(name: String, sizeBytes: UInt64) async throws(DomainError) -> VDiskRecord {
@@ -538,28 +538,46 @@ public final class Domain: @unchecked Sendable {
         guard sizeBytes % UInt64(vdisk.blockSize) == 0 else {
             throw DomainError("size \(sizeBytes): must be a multiple of the block size \(vdisk.blockSize)")
         }
-        for l in vdisk.legs.indices {
-            guard let pool = metadata.pool(id: vdisk.legs[l].poolId) else { throw DomainError("vdisk '\(name)': a leg's pool is gone") }
-            let extra = Int((sizeBytes + pool.extentBytes - 1) / pool.extentBytes) - vdisk.legs[l].extents.count
-            guard extra > 0 else { continue }
-            if vdisk.thin {
-                vdisk.legs[l].extents += Array(repeating: nil, count: extra)
-            } else {
-                guard let picked = allocate(extra, in: pool, metadata: metadata) else {
-                    throw DomainError("pool '\(pool.name)' has \(freeExtents(of: pool)) free extents\(zeroingNote(pool)); growing '\(name)' needs \(extra)",
-                                      code: ENOSPC)
-                }
-                vdisk.legs[l].extents += picked.map { Optional($0) }
+        // The maps grow first (thick: their new chunks allocated); a failure shrinks back those grown.
+        var grown: [(PoolRecord, LegRecord, UInt64)] = []
+        func shrinkBack() async {
+            for (pool, leg, old) in grown {
+                _ = try? await changeBlockMaps(pool) { (v: inout VolumeTransaction) throws(PageStore.Failure) in try v.resizeMap(leg.id, chunks: old) }
             }
+        }
+        for leg in vdisk.legs {
+            guard let pool = metadata.pool(id: leg.poolId) else { throw DomainError("vdisk '\(name)': a leg's pool is gone") }
+            let old = poolMeta(pool.id)?.mapCount(leg.id) ?? 0
+            let wanted = Self.chunkCount(sizeBytes, pool)
+            guard wanted > old else { continue }
+            let thin = vdisk.thin, zeroing = zeroingExtents(of: pool)
+            do {
+                try await changeBlockMaps(pool) { (v: inout VolumeTransaction) throws(PageStore.Failure) in
+                    try v.resizeMap(leg.id, chunks: wanted)
+                    if !thin { try v.map(leg.id, at: old, to: try v.allocate(wanted - old)) }
+                }
+            } catch {
+                await shrinkBack()
+                guard error.code == ENOSPC else { throw error }
+                throw DomainError("pool '\(pool.name)' has \(freeExtents(of: pool)) free extents"
+                    + (zeroing > 0 ? " (\(zeroing) more being zeroed)" : "") + "; growing '\(name)' needs \(wanted - old)", code: ENOSPC)
+            }
+            grown.append((pool, leg, old))
         }
         vdisk.sizeBytes = sizeBytes
         // The write-intent bitmap covers the new size before any write can reach it.
         if let log = stateLock.withLock({ storedPorts[name] })?.dirtyLog, !log.grow(sizeBytes: sizeBytes) {
+            await shrinkBack()
             throw DomainError("vdisk '\(name)': cannot extend its dirty-region bitmap; not grown")
         }
         var next = metadata
         next.vdisks[index] = vdisk
-        try await commit(next)
+        do {
+            try await commit(next)
+        } catch {
+            await shrinkBack()
+            throw error
+        }
         return vdisk
     }
 
@@ -573,12 +591,9 @@ public final class Domain: @unchecked Sendable {
         try refuseWhileCopying(name, "its delete")
         var next = metadata
         next.vdisks.removeAll { $0.name == name }
-        listForZeroing(v.legs, in: &next)
-        // Held back before the commit lists them, so the zeroer can never reach them first.
-        quarantine(v.legs, while: stateLock.withLock { storedPorts[name] })
         try await commit(next)
-        _ = stateLock.withLock { storedPorts.removeValue(forKey: name) }
-        zeroingWork.signal()
+        let port = stateLock.withLock { storedPorts.removeValue(forKey: name) }
+        releaseLegMaps(v.legs, after: port)
     }
 
     /// Adds a leg in `poolName` (state copying); the caller starts the copy.
@@ -597,12 +612,17 @@ public final class Domain: @unchecked Sendable {
         guard let pool = metadata.pool(named: poolName) else { throw DomainError("pool '\(poolName)' not found") }
         guard !v.legs.contains(where: { $0.poolId == pool.id }) else { throw DomainError("vdisk '\(name)' already has a leg in pool '\(poolName)'") }
         guard v.legs.contains(where: { $0.state == .inSync }) else { throw DomainError("vdisk '\(name)' has no in-sync leg to copy from") }
-        var leg = try newLeg(in: pool, sizeBytes: v.sizeBytes, thin: false, vdisk: name)
+        var leg = try await newLegs(in: [pool], sizeBytes: v.sizeBytes, thin: false, vdisk: name)[0]
         leg.state = .copying
         leg.copyAll = true // cleared once the bitmap carries the whole copy
         var next = metadata
         next.vdisks[vi].legs.append(leg)
-        try await commit(next)
+        do {
+            try await commit(next)
+        } catch {
+            releaseLegMaps([leg], after: nil)
+            throw error
+        }
         return (next.vdisks[vi].legs.count - 1, leg.id)
     }
 
@@ -625,35 +645,8 @@ public final class Domain: @unchecked Sendable {
         guard othersInSync else { throw DomainError("leg \(leg) is the last in-sync leg of '\(name)'") }
         var next = metadata
         next.vdisks[vi].legs.remove(at: leg)
-        listForZeroing([v.legs[leg]], in: &next)
-        quarantine([v.legs[leg]], while: stateLock.withLock { storedPorts[name] }) // before the commit lists them
         try await commit(next)
-        zeroingWork.signal()
-    }
-
-    /// Freed extents that I/O sent with an old mapping may still reach, per pool: `allocate`
-    /// skips them until that I/O has landed. In memory only (after a restart nothing is in
-    /// flight). Guarded by stateLock.
-    private var quarantinedByPool: [UUID: Set<ExtentRef>] = [:]
-
-    func quarantined(in pool: UUID) -> Set<ExtentRef> { stateLock.withLock { quarantinedByPool[pool] ?? [] } }
-
-    /// Keeps the legs' extents out of `allocate` until the port's requests of now have
-    /// finished. The wait runs outside the mutation lock: those requests may need it
-    /// (a thin allocation, a leg failure) to finish.
-    private func quarantine(_ legs: [LegRecord], while port: VDiskPort?) {
-        guard let port else { return }
-        let waiting = port.requestsInFlight()
-        guard !waiting.isEmpty else { return }
-        let refs = legs.map { leg in (leg.poolId, leg.extents.compactMap { $0 }) }
-        stateLock.withLock { for (pool, extents) in refs { for e in extents { quarantinedByPool[pool, default: []].insert(e) } } }
-        Task {
-            // Held until every one of those requests has landed: a device that hangs keeps
-            // them out of reach (and out of the zeroer's) until the daemon restarts.
-            while !(await port.drain(waiting)) {}
-            self.stateLock.withLock { for (pool, extents) in refs { self.quarantinedByPool[pool]?.subtract(extents) } }
-            self.zeroingWork.signal()
-        }
+        releaseLegMaps([v.legs[leg]], after: stateLock.withLock { storedPorts[name] })
     }
 
     /// Turns in-sync leg `leg` into an independent vdisk `newName`, consistent as of now

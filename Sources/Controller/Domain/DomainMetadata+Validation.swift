@@ -17,6 +17,13 @@ extension DomainMetadata {
                 else { return "pool '\(pool.name)': LUN \(lun.path) claims more extents than it holds" }
             }
             for e in pool.zeroing ?? [] where !pool.holds(e) { return "pool '\(pool.name)': extent \(e.lun)/\(e.extent) to zero is outside the pool" }
+            if let area = pool.metadataArea {
+                guard pool.luns.indices.contains(area.lun), area.firstExtent >= 0, area.extentCount > 0,
+                      area.firstExtent + area.extentCount <= pool.luns[area.lun].extentCount
+                else { return "pool '\(pool.name)': its metadata area lies outside its LUNs" }
+            } else if (format ?? 0) >= 3 {
+                return "pool '\(pool.name)' has no metadata area"
+            }
         }
         for id in setupPools where !poolIds.contains(id) { return "setup pool \(id) is not a pool of the domain" }
         var names = Set<String>()
@@ -28,9 +35,13 @@ extension DomainMetadata {
             guard (1...4).contains(v.legs.count) else { return "vdisk '\(v.name)' has \(v.legs.count) legs" }
             for leg in v.legs {
                 guard let pool = pool(id: leg.poolId) else { return "vdisk '\(v.name)': a leg is in unknown pool \(leg.poolId)" }
+                guard let extents = leg.legacyExtents else {
+                    if (format ?? 0) < 3 { return "vdisk '\(v.name)': a leg has no extent list" }
+                    continue // format 3: the pool's block map (checked when the pool opens)
+                }
                 let needed = (v.sizeBytes + pool.extentBytes - 1) / pool.extentBytes
-                guard UInt64(leg.extents.count) >= needed else { return "vdisk '\(v.name)': a leg maps \(leg.extents.count) extents, needs \(needed)" }
-                for case let e? in leg.extents where !pool.holds(e) {
+                guard UInt64(extents.count) >= needed else { return "vdisk '\(v.name)': a leg maps \(extents.count) extents, needs \(needed)" }
+                for case let e? in extents where !pool.holds(e) {
                     return "vdisk '\(v.name)': extent \(e.lun)/\(e.extent) is outside pool '\(pool.name)'"
                 }
             }

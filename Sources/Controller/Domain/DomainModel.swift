@@ -12,7 +12,8 @@ public struct DomainMetadata: Codable, Equatable, Sendable {
     public var setupPools: [UUID] = []
     /// Record format: nil for records written before legs had ids (converted at open).
     public var format: Int?
-    public static let currentFormat = 2
+    /// 3: block maps in the pools' metadata areas (2: extent lists in this record, legs with ids).
+    public static let currentFormat = 3
 
     public init(domainId: UUID = UUID(), name: String) {
         self.domainId = domainId
@@ -33,12 +34,21 @@ public struct PoolRecord: Codable, Equatable, Sendable {
     public var metadataReserveBytes: UInt64
     public var stripe: Bool
     public var luns: [LUNRecord]
-    /// Freed extents not yet overwritten with zeros: never handed out until the zeroer
-    /// has cleared them (persisted, so a restart finishes the job). Nil = none.
+    /// Format 2 only: freed extents not yet zeroed (now the space map says so). Read once
+    /// by the conversion, never written.
     public var zeroing: [ExtentRef]?
+    /// Where the pool's block maps and space map live (nil only in records of format 2).
+    public var metadataArea: MetadataAreaRecord?
 
     public var extentCount: Int { luns.reduce(0) { $0 + $1.extentCount } }
     public var capacityBytes: UInt64 { UInt64(extentCount) * extentBytes }
+}
+
+/// The extents of one LUN that hold a pool's metadata area (contiguous).
+public struct MetadataAreaRecord: Codable, Equatable, Sendable {
+    public var lun: Int
+    public var firstExtent: Int
+    public var extentCount: Int
 }
 
 public struct LUNRecord: Codable, Equatable, Sendable {
@@ -75,8 +85,9 @@ public struct LegRecord: Codable, Equatable, Sendable {
     /// their index, which shifts when a leg is removed or split off.
     public var id: UUID
     public var poolId: UUID
-    /// One entry per extent of the vdisk; nil = not yet allocated (thin), reads as zeros.
-    public var extents: [ExtentRef?]
+    /// Format 2 only: the extent list, moved into the pool's block map (keyed by `id`) by
+    /// the conversion and never written again.
+    public var legacyExtents: [ExtentRef?]?
     public var state: LegState = .inSync
     /// The metadata generation at which the leg failed: resync copies towards it, never from it.
     public var failedAtGeneration: UInt64?
@@ -85,20 +96,19 @@ public struct LegRecord: Codable, Equatable, Sendable {
     /// leave an uncopied leg that looks in sync.
     public var copyAll: Bool?
 
-    public init(id: UUID = UUID(), poolId: UUID, extents: [ExtentRef?], state: LegState = .inSync) {
+    public init(id: UUID = UUID(), poolId: UUID, state: LegState = .inSync) {
         self.id = id
         self.poolId = poolId
-        self.extents = extents
         self.state = state
     }
 
-    private enum CodingKeys: String, CodingKey { case id, poolId, extents, state, failedAtGeneration, copyAll }
+    private enum CodingKeys: String, CodingKey { case id, poolId, legacyExtents = "extents", state, failedAtGeneration, copyAll }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         id = try c.decodeIfPresent(UUID.self, forKey: .id) ?? UUID() // older records: given one at open, then committed
         poolId = try c.decode(UUID.self, forKey: .poolId)
-        extents = try c.decode([ExtentRef?].self, forKey: .extents)
+        legacyExtents = try c.decodeIfPresent([ExtentRef?].self, forKey: .legacyExtents)
         state = try c.decode(LegState.self, forKey: .state)
         failedAtGeneration = try c.decodeIfPresent(UInt64.self, forKey: .failedAtGeneration)
         copyAll = try c.decodeIfPresent(Bool.self, forKey: .copyAll)

@@ -72,13 +72,14 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         func named(by mask: UInt8) -> [UUID] { (0..<4).filter { mask & (1 << $0) != 0 }.map { self[$0] } }
     }
 
-    /// One leg's routing for one metadata generation.
+    /// One leg's routing for one metadata generation (its block map is read live: thin
+    /// allocations and trims change it without a new generation).
     private struct LegMap {
         var id: UUID
         var state: LegState
         var extentBytes: UInt64
-        var extents: [ExtentRef?]
-        var lunDataStart: [UInt64]
+        var route: LegRoute?
+        var lunCount: Int
         var schedulerSlot: [Int?]
         var scheduler: IOScheduler?
         var lunSeries: [[DomainMetrics.IOSet]] // [lun][read, write, flush]
@@ -183,8 +184,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 ["read", "write", "flush"].map { domain.metrics.lunSeries(pool: pool.name, lun: lun.path, op: $0) }
             }
             let runtime = domain.runtime(of: pool.id)
-            legs.append(LegMap(id: leg.id, state: leg.state, extentBytes: pool.extentBytes, extents: leg.extents,
-                               lunDataStart: pool.luns.map(\.dataStartBytes), schedulerSlot: runtime?.slots ?? [],
+            legs.append(LegMap(id: leg.id, state: leg.state, extentBytes: pool.extentBytes, route: domain.route(leg, in: m),
+                               lunCount: pool.luns.count, schedulerSlot: runtime?.slots ?? [],
                                scheduler: runtime?.scheduler, lunSeries: series))
         }
         let unit = legs.map(\.extentBytes).max()
@@ -392,21 +393,32 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         }
     }
 
-    /// Caller holds the lock.
+    /// Whether some leg maps a whole chunk inside the range (a trim can release it). Caller holds the lock.
     private func coversAllocatedExtent(offset: UInt64, length: Int) -> Bool {
         let end = offset + UInt64(length)
         return mapping.legs.contains { leg in
-            let first = Int((offset + leg.extentBytes - 1) / leg.extentBytes), last = Int(end / leg.extentBytes)
-            return first < last && (first..<last).contains { leg.extents[$0] != nil }
+            let first = (offset + leg.extentBytes - 1) / leg.extentBytes * leg.extentBytes, last = end / leg.extentBytes * leg.extentBytes
+            return first < last && anyPiece(of: leg, first, Int(last - first)) { $0 != nil }
         }
     }
 
-    /// Caller holds the lock.
+    /// Whether a leg the write goes to (not failed) has a chunk of the range unmapped (the
+    /// write allocates first). Caller holds the lock.
     private func touchesUnallocated(offset: UInt64, length: Int) -> Bool {
-        mapping.legs.contains { leg in
-            let first = Int(offset / leg.extentBytes), last = Int((offset + UInt64(length) - 1) / leg.extentBytes)
-            return (first...last).contains { leg.extents[$0] == nil }
+        mapping.legs.contains { $0.state != .failed && anyPiece(of: $0, offset, length) { $0 == nil } }
+    }
+
+    /// Whether a piece of the leg's range satisfies `test` (a map that cannot be read counts as mapped:
+    /// the dispatch then fails the leg's I/O with the reason).
+    private func anyPiece(of leg: LegMap, _ offset: UInt64, _ length: Int, _ test: ((lun: Int, offset: UInt64)?) -> Bool) -> Bool {
+        guard let route = leg.route else { return false }
+        var done = 0
+        while done < length {
+            guard let (place, n) = try? route.piece(at: offset + UInt64(done), length: length - done) else { return false }
+            if test(place) { return true }
+            done += n
         }
+        return false
     }
 
     /// Picks the in-sync leg with the fewest outstanding requests that has not been tried. Caller holds the lock.
@@ -510,29 +522,38 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         }
 
         if r.op == .flush {
-            for lun in leg.lunDataStart.indices where leg.schedulerSlot[lun] != nil {
+            for lun in 0..<leg.lunCount where leg.schedulerSlot[lun] != nil {
                 if !send(.flush, lun: lun, lunOffset: 0, buffer: nil, length: 0) { return true }
             }
             return true
         }
+        guard let route = leg.route else {
+            legPieceFailed(index, leg: l, result: -Int64(EIO)) // the pool's block maps are not open
+            return true
+        }
         var done = 0
         while done < r.length {
-            let at = r.offset + UInt64(done)
-            let extent = Int(at / leg.extentBytes)
-            let within = at % leg.extentBytes
-            let piece = min(r.length - done, Int(leg.extentBytes - within))
-            if let ref = leg.extents[extent] {
-                let lunOffset = leg.lunDataStart[ref.lun] + UInt64(ref.extent) * leg.extentBytes + within
+            let place: (lun: Int, offset: UInt64)?, piece: Int
+            do {
+                (place, piece) = try route.piece(at: r.offset + UInt64(done), length: r.length - done)
+            } catch {
+                // A damaged map page: this leg's I/O fails (a mirror reads another leg), never wrong data.
+                domain.report("vdisk '\(vdiskName)' leg \(l): \(error)")
+                legPieceFailed(index, leg: l, result: -Int64(EIO))
+                return true
+            }
+            if let place {
+                let lunOffset = place.offset
                 switch r.op {
                 case .read:
-                    if !send(.read, lun: ref.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece) { return true }
+                    if !send(.read, lun: place.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece) { return true }
                 case .write:
-                    if !send(.write, lun: ref.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece) { return true }
+                    if !send(.write, lun: place.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece) { return true }
                 case .writeZeroes, .trim:
                     var z = 0
                     while z < piece {
                         let n = min(SharedZeros.bytes, piece - z)
-                        if !send(.write, lun: ref.lun, lunOffset: lunOffset + UInt64(z), buffer: SharedZeros.pointer, length: n) { return true }
+                        if !send(.write, lun: place.lun, lunOffset: lunOffset + UInt64(z), buffer: SharedZeros.pointer, length: n) { return true }
                         z += n
                     }
                 case .flush:

@@ -39,7 +39,8 @@ public actor CommandHandler {
             let pool = try await domain.createPool(name: try arg(r, "name"), arrayProfile: try arg(r, "array_profile"),
                                                    poolProfile: r.args["pool_profile"], lunPaths: luns,
                                                    createBytes: createBytes, force: r.args["force"] == "true")
-            return .success(text: "pool '\(pool.name)' created: \(pool.luns.count) LUN(s), \(pool.extentCount) extents of \(ByteSize.format(pool.extentBytes)) (\(ByteSize.format(pool.capacityBytes)))",
+            let area = pool.metadataArea.map { "; metadata area (block maps, space map, journal): \($0.extentCount) extent(s), \(ByteSize.format(UInt64($0.extentCount) * pool.extentBytes)), sized from the pool's capacity" } ?? ""
+            return .success(text: "pool '\(pool.name)' created: \(pool.luns.count) LUN(s), \(pool.extentCount) extents of \(ByteSize.format(pool.extentBytes)) (\(ByteSize.format(pool.capacityBytes)))" + area,
                             json: PoolView(pool, domain: domain))
         case "pool.list":
             let views = domain.metadata.pools.map { PoolView($0, domain: domain) }
@@ -50,9 +51,9 @@ public actor CommandHandler {
             let view = PoolView(pool, domain: domain)
             return .success(text: Table.poolDetail(view), json: view)
         case "pool.check":
-            let report = try domain.checkPool(name: try arg(r, "name"))
+            let report = try await domain.checkPool(name: try arg(r, "name"))
             let head = "pool '\(report.pool)': \(report.extents) extents, \(report.mapped) mapped, \(report.beingZeroed) being zeroed, "
-                + "\(report.free) free, \(report.heldBack) held back for I/O in flight: "
+                + "\(report.free) free, \(report.heldBack) held by removed legs, \(report.metadataPages) metadata pages checked: "
             let text = report.clean ? head + "clean"
                 : head + "\(report.problems.count) problem(s)\n" + report.problems.map { "  ! \($0)" }.joined(separator: "\n")
             return .success(text: text, json: report, warnings: report.clean ? [] : ["pool '\(report.pool)' check found \(report.problems.count) problem(s)"])
@@ -279,6 +280,8 @@ struct PoolView: Codable {
     var freeBytes: UInt64
     /// Freed by a delete, trim or leg removal, being overwritten with zeros: free once done.
     var zeroingBytes: UInt64
+    /// Held by the pool's metadata area (counted in used).
+    var metadataBytes: UInt64
     var health: String
     var luns: [LUNView]
 
@@ -299,6 +302,7 @@ struct PoolView: Codable {
         let free = UInt64(domain.freeExtents(of: p)) * p.extentBytes
         freeBytes = free
         zeroingBytes = UInt64(domain.zeroingExtents(of: p)) * p.extentBytes
+        metadataBytes = UInt64(p.metadataArea?.extentCount ?? 0) * p.extentBytes
         usedBytes = p.capacityBytes - free - zeroingBytes
         health = domain.isPoolHealthy(p) ? "normal" : "degraded"
         luns = p.luns.map { LUNView(path: $0.path, sizeBytes: $0.sizeBytes, extents: $0.extentCount,
@@ -332,7 +336,7 @@ struct VDiskView: Codable {
         sizeBytes = v.sizeBytes
         blockSize = v.blockSize
         provisioning = v.thin ? "thin" : "thick"
-        allocatedBytes = UInt64(v.legs[0].extents.compactMap { $0 }.count) * (pool?.extentBytes ?? 0)
+        allocatedBytes = domain.mappedChunks(of: v.legs[0]) * (pool?.extentBytes ?? 0)
         legs = v.legs.map { leg in
             LegView(pool: domain.metadata.pool(id: leg.poolId)?.name ?? "?", state: leg.state.rawValue)
         }

@@ -374,20 +374,30 @@ extension Domain {
         guard let v = metadata.vdisk(named: name), let l = v.legIndex(id) else {
             throw DomainError("vdisk '\(name)': a leg of the copy was removed or split off meanwhile; the copy stops")
         }
-        guard let pool = metadata.pool(id: v.legs[l].poolId), let runtime = runtime(of: pool.id), let scheduler = runtime.scheduler
+        let m = metadata
+        guard let pool = m.pool(id: v.legs[l].poolId), let runtime = runtime(of: pool.id), let scheduler = runtime.scheduler,
+              let route = route(v.legs[l], in: m)
         else { throw DomainError("vdisk '\(name)': leg \(l) is not available") }
         var done = 0
         while done < length {
             let at = offset + UInt64(done)
-            let within = at % pool.extentBytes
-            let piece = min(length - done, Int(pool.extentBytes - within))
-            guard let ref = v.legs[l].extents[Int(at / pool.extentBytes)] else {
-                if op == .read { memset(buffer + done, 0, piece) }
+            let piece: Int
+            let place: (lun: Int, offset: UInt64)?
+            do { (place, piece) = try route.piece(at: at, length: length - done) } catch {
+                throw DomainError("vdisk '\(name)' leg \(l): block map: \(error)")
+            }
+            guard let place else {
+                if op == .read {
+                    memset(buffer + done, 0, piece)
+                } else { // a thin leg that missed the allocation (it was failed): map it, then write
+                    try await allocateExtents(vdisk: name, offset: at, length: piece, only: id)
+                    continue
+                }
                 done += piece
                 continue
             }
-            guard let slot = runtime.slots[ref.lun] else { throw DomainError("vdisk '\(name)': leg \(l) LUN \(ref.lun) is missing") }
-            let lunOffset = pool.luns[ref.lun].dataStartBytes + UInt64(ref.extent) * pool.extentBytes + within
+            guard let slot = runtime.slots[place.lun] else { throw DomainError("vdisk '\(name)': leg \(l) LUN \(place.lun) is missing") }
+            let lunOffset = place.offset
             while true {
                 var refused: IOError?
                 let result = await withCheckedContinuation { (c: CheckedContinuation<Int64, Never>) in
@@ -405,7 +415,7 @@ extension Domain {
                     continue
                 }
                 if result < 0 {
-                    throw DomainError("vdisk '\(name)' leg \(l): \(IOError(result: result, operation: op == .read ? .read : .write, lun: pool.luns[ref.lun].path, offset: lunOffset))")
+                    throw DomainError("vdisk '\(name)' leg \(l): \(IOError(result: result, operation: op == .read ? .read : .write, lun: pool.luns[place.lun].path, offset: lunOffset))")
                 }
                 break
             }

@@ -60,21 +60,21 @@ extension NBDConnection {
     func appendBlockStatus(cookie: UInt64, offset: UInt64, length: UInt64, one: Bool) {
         var runs: [(length: UInt32, flags: UInt32)] = []
         let end = offset + length
-        if let v = domain.metadata.vdisk(named: exportName), v.thin, let pool = domain.metadata.pool(id: v.poolId) {
-            let extents = v.legs[0].extents
+        let m = domain.metadata
+        if let v = m.vdisk(named: exportName), v.thin, let route = domain.route(v.legs[0], in: m) {
             var at = offset
             while at < end, runs.count < (one ? 1 : 256) {
-                let index = Int(at / pool.extentBytes)
-                let allocated = index < extents.count && extents[index] != nil
-                var runEnd = min((UInt64(index) + 1) * pool.extentBytes, end)
-                var next = index + 1
-                while runEnd < end, next < extents.count, (extents[next] != nil) == allocated {
-                    runEnd = min((UInt64(next) + 1) * pool.extentBytes, end)
-                    next += 1
+                // Pieces of one kind (mapped or not) merge into one descriptor.
+                guard let (place, n) = try? route.piece(at: at, length: Int(min(end - at, 1 << 30))) else { break }
+                let flags = place == nil ? NBD.stateHole | NBD.stateZero : 0
+                if let last = runs.last, last.flags == flags, UInt64(last.length) + UInt64(n) <= UInt64(UInt32.max) {
+                    runs[runs.count - 1].length += UInt32(n)
+                } else {
+                    runs.append((UInt32(n), flags))
                 }
-                runs.append((UInt32(runEnd - at), allocated ? 0 : NBD.stateHole | NBD.stateZero))
-                at = runEnd
+                at += UInt64(n)
             }
+            if runs.isEmpty { runs.append((UInt32(length), 0)) }
         } else {
             runs.append((UInt32(length), 0))
         }

@@ -218,6 +218,21 @@ struct ChunkTree: Equatable, Sendable {
         tx.free(n)
     }
 
+    /// A new entry count (the caller has cleared entries past a shrink). Growing past what
+    /// the root covers adds levels above it: the old root becomes the first slot of a new root page.
+    mutating func resize(to newCount: UInt64, in tx: MetaTransaction) throws(PageStore.Failure) {
+        while Self.span(height) < newCount {
+            if root != 0 {
+                var page = MetaPage(kind: .treeNode, number: try tx.newPage())
+                page.slots[0] = root
+                tx.put(page)
+                root = Self.childTag | UInt64(page.number)
+            }
+            height += 1
+        }
+        count = newCount
+    }
+
     /// Frees every page of the tree (the tree is being deleted).
     mutating func freeAll(in tx: MetaTransaction) {
         freeSubtree(root, level: height, tx)

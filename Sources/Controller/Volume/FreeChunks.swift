@@ -24,6 +24,15 @@ struct FreeChunks: Equatable, Sendable {
         runs.insert(merged, at: i)
     }
 
+    /// Removes a run that is free (adoption of chunks already in use).
+    mutating func remove(_ r: Range<UInt64>) {
+        guard !r.isEmpty, let i = runs.firstIndex(where: { $0.lowerBound <= r.lowerBound && $0.upperBound >= r.upperBound }) else { return }
+        let whole = runs[i]
+        runs.remove(at: i)
+        if r.upperBound < whole.upperBound { runs.insert(r.upperBound..<whole.upperBound, at: i) }
+        if whole.lowerBound < r.lowerBound { runs.insert(whole.lowerBound..<r.lowerBound, at: i) }
+    }
+
     /// Takes `n` chunks: the first run that holds them all, else the fewest runs from the
     /// largest down. Nil (nothing taken) when fewer than `n` are free.
     mutating func take(_ n: UInt64) -> [Range<UInt64>]? {

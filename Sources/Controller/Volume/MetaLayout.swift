@@ -32,7 +32,7 @@ public struct MetaLayout: Equatable, Sendable {
         // Space map once, block maps twice (a chunk can be held by a vdisk and its PiTs),
         // and as many again of headroom for pages split by partial runs.
         let trees = 3 * (leaves + interior) * 2 + 64
-        let journal = UInt32(min(max(256, trees / 8), 16_384)) // 1 MiB .. 64 MiB
+        let journal = UInt32(min(max(64, trees / 8), 16_384)) // 256 KiB .. 64 MiB
         return MetaLayout(journalPages: journal, pageCount: Self.superblockPages + Self.rootTablePages + journal + UInt32(trees))
     }
 

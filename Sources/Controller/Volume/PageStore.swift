@@ -334,6 +334,25 @@ public final class PageStore: @unchecked Sendable {
         }
     }
 
+    /// Reads back every loaded page that was written in place (not those only in the
+    /// journal since the last checkpoint) and names those whose image on disk is damaged.
+    public func verifyOnDisk() async -> [String] {
+        let (loaded, pending) = lock.withLock { (pages.keys.sorted(), unwritten) }
+        var problems: [String] = []
+        guard let buffer = try? Self.alignedBuffer(pages: 1) else { return ["metadata: no memory to read pages back"] }
+        for n in loaded where !pending.contains(n) {
+            do { try await area.read(page: n, count: 1, into: buffer.pointer) } catch {
+                problems.append("metadata page \(n): cannot be read: \(error)")
+                continue
+            }
+            if case .failure(let why) = MetaPage.decode(buffer.pointer, number: n, kind: nil) {
+                // A commit may have published it meanwhile (then it is in the journal, not yet in place).
+                if lock.withLock({ !unwritten.contains(n) && pages[n] != nil }) { problems.append("metadata page \(n): \(why)") }
+            }
+        }
+        return problems
+    }
+
     /// Takes a free tree page for a transaction (given back if it is abandoned).
     func takeFreePage() -> UInt32? {
         lock.withLock {

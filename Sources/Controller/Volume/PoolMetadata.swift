@@ -44,13 +44,16 @@ public final class PoolMetadata: @unchecked Sendable {
     // MARK: open and format
 
     /// A new pool's metadata: an empty space map with `reserved` chunks (the area itself) held.
+    /// With `unzeroed`, every other chunk awaits zeroing (LUNs that held data before): free
+    /// space is handed out only once the zeroer has cleared it.
     public static func format(area: MetaArea, layout: MetaLayout, poolId: UUID, chunkCount: UInt64,
-                              reserved: [Range<UInt64>]) async throws(PageStore.Failure) -> PoolMetadata
+                              reserved: [Range<UInt64>], unzeroed: Bool = false) async throws(PageStore.Failure) -> PoolMetadata
     {
         let store = try await PageStore.format(area: area, layout: layout, poolId: poolId)
         let meta = PoolMetadata(store: store, chunkCount: chunkCount, trees: [:], free: FreeChunks())
         let tx = MetaTransaction(store: store)
         var space = ChunkTree(runs: .constant, count: chunkCount)
+        if unzeroed { try space.set(0..<chunkCount, to: SpaceValue.awaitingZeroing, in: tx) }
         for r in reserved { try space.set(r, to: SpaceValue.metadata, in: tx) }
         var trees: [UUID: TreeEntry] = [:]
         trees[spaceMapId] = TreeEntry(slot: 0, tree: space)
@@ -160,6 +163,24 @@ public final class PoolMetadata: @unchecked Sendable {
             try tree.forEachRun(in: 0..<tree.count, pages) { out.append(($0, $1 == 0 ? nil : $1 - 1)) }
             return out
         }
+    }
+
+    /// The block maps the pool holds (leg ids).
+    public var mapIds: [UUID] { store.locked { trees.keys.filter { $0 != Self.spaceMapId } } }
+
+    /// Entries of a block map (its vdisk's chunk count), or nil.
+    public func mapCount(_ id: UUID) -> UInt64? { store.locked { trees[id]?.tree.count } }
+
+    /// Chunks released and not yet zeroed, at most `limit` of them.
+    public func awaitingZeroing(limit: UInt64) throws(TreeError) -> [Range<UInt64>] {
+        var out: [Range<UInt64>] = []
+        var total: UInt64 = 0
+        for (r, v) in try spaceRuns() where v == SpaceValue.awaitingZeroing && total < limit {
+            let take = r.lowerBound..<(r.lowerBound + min(UInt64(r.count), limit - total))
+            out.append(take)
+            total += UInt64(take.count)
+        }
+        return out
     }
 
     /// The pages of a block map's tree, parents first (checks, tests).
@@ -280,6 +301,40 @@ public struct VolumeTransaction {
         removedSlots[id] = entry.slot
         trees[id] = nil
         touched.insert(id)
+    }
+
+    /// Whether vdisk chunk `chunk` of map `id` is mapped (in this transaction's view).
+    public func isMapped(_ id: UUID, _ chunk: UInt64) throws(PageStore.Failure) -> Bool {
+        guard let tree = trees[id]?.tree else { throw .damaged("no block map \(id)") }
+        do { return try tree.run(at: chunk, limit: 1, in: tx).value != 0 } catch { throw .damaged("\(error)") }
+    }
+
+    /// Changes a block map's chunk count (a vdisk grown or shrunk; entries past a shrink are released).
+    public mutating func resizeMap(_ id: UUID, chunks: UInt64) throws(PageStore.Failure) {
+        guard let entry = trees[id] else { throw .damaged("no block map \(id)") }
+        if chunks < entry.tree.count { try unmap(id, chunks..<entry.tree.count) }
+        try edit(id) { tree, tx throws(PageStore.Failure) in try tree.resize(to: chunks, in: tx) }
+        touched.insert(id)
+    }
+
+    /// Maps vdisk chunks from `chunk` onto pool chunks `runs` that no map holds yet
+    /// (converting a record of format 2): their counts become 1.
+    public mutating func adopt(_ id: UUID, at chunk: UInt64, runs: [Range<UInt64>]) throws(PageStore.Failure) {
+        for r in runs {
+            var held: [(Range<UInt64>, UInt64)] = []
+            do { try trees[PoolMetadata.spaceMapId]!.tree.forEachRun(in: r, tx) { held.append(($0, $1)) } } catch { throw .damaged("\(error)") }
+            if let (twice, _) = held.first(where: { $0.1 >= 1 && $0.1 < SpaceValue.awaitingZeroing || $0.1 == SpaceValue.metadata }) {
+                throw .damaged("pool chunks \(twice) are mapped twice")
+            }
+            for (part, v) in held where v == SpaceValue.free { free.remove(part) }
+            try setSpace(r, to: 1)
+        }
+        var at = chunk
+        for r in runs {
+            let range = at..<(at + UInt64(r.count))
+            try edit(id) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: r.lowerBound + 1, in: tx) }
+            at += UInt64(r.count)
+        }
     }
 
     /// Takes `n` free chunks (reference count 1 each) as few runs as the free space allows.
