@@ -119,7 +119,7 @@ extension Domain {
         Task {
             // A device that hangs keeps the chunks out of reach until the daemon restarts
             // (the next open releases maps no leg names).
-            if let port, !waiting.isEmpty { while !(await port.drain(waiting)) {} }
+            if let port, !waiting.isEmpty { await port.drain(waiting) }
             for leg in legs {
                 guard let pool = self.metadata.pool(id: leg.poolId) else { continue }
                 do throws(DomainError) {

@@ -41,7 +41,6 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var legIds = LegIds()
         var readLeg = -1
         var triedLegs: UInt8 = 0 // legs a read was sent to
-        var heldAtGate = false
         var deallocated = false // a thin trim's whole extents were freed (done once)
         var logged = false // counted in the dirty-region log
         var nextFree: Int32 = -1
@@ -104,12 +103,17 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private let lock = NSLock()
     private var mapping: Mapping
     private var legOutstanding: [Int] = [0, 0, 0, 0]
-    /// A range a resync or repair is copying: host writes into it wait until it is released.
-    private var gates: [Range<UInt64>] = []
-    /// Ranges a thin trim is deallocating: every request into them (reads too) waits,
-    /// so no I/O can reach an extent after it is freed and handed to another vdisk.
-    private var exclusive: [Range<UInt64>] = []
-    private var gated: [Int32] = []
+    /// Who may touch which range now: host requests, copiers, releasing trims (see `RangeLock`).
+    private var ranges: RangeLock
+    /// Entries a release let go (reused under the lock, so a release allocates nothing).
+    private var granted: [RangeLock.Holder] = []
+    /// Copiers waiting for their range, by token; and the ranges copiers hold.
+    private var copierWaiters: [Int: CheckedContinuation<Void, Never>] = [:]
+    private var copierRanges: [(range: Range<UInt64>, token: Int)] = []
+    /// Callers refused with EBUSY (every slot in use), woken as requests finish.
+    private var roomWaiters: [@Sendable () -> Void] = []
+    /// `drain` callers: the slots they still wait for.
+    private var drainWaiters: [(pending: Set<Int>, continuation: CheckedContinuation<Void, Never>)] = []
     private let readSeries: DomainMetrics.IOSet
     private let writeSeries: DomainMetrics.IOSet
     /// The write-intent bitmap of a sync mirror with dirty-region tracking on
@@ -127,7 +131,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         self.capacity = capacity
         guard let m = Self.makeMapping(domain, name) else { throw DomainError("vdisk '\(name)' not found") }
         mapping = m
-        gated.reserveCapacity(capacity)
+        ranges = RangeLock(slots: capacity)
+        granted.reserveCapacity(capacity)
         slots = .allocate(capacity: capacity)
         slots.initialize(repeating: Request(), count: capacity)
         for i in 0..<capacity { slots[i].nextFree = i + 1 < capacity ? Int32(i + 1) : -1 }
@@ -258,20 +263,51 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 return
             }
         }
-        let held = holdAtGate(index)
+        let go = acquireRange(index)
         lock.unlock()
-        if !held { dispatch(index, kick: kick) }
+        if go { dispatch(index, kick: kick) }
     }
 
-    /// For the asynchronous paths (a durable dirty bit, an allocation, a reopened gate):
-    /// the gates, then the legs.
+    /// After a durable dirty bit: the range, then the legs.
     private func proceed(_ index: Int, kick: Bool) {
-        if lock.withLock({ holdAtGate(index) }) { return }
-        dispatch(index, kick: kick)
+        if lock.withLock({ acquireRange(index) }) { dispatch(index, kick: kick) }
+    }
+
+    /// Takes the request's range in the range lock; false when it waits (a release
+    /// dispatches it later). Flushes take none. Caller holds the lock.
+    private func acquireRange(_ index: Int) -> Bool {
+        let r = slots[index]
+        let kind: RangeLock.Kind
+        switch r.op {
+        case .flush: return true
+        case .read: kind = .read
+        case .write, .writeZeroes: kind = .write
+        case .trim: kind = mapping.thin ? .trim : .write // a thin trim may release extents
+        }
+        return ranges.acquire(slot: index, kind, r.offset..<(r.offset + UInt64(r.length)))
+    }
+
+    /// Starts what a release let go: requests are dispatched, copiers resumed. Called
+    /// without the lock, with what `takeGranted` returned.
+    private func start(_ holders: [RangeLock.Holder]) {
+        for h in holders {
+            switch h {
+            case .slot(let s): dispatch(s)
+            case .copier(let token): lock.withLock { copierWaiters.removeValue(forKey: token) }?.resume()
+            }
+        }
+    }
+
+    /// What releases under the lock let go, emptied. Caller holds the lock.
+    private func takeGranted() -> [RangeLock.Holder] {
+        guard !granted.isEmpty else { return [] }
+        let out = granted
+        granted.removeAll(keepingCapacity: true)
+        return out
     }
 
     /// Slow path, once per thin extent: commit the allocation on every leg, then go on
-    /// (through the gates again: a trim may have taken the range meanwhile).
+    /// (the request keeps its range meanwhile, so no trim can release what it maps).
     private func allocateThenProceed(_ index: Int) {
         let (offset, length) = lock.withLock { (slots[index].offset, slots[index].length) }
         Task {
@@ -281,7 +317,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 self.pieceDone(index, leg: -1, lun: -1, result: -Int64(error.code))
                 return
             }
-            self.proceed(index, kick: true)
+            self.dispatch(index)
         }
     }
 
@@ -291,105 +327,82 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         lock.withLock { (0..<capacity).filter { slots[$0].sink != nil }.map { ($0, slots[$0].startNs) } }
     }
 
-    /// Waits (up to `seconds`) until every one of `requests` has finished (later requests,
-    /// with the new mapping, do not count). True when they all did.
-    @discardableResult
-    func drain(_ requests: [(slot: Int, startNs: UInt64)], seconds: Double = 30) async -> Bool {
-        let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(seconds * 1e9)
-        while lock.withLock({ requests.contains { slots[$0.slot].sink != nil && slots[$0.slot].startNs == $0.startNs } }) {
-            if DispatchTime.now().uptimeNanoseconds > deadline { return false }
-            try? await Task.sleep(nanoseconds: 1_000_000)
+    /// Waits until every one of `requests` has finished (later requests, with the new
+    /// mapping, do not count). Woken by the requests' own completions; a device that hangs
+    /// keeps it waiting.
+    func drain(_ requests: [(slot: Int, startNs: UInt64)]) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            lock.lock()
+            let pending = Set(requests.filter { slots[$0.slot].sink != nil && slots[$0.slot].startNs == $0.startNs }.map(\.slot))
+            if pending.isEmpty {
+                lock.unlock()
+                c.resume()
+            } else {
+                drainWaiters.append((pending, c))
+                lock.unlock()
+            }
         }
-        return true
+    }
+
+    /// Calls `wake` once a request slot is free (now, if one is): for callers refused
+    /// with EBUSY, instead of sleeping.
+    public func whenRoom(_ wake: @escaping @Sendable () -> Void) {
+        lock.lock()
+        if freeHead >= 0 {
+            lock.unlock()
+            wake()
+        } else {
+            roomWaiters.append(wake)
+            lock.unlock()
+        }
     }
 
     /// Hands every staged LUN request to the kernel (after submits with `kick: false`).
     public func kick() { domain.engine.submit() }
 
-    /// Holds host writes out of `range` and waits until none in flight overlaps it,
-    /// so a copier can read one leg and write another without losing a host write.
+    /// Takes `range` for a copier (`RangeLock` kind copier): returns once no host write
+    /// into it is in flight and new ones wait, so a copier can read one leg and write
+    /// another without losing a host write.
     public func closeGate(_ range: Range<UInt64>) async {
-        lock.withLock { gates.append(range) }
-        await waitWhileInFlight(overlapping: range, reads: false)
-    }
-
-    /// Polls until no request that is not held at a gate overlaps `range` (reads counted
-    /// when `reads`; flushes never; `except` is the caller's own request).
-    private func waitWhileInFlight(overlapping range: Range<UInt64>, reads: Bool, except: Int = -1) async {
-        func busy() -> Bool {
-            lock.withLock {
-                (0..<capacity).contains { i in
-                    i != except && slots[i].sink != nil && !slots[i].heldAtGate && slots[i].op != .flush
-                        && (reads || slots[i].op != .read)
-                        && range.overlaps(slots[i].offset..<(slots[i].offset + UInt64(slots[i].length)))
-                }
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            lock.lock()
+            let (token, now) = ranges.acquireCopier(range)
+            copierRanges.append((range, token))
+            if now {
+                lock.unlock()
+                c.resume()
+            } else {
+                copierWaiters[token] = c
+                lock.unlock()
             }
         }
-        while busy() { try? await Task.sleep(nanoseconds: 50_000) }
     }
 
-    /// Reopens `range` (closed by `closeGate`); writes no other gate holds go.
+    /// Gives back a range taken by `closeGate`; what waited for it starts.
     public func openGate(_ range: Range<UInt64>) {
         lock.lock()
-        if let i = gates.firstIndex(of: range) { gates.remove(at: i) }
-        lock.unlock()
-        releaseHeld()
-    }
-
-    /// Sends on the held requests that no gate holds any more (`dispatch` allocates first
-    /// for a write whose extents a trim freed while it was held).
-    private func releaseHeld() {
-        lock.lock()
-        var release: [Int32] = []
-        gated.removeAll { index in
-            guard !isGated(slots[Int(index)]) else { return false }
-            slots[Int(index)].heldAtGate = false
-            release.append(index)
-            return true
+        guard let i = copierRanges.firstIndex(where: { $0.range == range }) else {
+            lock.unlock()
+            preconditionFailure("openGate(\(range)) without closeGate")
         }
+        ranges.release(.copier(copierRanges.remove(at: i).token), into: &granted)
+        let go = takeGranted()
         lock.unlock()
-        for index in release { proceed(Int(index), kick: true) }
+        start(go)
     }
 
-    /// Whether a gate holds `r`: a copier's gate holds writes, a deallocating trim's holds
-    /// everything but flushes. Caller holds the lock.
-    private func isGated(_ r: Request) -> Bool {
-        guard r.op != .flush, !gates.isEmpty || !exclusive.isEmpty else { return false }
-        let span = r.offset..<(r.offset + UInt64(r.length))
-        return exclusive.contains(where: { $0.overlaps(span) }) || r.op != .read && gates.contains(where: { $0.overlaps(span) })
-    }
-
-    /// Holds a request a gate holds; true when held. Caller holds the lock.
-    private func holdAtGate(_ index: Int) -> Bool {
-        guard isGated(slots[index]) else { return false }
-        gated.append(Int32(index)) // sent on when the gate opens
-        slots[index].heldAtGate = true
-        return true
-    }
-
-    /// A trim of a thin vdisk that covers whole allocated extents frees them instead of
-    /// writing zeroes: it holds every request into its range (`exclusive`, set by the
-    /// caller), waits for those already sent, commits the freed extents, zeroes only the
-    /// partly covered extents at its ends, and then reopens the range.
-    private func deallocate(_ index: Int, _ r: Request, span: Range<UInt64>) {
+    /// A trim of a thin vdisk that covers whole allocated extents releases them instead of
+    /// writing zeroes: it holds its range as a trim (nothing else touches it meanwhile),
+    /// commits the release, then zeroes only the partly covered extents at its ends.
+    private func deallocate(_ index: Int, _ r: Request) {
         Task {
-            await self.waitWhileInFlight(overlapping: span, reads: true, except: index)
-            var failed: DomainError?
             do throws(DomainError) {
                 try await self.domain.deallocateExtents(vdisk: self.vdiskName, offset: r.offset, length: r.length)
-            } catch {
-                failed = error
+            } catch { // nothing released: answer the error (zero-filling GiBs in one go is no fallback)
+                self.pieceDone(index, leg: -1, lun: -1, result: -Int64(error.code))
+                return
             }
-            // Still holding the range: the ends are zeroed before anything can allocate there.
-            if let failed { // nothing freed: answer the error (zero-filling GiBs in one go is no fallback)
-                self.pieceDone(index, leg: -1, lun: -1, result: -Int64(failed.code))
-            } else {
-                self.dispatch(index) // the freed extents are skipped; partly covered ones are zeroed
-            }
-            self.lock.withLock {
-                if let i = self.exclusive.firstIndex(of: span) { self.exclusive.remove(at: i) }
-            }
-            self.releaseHeld()
+            self.dispatch(index) // the released extents are skipped; partly covered ones are zeroed
         }
     }
 
@@ -448,14 +461,9 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 return
             }
             if r.op == .trim, !r.deallocated, coversAllocatedExtent(offset: r.offset, length: r.length) {
-                let held = holdAtGate(index) // another trim or a copier has the range: after it
-                let span = r.offset..<(r.offset + UInt64(r.length))
-                if !held {
-                    slots[index].deallocated = true
-                    exclusive.append(span)
-                }
+                slots[index].deallocated = true // it holds its range as a trim: nothing else is in there
                 lock.unlock()
-                if !held { deallocate(index, r, span: span) }
+                deallocate(index, r)
                 return
             }
         }
@@ -493,12 +501,16 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     }
 
     /// Walks one leg's pieces of the request; false when a piece could not be sent.
-    private func dispatch(_ index: Int, _ r: Request, leg l: Int, _ leg: LegMap) -> Bool {
+    /// `from`: where to start (a byte of the request, or for a flush a LUN index) when a
+    /// dispatch parked on a full scheduler goes on.
+    @discardableResult
+    private func dispatch(_ index: Int, _ r: Request, leg l: Int, _ leg: LegMap, from start: Int = 0) -> Bool {
         guard let scheduler = leg.scheduler else {
             legPieceFailed(index, leg: l, result: -Int64(EIO))
             return true
         }
-        func send(_ op: IOScheduler.Operation, lun: Int, lunOffset: UInt64, buffer: UnsafeMutableRawPointer?, length: Int) -> Bool {
+        /// false: stop this leg (the piece failed, or the dispatch parked until the scheduler has room).
+        func send(_ op: IOScheduler.Operation, lun: Int, lunOffset: UInt64, buffer: UnsafeMutableRawPointer?, length: Int, at position: Int) -> Bool {
             guard let slot = leg.schedulerSlot[lun] else {
                 legPieceFailed(index, leg: l, result: -Int64(EIO)) // the LUN is missing
                 return false
@@ -513,8 +525,19 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 return true
             } catch {
                 lock.lock()
-                slots[index].piecesInFlight -= 1
                 legOutstanding[l] -= 1
+                if error.code == EBUSY {
+                    // The pool's scheduler is full: park here (the request keeps one piece
+                    // counted, so it cannot finish) and go on when a completion makes room.
+                    lock.unlock()
+                    scheduler.whenRoom { [self] in
+                        dispatch(index, r, leg: l, leg, from: position)
+                        domain.engine.submit()
+                        pieceDone(index, leg: -1, lun: -1, result: 0) // the parked count
+                    }
+                    return false
+                }
+                slots[index].piecesInFlight -= 1
                 lock.unlock()
                 legPieceFailed(index, leg: l, result: -Int64(error.code))
                 return false
@@ -522,8 +545,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         }
 
         if r.op == .flush {
-            for lun in 0..<leg.lunCount where leg.schedulerSlot[lun] != nil {
-                if !send(.flush, lun: lun, lunOffset: 0, buffer: nil, length: 0) { return true }
+            for lun in start..<leg.lunCount where leg.schedulerSlot[lun] != nil {
+                if !send(.flush, lun: lun, lunOffset: 0, buffer: nil, length: 0, at: lun) { return true }
             }
             return true
         }
@@ -531,7 +554,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             legPieceFailed(index, leg: l, result: -Int64(EIO)) // the pool's block maps are not open
             return true
         }
-        var done = 0
+        var done = start
         while done < r.length {
             let place: (lun: Int, offset: UInt64)?, piece: Int
             do {
@@ -546,14 +569,14 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 let lunOffset = place.offset
                 switch r.op {
                 case .read:
-                    if !send(.read, lun: place.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece) { return true }
+                    if !send(.read, lun: place.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece, at: done) { return true }
                 case .write:
-                    if !send(.write, lun: place.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece) { return true }
+                    if !send(.write, lun: place.lun, lunOffset: lunOffset, buffer: r.buffer! + done, length: piece, at: done) { return true }
                 case .writeZeroes, .trim:
                     var z = 0
                     while z < piece {
                         let n = min(SharedZeros.bytes, piece - z)
-                        if !send(.write, lun: place.lun, lunOffset: lunOffset + UInt64(z), buffer: SharedZeros.pointer, length: n) { return true }
+                        if !send(.write, lun: place.lun, lunOffset: lunOffset + UInt64(z), buffer: SharedZeros.pointer, length: n, at: done + z) { return true }
                         z += n
                     }
                 case .flush:
@@ -601,9 +624,11 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         }
         lock.lock()
         slots[index].piecesInFlight -= 1
+        precondition(slots[index].piecesInFlight >= 0, "slot \(index): more pieces completed than sent")
         let now = DispatchTime.now().uptimeNanoseconds
         if leg >= 0 {
             legOutstanding[leg] -= 1
+            precondition(legOutstanding[leg] >= 0, "leg \(leg): more pieces completed than sent")
             let r = slots[index]
             if result >= 0, leg < mapping.legs.count, lun < mapping.legs[leg].lunSeries.count {
                 let which = r.op == .read ? 0 : (r.op == .flush ? 2 : 1)
@@ -671,11 +696,24 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private func finish(_ index: Int, _ r: Request, result: Int64, now: UInt64) {
         if r.logged, let log = dirtyLog { log.endWrite(offset: r.offset, length: r.length) }
         lock.lock()
+        precondition(slots[index].sink != nil && slots[index].piecesInFlight == 0, "slot \(index) finished twice or with pieces in flight")
         let repairLegs = r.op == .read && result >= 0 ? r.triedLegs & ~(1 << UInt8(max(r.readLeg, 0))) : 0
+        ranges.release(.slot(index), into: &granted)
+        let go = takeGranted()
+        var drained: [CheckedContinuation<Void, Never>] = []
+        if !drainWaiters.isEmpty {
+            for i in drainWaiters.indices { drainWaiters[i].pending.remove(index) }
+            drained = drainWaiters.filter { $0.pending.isEmpty }.map(\.continuation)
+            drainWaiters.removeAll { $0.pending.isEmpty }
+        }
         slots[index] = Request()
         slots[index].nextFree = freeHead
         freeHead = Int32(index)
+        let room = roomWaiters.isEmpty ? nil : roomWaiters.removeFirst()
         lock.unlock()
+        start(go)
+        room?()
+        for c in drained { c.resume() }
         if result >= 0 {
             if r.op == .read { readSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }
             if r.op == .write { writeSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }

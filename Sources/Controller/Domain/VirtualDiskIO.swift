@@ -46,8 +46,8 @@ extension Domain {
             }
             if let refused {
                 switch refused.code {
-                case EBUSY:
-                    try? await Task.sleep(nanoseconds: 100_000)
+                case EBUSY: // every slot of the port in use: wait for a request to finish, then again
+                    await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in port.whenRoom { c.resume() } }
                     continue
                 case EINVAL:
                     throw DomainError("vdisk '\(name)': offset \(offset) and length \(length) must be multiples of its block size \(port.blockSize)")

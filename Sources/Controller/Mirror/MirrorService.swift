@@ -410,8 +410,8 @@ extension Domain {
                         c.resume(returning: -Int64(error.code))
                     }
                 }
-                if refused?.code == EBUSY {
-                    try? await Task.sleep(nanoseconds: 100_000)
+                if refused?.code == EBUSY { // full: wait for a completion to make room, then again
+                    await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in scheduler.whenRoom { c.resume() } }
                     continue
                 }
                 if result < 0 {

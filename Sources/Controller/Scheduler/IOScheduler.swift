@@ -67,6 +67,8 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     private var arrayInFlight = 0
     private var backgroundInFlight = 0
     private var queuedHost = 0
+    /// Callers waiting for a free slot (`whenRoom`), first come first served.
+    private var roomWaiters: [@Sendable () -> Void] = []
     private var iopsBucket: TokenBucket?
     private var bandwidthBucket: TokenBucket?
     private var backgroundBucket: TokenBucket?
@@ -182,6 +184,17 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
 
     /// Hands staged chunks to the kernel (not needed inside completion callbacks).
     public func kick() { engine.submit() }
+
+    /// Calls `wake` once a request slot is free (now, if one is): a caller refused with
+    /// EBUSY parks here instead of sleeping, and is woken by the completion that makes room.
+    public func whenRoom(_ wake: @escaping @Sendable () -> Void) {
+        let now: Bool = lock.withLock { _ in
+            if freeHead >= 0 { return true }
+            roomWaiters.append(wake)
+            return false
+        }
+        if now { wake() }
+    }
 
     /// Re-runs dispatch now (tests with a ManualClock call it after advancing time).
     public func pumpAndSubmit() {
@@ -314,6 +327,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     override public func ioCompleted(cookie: UInt64, result: Int64) {
         let index = Int(cookie)
         var done: (sink: Unmanaged<CompletionSink>, cookie: UInt64, result: Int64)?
+        var room: (@Sendable () -> Void)?
         lock.withLock { _ in
             let l = Int(slots[index].lun)
             luns[l].inFlight -= 1
@@ -323,6 +337,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
             if result < 0, slots[index].result >= 0 { slots[index].result = result }
             if slots[index].chunksInFlight == 0, slots[index].dispatchedBytes >= slots[index].length {
                 done = finishLocked(index, deferred: false)
+                if !roomWaiters.isEmpty { room = roomWaiters.removeFirst() } // one slot freed: one waiter
             }
             pumpLocked()
         }
@@ -330,6 +345,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
             let sink = done.sink.takeRetainedValue()
             sink.ioCompleted(cookie: done.cookie, result: done.result)
         }
+        room?()
     }
 
     /// Frees the slot; returns what to tell the caller (or, for a request refused at
@@ -342,6 +358,10 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         slots[index].nextFree = freeHead
         freeHead = Int32(index)
         stats.completed += 1
+        if deferred, !roomWaiters.isEmpty { // no completion will follow for this slot: wake here
+            let wake = roomWaiters.removeFirst()
+            timerQueue.async { wake() }
+        }
         guard let sink = slot.sink else { return nil }
         if deferred {
             let cookie = slot.cookie
