@@ -93,6 +93,42 @@ final class DataPathTests: XCTestCase {
         try await domain.write(vdisk: "v", offset: 5 << 20, length: 4096, from: buffer.pointer)
     }
 
+    /// A pool of 64 KiB extents (the SSD profile): a large write into a thin vdisk maps many
+    /// extents in one commit and lands as few pieces as their runs allow; a thick vdisk's 32 MiB
+    /// is one map run; a trim releases whole 64 KiB extents and zeroes the partial ends.
+    func testSixtyFourKiBExtentsMapRunsAndReleaseOnTrim() async throws {
+        _ = try await domain.createPool(name: "s", arrayProfile: "sata-ssd", poolProfile: nil,
+                                        lunPaths: [dir + "/s0.img"], createBytes: 256 << 20, force: false)
+        _ = try await domain.createVDisk(name: "k", poolName: "s", sizeBytes: 32 << 20, blockSize: 4096, thin: false)
+        _ = try await domain.createVDisk(name: "t", poolName: "s", sizeBytes: 64 << 20, blockSize: 4096, thin: true)
+        let meta = try XCTUnwrap(domain.blockMaps(ofPool: "s"))
+        let k = try XCTUnwrap(domain.metadata.vdisk(named: "k")?.legs[0].id), t = try XCTUnwrap(domain.metadata.vdisk(named: "t")?.legs[0].id)
+        XCTAssertEqual(try meta.mapRuns(k).count, 1, "a thick vdisk is one run")
+        let buffer = try AlignedBuffer(count: 1 << 20)
+        let offset: UInt64 = (5 << 20) + (12 << 10) // not extent-aligned: partial extents at both ends
+        pattern(buffer.pointer, 1 << 20, offset, 99)
+        try await domain.write(vdisk: "t", offset: offset, length: 1 << 20, from: buffer.pointer, fua: true)
+        XCTAssertEqual(domain.mappedChunks(of: try XCTUnwrap(domain.metadata.vdisk(named: "t")?.legs[0])), 17)
+        let back = try AlignedBuffer(count: (1 << 20) + (128 << 10))
+        try await domain.read(vdisk: "t", offset: offset - (64 << 10), length: (1 << 20) + (128 << 10), into: back.pointer)
+        XCTAssertTrue(back.bytes[0..<(64 << 10)].allSatisfy { $0 == 0 }, "the rest of a new extent reads as zeros")
+        XCTAssertEqual(memcmp(back.pointer + (64 << 10), buffer.pointer, 1 << 20), 0)
+        XCTAssertTrue(back.bytes[((64 << 10) + (1 << 20))...].allSatisfy { $0 == 0 })
+        // Trim 5 MiB+64k .. 6 MiB-64k: the 14 extents wholly inside are released, the write's ends stay.
+        try await domain.trim(vdisk: "t", offset: (5 << 20) + (64 << 10), length: (1 << 20) - (128 << 10))
+        XCTAssertEqual(domain.mappedChunks(of: try XCTUnwrap(domain.metadata.vdisk(named: "t")?.legs[0])), 3)
+        try await domain.read(vdisk: "t", offset: offset, length: 1 << 20, into: back.pointer)
+        let zeroStart = 52 << 10, zeroEnd = (1 << 20) - (76 << 10) // the trimmed range, in the buffer
+        XCTAssertEqual(memcmp(back.pointer, buffer.pointer, zeroStart), 0)
+        XCTAssertTrue(back.bytes[zeroStart..<zeroEnd].allSatisfy { $0 == 0 })
+        XCTAssertEqual(memcmp(back.pointer + zeroEnd, buffer.pointer + zeroEnd, (1 << 20) - zeroEnd), 0)
+        XCTAssertNotNil(try meta.mapRuns(t).first { $0.1 != nil })
+        let report = try await domain.checkPool(name: "s")
+        XCTAssertEqual(report.problems, [])
+        XCTAssertEqual(report.mapped, 512 + 3)
+        XCTAssertEqual(report.beingZeroed, 14, "released extents wait for the zeroer")
+    }
+
     private func assertFails(_ text: String, _ body: () async throws -> Void, line: UInt = #line) async {
         do {
             try await body()

@@ -108,25 +108,41 @@ final class PoolMetadataTests: XCTestCase {
         XCTAssertEqual(try entries(again, b, 4), (8..<12).map { Optional(UInt64($0)) })
     }
 
-    func testADamagedTreePageIsRefusedNamingThePage() async throws {
+    func testADamagedMapPageSetsTheMapAsideAndADamagedSpaceMapRefusesThePoolNamingThePage() async throws {
         let f = try MetaFixture("damaged", pages: MetaLayout.sized(forChunks: 100_000).pageCount)
         let meta = try await formatted(f, chunks: 100_000)
-        let map = UUID()
-        // Scattered single chunks: the map needs leaf pages.
+        let map = UUID(), other = UUID()
+        // Scattered single chunks: the maps (and the space map) need leaf pages.
         try await meta.change { v throws(PageStore.Failure) in
             try v.createMap(map, chunks: 50_000)
+            try v.createMap(other, chunks: 10)
             for i in stride(from: UInt64(0), to: 50_000, by: 997) { try v.map(map, at: i, to: try v.allocate(1)) }
+            try v.map(other, at: 0, to: try v.allocate(10))
+            _ = try v.allocate(1) // a hole in the space map's runs: it needs a leaf
+            try v.map(other, at: 5, to: try v.allocate(1))
         }
         try await meta.store.checkpoint()
-        let pages = try meta.treePages(map)
-        XCTAssertGreaterThan(pages.count, 1)
-        let victim = pages.last!
+        let victim = try XCTUnwrap(try meta.treePages(map).last)
         try f.scribble(atByte: UInt64(victim) * 4096 + 2000, [0x55])
+        let reopened = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+        XCTAssertEqual(reopened.lostReason(map), "metadata page \(victim): checksum mismatch")
+        XCTAssertFalse(reopened.hasMap(map))
+        XCTAssertThrowsError(try reopened.lookup(map: map, chunk: 0, limit: 1)) {
+            XCTAssertEqual("\($0)", "block map unusable: metadata page \(victim): checksum mismatch")
+        }
+        XCTAssertNil(reopened.lostReason(other))
+        XCTAssertNotNil(try reopened.lookup(map: other, chunk: 0, limit: 1).poolChunk, "the other map is intact")
+        let freeBefore = meta.freeChunks
+        XCTAssertEqual(reopened.freeChunks, freeBefore, "what the lost map held stays counted")
+
+        // The space map's own page: the pool cannot be used at all.
+        let spacePage = try XCTUnwrap(try reopened.spaceTreePages().last)
+        try f.scribble(atByte: UInt64(spacePage) * 4096 + 100, [0x66])
         do {
             _ = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
-            XCTFail("a page with a bad checksum was accepted")
+            XCTFail("a damaged space map was accepted")
         } catch {
-            XCTAssertEqual("\(error)", "metadata page \(victim): checksum mismatch")
+            XCTAssertEqual("\(error)", "metadata page \(spacePage): checksum mismatch")
         }
     }
 

@@ -60,8 +60,46 @@ extension Domain {
                     continue
                 }
                 setPoolMeta(meta, of: pool.id)
+                for id in meta.lostMapIds {
+                    report("pool '\(pool.name)': \(legName(id)): block map unusable: \(meta.lostReason(id) ?? "?")")
+                }
             } catch {
                 report("pool '\(pool.name)': block maps unusable: \(error)")
+            }
+        }
+    }
+
+    /// "vdisk 'm' leg 1" for a leg id (or the bare id of a map no leg names).
+    func legName(_ id: UUID) -> String {
+        for v in metadata.vdisks { if let l = v.legIndex(id) { return "vdisk '\(v.name)' leg \(l)" } }
+        return "block map \(id)"
+    }
+
+    /// Legs whose block map was lost (a damaged page): a leg with another leg to copy from
+    /// fails over (committed), gets a new map (thick: every extent allocated) and is
+    /// rebuilt by resync from that leg; its old extents stay counted (they are unknown),
+    /// which `pool check` reports as leaked. A leg with no other leg keeps failing its I/O
+    /// with the reason, so nothing is read through a guess.
+    func recoverLostMaps() async {
+        guard readOnlyReason == nil else { return }
+        for v in metadata.vdisks {
+            for leg in v.legs {
+                guard let pool = metadata.pool(id: leg.poolId), let meta = poolMeta(pool.id), meta.lostReason(leg.id) != nil else { continue }
+                let others = v.legs.contains { o in
+                    o.id != leg.id && o.state == .inSync && poolMeta(o.poolId).map { $0.lostReason(o.id) == nil && $0.hasMap(o.id) } == true
+                }
+                guard others else {
+                    report("\(legName(leg.id)): no other leg to rebuild it from: its I/O fails until the vdisk is restored")
+                    continue
+                }
+                do throws(DomainError) {
+                    try await markLegsFailed(vdisk: v.name, legs: [leg.id])
+                    try await makeLegMap(leg, in: pool, sizeBytes: v.sizeBytes, thin: v.thin, vdisk: v.name)
+                    report("\(legName(leg.id)): its block map was lost; the leg failed over and a resync rebuilds it")
+                    mirrors.resyncInBackground(vdisk: v.name, why: "a lost block map")
+                } catch {
+                    report("\(legName(leg.id)): cannot rebuild its lost block map: \(error)")
+                }
             }
         }
     }

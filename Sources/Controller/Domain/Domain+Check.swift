@@ -95,7 +95,7 @@ extension Domain {
         }
         for (v, l, leg) in legs {
             guard let count = meta.mapCount(leg.id) else {
-                problems.append("vdisk '\(v.name)' leg \(l) has no block map")
+                problems.append("vdisk '\(v.name)' leg \(l) " + (meta.lostReason(leg.id).map { "has lost its block map: \($0)" } ?? "has no block map"))
                 continue
             }
             if count < Self.chunkCount(v.sizeBytes, pool) {

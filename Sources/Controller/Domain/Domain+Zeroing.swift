@@ -15,7 +15,8 @@ extension Domain {
     static let zeroingBatchBytes: UInt64 = 1 << 30
 
     /// Runs until cancelled: zeroes what the space maps hold for it, a batch at a time, and commits.
-    func runZeroer(log: @escaping @Sendable (String) -> Void) async {
+    /// The daemon runs one; so does a tool that opens a domain itself (`bench mirror`).
+    public func runZeroer(log: @escaping @Sendable (String) -> Void) async {
         var reported: String?
         while !Task.isCancelled {
             guard let (pool, batch) = nextZeroingBatch() else {

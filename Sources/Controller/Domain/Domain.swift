@@ -125,6 +125,7 @@ public final class Domain: @unchecked Sendable {
         await domain.openBlockMaps()
         try await domain.convertOldFormat()
         await domain.releaseOrphanMaps()
+        await domain.recoverLostMaps()
         return domain
     }
 

@@ -24,8 +24,8 @@ public struct PoolProfile: Equatable, Sendable {
         var p = PoolProfile(name: name)
         p.description = r.optional("description", default: nil as String?, { Optional($0) }, rule: "") ?? nil
         let array = r.required("array", Parse.name, rule: "must be an array profile name (letters, digits, - _ .)")
-        let extent = r.optional("extent_size", default: p.extentBytes, Parse.size((1 << 20)...(1 << 30), powerOfTwo: true),
-                                rule: "must be a power of two 1M..1G")
+        let extent = r.optional("extent_size", default: p.extentBytes, Parse.size((64 << 10)...(1 << 30), powerOfTwo: true),
+                                rule: "must be a power of two 64k..1G")
         let placement = r.optional("placement", default: Placement.concatenate, { Placement(rawValue: $0) },
                                    rule: "must be concatenate or stripe")
         let stripe = r.absentable("stripe_size", Parse.size(4096...(1 << 30), powerOfTwo: true),

@@ -5,9 +5,13 @@ protocol PageSource {
 
 /// A tree walk that met a page it cannot use.
 public struct TreeError: Error, CustomStringConvertible {
-    public var page: UInt32
+    public var page: UInt32?
     public var why: String
-    public var description: String { "metadata page \(page): \(why)" }
+    public init(page: UInt32?, why: String) {
+        self.page = page
+        self.why = why
+    }
+    public var description: String { page.map { "metadata page \($0): \(why)" } ?? why }
 }
 
 /// Private copies of the pages one commit changes. Pages taken for it are handed back

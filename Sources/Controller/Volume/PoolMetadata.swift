@@ -13,6 +13,15 @@ public final class PoolMetadata: @unchecked Sendable {
     // Guarded by the store's lock (published with the pages they point into).
     private var trees: [UUID: TreeEntry]
     private var freeIndex: FreeChunks
+    /// Block maps whose pages could not be read at open (a checksum, a misplaced page):
+    /// their root-table slot and why. Their leg's I/O fails naming the page; the domain
+    /// rebuilds a mirror leg from another leg (`Domain.recoverLostMaps`).
+    private var lost: [UUID: LostMap] = [:]
+
+    struct LostMap: Equatable {
+        var slot: Int
+        var why: String
+    }
     private let queueLock = NSLock()
     private var queue: [Waiter] = []
     private var committing = false
@@ -34,11 +43,12 @@ public final class PoolMetadata: @unchecked Sendable {
         var tree: ChunkTree
     }
 
-    private init(store: PageStore, chunkCount: UInt64, trees: [UUID: TreeEntry], free: FreeChunks) {
+    private init(store: PageStore, chunkCount: UInt64, trees: [UUID: TreeEntry], free: FreeChunks, lost: [UUID: LostMap] = [:]) {
         self.store = store
         self.chunkCount = chunkCount
         self.trees = trees
         freeIndex = free
+        self.lost = lost
     }
 
     // MARK: open and format
@@ -66,7 +76,9 @@ public final class PoolMetadata: @unchecked Sendable {
     }
 
     /// Opens a pool's metadata: replays its journal, reads every tree page (checked), and
-    /// indexes the free chunks.
+    /// indexes the free chunks. A block map with a page that fails its check is set aside
+    /// as lost (its leg's I/O fails; its extents stay counted, so nothing it held is handed
+    /// out); a damaged space map leaves the pool unusable.
     public static func open(area: MetaArea, poolId: UUID) async throws(PageStore.Failure) -> PoolMetadata {
         let store = try await PageStore.open(area: area, poolId: poolId)
         var trees: [UUID: TreeEntry] = [:]
@@ -85,14 +97,23 @@ public final class PoolMetadata: @unchecked Sendable {
             trees[id] = TreeEntry(slot: slot, tree: tree)
         }
         guard let space = trees[spaceMapId]?.tree else { throw .damaged("metadata: the space map's root is missing") }
-        for entry in trees.values { try await load(entry.tree, store) }
+        var lost: [UUID: LostMap] = [:]
+        for (id, entry) in trees {
+            do {
+                try await load(entry.tree, store)
+            } catch {
+                guard id != spaceMapId, case .damaged(let why) = error else { throw error }
+                lost[id] = LostMap(slot: entry.slot, why: why)
+                trees[id] = nil
+            }
+        }
         var free = FreeChunks()
         do {
             try store.reading { pages throws(TreeError) in
                 try space.forEachRun(in: 0..<space.count, pages) { r, v in if v == SpaceValue.free { free.insert(r) } }
             }
         } catch { throw .damaged("\(error)") }
-        return PoolMetadata(store: store, chunkCount: space.count, trees: trees, free: free)
+        return PoolMetadata(store: store, chunkCount: space.count, trees: trees, free: free, lost: lost)
     }
 
     /// Reads every page of a tree, level by level, checking each.
@@ -135,13 +156,24 @@ public final class PoolMetadata: @unchecked Sendable {
     /// chunks from it (at most `limit`) are laid out consecutively the same way.
     public func lookup(map: UUID, chunk: UInt64, limit: UInt64) throws(TreeError) -> (poolChunk: UInt64?, count: UInt64) {
         try store.reading { pages throws(TreeError) in
-            guard let tree = trees[map]?.tree else { throw TreeError(page: 0, why: "no block map \(map)") }
+            guard let tree = trees[map]?.tree else { throw missing(map) }
             let (v, n) = try tree.run(at: chunk, limit: limit, in: pages)
             return (v == 0 ? nil : v - 1, n)
         }
     }
 
     public func hasMap(_ id: UUID) -> Bool { store.locked { trees[id] != nil } }
+
+    /// Why block map `id` is unusable (its pages failed their check at open), or nil.
+    public func lostReason(_ id: UUID) -> String? { store.locked { lost[id]?.why } }
+
+    /// The lost maps' ids.
+    public var lostMapIds: [UUID] { store.locked { Array(lost.keys) } }
+
+    /// The error for a map that is not there (caller holds the store's lock).
+    private func missing(_ id: UUID) -> TreeError {
+        TreeError(page: nil, why: lost[id].map { "block map unusable: \($0.why)" } ?? "no block map \(id)")
+    }
 
     /// Chunks free to allocate now.
     public var freeChunks: UInt64 { store.locked { freeIndex.count } }
@@ -158,7 +190,7 @@ public final class PoolMetadata: @unchecked Sendable {
     /// Runs of a block map (vdisk chunk range, first pool chunk or nil).
     public func mapRuns(_ id: UUID) throws(TreeError) -> [(Range<UInt64>, UInt64?)] {
         try store.reading { pages throws(TreeError) in
-            guard let tree = trees[id]?.tree else { throw TreeError(page: 0, why: "no block map \(id)") }
+            guard let tree = trees[id]?.tree else { throw missing(id) }
             var out: [(Range<UInt64>, UInt64?)] = []
             try tree.forEachRun(in: 0..<tree.count, pages) { out.append(($0, $1 == 0 ? nil : $1 - 1)) }
             return out
@@ -183,10 +215,15 @@ public final class PoolMetadata: @unchecked Sendable {
         return out
     }
 
+    /// The pages of the space map's tree (checks, tests).
+    public func spaceTreePages() throws(TreeError) -> [UInt32] {
+        try store.reading { pages throws(TreeError) in try trees[Self.spaceMapId]!.tree.pageNumbers(in: pages) }
+    }
+
     /// The pages of a block map's tree, parents first (checks, tests).
     public func treePages(_ id: UUID) throws(TreeError) -> [UInt32] {
         try store.reading { pages throws(TreeError) in
-            guard let tree = trees[id]?.tree else { throw TreeError(page: 0, why: "no block map \(id)") }
+            guard let tree = trees[id]?.tree else { throw missing(id) }
             return try tree.pageNumbers(in: pages)
         }
     }
@@ -231,7 +268,7 @@ public final class PoolMetadata: @unchecked Sendable {
             if group.isEmpty { return }
             await store.writer.acquire()
             let tx = MetaTransaction(store: store)
-            var v = store.locked { VolumeTransaction(tx: tx, trees: trees, free: freeIndex, chunkCount: chunkCount) }
+            var v = store.locked { VolumeTransaction(tx: tx, trees: trees, free: freeIndex, chunkCount: chunkCount, lost: lost) }
             var applied: [Waiter] = []
             for w in group {
                 let saved = (v, tx.savepoint)
@@ -249,8 +286,8 @@ public final class PoolMetadata: @unchecked Sendable {
                 if let entry = v.trees[id] { Self.writeRoot(entry, id: id, in: tx) }
             }
             do throws(PageStore.Failure) {
-                let (trees, free) = (v.trees, v.free)
-                try await store.commit(tx) { self.trees = trees; self.freeIndex = free }
+                let (trees, free, lost) = (v.trees, v.free, v.lost)
+                try await store.commit(tx) { self.trees = trees; self.freeIndex = free; self.lost = lost }
             } catch {
                 tx.abandon()
                 for w in applied { w.outcome = error }
@@ -270,21 +307,29 @@ public struct VolumeTransaction {
     /// Trees whose root entry changed (written into the root table at commit).
     fileprivate(set) var touched: Set<UUID> = []
     fileprivate(set) var removedSlots: [UUID: Int] = [:]
+    fileprivate(set) var lost: [UUID: PoolMetadata.LostMap]
 
-    init(tx: MetaTransaction, trees: [UUID: PoolMetadata.TreeEntry], free: FreeChunks, chunkCount: UInt64) {
+    init(tx: MetaTransaction, trees: [UUID: PoolMetadata.TreeEntry], free: FreeChunks, chunkCount: UInt64,
+         lost: [UUID: PoolMetadata.LostMap] = [:]) {
         self.tx = tx
         self.trees = trees
         self.free = free
         self.chunkCount = chunkCount
+        self.lost = lost
     }
 
     private typealias Failure = PageStore.Failure
     private typealias SpaceValue = PoolMetadata.SpaceValue
 
-    /// A new, empty block map of `chunks` chunks.
+    /// A new, empty block map of `chunks` chunks. A lost map of the same id is replaced
+    /// (its root-table entry cleared; what it held stays counted: its extents are unknown).
     public mutating func createMap(_ id: UUID, chunks: UInt64) throws(PageStore.Failure) {
         guard trees[id] == nil else { throw .damaged("block map \(id) already exists") }
-        let used = Set(trees.values.map(\.slot)).union(removedSlots.values)
+        if let gone = lost.removeValue(forKey: id) {
+            removedSlots[id] = gone.slot
+            touched.insert(id)
+        }
+        let used = Set(trees.values.map(\.slot)).union(removedSlots.values).union(lost.values.map(\.slot))
         guard let slot = (0..<PoolMetadata.rootSlots).first(where: { !used.contains($0) }) else {
             throw .full("the pool's root table is full (\(PoolMetadata.rootSlots) block maps)")
         }

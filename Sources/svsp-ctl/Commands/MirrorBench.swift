@@ -43,8 +43,12 @@ struct MirrorBench: ParsableCommand {
                                                            lunPaths: [file], createBytes: nil, force: true)
                     pools.append(pool.name)
                 }
-                let capacity = domain.metadata.pools.map(\.capacityBytes).min() ?? 0
+                // What a pool can give a vdisk: its capacity less its metadata area.
+                let capacity = domain.metadata.pools.map { $0.capacityBytes - UInt64($0.metadataArea?.extentCount ?? 0) * $0.extentBytes }.min() ?? 0
                 let wanted = try sizeText.map { try ByteSize.parse($0) } ?? capacity
+                // The leg files held data before: their space is zeroed before it is handed out.
+                let zeroer = Task { await domain.runZeroer { _ in } }
+                defer { zeroer.cancel() }
                 _ = try await domain.createVDisk(name: "m", poolName: pools[0], mirrorPools: Array(pools.dropFirst()),
                                                  sizeBytes: wanted / blockBytes * blockBytes, blockSize: 512, thin: false)
                 let port = try domain.port(for: "m")

@@ -1,0 +1,86 @@
+import Controller
+import Foundation
+import IOEngine
+import XCTest
+
+/// A block-map page damaged on disk: found by its checksum when the pool opens. A mirror
+/// leg whose map is lost fails over and is rebuilt from the other leg; a vdisk with no
+/// other leg answers EIO naming the page, never wrong data.
+final class DamagedMapTests: XCTestCase {
+    private var dir: String!
+    private var profiles: ProfileCatalog!
+
+    override func setUp() async throws {
+        dir = NSTemporaryDirectory() + "svsp-damaged-\(UUID().uuidString.prefix(6))"
+        _ = try Domain.initialize(directory: dir, name: "t")
+        profiles = try ProfileCatalog(root: ProfileTests.shippedRoot)
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    private func pattern(_ p: UnsafeMutableRawPointer, _ n: Int, _ seed: UInt64) {
+        let w = p.assumingMemoryBound(to: UInt64.self)
+        for i in 0..<(n / 8) { w[i] = (UInt64(i) ^ seed) &* 0x9E37_79B9_7F4A_7C15 }
+    }
+
+    /// Overwrites two bytes of a metadata page of pool `name` on its LUN.
+    private func damage(page: UInt32, of name: String, in domain: Domain) throws {
+        let pool = try XCTUnwrap(domain.metadata.pool(named: name))
+        let area = try XCTUnwrap(pool.metadataArea)
+        let h = try FileHandle(forUpdating: URL(fileURLWithPath: pool.luns[area.lun].path))
+        try h.seek(toOffset: pool.luns[area.lun].dataStartBytes + UInt64(area.firstExtent) * pool.extentBytes + UInt64(page) * 4096 + 64)
+        try h.write(contentsOf: Data([0xBA, 0xD0]))
+        try h.close()
+    }
+
+    func testALostMapFailsTheLegOverAndIsRebuiltWhileASingleLegVDiskAnswersEIONamingThePage() async throws {
+        let first = try await Domain.open(directory: dir, profiles: profiles)
+        for (name, lun) in [("p", "l0"), ("q", "l1")] {
+            _ = try await first.createPool(name: name, arrayProfile: "file-backed", poolProfile: nil,
+                                           lunPaths: [dir + "/\(lun).img"], createBytes: 48 << 20, force: false)
+        }
+        _ = try await first.createVDisk(name: "m", poolName: "p", mirrorPools: ["q"], sizeBytes: 16 << 20, blockSize: 4096, thin: true)
+        _ = try await first.createVDisk(name: "s", poolName: "q", sizeBytes: 16 << 20, blockSize: 4096, thin: true)
+        let buffer = try AlignedBuffer(count: 8192)
+        let offsets: [UInt64] = [0, (3 << 20) + 4096, (7 << 20) + 8192, 12 << 20] // scattered: the maps need a page
+        for (i, at) in offsets.enumerated() {
+            for name in ["m", "s"] {
+                pattern(buffer.pointer, 8192, UInt64(i) + (name == "m" ? 100 : 200))
+                try await first.write(vdisk: name, offset: at, length: 8192, from: buffer.pointer, fua: true)
+            }
+        }
+        let q = try XCTUnwrap(first.blockMaps(ofPool: "q"))
+        try await q.store.checkpoint() // the pages are on disk in place, not only in the journal
+        let mLeg = try XCTUnwrap(first.metadata.vdisk(named: "m")?.legs[1].id), sLeg = try XCTUnwrap(first.metadata.vdisk(named: "s")?.legs[0].id)
+        let mPage = try XCTUnwrap(try q.treePages(mLeg).first), sPage = try XCTUnwrap(try q.treePages(sLeg).first)
+        try damage(page: mPage, of: "q", in: first)
+        try damage(page: sPage, of: "q", in: first)
+
+        // The restart: pool q opens without the two maps.
+        let domain = try await Domain.open(directory: dir, profiles: profiles)
+        XCTAssertTrue(domain.problems.contains { $0.contains("metadata page \(mPage): checksum mismatch") }, "\(domain.problems)")
+        XCTAssertEqual(domain.metadata.vdisk(named: "m")?.legs[1].state, .failed, "the leg whose map is lost fails over")
+        for (i, at) in offsets.enumerated() {
+            try await domain.read(vdisk: "m", offset: at, length: 8192, into: buffer.pointer)
+            let expected = try AlignedBuffer(count: 8192)
+            pattern(expected.pointer, 8192, UInt64(i) + 100)
+            XCTAssertEqual(memcmp(buffer.pointer, expected.pointer, 8192), 0, "m at \(at), from the good leg")
+        }
+        // Rebuilt from the other leg: the resync started at open copies into the leg's new map.
+        for _ in 0..<200 where domain.metadata.vdisk(named: "m")?.legs[1].state != .inSync { try await Task.sleep(nanoseconds: 50_000_000) }
+        XCTAssertEqual(domain.metadata.vdisk(named: "m")?.legs[1].state, .inSync)
+        let verify = try await domain.mirrors.verify(vdisk: "m", repair: false)
+        XCTAssertEqual(verify.mismatchedBlocks, 0)
+        XCTAssertGreaterThan(verify.blocksCompared, 0)
+
+        // No other leg: EIO, and the reason names the page.
+        do {
+            try await domain.read(vdisk: "s", offset: 0, length: 4096, into: buffer.pointer)
+            XCTFail("a read through a lost map returned data")
+        } catch {
+            XCTAssertTrue(domain.problems.contains { $0.contains("vdisk 's'") && $0.contains("metadata page \(sPage)") }, "\(domain.problems)")
+        }
+        let check = try await domain.checkPool(name: "q")
+        XCTAssertTrue(check.problems.contains { $0.contains("vdisk 's' leg 0") && $0.contains("metadata page \(sPage)") }, "\(check.problems)")
+    }
+}
