@@ -166,3 +166,32 @@ int cio_file_create(const char *path, uint64_t size_bytes, bool zero_fill) {
     close(fd);
     return rc;
 }
+
+/* Makes [offset, offset+length) of the LUN read as zeros without writing them, where
+ * the LUN can: a file's range that is already a hole needs nothing; otherwise
+ * FALLOC_FL_ZERO_RANGE (the space stays allocated), else FALLOC_FL_PUNCH_HOLE; a block
+ * device gets BLKZEROOUT (the kernel offloads it when the device can). Durable
+ * (fdatasync) when it returns 0. -EOPNOTSUPP: the caller writes zeros itself. */
+int cio_lun_zero_range(struct cio_lun *lun, uint64_t offset, uint64_t length) {
+    if (lun == NULL || length == 0) return -EINVAL;
+    if (lun->info.is_block_device) {
+        uint64_t range[2] = {offset, length};
+        if (ioctl(lun->fd, BLKZEROOUT, range) != 0) {
+            return errno == ENOTTY || errno == EOPNOTSUPP || errno == EINVAL ? -EOPNOTSUPP : -errno;
+        }
+    } else {
+        off_t data = lseek(lun->fd, (off_t)offset, SEEK_DATA);
+        bool hole = (data < 0 && errno == ENXIO) || (data >= 0 && (uint64_t)data >= offset + length);
+        if (!hole && fallocate(lun->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) != 0) {
+            if (errno != EOPNOTSUPP && errno != ENOSPC) return -errno;
+            if (fallocate(lun->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) != 0) {
+                return errno == EOPNOTSUPP ? -EOPNOTSUPP : -errno;
+            }
+        }
+        if (hole) return 0; /* nothing changed: nothing to make durable */
+    }
+    while (fdatasync(lun->fd) != 0) {
+        if (errno != EINTR) return -errno;
+    }
+    return 0;
+}

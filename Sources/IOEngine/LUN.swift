@@ -1,4 +1,5 @@
 import CIOCore
+import Glibc
 
 /// Facts probed when a LUN is opened.
 public struct LUNInfo: Sendable, Equatable {
@@ -54,4 +55,14 @@ public struct LUNHandle: @unchecked Sendable {
     let raw: OpaquePointer
     public let info: LUNInfo
     public let path: String
+
+    /// Makes the range read as zeros without writing them where the LUN can (a file's
+    /// hole or fallocate, BLKZEROOUT on a device), durably. False: it cannot (write zeros
+    /// instead). Blocks the calling thread.
+    public func zeroRange(offset: UInt64, length: UInt64) throws(IOError) -> Bool {
+        let rc = cio_lun_zero_range(raw, offset, length)
+        if rc == -Int32(EOPNOTSUPP) { return false }
+        if rc != 0 { throw IOError(result: Int64(rc), operation: .write, lun: path, offset: offset) }
+        return true
+    }
 }

@@ -52,6 +52,13 @@ void cio_lun_get_info(const struct cio_lun *lun, struct cio_lun_info *info);
 /** The path the LUN was opened with (owned by the LUN). */
 const char *cio_lun_path(const struct cio_lun *lun);
 
+/** Make [offset, offset+length) read as zeros without writing them where the LUN can
+ *  (a file's hole, fallocate ZERO_RANGE or PUNCH_HOLE; BLKZEROOUT on a block device);
+ *  durable when it returns 0. Blocks: call it off latency-sensitive threads.
+ *  @return 0, -EOPNOTSUPP when the LUN cannot (write zeros instead), or -errno. */
+int cio_lun_zero_range(struct cio_lun *lun, uint64_t offset, uint64_t length);
+
+
 /** Create (or extend) a regular file of size_bytes and preallocate it with
  *  fallocate so first writes do not pay for unwritten extents. Refuses
  *  block devices (-ENOTSUP) and shrinking an existing file (-EEXIST).

@@ -44,22 +44,45 @@ extension Domain {
         }
     }
 
-    /// Writes zeroes over pool chunks, durably (FUA), at most `zeroingWidth` 1 MiB pieces
-    /// at a time. Nil, or what failed. Every piece has finished when it returns.
-    func zero(_ chunks: [Range<UInt64>], of pool: PoolRecord) async -> DomainError? {
+    /// Makes pool chunks read as zeros, durably. Where the LUN can, without writing them
+    /// (a file's hole, fallocate, BLKZEROOUT: see `LUNHandle.zeroRange`), else by writing
+    /// zeroes (FUA) at most `zeroingWidth` 1 MiB pieces at a time. Returns what failed (or
+    /// nil) and whether every range was zeroed without writing. All done when it returns.
+    func zero(_ chunks: [Range<UInt64>], of pool: PoolRecord) async -> (problem: DomainError?, offloaded: Bool) {
         let runtime = runtime(of: pool.id)
         let geometry = PoolGeometry(pool)
-        var pieces: [(lun: LUNHandle, offset: UInt64, length: Int)] = []
+        var spans: [(lun: LUNHandle, offset: UInt64, length: UInt64)] = [] // back to back on one LUN each
         for run in chunks {
-            for c in run {
+            var c = run.lowerBound
+            while c < run.upperBound {
+                let n = geometry.contiguous(from: c, limit: run.upperBound - c)
                 let place = geometry.lunOffset(c)
-                guard let lun = runtime?.luns[place.lun]?.handle else { return DomainError("pool '\(pool.name)': LUN \(place.lun) is missing") }
-                for at in stride(from: UInt64(0), to: pool.extentBytes, by: SharedZeros.bytes) {
-                    pieces.append((lun, place.offset + at, Int(min(UInt64(SharedZeros.bytes), pool.extentBytes - at))))
-                }
+                guard let lun = runtime?.luns[place.lun]?.handle else { return (DomainError("pool '\(pool.name)': LUN \(place.lun) is missing"), false) }
+                spans.append((lun, place.offset, n * pool.extentBytes))
+                c += n
             }
         }
-        return await withTaskGroup(of: DomainError?.self) { group in
+        var pieces: [(lun: LUNHandle, offset: UInt64, length: Int)] = []
+        for span in spans {
+            // The call blocks (fallocate, an ioctl): off the cooperative threads.
+            let done: Result<Bool, IOError> = await withCheckedContinuation { c in
+                Self.zeroingQueue.async {
+                    do throws(IOError) { c.resume(returning: .success(try span.lun.zeroRange(offset: span.offset, length: span.length))) } catch {
+                        c.resume(returning: .failure(error))
+                    }
+                }
+            }
+            switch done {
+            case .success(true): continue
+            case .success(false):
+                for at in stride(from: UInt64(0), to: span.length, by: SharedZeros.bytes) {
+                    pieces.append((span.lun, span.offset + at, Int(min(UInt64(SharedZeros.bytes), span.length - at))))
+                }
+            case .failure(let error):
+                return (DomainError("pool '\(pool.name)': cannot zero a freed extent: \(error)"), false)
+            }
+        }
+        let problem = await withTaskGroup(of: DomainError?.self) { group in
             var problem: DomainError?
             for (i, p) in pieces.enumerated() {
                 if i >= Self.zeroingWidth, let done = await group.next(), let failed = done { problem = problem ?? failed }
@@ -75,8 +98,10 @@ extension Domain {
             for await done in group { if let failed = done { problem = problem ?? failed } }
             return problem
         }
+        return (problem, pieces.isEmpty)
     }
 
+    static let zeroingQueue = DispatchQueue(label: "svsp.zeroing")
     static let zeroingWidth = 16
 
     /// Thin provisioning: releases every leg's chunks lying wholly inside [offset, offset+length)

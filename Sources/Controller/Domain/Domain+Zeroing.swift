@@ -13,17 +13,22 @@ import IOEngine
 extension Domain {
     /// Chunks zeroed per commit: bounds both the commit rate and the work a stop repeats.
     static let zeroingBatchBytes: UInt64 = 1 << 30
+    /// The same where the LUNs zero without writing (holes, fallocate, BLKZEROOUT): a pool
+    /// made on an 8 TiB device or sparse file is cleared in a few dozen commits.
+    static let offloadedBatchBytes: UInt64 = 256 << 30
 
     /// Runs until cancelled: zeroes what the space maps hold for it, a batch at a time, and commits.
     /// The daemon runs one; so does a tool that opens a domain itself (`bench mirror`).
     public func runZeroer(log: @escaping @Sendable (String) -> Void) async {
         var reported: String?
+        var offloading = Set<UUID>() // pools whose last batch was zeroed without writing
         while !Task.isCancelled {
-            guard let (pool, batch) = nextZeroingBatch() else {
+            guard let (pool, batch) = nextZeroingBatch(offloading) else {
                 await zeroingWork.wait(timeoutNs: 1_000_000_000) // woken by a release; the timeout rechecks pool health
                 continue
             }
-            var problem: DomainError? = await zero(batch, of: pool)
+            var (problem, offloaded) = await zero(batch, of: pool)
+            if offloaded { offloading.insert(pool.id) } else { offloading.remove(pool.id) }
             if problem == nil {
                 do throws(DomainError) {
                     try await changeBlockMaps(pool) { (t: inout VolumeTransaction) throws(PageStore.Failure) in
@@ -45,13 +50,14 @@ extension Domain {
         }
     }
 
-    /// Up to `zeroingBatchBytes` of one healthy pool's chunks awaiting zeroing.
-    private func nextZeroingBatch() -> (PoolRecord, [Range<UInt64>])? {
+    /// Up to a batch (`zeroingBatchBytes`, or `offloadedBatchBytes` for the pools in
+    /// `offloading`) of one healthy pool's chunks awaiting zeroing.
+    private func nextZeroingBatch(_ offloading: Set<UUID>) -> (PoolRecord, [Range<UInt64>])? {
         // A read-only domain may run on a stale catalog: nothing is changed until a majority is back.
         guard readOnlyReason == nil else { return nil }
         for pool in metadata.pools {
             guard let meta = poolMeta(pool.id), runtime(of: pool.id)?.isHealthy == true else { continue }
-            let limit = max(1, Self.zeroingBatchBytes / pool.extentBytes)
+            let limit = max(1, (offloading.contains(pool.id) ? Self.offloadedBatchBytes : Self.zeroingBatchBytes) / pool.extentBytes)
             if let batch = try? meta.awaitingZeroing(limit: limit), !batch.isEmpty { return (pool, batch) }
         }
         return nil
