@@ -67,3 +67,15 @@ put("nbd", "info-unknown", flags + opt(6, struct.pack(">I", 4) + b"nope" + struc
 label = b"SVSPLUN1" + struct.pack("<I", 1) + uuid.UUID(int=2).bytes + uuid.UUID(int=1).bytes + struct.pack("<IIQ", 0, 1, 48 << 20)
 label += b"\0" * (4092 - len(label))
 put("lun-label", "label", label + struct.pack("<I", crc32c(label)))
+
+# pool-metadata: edits (u16 page, u16 slot, u64 value, little-endian) to the harness's
+# formatted area (4096 chunks: root table pages 2..17, journal 18..81, tree pages from 82).
+def edits(*e): return b"".join(struct.pack("<HHQ", p, s, v) for p, s, v in e)
+put("pool-metadata", "unchanged", b"")
+put("pool-metadata", "root-zeroed", edits((2, 2, 0)))
+put("pool-metadata", "root-info-height", edits((2, 3, (1 << 56) | (9 << 48) | 4096)))
+put("pool-metadata", "journal-count", edits((18, 0, 600)))
+put("pool-metadata", "journal-target-superblock", edits((18, 5, 0)))
+put("pool-metadata", "child-outside", edits((82, 5, (1 << 62) | 5000)))
+put("pool-metadata", "tag-three", edits((83, 0, 0xFFFFFFFFFFFFFFFF)))
+put("pool-metadata", "linear-run-overflow", edits((82, 1, (2 << 62) | ((1 << 62) - 2))))

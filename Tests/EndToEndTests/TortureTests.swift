@@ -19,5 +19,6 @@ final class TortureTests: XCTestCase {
 
     func testMirrorTorture() throws { try torture("mirror") }
 
-    func testThinTorture() throws { try torture("thin") }
+    /// 20 rounds: thin first writes, trims, and vdisk creates and deletes cut by SIGKILL.
+    func testThinTorture() throws { try torture("thin", rounds: 20) }
 }

@@ -5,7 +5,7 @@ import Foundation
 /// client and must never crash, trap or hang on them; the parsers they reach are the
 /// ones the daemon runs on untrusted input.
 public enum FuzzTargets {
-    public static let names = ["setup-record", "bitmap-header", "lun-label", "profile", "mgmt-request", "nbd"]
+    public static let names = ["setup-record", "bitmap-header", "lun-label", "profile", "mgmt-request", "nbd", "pool-metadata"]
 
     /// Runs one input through `target` (one of `names`).
     public static func run(_ target: String, _ data: UnsafeRawBufferPointer) {
@@ -18,6 +18,7 @@ public enum FuzzTargets {
         case "profile": profile(data)
         case "mgmt-request": mgmtRequest(data)
         case "nbd": NBDFuzzServer.shared.exchange(data)
+        case "pool-metadata": PoolMetadataFuzz.shared.run(data)
         default: fatalError("unknown fuzz target '\(target)' (known: \(names.joined(separator: ", ")))")
         }
     }

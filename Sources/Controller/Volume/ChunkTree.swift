@@ -138,6 +138,17 @@ struct ChunkTree: Equatable, Sendable {
 
     static func childPage(_ slot: UInt64) -> UInt32? { if case .child(let n) = decode(slot) { n } else { nil } }
 
+    /// Why a slot read from disk cannot be one of this tree's slots at `level` (a page
+    /// that passed its checksum may still hold what svsp never writes), or nil.
+    func problem(slot s: UInt64, level: Int) -> String? {
+        if level == 0 { return s > Self.valueMask ? "value \(s) out of range" : nil }
+        switch s >> 62 {
+        case 3: return "slot tag 3 is not used"
+        case 2 where runs == .linear && Self.span(level) > Self.valueMask - (s & Self.valueMask): return "a run past the value range"
+        default: return nil
+        }
+    }
+
     // MARK: editing
 
     /// Sets entries `range` to `base` (linear: base, base+1, ...; constant: base each;

@@ -168,7 +168,9 @@ public final class PageStore: @unchecked Sendable {
             var out: [MetaPage] = []
             for i in 0..<n {
                 let target = UInt32(truncatingIfNeeded: h.slots[Record.targets + i])
-                guard target < layout.pageCount, case .success(let page) = MetaPage.decode(images.pointer + i * MetaPage.bytes, number: target, kind: nil)
+                // Only root-table and tree pages are journalled: never a superblock or the journal itself.
+                let journalled = target >= layout.rootTableStart && (target < layout.journalStart || target >= layout.treeStart)
+                guard journalled, target < layout.pageCount, case .success(let page) = MetaPage.decode(images.pointer + i * MetaPage.bytes, number: target, kind: nil)
                 else { return nil }
                 out.append(page)
             }

@@ -78,6 +78,11 @@ struct LegRoute: Sendable {
         let wanted = (within + UInt64(length) + cb - 1) / cb
         let (poolChunk, run) = try meta.lookup(map: map, chunk: chunk, limit: wanted)
         guard let poolChunk else { return (nil, Int(min(UInt64(length), run * cb - within))) }
+        // A map entry past the pool (a damaged map that passed its checksums) must not
+        // send I/O elsewhere on a LUN.
+        guard poolChunk < geometry.chunkCount, run <= geometry.chunkCount - poolChunk else {
+            throw TreeError(page: nil, why: "block map \(map) maps extent \(chunk) to pool extent \(poolChunk), outside the pool")
+        }
         let together = geometry.contiguous(from: poolChunk, limit: run)
         let place = geometry.lunOffset(poolChunk)
         return ((place.lun, place.offset + within), Int(min(UInt64(length), together * cb - within)))

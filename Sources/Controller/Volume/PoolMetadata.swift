@@ -116,13 +116,21 @@ public final class PoolMetadata: @unchecked Sendable {
         return PoolMetadata(store: store, chunkCount: space.count, trees: trees, free: free, lost: lost)
     }
 
-    /// Reads every page of a tree, level by level, checking each.
+    /// Reads every page of a tree, level by level, checking each: its checksum (`load`)
+    /// and that every slot is one svsp could have written.
     private static func load(_ tree: ChunkTree, _ store: PageStore) async throws(PageStore.Failure) {
+        if let why = tree.problem(slot: tree.root, level: tree.height) { throw .damaged("metadata: a tree's root: \(why)") }
         var level = tree.height
         var frontier = ChunkTree.childPage(tree.root).map { [$0] } ?? []
         while !frontier.isEmpty {
             var next: [UInt32] = []
-            for n in frontier { next += ChunkTree.children(of: try await store.load(n, kind: .treeNode), level: level) }
+            for n in frontier {
+                let page = try await store.load(n, kind: .treeNode)
+                for (k, s) in page.slots.enumerated() {
+                    if let why = tree.problem(slot: s, level: level - 1) { throw .damaged("metadata page \(n): slot \(k): \(why)") }
+                }
+                next += ChunkTree.children(of: page, level: level)
+            }
             frontier = next
             level -= 1
         }
