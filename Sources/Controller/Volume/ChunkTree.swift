@@ -66,7 +66,8 @@ struct ChunkTree: Equatable, Sendable {
 
     /// The entry at `index` and how many entries from it (at most `limit`) continue its run.
     func run(at index: UInt64, limit: UInt64, in pages: some PageSource) throws(TreeError) -> (value: UInt64, count: UInt64) {
-        precondition(index < count && limit > 0, "chunk \(index) outside a tree of \(count)")
+        // A map shorter than its vdisk (damage that passed the checks) fails the I/O, never traps.
+        guard index < count, limit > 0 else { throw TreeError(page: nil, why: "extent \(index) is past the map's \(count) extents") }
         let limit = min(limit, count - index)
         let first = try piece(at: index, limit: limit, in: pages)
         var total = first.count
@@ -154,7 +155,9 @@ struct ChunkTree: Equatable, Sendable {
     /// Sets entries `range` to `base` (linear: base, base+1, ...; constant: base each;
     /// 0 clears them).
     mutating func set(_ range: Range<UInt64>, to base: UInt64, in tx: MetaTransaction) throws(PageStore.Failure) {
-        precondition(range.upperBound <= count && base <= Self.valueMask, "tree edit \(range) outside \(count) entries")
+        guard range.upperBound <= count, base <= Self.valueMask else {
+            throw .damaged("a map edit of extents \(range) (value \(base)) is outside the map's \(count) extents")
+        }
         guard !range.isEmpty else { return }
         root = try set(slot: root, level: height, start: 0, range, base, tx)
     }

@@ -115,10 +115,14 @@ public final class PageStore: @unchecked Sendable {
             }
         }
         guard let sb = best else { throw .damaged("metadata area: no usable superblock (\(problems.joined(separator: "; ")))") }
-        let layout = MetaLayout(journalPages: UInt32(sb.slots[Super.journalPages]), pageCount: UInt32(sb.slots[Super.pageCount]))
-        guard layout.pageCount <= area.pageCount, layout.journalPages > 0, layout.treeStart <= layout.pageCount else {
-            throw .damaged("metadata area: superblock describes \(layout.pageCount) pages, the area has \(area.pageCount)")
+        // A superblock that passed its checksum may still hold what svsp never writes.
+        let (pages, journal, tail) = (sb.slots[Super.pageCount], sb.slots[Super.journalPages], sb.slots[Super.tail])
+        guard pages <= UInt64(area.pageCount), journal > 0, journal <= pages,
+              UInt64(MetaLayout.superblockPages + MetaLayout.rootTablePages) + journal <= pages, tail < journal
+        else {
+            throw .damaged("metadata area: superblock describes \(pages) pages with a journal of \(journal) (tail \(tail)), the area has \(area.pageCount)")
         }
+        let layout = MetaLayout(journalPages: UInt32(journal), pageCount: UInt32(pages))
         let store = PageStore(area: area, layout: layout, poolId: poolId)
         store.superblockSequence = sb.sequence
         store.head = UInt32(sb.slots[Super.tail])
@@ -160,8 +164,9 @@ public final class PageStore: @unchecked Sendable {
             guard case .success(let h) = MetaPage.decode(header.pointer, number: layout.journalStart + p, kind: .journalHeader),
                   h.sequence == sequence, UUID(halves: (h.slots[Record.poolHi], h.slots[Record.poolLo])) == poolId
             else { return nil }
+            guard h.slots[Record.count] > 0, h.slots[Record.count] <= UInt64(Record.maxPages) else { return nil }
             let n = Int(h.slots[Record.count])
-            guard n > 0, n <= Record.maxPages, p + 1 + UInt32(n) <= j else { return nil }
+            guard p + 1 + UInt32(n) <= j else { return nil }
             guard let images = try? Self.alignedBuffer(pages: n) else { return nil }
             do { try await area.read(page: layout.journalStart + p + 1, count: n, into: images.pointer) } catch { return nil }
             guard Checksum.crc32c(UnsafeRawBufferPointer(start: images.pointer, count: n * MetaPage.bytes)) == UInt32(truncatingIfNeeded: h.slots[Record.crc]) else { return nil }
