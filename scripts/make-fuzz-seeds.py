@@ -79,3 +79,5 @@ put("pool-metadata", "journal-target-superblock", edits((18, 5, 0)))
 put("pool-metadata", "child-outside", edits((82, 5, (1 << 62) | 5000)))
 put("pool-metadata", "tag-three", edits((83, 0, 0xFFFFFFFFFFFFFFFF)))
 put("pool-metadata", "linear-run-overflow", edits((82, 1, (2 << 62) | ((1 << 62) - 2))))
+# Every journal page's first slot (a header's record count) past Int: the replay must refuse it.
+put("pool-metadata", "journal-count-huge", edits(*[(p, 0, 1 << 63) for p in range(18, 82)]))
