@@ -15,13 +15,16 @@ public struct TreeError: Error, CustomStringConvertible {
 }
 
 /// Private copies of the pages one commit changes. Pages taken for it are handed back
-/// if it is abandoned; pages it frees are reused only after it commits.
+/// if it is abandoned; pages it frees (even those it took itself) are reused only after
+/// it commits: a change of a group commit that is rolled back may still need them.
 final class MetaTransaction: PageSource {
     unowned let store: PageStore
     private(set) var pages: [UInt32: MetaPage] = [:]
     private(set) var changed: Set<UInt32> = []
     private(set) var freed: Set<UInt32> = []
     private var taken: Set<UInt32> = []
+    /// Pages taken and freed again by this transaction: given back at its end.
+    private(set) var dropped: Set<UInt32> = []
 
     init(store: PageStore) { self.store = store }
 
@@ -49,25 +52,28 @@ final class MetaTransaction: PageSource {
     func free(_ n: UInt32) {
         pages[n] = nil
         changed.remove(n)
-        if taken.remove(n) != nil { store.giveBack(n) } else { freed.insert(n) }
+        if taken.remove(n) != nil { dropped.insert(n) } else { freed.insert(n) }
     }
 
     /// What `rollBack` returns to: one change of a group commit that fails is undone alone.
     struct Savepoint {
-        fileprivate var pages: [UInt32: MetaPage], changed: Set<UInt32>, freed: Set<UInt32>, taken: Set<UInt32>
+        fileprivate var pages: [UInt32: MetaPage], changed: Set<UInt32>, freed: Set<UInt32>, taken: Set<UInt32>, dropped: Set<UInt32>
     }
 
-    var savepoint: Savepoint { Savepoint(pages: pages, changed: changed, freed: freed, taken: taken) }
+    var savepoint: Savepoint { Savepoint(pages: pages, changed: changed, freed: freed, taken: taken, dropped: dropped) }
 
+    /// Back to `s`: pages taken since are given back; pages taken before and freed since are
+    /// the savepoint's again (never given back meanwhile, so no other change can have them).
     func rollBack(to s: Savepoint) {
-        for n in taken.subtracting(s.taken) { store.giveBack(n) }
-        (pages, changed, freed, taken) = (s.pages, s.changed, s.freed, s.taken)
+        for n in taken.union(dropped).subtracting(s.taken.union(s.dropped)) { store.giveBack(n) }
+        (pages, changed, freed, taken, dropped) = (s.pages, s.changed, s.freed, s.taken, s.dropped)
     }
 
     /// Gives back the pages taken; nothing of it was written.
     func abandon() {
-        for n in taken { store.giveBack(n) }
+        for n in taken.union(dropped) { store.giveBack(n) }
         taken = []
+        dropped = []
         pages = [:]
         changed = []
         freed = []

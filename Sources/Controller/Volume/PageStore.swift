@@ -259,7 +259,7 @@ public final class PageStore: @unchecked Sendable {
         lock.withLock {
             alongside()
             for page in images { pages[page.number] = page; unwritten.insert(page.number) }
-            for n in tx.freed {
+            for n in tx.freed.union(tx.dropped) {
                 pages[n] = nil
                 unwritten.remove(n)
                 markFree(n)

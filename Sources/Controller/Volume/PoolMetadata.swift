@@ -238,11 +238,36 @@ public final class PoolMetadata: @unchecked Sendable {
 
     // MARK: changes (group commit)
 
-    private final class Waiter {
+    private final class Waiter: @unchecked Sendable {
         let apply: (inout VolumeTransaction) throws(PageStore.Failure) -> Void
         var outcome: PageStore.Failure?
-        var continuation: CheckedContinuation<Void, Never>?
+        private let lock = NSLock()
+        private var done = false
+        private var continuation: CheckedContinuation<Void, Never>?
         init(_ apply: @escaping (inout VolumeTransaction) throws(PageStore.Failure) -> Void) { self.apply = apply }
+
+        /// Returns once `finish` was called (before or after).
+        func wait() async {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                lock.lock()
+                if done {
+                    lock.unlock()
+                    c.resume()
+                } else {
+                    continuation = c
+                    lock.unlock()
+                }
+            }
+        }
+
+        func finish() {
+            lock.lock()
+            done = true
+            let c = continuation
+            continuation = nil
+            lock.unlock()
+            c?.resume()
+        }
     }
 
     /// Runs `body` in a transaction shared with whatever other changes are waiting, and
@@ -250,18 +275,30 @@ public final class PoolMetadata: @unchecked Sendable {
     public func change<T>(_ body: @escaping (inout VolumeTransaction) throws(PageStore.Failure) -> T) async throws(PageStore.Failure) -> T {
         var result: T?
         let waiter = Waiter { (v: inout VolumeTransaction) throws(PageStore.Failure) in result = try body(&v) }
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            waiter.continuation = c
-            let lead = queueLock.withLock { () -> Bool in
-                queue.append(waiter)
-                if committing { return false }
-                committing = true
-                return true
-            }
-            if lead { Task { await self.commitQueued() } }
-        }
+        enqueue([waiter])
+        await waiter.wait()
         if let failure = waiter.outcome { throw failure }
         return result!
+    }
+
+    /// Runs `bodies` in one group commit, in order, each standing or falling alone (what
+    /// concurrent callers of `change` get when they arrive together; tests use it to fix
+    /// the order). Nil for a body that was applied, else why it was not.
+    public func changeTogether(_ bodies: [(inout VolumeTransaction) throws(PageStore.Failure) -> Void]) async -> [PageStore.Failure?] {
+        let waiters = bodies.map { Waiter($0) }
+        enqueue(waiters)
+        for w in waiters { await w.wait() }
+        return waiters.map(\.outcome)
+    }
+
+    private func enqueue(_ waiters: [Waiter]) {
+        let lead = queueLock.withLock { () -> Bool in
+            queue += waiters
+            if committing { return false }
+            committing = true
+            return true
+        }
+        if lead { Task { await self.commitQueued() } }
     }
 
     /// Commits what is queued, then what queued meanwhile, until the queue is empty.
@@ -301,7 +338,7 @@ public final class PoolMetadata: @unchecked Sendable {
                 for w in applied { w.outcome = error }
             }
             store.writer.release()
-            for w in group { w.continuation!.resume() }
+            for w in group { w.finish() }
         }
     }
 }
