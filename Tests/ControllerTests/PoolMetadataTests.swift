@@ -312,6 +312,55 @@ final class PoolMetadataTests: XCTestCase {
         XCTAssertLessThanOrEqual(thinLarge, 2 * thinSmall)
     }
 
+    /// A commit of two journal records whose second write fails is abandoned; its first
+    /// record is on disk under the sequence number that comes next. The next commit must
+    /// not continue from there: replay would take the abandoned record as part of it, and
+    /// a reopened pool would hold edits that were never acknowledged.
+    func testARecordOfAFailedCommitIsNeverReplayed() async throws {
+        let f = try MetaFixture("failed-record", pages: MetaLayout.sized(forChunks: 600_000).pageCount)
+        let meta = try await formatted(f, chunks: 600_000)
+        let map = UUID()
+        let leaves: UInt64 = 700 // one entry per 508-entry leaf: 700 leaf pages, two records
+        try await meta.change { v throws(PageStore.Failure) in
+            try v.createMap(map, chunks: 600_000)
+            for k in 0..<leaves { try v.map(map, at: k * 508, to: try v.allocate(1)) }
+        }
+        let layout = meta.store.layout
+        final class JournalWrites: @unchecked Sendable {
+            let lock = NSLock()
+            var seen = 0
+        }
+        let writes = JournalWrites()
+        meta.store.area.failWrites { page, _ in
+            guard page >= layout.journalStart, page < layout.treeStart else { return false }
+            return writes.lock.withLock { writes.seen += 1; return writes.seen == 2 } // the second record fails
+        }
+        do {
+            // Every leaf edited again: the first record lands, the second fails.
+            try await meta.change { v throws(PageStore.Failure) in
+                for k in 0..<leaves { try v.map(map, at: k * 508 + 1, to: try v.allocate(1)) }
+            }
+            XCTFail("the commit should have failed")
+        } catch {
+            XCTAssertTrue("\(error)".contains("metadata I/O failed"), "\(error)")
+        }
+        XCTAssertEqual(writes.lock.withLock { writes.seen }, 2)
+        meta.store.area.failWrites(when: nil)
+        // A small commit afterwards (the last leaf, which the first record did not hold).
+        try await meta.change { v throws(PageStore.Failure) in try v.map(map, at: (leaves - 1) * 508 + 2, to: try v.allocate(1)) }
+        let free = meta.freeChunks
+        for m in [meta, try await PoolMetadata.open(area: f.area, poolId: f.poolId)] {
+            for k in 0..<leaves {
+                XCTAssertNotNil(try m.lookup(map: map, chunk: k * 508, limit: 1).poolChunk)
+                let abandoned = try m.lookup(map: map, chunk: k * 508 + 1, limit: 1).poolChunk
+                XCTAssertNil(abandoned, "leaf \(k): an edit of the failed commit came back")
+                if abandoned != nil { break }
+            }
+            XCTAssertNotNil(try m.lookup(map: map, chunk: (leaves - 1) * 508 + 2, limit: 1).poolChunk)
+            XCTAssertEqual(m.freeChunks, free)
+        }
+    }
+
     func testATransactionTooLargeForTheJournalIsRefusedAndChangesNothing() async throws {
         let f = try MetaFixture("big", pages: MetaLayout.sized(forChunks: 600_000).pageCount)
         let meta = try await formatted(f, chunks: 600_000)

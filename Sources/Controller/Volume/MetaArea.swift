@@ -12,6 +12,7 @@ public final class MetaArea: @unchecked Sendable {
     public let pageCount: UInt32
     private let lock = NSLock()
     private var written: UInt64 = 0
+    private var writeFault: (@Sendable (_ page: UInt32, _ count: Int) -> Bool)?
 
     public init(lun: LUNHandle, engine: EngineHandle, startBytes: UInt64, pageCount: UInt32) {
         self.lun = lun
@@ -22,6 +23,10 @@ public final class MetaArea: @unchecked Sendable {
 
     /// Bytes written to the area since it was opened.
     public var bytesWritten: UInt64 { lock.withLock { written } }
+
+    /// A simulated fault for tests: asked before each write (first page, page count);
+    /// true fails that write with EIO and writes nothing. Nil (the default) for none.
+    public func failWrites(when fault: (@Sendable (_ page: UInt32, _ count: Int) -> Bool)?) { lock.withLock { writeFault = fault } }
 
     /// Reads `count` pages from `page` into `buffer`.
     func read(page: UInt32, count: Int, into buffer: UnsafeMutableRawPointer) async throws(IOError) {
@@ -35,6 +40,9 @@ public final class MetaArea: @unchecked Sendable {
     func write(page: UInt32, count: Int, from buffer: UnsafeRawPointer, fua: Bool) async throws(IOError) {
         precondition(UInt64(page) + UInt64(count) <= UInt64(pageCount), "metadata write past the area")
         let length = count * MetaPage.bytes
+        if let fault = lock.withLock({ writeFault }), fault(page, count) {
+            throw IOError(code: EIO, operation: .write, lun: lun.path, offset: offset(page))
+        }
         let n = try await engine.write(lun: lun, from: buffer, length: length, offset: offset(page), fua: fua)
         if n != length { throw IOError(code: EIO, operation: .write, lun: lun.path, offset: offset(page)) }
         lock.withLock { written += UInt64(length) }

@@ -33,6 +33,12 @@ public final class PageStore: @unchecked Sendable {
     private var used: UInt32 = 0
     private var nextSequence: UInt64 = 1
     private var superblockSequence: UInt64 = 0
+    /// Records of a transaction that did not commit may lie in the ring past the head,
+    /// under the sequence numbers that come next: after a record write failed (the commit
+    /// is abandoned, yet the record, or an earlier record of it, may be on disk), and at
+    /// open (a crash may have cut a transaction). Replay would take them for the next
+    /// commit's. So the next commit first checkpoints with sequences a whole ring further on.
+    private var mayHoldStaleRecords = false
     /// Commits and checkpoints, one at a time.
     let writer = AsyncSemaphore(permits: 1)
     /// Counters tests and `pool check` read: commits, and the journal bytes they wrote.
@@ -128,6 +134,7 @@ public final class PageStore: @unchecked Sendable {
         store.head = UInt32(sb.slots[Super.tail])
         store.nextSequence = sb.slots[Super.tailSequence]
         try await store.replayJournal()
+        store.mayHoldStaleRecords = true
         let tables = try alignedBuffer(pages: Int(MetaLayout.rootTablePages))
         do { try await area.read(page: layout.rootTableStart, count: Int(MetaLayout.rootTablePages), into: tables.pointer) } catch { throw .io(error) }
         for i in 0..<Int(MetaLayout.rootTablePages) {
@@ -220,14 +227,24 @@ public final class PageStore: @unchecked Sendable {
         }
         // Worst case every record wraps: make room for all of it before the first is written,
         // so a checkpoint can never fall between the records of one transaction.
-        if used + needed * 2 > layout.journalPages { try await checkpointNow() }
+        if mayHoldStaleRecords || used + needed * 2 > layout.journalPages {
+            // A stale record's sequence is below its own + the ring's length: past every one.
+            if mayHoldStaleRecords { nextSequence += UInt64(layout.journalPages) }
+            try await checkpointNow()
+            mayHoldStaleRecords = false
+        }
         var bytes = 0
         var stamped: [MetaPage] = []
         for r in 0..<recordCount {
             let part = Array(changed[(r * Record.maxPages)..<min(changed.count, (r + 1) * Record.maxPages)])
             let sequence = nextSequence
             let images = part.map { p -> MetaPage in var p = p; p.sequence = sequence; return p }
-            try await writeRecord(images, sequence: sequence, last: r == recordCount - 1)
+            do {
+                try await writeRecord(images, sequence: sequence, last: r == recordCount - 1)
+            } catch {
+                mayHoldStaleRecords = true
+                throw error
+            }
             nextSequence += 1
             stamped += images
             bytes += (images.count + 1) * MetaPage.bytes
