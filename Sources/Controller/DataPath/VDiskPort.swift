@@ -1,28 +1,28 @@
 import Foundation
 import IOEngine
 
-/// The allocation-free data path of one vdisk: front ends (and the async data API)
-/// submit read, write (FUA), flush, write-zeroes and trim at byte offsets with a
-/// sink and a cookie; the port checks alignment and range, maps the range through
-/// each leg's extent map onto its pool's LUNs, submits the pieces through the
-/// pools' schedulers, and calls the sink once when every piece is done.
+/// The allocation-free data path of one vdisk, as layers:
 ///
-/// Sync mirrors: writes go to every leg that is not failed (in-sync and copying);
-/// the host hears only when all of them have the data. Reads go to the in-sync leg
-/// with the fewest requests outstanding; a read error is retried on another in-sync
-/// leg and the good data is written back to the leg that failed the read. A leg
-/// that fails a write is marked failed in the metadata before the host is
-/// answered; `automatic-failover` then acknowledges from the surviving legs,
-/// `synchronous-always` fails the write.
+/// - the request core (this file): front ends (and the async data API) submit read,
+///   write (FUA), flush, write-zeroes and trim at byte offsets with a sink and a cookie;
+///   the core checks alignment and range, holds the request's range (`RangeLock`),
+///   splits it at block-map and LUN boundaries (`LegRoute`), submits the pieces through
+///   the pools' schedulers, counts them back and calls the sink once;
+/// - the sync mirror (`SyncMirror`): which legs a request goes to and what its outcome
+///   is when legs fail; read repair and copier ranges (`VDiskPort+Copiers.swift`);
+/// - thin provisioning (`VDiskPort+Thin.swift`): first writes map chunks, trims release them.
 ///
-/// Request state lives in a slot table sized at init and the maps are cached per
+/// Request state lives in a slot table sized at init and the leg layout is cached per
 /// metadata generation, so steady-state I/O allocates nothing. The exceptions are
 /// the slow paths: the first write into an unallocated thin extent (commits the
-/// allocation first) and leg failures (commit the leg state first).
+/// allocation first) and leg failures (commit the leg state first). The core's counters
+/// (pieces in flight, outstanding per leg, the free list) are checked as preconditions.
+///
+/// The layers' files share the core's state below (internal, not private, for them).
 public final class VDiskPort: CompletionSink, @unchecked Sendable {
     public enum Op: UInt8, Sendable { case read, write, flush, writeZeroes, trim }
 
-    private struct Request: @unchecked Sendable {
+    struct Request: @unchecked Sendable {
         var sink: Unmanaged<CompletionSink>?
         var cookie: UInt64 = 0
         var op: Op = .read
@@ -73,7 +73,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
 
     /// One leg's routing for one metadata generation (its block map is read live: thin
     /// allocations and trims change it without a new generation).
-    private struct LegMap {
+    struct LegMap {
         var id: UUID
         var state: LegState
         var extentBytes: UInt64
@@ -84,36 +84,39 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var lunSeries: [[DomainMetrics.IOSet]] // [lun][read, write, flush]
     }
 
-    private struct Mapping {
+    struct Mapping {
         var generation: UInt64
         var sizeBytes: UInt64
         var blockSize: Int
         var mode: MirrorMode
         var thin: Bool
         var legs: [LegMap]
+        /// `SyncMirror`'s masks for these legs: those writes go to, those reads may use.
+        var writeLegs: UInt8
+        var inSyncLegs: UInt8
         /// Thin vdisks: the largest leg extent, a multiple of the others' (nil otherwise).
         var deallocationUnit: UInt64?
     }
 
     public let domain: Domain
     public let vdiskName: String
-    private let capacity: Int
-    private let slots: UnsafeMutablePointer<Request>
-    private var freeHead: Int32 = 0
-    private let lock = NSLock()
-    private var mapping: Mapping
-    private var legOutstanding: [Int] = [0, 0, 0, 0]
+    let capacity: Int
+    let slots: UnsafeMutablePointer<Request>
+    var freeHead: Int32 = 0
+    let lock = NSLock()
+    var mapping: Mapping
+    var legOutstanding: [Int] = [0, 0, 0, 0]
     /// Who may touch which range now: host requests, copiers, releasing trims (see `RangeLock`).
-    private var ranges: RangeLock
+    var ranges: RangeLock
     /// Entries a release let go (reused under the lock, so a release allocates nothing).
-    private var granted: [RangeLock.Holder] = []
+    var granted: [RangeLock.Holder] = []
     /// Copiers waiting for their range, by token; and the ranges copiers hold.
-    private var copierWaiters: [Int: CheckedContinuation<Void, Never>] = [:]
-    private var copierRanges: [(range: Range<UInt64>, token: Int)] = []
+    var copierWaiters: [Int: CheckedContinuation<Void, Never>] = [:]
+    var copierRanges: [(range: Range<UInt64>, token: Int)] = []
     /// Callers refused with EBUSY (every slot in use), woken as requests finish.
-    private var roomWaiters: [@Sendable () -> Void] = []
+    var roomWaiters: [@Sendable () -> Void] = []
     /// `drain` callers: the slots they still wait for.
-    private var drainWaiters: [(pending: Set<Int>, continuation: CheckedContinuation<Void, Never>)] = []
+    var drainWaiters: [(pending: Set<Int>, continuation: CheckedContinuation<Void, Never>)] = []
     private let readSeries: DomainMetrics.IOSet
     private let writeSeries: DomainMetrics.IOSet
     /// The write-intent bitmap of a sync mirror with dirty-region tracking on
@@ -122,7 +125,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     private var log: DirtyRegionLog?
     /// Read repairs running: their leg writes bypass the slots, so a leg removal or a
     /// delete (whose freed extents only wait for slot requests) is refused meanwhile.
-    private var repairs = 0
+    var repairs = 0
     var repairsRunning: Int { lock.withLock { repairs } }
 
     public init(domain: Domain, vdisk name: String, capacity: Int = 256) throws(DomainError) {
@@ -195,12 +198,13 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         }
         let unit = legs.map(\.extentBytes).max()
         let deallocationUnit = v.thin && legs.allSatisfy({ unit! % $0.extentBytes == 0 }) ? unit : nil
+        let states = legs.map(\.state)
         return Mapping(generation: m.generation, sizeBytes: v.sizeBytes, blockSize: v.blockSize, mode: v.mode, thin: v.thin, legs: legs,
-                       deallocationUnit: deallocationUnit)
+                       writeLegs: SyncMirror.writeLegs(states), inSyncLegs: SyncMirror.inSyncLegs(states), deallocationUnit: deallocationUnit)
     }
 
     /// Re-reads the mapping when the metadata moved on (grow, thin allocation, leg states). Caller holds the lock.
-    private func refreshIfNeeded() -> Bool {
+    func refreshIfNeeded() -> Bool {
         if domain.generation == mapping.generation { return true }
         guard let m = Self.makeMapping(domain, vdiskName) else { return false }
         mapping = m
@@ -240,6 +244,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             throw IOError(code: EBUSY, operation: ioOp, lun: vdiskName, offset: offset)
         }
         let index = Int(freeHead)
+        precondition(slots[index].sink == nil, "slot \(index) is on the free list and in use")
         freeHead = slots[index].nextFree
         slots[index] = Request(sink: Unmanaged.passRetained(sink), cookie: cookie, op: op, offset: offset, length: length,
                                buffer: buffer, fua: fua, piecesInFlight: 1, startNs: DispatchTime.now().uptimeNanoseconds)
@@ -289,7 +294,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
 
     /// Starts what a release let go: requests are dispatched, copiers resumed. Called
     /// without the lock, with what `takeGranted` returned.
-    private func start(_ holders: [RangeLock.Holder]) {
+    func start(_ holders: [RangeLock.Holder]) {
         for h in holders {
             switch h {
             case .slot(let s): dispatch(s)
@@ -299,49 +304,11 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     }
 
     /// What releases under the lock let go, emptied. Caller holds the lock.
-    private func takeGranted() -> [RangeLock.Holder] {
+    func takeGranted() -> [RangeLock.Holder] {
         guard !granted.isEmpty else { return [] }
         let out = granted
         granted.removeAll(keepingCapacity: true)
         return out
-    }
-
-    /// Slow path, once per thin extent: commit the allocation on every leg, then go on
-    /// (the request keeps its range meanwhile, so no trim can release what it maps).
-    private func allocateThenProceed(_ index: Int) {
-        let (offset, length) = lock.withLock { (slots[index].offset, slots[index].length) }
-        Task {
-            do throws(DomainError) {
-                try await domain.allocateExtents(vdisk: vdiskName, offset: offset, length: length)
-            } catch {
-                self.pieceDone(index, leg: -1, lun: -1, result: -Int64(error.code))
-                return
-            }
-            self.dispatch(index)
-        }
-    }
-
-    /// The requests in the port now (slot and start time): after a delete or a leg removal
-    /// commits, these may still send I/O with the old mapping.
-    func requestsInFlight() -> [(slot: Int, startNs: UInt64)] {
-        lock.withLock { (0..<capacity).filter { slots[$0].sink != nil }.map { ($0, slots[$0].startNs) } }
-    }
-
-    /// Waits until every one of `requests` has finished (later requests, with the new
-    /// mapping, do not count). Woken by the requests' own completions; a device that hangs
-    /// keeps it waiting.
-    func drain(_ requests: [(slot: Int, startNs: UInt64)]) async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            lock.lock()
-            let pending = Set(requests.filter { slots[$0.slot].sink != nil && slots[$0.slot].startNs == $0.startNs }.map(\.slot))
-            if pending.isEmpty {
-                lock.unlock()
-                c.resume()
-            } else {
-                drainWaiters.append((pending, c))
-                lock.unlock()
-            }
-        }
     }
 
     /// Calls `wake` once a request slot is free (now, if one is): for callers refused
@@ -360,92 +327,14 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// Hands every staged LUN request to the kernel (after submits with `kick: false`).
     public func kick() { domain.engine.submit() }
 
-    /// Takes `range` for a copier (`RangeLock` kind copier): returns once no host write
-    /// into it is in flight and new ones wait, so a copier can read one leg and write
-    /// another without losing a host write.
-    public func closeGate(_ range: Range<UInt64>) async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            lock.lock()
-            let (token, now) = ranges.acquireCopier(range)
-            copierRanges.append((range, token))
-            if now {
-                lock.unlock()
-                c.resume()
-            } else {
-                copierWaiters[token] = c
-                lock.unlock()
-            }
-        }
-    }
-
-    /// Gives back a range taken by `closeGate`; what waited for it starts.
-    public func openGate(_ range: Range<UInt64>) {
-        lock.lock()
-        guard let i = copierRanges.firstIndex(where: { $0.range == range }) else {
-            lock.unlock()
-            preconditionFailure("openGate(\(range)) without closeGate")
-        }
-        ranges.release(.copier(copierRanges.remove(at: i).token), into: &granted)
-        let go = takeGranted()
-        lock.unlock()
-        start(go)
-    }
-
-    /// A trim of a thin vdisk that covers whole allocated extents releases them instead of
-    /// writing zeroes: it holds its range as a trim (nothing else touches it meanwhile),
-    /// commits the release, then zeroes only the partly covered extents at its ends.
-    private func deallocate(_ index: Int, _ r: Request) {
-        Task {
-            do throws(DomainError) {
-                try await self.domain.deallocateExtents(vdisk: self.vdiskName, offset: r.offset, length: r.length)
-            } catch { // nothing released: answer the error (zero-filling GiBs in one go is no fallback)
-                self.pieceDone(index, leg: -1, lun: -1, result: -Int64(error.code))
-                return
-            }
-            self.dispatch(index) // the released extents are skipped; partly covered ones are zeroed
-        }
-    }
-
-    /// Whether some leg maps a whole chunk inside the range (a trim can release it). Caller holds the lock.
-    private func coversAllocatedExtent(offset: UInt64, length: Int) -> Bool {
-        let end = offset + UInt64(length)
-        return mapping.legs.contains { leg in
-            let first = (offset + leg.extentBytes - 1) / leg.extentBytes * leg.extentBytes, last = end / leg.extentBytes * leg.extentBytes
-            return first < last && anyPiece(of: leg, first, Int(last - first)) { $0 != nil }
-        }
-    }
-
-    /// Whether a leg the write goes to (not failed) has a chunk of the range unmapped (the
-    /// write allocates first). Caller holds the lock.
-    private func touchesUnallocated(offset: UInt64, length: Int) -> Bool {
-        mapping.legs.contains { $0.state != .failed && anyPiece(of: $0, offset, length) { $0 == nil } }
-    }
-
-    /// Whether a piece of the leg's range satisfies `test` (a map that cannot be read counts as mapped:
-    /// the dispatch then fails the leg's I/O with the reason).
-    private func anyPiece(of leg: LegMap, _ offset: UInt64, _ length: Int, _ test: ((lun: Int, offset: UInt64)?) -> Bool) -> Bool {
-        guard let route = leg.route else { return false }
-        var done = 0
-        while done < length {
-            guard let (place, n) = try? route.piece(at: offset + UInt64(done), length: length - done) else { return false }
-            if test(place) { return true }
-            done += n
-        }
-        return false
-    }
-
-    /// Picks the in-sync leg with the fewest outstanding requests that has not been tried. Caller holds the lock.
+    /// The leg a read goes to (`SyncMirror.readLeg`). Caller holds the lock.
     private func pickReadLeg(excluding tried: UInt8) -> Int? {
-        var best: Int?
-        for (l, leg) in mapping.legs.enumerated() where leg.state == .inSync && tried & (1 << l) == 0 {
-            if best == nil || legOutstanding[l] < legOutstanding[best!] { best = l }
-        }
-        return best
+        SyncMirror.readLeg(inSync: mapping.inSyncLegs, outstanding: legOutstanding, excluding: tried)
     }
 
     /// Sends every piece of request `index` to the schedulers. The request holds one
     /// extra "dispatching" count so a fast completion cannot finish it early.
-    private func dispatch(_ index: Int, kick: Bool = true) {
+    func dispatch(_ index: Int, kick: Bool = true) {
         lock.lock()
         guard refreshIfNeeded() else { // the vdisk was deleted: its extents may be another's by now
             slots[index].triedLegs = 0xFF // and no read retry on another leg
@@ -483,10 +372,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 slots[index].triedLegs |= 1 << l
             }
         default:
-            for (l, leg) in m.legs.enumerated() where leg.state != .failed {
-                legs |= 1 << l
-                slots[index].targetLegs |= 1 << l
-            }
+            legs = m.writeLegs
+            slots[index].targetLegs |= legs
         }
         let r = slots[index]
         lock.unlock()
@@ -599,18 +486,18 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         lock.unlock()
     }
 
-    /// A leg's piece failed: for writes remember the leg (the request decides at the end), for reads retry elsewhere.
-    private func legPieceFailed(_ index: Int, leg: Int, result: Int64) {
+    /// A leg's piece failed: counted as `SyncMirror.pieceFailure` says (the request decides at the end).
+    func legPieceFailed(_ index: Int, leg: Int, result: Int64) {
         lock.lock()
-        // A full queue is backpressure, not a broken leg: fail the request, keep the leg; but
-        // a mirrored write may have reached the other legs, so remember it (see `finish`).
-        if slots[index].op == .read || mapping.legs.count == 1 || result == -Int64(EBUSY) {
-            if slots[index].result >= 0 { slots[index].result = result }
-            if result == -Int64(EBUSY), slots[index].op != .read, leg >= 0 { slots[index].busyLegs |= 1 << leg }
-        } else {
+        let busy = result == -Int64(EBUSY)
+        switch SyncMirror.pieceFailure(isRead: slots[index].op == .read, legCount: mapping.legs.count, busy: busy) {
+        case .requestError:
+            // A mirrored write refused by a full queue may have reached the other legs: remembered.
+            if busy, slots[index].op != .read, leg >= 0 { slots[index].busyLegs |= 1 << leg }
+        case .legFailed:
             slots[index].failedLegs |= 1 << leg
-            if slots[index].result >= 0 { slots[index].result = result } // kept only if no leg succeeds
         }
+        if slots[index].result >= 0 { slots[index].result = result } // for a failed leg: kept only if no leg succeeds
         lock.unlock()
     }
 
@@ -618,7 +505,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         pieceDone(Int(cookie & 0xFFFF_FFFF), leg: Int((cookie >> 32) & 0xFF), lun: Int(cookie >> 40), result: result)
     }
 
-    private func pieceDone(_ index: Int, leg: Int, lun: Int, result: Int64) {
+    func pieceDone(_ index: Int, leg: Int, lun: Int, result: Int64) {
         if result < 0 {
             if leg >= 0 { legPieceFailed(index, leg: leg, result: result) } else { record(index, error: result) }
         }
@@ -640,12 +527,11 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             return
         }
         let r = slots[index]
-        let mirrored = mapping.legs.count > 1
         let mode = mapping.mode
-        var inSyncLegs: UInt8 = 0 // needed only for a write some leg refused (EBUSY)
-        if r.busyLegs != 0 { for (l, leg) in mapping.legs.enumerated() where leg.state == .inSync { inSyncLegs |= 1 << l } }
-        // A read that failed on one leg: retry it whole on another in-sync leg.
-        if r.op == .read, r.result < 0, pickReadLeg(excluding: r.triedLegs) != nil {
+        let answers = SyncMirror.Answers(isRead: r.op == .read, result: r.result, targetLegs: r.targetLegs, failedLegs: r.failedLegs,
+                                         busyLegs: r.busyLegs, triedLegs: r.triedLegs)
+        var outcome = SyncMirror.outcome(answers, legCount: mapping.legs.count, inSync: mapping.inSyncLegs, dirtyLog: log != nil)
+        if outcome == .retryRead {
             slots[index].result = 0
             slots[index].piecesInFlight = 1
             lock.unlock()
@@ -653,42 +539,27 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             return
         }
         lock.unlock()
-        if r.busyLegs != 0 && mirrored {
-            // A write refused by a full scheduler on some legs may have landed on others: the
-            // legs may differ there until a copy makes them agree. With a bitmap the regions stay
-            // pinned dirty (upkeep reconciles them); without one, nothing could track them, so
-            // the refused legs fail over like legs that could not take the write.
-            // (Only when an in-sync leg took it whole: back-pressure alone must never take
-            // the last in-sync legs away; with none, the legs are kept and EBUSY answers.)
-            if let log = dirtyLog {
-                log.pin(offset: r.offset, length: r.length)
-            } else if r.targetLegs & ~r.failedLegs & ~r.busyLegs & inSyncLegs != 0 {
-                var failed = r
-                failed.failedLegs |= r.busyLegs
-                finishAfterLegFailure(index, failed, mode: mode)
-                return
-            }
+        if case .pinDirty(let then) = outcome {
+            dirtyLog?.pin(offset: r.offset, length: r.length) // upkeep reconciles the regions
+            outcome = then
         }
-        if r.failedLegs != 0 && r.op != .read && mirrored {
-            finishAfterLegFailure(index, r, mode: mode)
+        if case .failLegs(let legs, let survivors) = outcome {
+            finishAfterLegFailure(index, r, failed: legs, survivors: survivors, mode: mode)
             return
         }
-        finish(index, r, result: r.result < 0 ? r.result : Int64(r.op == .flush ? 0 : r.length), now: now)
+        finish(index, r, result: r.result < 0 ? r.result : success(r), now: now)
     }
 
-    /// Persist the failed legs first; then acknowledge from the survivors (automatic-failover)
-    /// or fail the write (synchronous-always, or when no leg took it).
-    private func finishAfterLegFailure(_ index: Int, _ r: Request, mode: MirrorMode) {
-        let failed = r.legIds.named(by: r.failedLegs)
-        let survivors = r.targetLegs & ~r.failedLegs
+    /// What a request that succeeded answers: its length (0 for a flush).
+    private func success(_ r: Request) -> Int64 { Int64(r.op == .flush ? 0 : r.length) }
+
+    /// Persist the failed legs first; then answer as `SyncMirror.answerAfterLegFailure` says.
+    private func finishAfterLegFailure(_ index: Int, _ r: Request, failed: UInt8, survivors: UInt8, mode: MirrorMode) {
+        let ids = r.legIds.named(by: failed)
         Task {
-            var result: Int64
-            do {
-                try await domain.markLegsFailed(vdisk: vdiskName, legs: failed)
-                result = survivors != 0 && mode == .automaticFailover ? Int64(r.op == .flush ? 0 : r.length) : (r.result < 0 ? r.result : -Int64(EIO))
-            } catch {
-                result = -Int64(EIO) // cannot record the failure: the write must not be acknowledged
-            }
+            var recorded = true
+            do { try await domain.markLegsFailed(vdisk: vdiskName, legs: ids) } catch { recorded = false }
+            let result = SyncMirror.answerAfterLegFailure(survivors: survivors, mode: mode, recorded: recorded, success: success(r), error: r.result)
             self.finish(index, r, result: result, now: DispatchTime.now().uptimeNanoseconds)
         }
     }
@@ -697,7 +568,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         if r.logged, let log = dirtyLog { log.endWrite(offset: r.offset, length: r.length) }
         lock.lock()
         precondition(slots[index].sink != nil && slots[index].piecesInFlight == 0, "slot \(index) finished twice or with pieces in flight")
-        let repairLegs = r.op == .read && result >= 0 ? r.triedLegs & ~(1 << UInt8(max(r.readLeg, 0))) : 0
+        let repairLegs = r.op == .read && result >= 0 ? SyncMirror.repairLegs(tried: r.triedLegs, servedBy: r.readLeg) : 0
         ranges.release(.slot(index), into: &granted)
         let go = takeGranted()
         var drained: [CheckedContinuation<Void, Never>] = []
@@ -725,28 +596,4 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         r.sink!.takeRetainedValue().ioCompleted(cookie: r.cookie, result: result)
     }
 
-    /// Rewrites a range on legs that failed to read it, from the leg that served it.
-    /// Host writes to the range are held meanwhile and the good data is read afresh,
-    /// so the rewrite can never put older data over a newer host write. A leg that
-    /// cannot take the rewrite is marked failed.
-    private func repair(legs: [UUID], from good: UUID, offset: UInt64, length: Int) async {
-        lock.withLock { repairs += 1 }
-        defer { lock.withLock { repairs -= 1 } }
-        let range = offset..<(offset + UInt64(length))
-        guard let buffer = try? AlignedBuffer(count: length) else { return }
-        await closeGate(range)
-        defer { openGate(range) }
-        do {
-            try await domain.legIO(.read, vdisk: vdiskName, leg: good, offset: offset, length: length, buffer: buffer.pointer)
-        } catch {
-            return // the good leg failed too: its own error handling takes over
-        }
-        for l in legs {
-            do {
-                try await domain.legIO(.write, vdisk: vdiskName, leg: l, offset: offset, length: length, buffer: buffer.pointer)
-            } catch {
-                try? await domain.markLegsFailed(vdisk: vdiskName, legs: [l])
-            }
-        }
-    }
 }
