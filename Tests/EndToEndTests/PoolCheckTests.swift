@@ -24,3 +24,30 @@ extension DaemonTests {
         try fails(["pool", "check", "nope"], "pool 'nope' not found")
     }
 }
+
+extension DaemonTests {
+    /// Pool metadata is checkpointed once quiet (and at a clean stop), so the journal a
+    /// restart replays is empty; before, it held every commit since the journal last filled.
+    func testQuietPoolMetadataIsCheckpointedAndAStopLeavesNoJournal() throws {
+        try startDaemon()
+        try makeThreePools()
+        _ = try ok(["vdisk", "create", "t", "--pool", "a", "--size", "8M", "--thin"])
+        _ = try ok(["vdisk", "verify", "t", "--size", "4M"]) // four thin first writes: commits into the journal
+        func journalPages() throws -> Int {
+            let json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(["pool", "check", "a", "--json"]).utf8)) as? [String: Any])
+            return try XCTUnwrap(json["journalPagesInUse"] as? Int)
+        }
+        var pages = try journalPages()
+        let deadline = Date().addingTimeInterval(15)
+        while pages > 0, Date() < deadline {
+            Thread.sleep(forTimeInterval: 0.2)
+            pages = try journalPages()
+        }
+        XCTAssertEqual(pages, 0, "a quiet pool's journal is checkpointed")
+        _ = try ok(["vdisk", "create", "u", "--pool", "a", "--size", "4M"])
+        stopDaemon()
+        try startDaemon()
+        XCTAssertEqual(try journalPages(), 0, "a clean stop leaves nothing to replay")
+        XCTAssertTrue(try ok(["pool", "check", "a"]).hasSuffix("clean\n"))
+    }
+}

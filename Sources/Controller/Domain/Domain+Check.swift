@@ -14,10 +14,12 @@ extension Domain {
         /// Chunks held by maps no leg names (being released after a delete, or left by a crash).
         public var heldBack: Int
         public var metadataPages: Int
+        /// Journal pages holding commits not yet written in place (a checkpoint empties it).
+        public var journalPagesInUse: Int
         public var problems: [String]
         public var clean: Bool { problems.isEmpty }
 
-        enum CodingKeys: String, CodingKey { case pool, extents, mapped, beingZeroed, free, heldBack, metadataPages, problems, clean }
+        enum CodingKeys: String, CodingKey { case pool, extents, mapped, beingZeroed, free, heldBack, metadataPages, journalPagesInUse, problems, clean }
         public func encode(to encoder: Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             try c.encode(pool, forKey: .pool)
@@ -27,6 +29,7 @@ extension Domain {
             try c.encode(free, forKey: .free)
             try c.encode(heldBack, forKey: .heldBack)
             try c.encode(metadataPages, forKey: .metadataPages)
+            try c.encode(journalPagesInUse, forKey: .journalPagesInUse)
             try c.encode(problems, forKey: .problems)
             try c.encode(clean, forKey: .clean)
         }
@@ -42,8 +45,9 @@ extension Domain {
         guard let pool = m.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
         var problems: [String] = []
         var report = PoolCheckReport(pool: pool.name, extents: pool.extentCount, mapped: 0, beingZeroed: 0, free: 0, heldBack: 0,
-                                     metadataPages: 0, problems: [])
+                                     metadataPages: 0, journalPagesInUse: 0, problems: [])
         if let meta = poolMeta(pool.id) {
+            report.journalPagesInUse = Int(meta.store.journalUsed)
             problems += checkMaps(pool, meta, m, &report)
             problems += await meta.store.verifyOnDisk()
         } else {

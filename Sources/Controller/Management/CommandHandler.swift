@@ -53,7 +53,8 @@ public actor CommandHandler {
         case "pool.check":
             let report = try await domain.checkPool(name: try arg(r, "name"))
             let head = "pool '\(report.pool)': \(report.extents) extents, \(report.mapped) mapped, \(report.beingZeroed) being zeroed, "
-                + "\(report.free) free, \(report.heldBack) held by removed legs, \(report.metadataPages) metadata pages checked: "
+                + "\(report.free) free, \(report.heldBack) held by removed legs, \(report.metadataPages) metadata pages checked, "
+                + "\(report.journalPagesInUse) journal page(s) not yet checkpointed: "
             let text = report.clean ? head + "clean"
                 : head + "\(report.problems.count) problem(s)\n" + report.problems.map { "  ! \($0)" }.joined(separator: "\n")
             return .success(text: text, json: report, warnings: report.clean ? [] : ["pool '\(report.pool)' check found \(report.problems.count) problem(s)"])

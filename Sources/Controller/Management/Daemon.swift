@@ -66,6 +66,7 @@ public final class Daemon: @unchecked Sendable {
         let upkeep = Task { await domain.mirrors.runUpkeep() }
         // Freed extents are zeroed in the background before they can be handed out again.
         let zeroer = Task { [logger] in await domain.runZeroer { logger.warning("\($0)") } }
+        let checkpointer = Task { [logger] in await domain.runCheckpointer { logger.warning("\($0)") } }
         let nbd = try NBDServer(domain: domain, socketPath: dir + "/nbd.sock", tcpListen: options.nbdListen,
                                 maxConnections: options.nbdMaxConnections) { [logger] in
             logger.notice("\($0)")
@@ -116,6 +117,7 @@ public final class Daemon: @unchecked Sendable {
         }
         upkeep.cancel()
         zeroer.cancel()
+        checkpointer.cancel()
         if unfinished > 0 {
             // Their writes may still be in flight: leave the dirty regions for the next start.
             logger.warning("stopping with \(unfinished) command(s) still running after \(Int(Self.commandGraceSeconds))s")
@@ -125,6 +127,8 @@ public final class Daemon: @unchecked Sendable {
                 (try? domain.port(for: v.name))?.dirtyLog?.clean(idleSeconds: 0)
             }
         }
+        // Pool metadata written in place: the next start replays no journal.
+        for (pool, why) in await domain.checkpointPools() { logger.warning("pool '\(pool.name)': metadata checkpoint at stop failed: \(why)") }
         mgmt.shutdown()
         unlink(socketPath)
         unlink(MgmtPaths.recorded(dir))

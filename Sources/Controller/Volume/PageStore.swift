@@ -29,6 +29,7 @@ public final class PageStore: @unchecked Sendable {
     private var freeCursor = 0
     private(set) var freeTreePages: Int
     // The journal ring: next record at `head`, `used` pages since the tail (waste included).
+    // Both change only under `writer`; `used` also under `lock`, for readers outside it.
     private var head: UInt32 = 0
     private var used: UInt32 = 0
     private var nextSequence: UInt64 = 1
@@ -44,6 +45,8 @@ public final class PageStore: @unchecked Sendable {
     /// Counters tests and `pool check` read: commits, and the journal bytes they wrote.
     public private(set) var commits = 0
     public private(set) var lastCommitBytes = 0
+    /// When the last commit was published (uptime ns): idle checkpoints wait for quiet.
+    private var lastCommitNs: UInt64 = 0
 
     private init(area: MetaArea, layout: MetaLayout, poolId: UUID) {
         self.area = area
@@ -249,7 +252,7 @@ public final class PageStore: @unchecked Sendable {
             stamped += images
             bytes += (images.count + 1) * MetaPage.bytes
         }
-        lock.withLock { commits += 1; lastCommitBytes = bytes }
+        lock.withLock { commits += 1; lastCommitBytes = bytes; lastCommitNs = DispatchTime.now().uptimeNanoseconds }
         publish(tx, stamped, alongside)
     }
 
@@ -269,7 +272,7 @@ public final class PageStore: @unchecked Sendable {
         h.encode(into: buffer.pointer)
         do { try await area.write(page: layout.journalStart + at, count: n + 1, from: buffer.pointer, fua: true) } catch { throw .io(error) }
         head = (at + UInt32(n) + 1) % layout.journalPages
-        used += waste + UInt32(n) + 1
+        lock.withLock { used += waste + UInt32(n) + 1 } // `journalUsed` reads it from other threads
     }
 
     private func publish(_ tx: MetaTransaction, _ images: [MetaPage], _ alongside: () -> Void) {
@@ -307,8 +310,10 @@ public final class PageStore: @unchecked Sendable {
         let buffer = try Self.alignedBuffer(pages: 1)
         sb.encode(into: buffer.pointer)
         do { try await area.write(page: sb.number, count: 1, from: buffer.pointer, fua: true) } catch { throw .io(error) }
-        lock.withLock { for page in dirty where pages[page.number]?.sequence == page.sequence { unwritten.remove(page.number) } }
-        used = 0
+        lock.withLock {
+            for page in dirty where pages[page.number]?.sequence == page.sequence { unwritten.remove(page.number) }
+            used = 0
+        }
     }
 
     /// A checkpoint, taken in turn with commits (the daemon calls it when idle and at shutdown).
@@ -318,8 +323,20 @@ public final class PageStore: @unchecked Sendable {
         try await checkpointNow()
     }
 
+    /// A checkpoint when the journal holds commits and none came for `idleNs`: so a
+    /// restart replays little and the journal is empty when load comes. True if it took one.
+    @discardableResult
+    public func checkpointIfIdle(idleNs: UInt64) async throws(Failure) -> Bool {
+        await writer.acquire()
+        defer { writer.release() }
+        let quiet = DispatchTime.now().uptimeNanoseconds &- lock.withLock { lastCommitNs } >= idleNs
+        guard used > 0, quiet else { return false }
+        try await checkpointNow()
+        return true
+    }
+
     /// Journal pages in use (not yet checkpointed).
-    public var journalUsed: UInt32 { used }
+    public var journalUsed: UInt32 { lock.withLock { used } }
 
     // MARK: pages
 
