@@ -361,6 +361,47 @@ final class PoolMetadataTests: XCTestCase {
         }
     }
 
+    /// Two maps on interleaved pool chunks: releasing one leaves every space-map leaf
+    /// alternating, more pages than the journal holds. In one transaction that is refused;
+    /// a step at a time (how the domain deletes a map) it goes through, and the other map
+    /// keeps every entry.
+    func testAMapTooLargeToReleaseInOneCommitIsReleasedInSteps() async throws {
+        let f = try MetaFixture("steps", pages: MetaLayout.sized(forChunks: 300_000).pageCount)
+        let meta = try await formatted(f, chunks: 300_000)
+        let (a, b) = (UUID(), UUID())
+        try await meta.change { v throws(PageStore.Failure) in
+            try v.createMap(a, chunks: 150_000)
+            try v.createMap(b, chunks: 150_000)
+        }
+        for part in stride(from: UInt64(0), to: 150_000, by: 50_000) {
+            try await meta.change { v throws(PageStore.Failure) in
+                for i in part..<(part + 50_000) {
+                    try v.map(a, at: i, to: try v.allocate(1)) // pool chunk 2i
+                    try v.map(b, at: i, to: try v.allocate(1)) // pool chunk 2i+1
+                }
+            }
+        }
+        do {
+            try await meta.change { v throws(PageStore.Failure) in try v.deleteMap(a) }
+            XCTFail("releasing the map in one commit should not fit the journal")
+        } catch {
+            XCTAssertTrue("\(error)".contains("does not fit the"), "\(error)")
+        }
+        XCTAssertTrue(meta.hasMap(a))
+        var steps = 0
+        while try await !meta.change({ v throws(PageStore.Failure) -> Bool in try v.deleteMapStep(a, pageBudget: meta.stepPageBudget) }) {
+            steps += 1
+        }
+        XCTAssertGreaterThan(steps, 1)
+        for m in [meta, try await PoolMetadata.open(area: f.area, poolId: f.poolId)] {
+            XCTAssertFalse(m.hasMap(a))
+            XCTAssertEqual(try m.awaitingZeroing(limit: .max).reduce(0) { $0 + $1.count }, 150_000)
+            for i in stride(from: UInt64(0), to: 150_000, by: 7919) {
+                XCTAssertEqual(try m.lookup(map: b, chunk: i, limit: 1).poolChunk, 2 * i + 1)
+            }
+        }
+    }
+
     func testATransactionTooLargeForTheJournalIsRefusedAndChangesNothing() async throws {
         let f = try MetaFixture("big", pages: MetaLayout.sized(forChunks: 600_000).pageCount)
         let meta = try await formatted(f, chunks: 600_000)

@@ -161,7 +161,7 @@ extension Domain {
             for leg in legs {
                 guard let pool = self.metadata.pool(id: leg.poolId) else { continue }
                 do throws(DomainError) {
-                    try await self.changeBlockMaps(pool) { (v: inout VolumeTransaction) throws(PageStore.Failure) in try v.deleteMap(leg.id) }
+                    try await self.deleteBlockMap(leg.id, in: pool)
                 } catch {
                     self.report("pool '\(pool.name)': cannot release the block map of a removed leg (\(error)); it is released at the next start")
                 }
@@ -180,12 +180,22 @@ extension Domain {
             let orphans = meta.mapIds.filter { !named.contains($0) }
             guard !orphans.isEmpty else { continue }
             do throws(DomainError) {
-                try await changeBlockMaps(pool) { (v: inout VolumeTransaction) throws(PageStore.Failure) in
-                    for id in orphans { try v.deleteMap(id) }
-                }
+                for id in orphans { try await deleteBlockMap(id, in: pool) }
             } catch {
                 report("pool '\(pool.name)': cannot release \(orphans.count) block map(s) no vdisk uses: \(error)")
             }
+        }
+    }
+
+    /// Deletes a block map no leg names any more, in commits of bounded size (a huge,
+    /// fragmented thin map would not fit one journal); the zeroer starts on what each step
+    /// released. A crash part-way leaves the rest of the map, which the next open releases.
+    func deleteBlockMap(_ id: UUID, in pool: PoolRecord) async throws(DomainError) {
+        guard let budget = poolMeta(pool.id)?.stepPageBudget else { return }
+        while try await !changeBlockMaps(pool, { (v: inout VolumeTransaction) throws(PageStore.Failure) -> Bool in
+            try v.deleteMapStep(id, pageBudget: budget)
+        }) {
+            zeroingWork.signal()
         }
     }
 

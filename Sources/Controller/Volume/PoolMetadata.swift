@@ -183,6 +183,10 @@ public final class PoolMetadata: @unchecked Sendable {
         TreeError(page: nil, why: lost[id].map { "block map unusable: \($0.why)" } ?? "no block map \(id)")
     }
 
+    /// Pages one step of a long change (`deleteMapStep`) may change: a quarter of the
+    /// journal, leaving room for the other changes of its group commit.
+    public var stepPageBudget: Int { max(16, Int(store.layout.journalPages) / 4) }
+
     /// Chunks free to allocate now.
     public var freeChunks: UInt64 { store.locked { freeIndex.count } }
 
@@ -391,6 +395,26 @@ public struct VolumeTransaction {
         removedSlots[id] = entry.slot
         trees[id] = nil
         touched.insert(id)
+    }
+
+    /// Deletes a block map a piece at a time: unmaps its entries from the start until this
+    /// transaction has changed `pageBudget` pages, and deletes the map once it is empty.
+    /// True when the map is gone; false: call again in another transaction. So a huge,
+    /// fragmented map is released in commits that each fit the journal.
+    public mutating func deleteMapStep(_ id: UUID, pageBudget: Int) throws(PageStore.Failure) -> Bool {
+        guard let count = trees[id]?.tree.count else { return true }
+        var at: UInt64 = 0
+        while at < count {
+            if tx.changed.count >= pageBudget { return false }
+            let (value, n): (UInt64, UInt64)
+            do { (value, n) = try trees[id]!.tree.run(at: at, limit: count - at, in: tx) } catch { throw .damaged("\(error)") }
+            // A mapped run is unmapped a leaf's worth at a time, so the budget is checked often.
+            let step = value == 0 ? n : min(n, ChunkTree.fanout)
+            if value != 0 { try unmap(id, at..<(at + step)) }
+            at += step
+        }
+        try deleteMap(id)
+        return true
     }
 
     /// Whether vdisk chunk `chunk` of map `id` is mapped (in this transaction's view).
