@@ -14,6 +14,8 @@ extension DaemonTests {
         XCTAssertTrue(clean.contains("5 mapped") && clean.hasSuffix("clean\n"), clean)
         let json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(["pool", "check", "a", "--json"]).utf8)) as? [String: Any])
         XCTAssertEqual(json["clean"] as? Bool, true)
+        let repair = try ok(["pool", "check", "a", "--repair"])
+        XCTAssertTrue(repair.hasPrefix("repair: 0 leaked extent(s) given back\n") && repair.hasSuffix("clean\n"), repair)
         stopDaemon()
         try FileManager.default.removeItem(atPath: dir.file("c.img"))
         try startDaemon()

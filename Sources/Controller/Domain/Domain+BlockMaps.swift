@@ -177,7 +177,7 @@ extension Domain {
         for pool in m.pools {
             guard let meta = poolMeta(pool.id) else { continue }
             let named = Set(m.vdisks.flatMap(\.legs).filter { $0.poolId == pool.id }.map(\.id))
-            let orphans = meta.mapIds.filter { !named.contains($0) }
+            let orphans = (meta.mapIds + meta.lostMapIds).filter { !named.contains($0) }
             guard !orphans.isEmpty else { continue }
             do throws(DomainError) {
                 for id in orphans { try await deleteBlockMap(id, in: pool) }

@@ -16,10 +16,12 @@ extension Domain {
         public var metadataPages: Int
         /// Journal pages holding commits not yet written in place (a checkpoint empties it).
         public var journalPagesInUse: Int
+        /// Leaked chunks `--repair` gave back before this check (0 without it).
+        public var reclaimed: Int = 0
         public var problems: [String]
         public var clean: Bool { problems.isEmpty }
 
-        enum CodingKeys: String, CodingKey { case pool, extents, mapped, beingZeroed, free, heldBack, metadataPages, journalPagesInUse, problems, clean }
+        enum CodingKeys: String, CodingKey { case pool, extents, mapped, beingZeroed, free, heldBack, metadataPages, journalPagesInUse, reclaimed, problems, clean }
         public func encode(to encoder: Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             try c.encode(pool, forKey: .pool)
@@ -30,6 +32,7 @@ extension Domain {
             try c.encode(heldBack, forKey: .heldBack)
             try c.encode(metadataPages, forKey: .metadataPages)
             try c.encode(journalPagesInUse, forKey: .journalPagesInUse)
+            try c.encode(reclaimed, forKey: .reclaimed)
             try c.encode(problems, forKey: .problems)
             try c.encode(clean, forKey: .clean)
         }
@@ -72,6 +75,25 @@ extension Domain {
         return report
     }
 
+    /// `pool check --repair`: gives back the pool's leaked chunks (see
+    /// `VolumeTransaction.reclaimLeaks`) in commits of bounded size, on a live pool (each
+    /// step counts references in its own transaction, so concurrent changes are seen), and
+    /// wakes the zeroer. Returns how many chunks it gave back.
+    public func reclaimLeakedChunks(pool name: String) async throws(DomainError) -> Int {
+        if let why = readOnlyReason { throw DomainError(why, code: EROFS) }
+        guard let pool = metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
+        guard let budget = poolMeta(pool.id)?.stepPageBudget else { throw DomainError("pool '\(name)': its block maps are not open") }
+        var total: UInt64 = 0
+        while true {
+            let (n, done) = try await changeBlockMaps(pool) { (v: inout VolumeTransaction) throws(PageStore.Failure) in
+                try v.reclaimLeaks(pageBudget: budget)
+            }
+            total += n
+            if n > 0 { zeroingWork.signal() }
+            if done { return Int(total) }
+        }
+    }
+
     /// The map walk: references counted by a sweep over the maps' runs (never per chunk
     /// in memory), then compared with the space map's runs.
     private func checkMaps(_ pool: PoolRecord, _ meta: PoolMetadata, _ m: DomainMetadata, _ report: inout PoolCheckReport) -> [String] {
@@ -106,15 +128,7 @@ extension Domain {
                 problems.append("vdisk '\(v.name)' leg \(l): its block map covers \(count) chunks, the vdisk needs \(Self.chunkCount(v.sizeBytes, pool))")
             }
         }
-        events.sort { $0.at < $1.at }
-        // References as runs: (range, count), contiguous from 0 to chunkCount.
-        var refs: [(Range<UInt64>, Int)] = []
-        var level = 0, at: UInt64 = 0
-        for e in events {
-            if e.at > at { refs.append((at..<e.at, level)); at = e.at }
-            level += e.delta
-        }
-        if at < meta.chunkCount { refs.append((at..<meta.chunkCount, 0)) }
+        let refs = PoolMetadata.referenceRuns(events, chunkCount: meta.chunkCount)
         let space: [(Range<UInt64>, UInt64)]
         do { space = try meta.spaceRuns() } catch { return problems + ["space map: \(error)"] }
         var r = 0

@@ -51,8 +51,11 @@ public actor CommandHandler {
             let view = PoolView(pool, domain: domain)
             return .success(text: Table.poolDetail(view), json: view)
         case "pool.check":
-            let report = try await domain.checkPool(name: try arg(r, "name"))
-            let head = "pool '\(report.pool)': \(report.extents) extents, \(report.mapped) mapped, \(report.beingZeroed) being zeroed, "
+            let reclaimed = r.args["repair"] == "true" ? try await domain.reclaimLeakedChunks(pool: try arg(r, "name")) : 0
+            var report = try await domain.checkPool(name: try arg(r, "name"))
+            report.reclaimed = reclaimed
+            let head = (r.args["repair"] == "true" ? "repair: \(reclaimed) leaked extent(s) given back\n" : "")
+                + "pool '\(report.pool)': \(report.extents) extents, \(report.mapped) mapped, \(report.beingZeroed) being zeroed, "
                 + "\(report.free) free, \(report.heldBack) held by removed legs, \(report.metadataPages) metadata pages checked, "
                 + "\(report.journalPagesInUse) journal page(s) not yet checkpointed: "
             let text = report.clean ? head + "clean"

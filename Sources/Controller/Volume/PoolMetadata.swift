@@ -227,6 +227,20 @@ public final class PoolMetadata: @unchecked Sendable {
         return out
     }
 
+    /// How often each pool chunk is referenced, as runs (range, count) from 0 to
+    /// `chunkCount`, from the start (+1) and end (-1) of every mapped run of every map: a
+    /// sweep that costs the runs, never a count per chunk in memory.
+    static func referenceRuns(_ events: [(at: UInt64, delta: Int)], chunkCount: UInt64) -> [(Range<UInt64>, Int)] {
+        var refs: [(Range<UInt64>, Int)] = []
+        var level = 0, at: UInt64 = 0
+        for e in events.sorted(by: { $0.at < $1.at }) {
+            if e.at > at { refs.append((at..<e.at, level)); at = e.at }
+            level += e.delta
+        }
+        if at < chunkCount { refs.append((at..<chunkCount, 0)) }
+        return refs
+    }
+
     /// The pages of the space map's tree (checks, tests).
     public func spaceTreePages() throws(TreeError) -> [UInt32] {
         try store.reading { pages throws(TreeError) in try trees[Self.spaceMapId]!.tree.pageNumbers(in: pages) }
@@ -386,8 +400,14 @@ public struct VolumeTransaction {
         touched.insert(id)
     }
 
-    /// Deletes a block map, releasing every chunk it references.
+    /// Deletes a block map, releasing every chunk it references. A lost map's entry is
+    /// only cleared: what it referenced stays counted (leaked) until `reclaimLeaks`.
     public mutating func deleteMap(_ id: UUID) throws(PageStore.Failure) {
+        if let gone = lost.removeValue(forKey: id) {
+            removedSlots[id] = gone.slot
+            touched.insert(id)
+            return
+        }
         guard let entry = trees[id] else { return }
         try unmap(id, 0..<entry.tree.count)
         var tree = trees[id]!.tree
@@ -402,7 +422,10 @@ public struct VolumeTransaction {
     /// True when the map is gone; false: call again in another transaction. So a huge,
     /// fragmented map is released in commits that each fit the journal.
     public mutating func deleteMapStep(_ id: UUID, pageBudget: Int) throws(PageStore.Failure) -> Bool {
-        guard let count = trees[id]?.tree.count else { return true }
+        guard let count = trees[id]?.tree.count else {
+            try deleteMap(id) // a lost map: its entry goes
+            return true
+        }
         var at: UInt64 = 0
         while at < count {
             if tx.changed.count >= pageBudget { return false }
@@ -415,6 +438,53 @@ public struct VolumeTransaction {
         }
         try deleteMap(id)
         return true
+    }
+
+    /// Gives back leaked chunks: a chunk counted more often than the block maps reference
+    /// it (the extents of a lost map once its leg has a new one; chunks an older release
+    /// leaked) gets the count of its references, and one no map references awaits zeroing.
+    /// Chunks referenced more often than counted are left alone: that is damage a count
+    /// cannot repair (`pool check` names it). Refused while a map is lost (what it
+    /// references is unknown). Stops once this transaction has changed `pageBudget` pages;
+    /// returns the chunks given back and whether none is left.
+    public mutating func reclaimLeaks(pageBudget: Int) throws(PageStore.Failure) -> (chunks: UInt64, done: Bool) {
+        if let (id, lostMap) = lost.first {
+            throw .damaged("block map \(id) is lost (\(lostMap.why)): what it references is unknown, so no count can be lowered")
+        }
+        // References as a sweep over the maps' runs (never a count per chunk in memory).
+        var events: [(at: UInt64, delta: Int)] = []
+        do {
+            for (id, entry) in trees where id != PoolMetadata.spaceMapId {
+                try entry.tree.forEachRun(in: 0..<entry.tree.count, tx) { r, v in
+                    guard v != 0 else { return }
+                    events.append((v - 1, 1))
+                    events.append((v - 1 + UInt64(r.count), -1))
+                }
+            }
+        } catch { throw .damaged("\(error)") }
+        let refs = PoolMetadata.referenceRuns(events, chunkCount: chunkCount)
+        var leaks: [(Range<UInt64>, UInt64)] = [] // (chunks, the count they should have)
+        var r = 0
+        do {
+            try trees[PoolMetadata.spaceMapId]!.tree.forEachRun(in: 0..<chunkCount, tx) { range, value in
+                guard value >= 1, value < SpaceValue.awaitingZeroing else { return }
+                var c = range.lowerBound
+                while c < range.upperBound {
+                    while r < refs.count, refs[r].0.upperBound <= c { r += 1 }
+                    guard r < refs.count else { return }
+                    let piece = c..<Swift.min(range.upperBound, refs[r].0.upperBound)
+                    if value > refs[r].1 { leaks.append((piece, UInt64(refs[r].1))) }
+                    c = piece.upperBound
+                }
+            }
+        } catch { throw .damaged("\(error)") }
+        var reclaimed: UInt64 = 0
+        for (piece, references) in leaks {
+            if tx.changed.count >= pageBudget { return (reclaimed, false) }
+            try setSpace(piece, to: references == 0 ? SpaceValue.awaitingZeroing : references)
+            reclaimed += UInt64(piece.count)
+        }
+        return (reclaimed, true)
     }
 
     /// Whether vdisk chunk `chunk` of map `id` is mapped (in this transaction's view).
