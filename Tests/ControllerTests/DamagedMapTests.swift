@@ -109,4 +109,71 @@ final class DamagedMapTests: XCTestCase {
             XCTAssertEqual(memcmp(buffer.pointer, expected.pointer, 8192), 0, "m at \(at) after the repair")
         }
     }
+
+    /// A damaged space map leaves the pool unusable until `pool check --repair` builds a
+    /// new one from the block maps: then every vdisk reads back, what no map references is
+    /// zeroed before reuse, and the check is clean.
+    func testADamagedSpaceMapIsRebuiltFromTheMapsByRepair() async throws {
+        let first = try await Domain.open(directory: dir, profiles: profiles)
+        _ = try await first.createPool(name: "q", arrayProfile: "file-backed", poolProfile: nil,
+                                       lunPaths: [dir + "/l1.img"], createBytes: 48 << 20, force: false)
+        _ = try await first.createVDisk(name: "thick", poolName: "q", sizeBytes: 4 << 20, blockSize: 4096, thin: false)
+        _ = try await first.createVDisk(name: "s", poolName: "q", sizeBytes: 16 << 20, blockSize: 4096, thin: true)
+        let buffer = try AlignedBuffer(count: 8192)
+        let offsets: [UInt64] = [0, (3 << 20) + 4096, (7 << 20) + 8192, 12 << 20]
+        for (i, at) in offsets.enumerated() {
+            pattern(buffer.pointer, 8192, UInt64(i) + 300)
+            try await first.write(vdisk: "s", offset: at, length: 8192, from: buffer.pointer, fua: true)
+        }
+        pattern(buffer.pointer, 8192, 999)
+        try await first.write(vdisk: "thick", offset: 1 << 20, length: 8192, from: buffer.pointer, fua: true)
+        try await first.deleteVDisk(name: "s") // then again: its extents await zeroing, a hole in the counts
+        _ = try await first.createVDisk(name: "s", poolName: "q", sizeBytes: 16 << 20, blockSize: 4096, thin: true)
+        for (i, at) in offsets.enumerated() {
+            pattern(buffer.pointer, 8192, UInt64(i) + 300)
+            try await first.write(vdisk: "s", offset: at, length: 8192, from: buffer.pointer, fua: true)
+        }
+        let q = try XCTUnwrap(first.blockMaps(ofPool: "q"))
+        try await q.store.checkpoint()
+        let spacePage = try XCTUnwrap(try q.spaceTreePages().last, "the space map needs a page for this test")
+        try damage(page: spacePage, of: "q", in: first)
+
+        let domain = try await Domain.open(directory: dir, profiles: profiles)
+        XCTAssertNil(domain.blockMaps(ofPool: "q"))
+        XCTAssertTrue(domain.problems.contains { $0.contains("pool 'q': block maps unusable") && $0.contains("metadata page \(spacePage)") },
+                      "\(domain.problems)")
+        do {
+            try await domain.read(vdisk: "s", offset: 0, length: 8192, into: buffer.pointer)
+            XCTFail("a read through a pool without its space map returned data")
+        } catch {}
+
+        let did = try await domain.repairPool(name: "q")
+        XCTAssertTrue(did.hasPrefix("space map rebuilt from 2 block map(s)"), did)
+        XCTAssertFalse(domain.problems.contains { $0.contains("pool 'q'") }, "\(domain.problems)")
+        let expected = try AlignedBuffer(count: 8192)
+        for (i, at) in offsets.enumerated() {
+            try await domain.read(vdisk: "s", offset: at, length: 8192, into: buffer.pointer)
+            pattern(expected.pointer, 8192, UInt64(i) + 300)
+            XCTAssertEqual(memcmp(buffer.pointer, expected.pointer, 8192), 0, "s at \(at) after the rebuild")
+        }
+        try await domain.read(vdisk: "thick", offset: 1 << 20, length: 8192, into: buffer.pointer)
+        pattern(expected.pointer, 8192, 999)
+        XCTAssertEqual(memcmp(buffer.pointer, expected.pointer, 8192), 0, "thick after the rebuild")
+        let check = try await domain.checkPool(name: "q")
+        XCTAssertEqual(check.problems, [])
+        XCTAssertEqual(check.mapped, 4 + 4, "4 thick chunks and 4 thin ones")
+        XCTAssertEqual(check.free, 0, "every chunk no map references waits for the zeroer")
+        // A new thin write after the zeroer ran lands in a zeroed extent.
+        let zeroer = Task { await domain.runZeroer { _ in } }
+        defer { zeroer.cancel() }
+        for _ in 0..<200 where domain.zeroingExtents(of: try XCTUnwrap(domain.metadata.pool(named: "q"))) > 0 {
+            try await Task.sleep(nanoseconds: 10_000_000)
+        }
+        pattern(buffer.pointer, 8192, 777)
+        try await domain.write(vdisk: "s", offset: 5 << 20, length: 8192, from: buffer.pointer, fua: true)
+        try await domain.read(vdisk: "s", offset: (5 << 20) + 8192, length: 8192, into: buffer.pointer)
+        XCTAssertTrue(UnsafeRawBufferPointer(start: buffer.pointer, count: 8192).allSatisfy { $0 == 0 }, "the rest of a new extent reads zeros")
+        let after = try await domain.checkPool(name: "q")
+        XCTAssertEqual(after.problems, [])
+    }
 }

@@ -16,12 +16,12 @@ extension Domain {
         public var metadataPages: Int
         /// Journal pages holding commits not yet written in place (a checkpoint empties it).
         public var journalPagesInUse: Int
-        /// Leaked chunks `--repair` gave back before this check (0 without it).
-        public var reclaimed: Int = 0
+        /// What `--repair` did before this check (nil without it).
+        public var repair: String?
         public var problems: [String]
         public var clean: Bool { problems.isEmpty }
 
-        enum CodingKeys: String, CodingKey { case pool, extents, mapped, beingZeroed, free, heldBack, metadataPages, journalPagesInUse, reclaimed, problems, clean }
+        enum CodingKeys: String, CodingKey { case pool, extents, mapped, beingZeroed, free, heldBack, metadataPages, journalPagesInUse, repair, problems, clean }
         public func encode(to encoder: Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             try c.encode(pool, forKey: .pool)
@@ -32,7 +32,7 @@ extension Domain {
             try c.encode(heldBack, forKey: .heldBack)
             try c.encode(metadataPages, forKey: .metadataPages)
             try c.encode(journalPagesInUse, forKey: .journalPagesInUse)
-            try c.encode(reclaimed, forKey: .reclaimed)
+            try c.encodeIfPresent(repair, forKey: .repair)
             try c.encode(problems, forKey: .problems)
             try c.encode(clean, forKey: .clean)
         }
@@ -75,7 +75,40 @@ extension Domain {
         return report
     }
 
-    /// `pool check --repair`: gives back the pool's leaked chunks (see
+    /// `pool check --repair`: a pool whose block maps could not be opened (a damaged space
+    /// map) gets a space map rebuilt from its block maps (`PoolMetadata.rebuildSpaceMap`);
+    /// then leaked extents are given back. Returns what it did, as one line.
+    public func repairPool(name: String) async throws(DomainError) -> String {
+        try await beginChange()
+        var rebuilt: String?
+        do {
+            defer { mutation.release() }
+            guard let pool = metadata.pool(named: name) else { throw DomainError("pool '\(name)' not found") }
+            if poolMeta(pool.id) == nil {
+                guard let areaRecord = pool.metadataArea, let area = metaArea(of: pool, areaRecord) else {
+                    throw DomainError("pool '\(name)': its metadata area cannot be read (a LUN is missing): nothing to repair from")
+                }
+                let geometry = PoolGeometry(pool)
+                let meta: PoolMetadata
+                do {
+                    meta = try await PoolMetadata.rebuildSpaceMap(area: area, poolId: pool.id, chunkCount: geometry.chunkCount,
+                                                                  reserved: Self.chunks(of: areaRecord, in: geometry))
+                } catch {
+                    throw DomainError("pool '\(name)': cannot rebuild its space map: \(error)")
+                }
+                setPoolMeta(meta, of: pool.id)
+                clearProblems(startingWith: "pool '\(name)': block maps unusable")
+                try await commit(metadata) // a new generation: open ports pick up the pool's maps
+                let waiting = zeroingExtents(of: pool)
+                rebuilt = "space map rebuilt from \(meta.mapIds.count) block map(s); \(waiting) extent(s) no map references are zeroed before reuse"
+                zeroingWork.signal()
+            }
+        }
+        let reclaimed = try await reclaimLeakedChunks(pool: name)
+        return (rebuilt.map { $0 + "; " } ?? "") + "\(reclaimed) leaked extent(s) given back"
+    }
+
+    /// Gives back the pool's leaked chunks (see
     /// `VolumeTransaction.reclaimLeaks`) in commits of bounded size, on a live pool (each
     /// step counts references in its own transaction, so concurrent changes are seen), and
     /// wakes the zeroer. Returns how many chunks it gave back.

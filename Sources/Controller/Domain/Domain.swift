@@ -45,6 +45,11 @@ public final class Domain: @unchecked Sendable {
     func report(_ problem: String) {
         stateLock.withLock { if !storedProblems.contains(problem) { storedProblems.append(problem) } }
     }
+
+    /// Forgets the problems starting with `prefix` (repaired).
+    func clearProblems(startingWith prefix: String) {
+        stateLock.withLock { storedProblems.removeAll { $0.hasPrefix(prefix) } }
+    }
     public private(set) var setupCopyStates: [SetupVDiskStore.CopyState] = []
     /// Why no metadata change may be committed (fewer than a majority of the configured
     /// setup copies readable), or nil. Every change is refused while it is set.

@@ -51,10 +51,10 @@ public actor CommandHandler {
             let view = PoolView(pool, domain: domain)
             return .success(text: Table.poolDetail(view), json: view)
         case "pool.check":
-            let reclaimed = r.args["repair"] == "true" ? try await domain.reclaimLeakedChunks(pool: try arg(r, "name")) : 0
+            let repaired = r.args["repair"] == "true" ? try await domain.repairPool(name: try arg(r, "name")) : nil
             var report = try await domain.checkPool(name: try arg(r, "name"))
-            report.reclaimed = reclaimed
-            let head = (r.args["repair"] == "true" ? "repair: \(reclaimed) leaked extent(s) given back\n" : "")
+            report.repair = repaired
+            let head = (repaired.map { "repair: \($0)\n" } ?? "")
                 + "pool '\(report.pool)': \(report.extents) extents, \(report.mapped) mapped, \(report.beingZeroed) being zeroed, "
                 + "\(report.free) free, \(report.heldBack) held by removed legs, \(report.metadataPages) metadata pages checked, "
                 + "\(report.journalPagesInUse) journal page(s) not yet checkpointed: "

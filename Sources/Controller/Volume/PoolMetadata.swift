@@ -81,21 +81,7 @@ public final class PoolMetadata: @unchecked Sendable {
     /// out); a damaged space map leaves the pool unusable.
     public static func open(area: MetaArea, poolId: UUID) async throws(PageStore.Failure) -> PoolMetadata {
         let store = try await PageStore.open(area: area, poolId: poolId)
-        var trees: [UUID: TreeEntry] = [:]
-        for slot in 0..<rootSlots {
-            let (page, at) = rootLocation(slot, store.layout)
-            guard let s = store.committed(page)?.slots, s[at] != 0 || s[at + 1] != 0 else { continue }
-            let id = UUID(halves: (s[at], s[at + 1]))
-            let info = s[at + 3]
-            guard let runs = ChunkTree.Runs(rawValue: UInt8(info >> 56)) else {
-                throw .damaged("metadata page \(page): root table entry \(slot) has an unknown tree kind")
-            }
-            let tree = ChunkTree(runs: runs, height: Int((info >> 48) & 0xFF), root: s[at + 2], count: info & 0xFFFF_FFFF_FFFF)
-            guard tree.height >= 1, tree.height <= 7, ChunkTree.span(tree.height) >= tree.count else {
-                throw .damaged("metadata page \(page): root table entry \(slot) has height \(tree.height) for \(tree.count) entries")
-            }
-            trees[id] = TreeEntry(slot: slot, tree: tree)
-        }
+        var trees = try rootTable(store)
         guard let space = trees[spaceMapId]?.tree else { throw .damaged("metadata: the space map's root is missing") }
         var lost: [UUID: LostMap] = [:]
         for (id, entry) in trees {
@@ -114,6 +100,78 @@ public final class PoolMetadata: @unchecked Sendable {
             }
         } catch { throw .damaged("\(error)") }
         return PoolMetadata(store: store, chunkCount: space.count, trees: trees, free: free, lost: lost)
+    }
+
+    /// Opens a pool whose space map is damaged by building a new one from the block maps
+    /// (`pool check --repair`): each chunk counts the references the maps hold; chunks no
+    /// map references await zeroing (they may hold old data); `reserved` (the metadata
+    /// area) stays held. The old space map's pages are simply no longer reachable, so they
+    /// are free. Refused when a block map is damaged too: what it references is unknown.
+    /// Written in commits of bounded size, the root last, then checkpointed; a crash
+    /// before the last commit leaves the damaged map in place, to rebuild again.
+    public static func rebuildSpaceMap(area: MetaArea, poolId: UUID, chunkCount: UInt64,
+                                       reserved: [Range<UInt64>]) async throws(PageStore.Failure) -> PoolMetadata
+    {
+        let store = try await PageStore.open(area: area, poolId: poolId)
+        var trees = try rootTable(store)
+        guard let spaceSlot = trees.removeValue(forKey: spaceMapId)?.slot else { throw .damaged("metadata: the space map's root is missing") }
+        for (id, entry) in trees {
+            do { try await load(entry.tree, store) } catch {
+                throw .damaged("block map \(id) is damaged too (\(error)): the space map cannot be rebuilt from the maps")
+            }
+        }
+        var events: [(at: UInt64, delta: Int)] = []
+        do {
+            try store.reading { pages throws(TreeError) in
+                for entry in trees.values {
+                    try entry.tree.forEachRun(in: 0..<entry.tree.count, pages) { (r: Range<UInt64>, v: UInt64) throws(TreeError) in
+                        guard v != 0 else { return }
+                        guard v - 1 + UInt64(r.count) <= chunkCount else {
+                            throw TreeError(page: nil, why: "a block map references pool chunks past the pool's \(chunkCount)")
+                        }
+                        events.append((v - 1, 1))
+                        events.append((v - 1 + UInt64(r.count), -1))
+                    }
+                }
+            }
+        } catch { throw .damaged("\(error)") }
+        var space = ChunkTree(runs: .constant, count: chunkCount)
+        var tx = MetaTransaction(store: store)
+        let budget = max(16, Int(store.layout.journalPages) / 4)
+        func set(_ r: Range<UInt64>, _ value: UInt64) async throws(PageStore.Failure) {
+            try space.set(r, to: value, in: tx)
+            if tx.changed.count >= budget { // pages no root reaches yet: harmless if a crash comes
+                try await store.commit(tx)
+                tx = MetaTransaction(store: store)
+            }
+        }
+        for (r, references) in referenceRuns(events, chunkCount: chunkCount) {
+            try await set(r, references == 0 ? SpaceValue.awaitingZeroing : UInt64(references))
+        }
+        for r in reserved { try await set(r, SpaceValue.metadata) }
+        writeRoot(TreeEntry(slot: spaceSlot, tree: space), id: spaceMapId, in: tx)
+        try await store.commit(tx)
+        try await store.checkpoint()
+        return try await open(area: area, poolId: poolId)
+    }
+
+    /// The root table's entries: each tree's slot and root (its pages are read by `load`).
+    private static func rootTable(_ store: PageStore) throws(PageStore.Failure) -> [UUID: TreeEntry] {
+        var trees: [UUID: TreeEntry] = [:]
+        for slot in 0..<rootSlots {
+            let (page, at) = rootLocation(slot, store.layout)
+            guard let s = store.committed(page)?.slots, s[at] != 0 || s[at + 1] != 0 else { continue }
+            let info = s[at + 3]
+            guard let runs = ChunkTree.Runs(rawValue: UInt8(info >> 56)) else {
+                throw .damaged("metadata page \(page): root table entry \(slot) has an unknown tree kind")
+            }
+            let tree = ChunkTree(runs: runs, height: Int((info >> 48) & 0xFF), root: s[at + 2], count: info & 0xFFFF_FFFF_FFFF)
+            guard tree.height >= 1, tree.height <= 7, ChunkTree.span(tree.height) >= tree.count else {
+                throw .damaged("metadata page \(page): root table entry \(slot) has height \(tree.height) for \(tree.count) entries")
+            }
+            trees[UUID(halves: (s[at], s[at + 1]))] = TreeEntry(slot: slot, tree: tree)
+        }
+        return trees
     }
 
     /// Reads every page of a tree, level by level, checking each: its checksum (`load`)

@@ -158,7 +158,7 @@ struct PoolCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Check the pool's space accounting and labels (safe on a live pool); exit 1 on any problem.")
         @Argument var name: String
-        @Flag(help: "First give back leaked extents (counted, referenced by no block map; a lost map's, once its leg has a new one).")
+        @Flag(help: "First rebuild a damaged space map from the block maps, and give back leaked extents (counted, referenced by no block map).")
         var repair = false
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("pool.check", ["name": name, "repair": repair ? "true" : "false"], failOnWarning: true) }
