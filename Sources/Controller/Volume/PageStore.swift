@@ -360,6 +360,13 @@ public final class PageStore: @unchecked Sendable {
         func page(_ n: UInt32) -> MetaPage? { store.pages[n] }
     }
 
+    /// Keeps a page that failed its check out of reach of `takeFreePage` while this store
+    /// is open (a lost map still names it; the next open finds it damaged again).
+    func holdDamaged(_ n: UInt32) {
+        guard n >= layout.treeStart, n < layout.pageCount else { return }
+        lock.withLock { markUsed(n) }
+    }
+
     /// Reads tree page `n` from the area unless it is loaded, checks it and marks it in use.
     func load(_ n: UInt32, kind: MetaPage.Kind) async throws(Failure) -> MetaPage {
         guard n >= layout.treeStart, n < layout.pageCount else { throw .damaged("metadata: page number \(n) is outside the tree pages") }

@@ -183,7 +183,13 @@ public final class PoolMetadata: @unchecked Sendable {
         while !frontier.isEmpty {
             var next: [UInt32] = []
             for n in frontier {
-                let page = try await store.load(n, kind: .treeNode)
+                let page: MetaPage
+                do { page = try await store.load(n, kind: .treeNode) } catch {
+                    // A lost map's root-table entry still names this page: were it handed to another
+                    // tree, the next open would read that tree's page as the lost map's.
+                    store.holdDamaged(n)
+                    throw error
+                }
                 for (k, s) in page.slots.enumerated() {
                     if let why = tree.problem(slot: s, level: level - 1) { throw .damaged("metadata page \(n): slot \(k): \(why)") }
                 }
