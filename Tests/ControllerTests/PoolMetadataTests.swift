@@ -40,6 +40,20 @@ final class MetaFixture {
     }
 }
 
+extension PoolMetadata {
+    /// Every chunk of a map, as (vdisk chunk -> pool chunk or nil).
+    func entries(_ id: UUID, _ count: UInt64) throws -> [UInt64?] {
+        var out: [UInt64?] = []
+        var i: UInt64 = 0
+        while i < count {
+            let (p, n) = try lookup(map: id, chunk: i, limit: count - i)
+            for k in 0..<n { out.append(p.map { $0 + k }) }
+            i += n
+        }
+        return out
+    }
+}
+
 final class PoolMetadataTests: XCTestCase {
     private func formatted(_ f: MetaFixture, chunks: UInt64, reserved: UInt64 = 0) async throws -> PoolMetadata {
         let layout = MetaLayout.sized(forChunks: Int(chunks))
@@ -48,17 +62,7 @@ final class PoolMetadataTests: XCTestCase {
                                              reserved: reserved > 0 ? [0..<reserved] : [])
     }
 
-    /// Every chunk of a map, as (vdisk chunk -> pool chunk or nil).
-    private func entries(_ meta: PoolMetadata, _ id: UUID, _ count: UInt64) throws -> [UInt64?] {
-        var out: [UInt64?] = []
-        var i: UInt64 = 0
-        while i < count {
-            let (p, n) = try meta.lookup(map: id, chunk: i, limit: count - i)
-            for k in 0..<n { out.append(p.map { $0 + k }) }
-            i += n
-        }
-        return out
-    }
+    private func entries(_ meta: PoolMetadata, _ id: UUID, _ count: UInt64) throws -> [UInt64?] { try meta.entries(id, count) }
 
     func testMappingsSurviveReopenFromTheJournalAndAfterACheckpoint() async throws {
         let f = try MetaFixture("reopen", pages: MetaLayout.sized(forChunks: 4096).pageCount)

@@ -134,23 +134,24 @@ extension Domain {
         let legs = m.vdisks.flatMap { v in v.legs.enumerated().filter { $0.element.poolId == pool.id }.map { (v, $0.offset, $0.element) } }
         let named = Set(legs.map(\.2.id))
         var events: [(at: UInt64, delta: Int)] = []
+        var readable: [UUID] = []
         for id in meta.mapIds {
-            let runs: [(Range<UInt64>, UInt64?)]
-            do { runs = try meta.mapRuns(id) } catch {
-                problems.append("block map \(id): \(error)")
-                continue
-            }
-            for (vdiskChunks, first) in runs {
-                guard let first else { continue }
-                let poolChunks = first..<(first + UInt64(vdiskChunks.count))
+            do { _ = try meta.mapRuns(id); readable.append(id) } catch { problems.append("block map \(id): \(error)") }
+        }
+        // Named maps first: chunks a removed leg's map shares with a live one are not held back.
+        readable.sort { named.contains($0) && !named.contains($1) }
+        do {
+            for (id, poolChunks) in try meta.references(ofMaps: readable) {
                 if poolChunks.upperBound > meta.chunkCount {
-                    problems.append("block map \(id) maps chunks \(vdiskChunks) to pool chunks \(poolChunks), outside the pool")
+                    problems.append("block map \(id) references pool chunks \(poolChunks), outside the pool")
                     continue
                 }
                 if !named.contains(id) { report.heldBack += poolChunks.count }
                 events.append((poolChunks.lowerBound, 1))
                 events.append((poolChunks.upperBound, -1))
             }
+        } catch {
+            problems.append("block maps: \(error)")
         }
         for (v, l, leg) in legs {
             guard let count = meta.mapCount(leg.id) else {

@@ -150,16 +150,81 @@ struct ChunkTree: Equatable, Sendable {
         }
     }
 
+    // MARK: references (trees that share pages)
+
+    /// The pool chunks a slot at `level` references: a leaf value or a run of a block map
+    /// (linear runs: value = pool chunk + 1). The space map's values are counts, not references.
+    private func referenced(_ slot: UInt64, level: Int) -> Range<UInt64>? {
+        guard runs == .linear else { return nil }
+        let v: UInt64
+        if level == 0 {
+            v = slot
+        } else {
+            guard case .run(let b) = Self.decode(slot) else { return nil }
+            v = b
+        }
+        return v == 0 ? nil : (v - 1)..<(v - 1 + Self.span(level))
+    }
+
+    /// Calls `body` with every reference to pool chunks the tree holds, counting each page
+    /// once across calls that share `visited` (a page two trees share holds its references
+    /// once). Each page's number is in `visited` afterwards.
+    func forEachReference(_ pages: some PageSource, visited: inout Set<UInt32>, _ body: (Range<UInt64>) -> Void) throws(TreeError) {
+        var stack: [(UInt64, Int)] = [(root, height)]
+        while let (slot, level) = stack.popLast() {
+            if let r = referenced(slot, level: level) { body(r); continue }
+            guard level > 0, case .child(let n) = Self.decode(slot) else { continue }
+            guard visited.insert(n).inserted else { continue }
+            guard let page = pages.page(n) else { throw TreeError(page: n, why: "not loaded") }
+            for s in page.slots { stack.append((s, level - 1)) }
+        }
+    }
+
+    /// A copy of this tree that shares its pages (a PiT): the root page gains a reference
+    /// (a root that is a run references its chunks once more: `changes.shared`).
+    func cloned(in tx: MetaTransaction, _ changes: inout ReferenceChanges) -> ChunkTree {
+        share(root, level: height, tx, &changes)
+        return self
+    }
+
+    /// A slot copied into a second place: its page gains a reference, its chunks one more holder.
+    private func share(_ slot: UInt64, level: Int, _ tx: MetaTransaction, _ changes: inout ReferenceChanges) {
+        if let r = referenced(slot, level: level) { changes.shared.append(r); return }
+        if level > 0, case .child(let n) = Self.decode(slot) { tx.addReference(n) }
+    }
+
+    /// A slot going away: its chunks lose a holder; its page loses a reference, and a page
+    /// no slot points at any more takes its own slots with it.
+    private func drop(_ slot: UInt64, level: Int, _ tx: MetaTransaction, _ changes: inout ReferenceChanges) {
+        if let r = referenced(slot, level: level) { changes.dropped.append(r); return }
+        guard level > 0, case .child(let n) = Self.decode(slot) else { return }
+        let page = tx.references(n) == 1 ? tx.page(n) : nil // read before it is freed
+        if tx.dropReference(n) == 0, let page {
+            for s in page.slots { drop(s, level: level - 1, tx, &changes) }
+        }
+    }
+
     // MARK: editing
 
     /// Sets entries `range` to `base` (linear: base, base+1, ...; constant: base each;
-    /// 0 clears them).
-    mutating func set(_ range: Range<UInt64>, to base: UInt64, in tx: MetaTransaction) throws(PageStore.Failure) {
+    /// 0 clears them). A page another tree shares is copied before it is edited (its
+    /// contents gain a holder: `changes.shared`); references overwritten or in pages
+    /// freed go to `changes.dropped`. The caller turns both into space-map counts.
+    mutating func set(_ range: Range<UInt64>, to base: UInt64, in tx: MetaTransaction,
+                      _ changes: inout ReferenceChanges) throws(PageStore.Failure)
+    {
         guard range.upperBound <= count, base <= Self.valueMask else {
             throw .damaged("a map edit of extents \(range) (value \(base)) is outside the map's \(count) extents")
         }
         guard !range.isEmpty else { return }
-        root = try set(slot: root, level: height, start: 0, range, base, tx)
+        root = try set(slot: root, level: height, start: 0, range, base, tx, &changes)
+    }
+
+    /// An edit of a tree whose values are not references (the space map).
+    mutating func set(_ range: Range<UInt64>, to base: UInt64, in tx: MetaTransaction) throws(PageStore.Failure) {
+        var none = ReferenceChanges()
+        try set(range, to: base, in: tx, &none)
+        precondition(none.shared.isEmpty && none.dropped.isEmpty, "a block map edited without counting its references")
     }
 
     /// The value entry `at` gets from an edit of `range` to `base`.
@@ -168,38 +233,52 @@ struct ChunkTree: Equatable, Sendable {
     }
 
     private func set(slot: UInt64, level: Int, start: UInt64, _ range: Range<UInt64>, _ base: UInt64,
-                     _ tx: MetaTransaction) throws(PageStore.Failure) -> UInt64
+                     _ tx: MetaTransaction, _ changes: inout ReferenceChanges) throws(PageStore.Failure) -> UInt64
     {
         let span = Self.span(level)
         let lo = max(range.lowerBound, start), hi = min(range.upperBound, start + span)
         guard lo < hi else { return slot }
-        if level == 0 { return edited(start, range, base) }
+        if level == 0 {
+            let value = edited(start, range, base)
+            if value != slot { drop(slot, level: 0, tx, &changes) }
+            return value
+        }
         if lo == start && hi == start + span { // the whole subtree: one run
-            freeSubtree(slot, level: level, tx)
+            drop(slot, level: level, tx, &changes)
             return Self.runSlot(edited(start, range, base))
         }
         let childSpan = Self.span(level - 1)
         var page: MetaPage
+        var fresh = false // a page this edit made: written whatever it holds
         switch Self.decode(slot) {
         case .child(let n):
             guard let p = tx.page(n) else { throw .damaged("metadata page \(n): not loaded") }
-            page = p
-        case .empty, .run:
+            if tx.references(n) > 1 { // shared with another tree: edit a copy, the others keep theirs
+                page = MetaPage(kind: .treeNode, number: try tx.newPage())
+                page.slots = p.slots
+                tx.dropReference(n)
+                for s in page.slots { share(s, level: level - 1, tx, &changes) }
+                fresh = true
+            } else {
+                page = p
+            }
+        case .empty, .run: // the same chunks, now referenced from a page's slots
             let runBase: UInt64 = if case .run(let b) = Self.decode(slot) { b } else { 0 }
             page = MetaPage(kind: .treeNode, number: try tx.newPage())
             for k in 0..<Int(Self.fanout) {
                 let v = value(ofRun: runBase, at: UInt64(k) * childSpan)
                 page.slots[k] = level - 1 == 0 ? v : Self.runSlot(v)
             }
+            fresh = true
         }
         let first = Int((lo - start) / childSpan), last = Int((hi - 1 - start) / childSpan)
-        var changed = Self.childPage(slot) == nil // a new page is written whatever it holds
+        var changed = fresh
         for k in first...last {
-            let edited = try set(slot: page.slots[k], level: level - 1, start: start + UInt64(k) * childSpan, range, base, tx)
+            let edited = try set(slot: page.slots[k], level: level - 1, start: start + UInt64(k) * childSpan, range, base, tx, &changes)
             if edited != page.slots[k] { page.slots[k] = edited; changed = true }
         }
         if let v = uniformRun(page.slots, childLevel: level - 1) {
-            tx.free(page.number)
+            tx.dropReference(page.number) // its own (only) reference: the page goes, its chunks stay referenced by the run
             return Self.runSlot(v)
         }
         if changed { tx.put(page) } // a page whose slots stay as they were costs nothing
@@ -224,16 +303,9 @@ struct ChunkTree: Equatable, Sendable {
         return v0
     }
 
-    private func freeSubtree(_ slot: UInt64, level: Int, _ tx: MetaTransaction) {
-        guard case .child(let n) = Self.decode(slot) else { return }
-        if level > 1, let page = tx.page(n) {
-            for s in page.slots { freeSubtree(s, level: level - 1, tx) }
-        }
-        tx.free(n)
-    }
-
     /// A new entry count (the caller has cleared entries past a shrink). Growing past what
-    /// the root covers adds levels above it: the old root becomes the first slot of a new root page.
+    /// the root covers adds levels above it: the old root becomes the first slot of a new
+    /// root page (the same references, from another place).
     mutating func resize(to newCount: UInt64, in tx: MetaTransaction) throws(PageStore.Failure) {
         while Self.span(height) < newCount {
             if root != 0 {
@@ -247,9 +319,18 @@ struct ChunkTree: Equatable, Sendable {
         count = newCount
     }
 
-    /// Frees every page of the tree (the tree is being deleted).
-    mutating func freeAll(in tx: MetaTransaction) {
-        freeSubtree(root, level: height, tx)
+    /// Lets go of every page and reference of the tree (the tree is being deleted).
+    mutating func freeAll(in tx: MetaTransaction, _ changes: inout ReferenceChanges) {
+        drop(root, level: height, tx, &changes)
         root = 0
     }
+}
+
+/// What an edit did to the pool chunks a block map references: `shared`, references a
+/// copied page now holds as well (their chunks gain a holder); `dropped`, references that
+/// went (they lose one). A chunk's space-map count is the number of its references, each
+/// page counted once however many trees share it.
+struct ReferenceChanges {
+    var shared: [Range<UInt64>] = []
+    var dropped: [Range<UInt64>] = []
 }

@@ -24,8 +24,12 @@ public final class PageStore: @unchecked Sendable {
     private var pages: [UInt32: MetaPage] = [:]
     /// Committed since the last checkpoint: written in place by the next one.
     private var unwritten: Set<UInt32> = []
-    /// Tree pages in use (reachable from a root), indexed from `layout.treeStart`.
+    /// Tree pages in use (reachable from a root, or taken by a transaction), indexed from `layout.treeStart`.
     private var inUse: [Bool]
+    /// How many slots point at each tree page (a root-table entry or a parent page's slot):
+    /// more than one when trees share the page (a block map and its PiTs). Derived when the
+    /// trees are loaded at open, kept by commits.
+    private var references: [UInt32]
     private var freeCursor = 0
     private(set) var freeTreePages: Int
     // The journal ring: next record at `head`, `used` pages since the tail (waste included).
@@ -53,6 +57,7 @@ public final class PageStore: @unchecked Sendable {
         self.layout = layout
         self.poolId = poolId
         inUse = Array(repeating: false, count: Int(layout.treePages))
+        references = Array(repeating: 0, count: Int(layout.treePages))
         freeTreePages = Int(layout.treePages)
     }
 
@@ -279,6 +284,10 @@ public final class PageStore: @unchecked Sendable {
         lock.withLock {
             alongside()
             for page in images { pages[page.number] = page; unwritten.insert(page.number) }
+            for (n, delta) in tx.referenceDelta where n >= layout.treeStart {
+                let i = Int(n - layout.treeStart)
+                references[i] = UInt32(Int(references[i]) + delta)
+            }
             for n in tx.freed.union(tx.dropped) {
                 pages[n] = nil
                 unwritten.remove(n)
@@ -360,11 +369,23 @@ public final class PageStore: @unchecked Sendable {
         func page(_ n: UInt32) -> MetaPage? { store.pages[n] }
     }
 
+    /// The committed number of slots pointing at tree page `n`.
+    func referenceCount(_ n: UInt32) -> Int {
+        guard n >= layout.treeStart, n < layout.pageCount else { return 0 }
+        return lock.withLock { Int(references[Int(n - layout.treeStart)]) }
+    }
+
     /// Keeps a page that failed its check out of reach of `takeFreePage` while this store
     /// is open (a lost map still names it; the next open finds it damaged again).
     func holdDamaged(_ n: UInt32) {
         guard n >= layout.treeStart, n < layout.pageCount else { return }
         lock.withLock { markUsed(n) }
+    }
+
+    /// Counts one more slot pointing at tree page `n` (the tree walk at open).
+    func countReference(_ n: UInt32) {
+        guard n >= layout.treeStart, n < layout.pageCount else { return }
+        lock.withLock { references[Int(n - layout.treeStart)] += 1 }
     }
 
     /// Reads tree page `n` from the area unless it is loaded, checks it and marks it in use.

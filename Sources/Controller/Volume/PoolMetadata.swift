@@ -84,9 +84,10 @@ public final class PoolMetadata: @unchecked Sendable {
         var trees = try rootTable(store)
         guard let space = trees[spaceMapId]?.tree else { throw .damaged("metadata: the space map's root is missing") }
         var lost: [UUID: LostMap] = [:]
+        var visited = Set<UInt32>()
         for (id, entry) in trees {
             do {
-                try await load(entry.tree, store)
+                try await load(entry.tree, store, visited: &visited)
             } catch {
                 guard id != spaceMapId, case .damaged(let why) = error else { throw error }
                 lost[id] = LostMap(slot: entry.slot, why: why)
@@ -115,26 +116,19 @@ public final class PoolMetadata: @unchecked Sendable {
         let store = try await PageStore.open(area: area, poolId: poolId)
         var trees = try rootTable(store)
         guard let spaceSlot = trees.removeValue(forKey: spaceMapId)?.slot else { throw .damaged("metadata: the space map's root is missing") }
+        var visited = Set<UInt32>()
         for (id, entry) in trees {
-            do { try await load(entry.tree, store) } catch {
+            do { try await load(entry.tree, store, visited: &visited) } catch {
                 throw .damaged("block map \(id) is damaged too (\(error)): the space map cannot be rebuilt from the maps")
             }
         }
-        var events: [(at: UInt64, delta: Int)] = []
+        let events: [(at: UInt64, delta: Int)]
         do {
-            try store.reading { pages throws(TreeError) in
-                for entry in trees.values {
-                    try entry.tree.forEachRun(in: 0..<entry.tree.count, pages) { (r: Range<UInt64>, v: UInt64) throws(TreeError) in
-                        guard v != 0 else { return }
-                        guard v - 1 + UInt64(r.count) <= chunkCount else {
-                            throw TreeError(page: nil, why: "a block map references pool chunks past the pool's \(chunkCount)")
-                        }
-                        events.append((v - 1, 1))
-                        events.append((v - 1 + UInt64(r.count), -1))
-                    }
-                }
-            }
+            events = try store.reading { pages throws(TreeError) in try references(of: trees.values.map(\.tree), pages) }
         } catch { throw .damaged("\(error)") }
+        if let past = events.first(where: { $0.at > chunkCount }) {
+            throw .damaged("a block map references pool chunks up to \(past.at), past the pool's \(chunkCount)")
+        }
         var space = ChunkTree(runs: .constant, count: chunkCount)
         var tx = MetaTransaction(store: store)
         let budget = max(16, Int(store.layout.journalPages) / 4)
@@ -176,13 +170,19 @@ public final class PoolMetadata: @unchecked Sendable {
 
     /// Reads every page of a tree, level by level, checking each: its checksum (`load`)
     /// and that every slot is one svsp could have written.
-    private static func load(_ tree: ChunkTree, _ store: PageStore) async throws(PageStore.Failure) {
+    /// Counts every slot pointing at a page (the store's reference counts): a page that
+    /// trees share is read and descended once (`visited`, shared by the calls of one open).
+    private static func load(_ tree: ChunkTree, _ store: PageStore, visited: inout Set<UInt32>) async throws(PageStore.Failure) {
         if let why = tree.problem(slot: tree.root, level: tree.height) { throw .damaged("metadata: a tree's root: \(why)") }
         var level = tree.height
         var frontier = ChunkTree.childPage(tree.root).map { [$0] } ?? []
         while !frontier.isEmpty {
             var next: [UInt32] = []
             for n in frontier {
+                if visited.contains(n) { // shared: read, checked and descended once
+                    store.countReference(n)
+                    continue
+                }
                 let page: MetaPage
                 do { page = try await store.load(n, kind: .treeNode) } catch {
                     // A lost map's root-table entry still names this page: were it handed to another
@@ -193,6 +193,9 @@ public final class PoolMetadata: @unchecked Sendable {
                 for (k, s) in page.slots.enumerated() {
                     if let why = tree.problem(slot: s, level: level - 1) { throw .damaged("metadata page \(n): slot \(k): \(why)") }
                 }
+                // Counted only once checked: a tree sharing a damaged page finds it damaged too.
+                store.countReference(n)
+                visited.insert(n)
                 next += ChunkTree.children(of: page, level: level)
             }
             frontier = next
@@ -273,6 +276,26 @@ public final class PoolMetadata: @unchecked Sendable {
         }
     }
 
+    /// Every reference to pool chunks the block maps hold, with the map it was reached
+    /// from first: a page maps share (a PiT) counts once, as the space map counts it.
+    public func references(ofMaps ids: [UUID]) throws(TreeError) -> [(map: UUID, chunks: Range<UInt64>)] {
+        try store.reading { pages throws(TreeError) in
+            var out: [(map: UUID, chunks: Range<UInt64>)] = []
+            var visited = Set<UInt32>()
+            for id in ids {
+                guard let tree = trees[id]?.tree else { throw missing(id) }
+                try tree.forEachReference(pages, visited: &visited) { out.append((id, $0)) }
+            }
+            return out
+        }
+    }
+
+    /// A tree as committed (checks and tests; the caller holds the store's lock: `store.reading`).
+    func tree(_ id: UUID) throws(TreeError) -> ChunkTree {
+        guard let tree = trees[id]?.tree else { throw missing(id) }
+        return tree
+    }
+
     /// The block maps the pool holds (leg ids).
     public var mapIds: [UUID] { store.locked { trees.keys.filter { $0 != Self.spaceMapId } } }
 
@@ -289,6 +312,20 @@ public final class PoolMetadata: @unchecked Sendable {
             total += UInt64(take.count)
         }
         return out
+    }
+
+    /// The start (+1) and end (-1) of every reference the trees hold, each page counted
+    /// once however many of them share it.
+    static func references(of trees: [ChunkTree], _ pages: some PageSource) throws(TreeError) -> [(at: UInt64, delta: Int)] {
+        var events: [(at: UInt64, delta: Int)] = []
+        var visited = Set<UInt32>()
+        for tree in trees {
+            try tree.forEachReference(pages, visited: &visited) { r in
+                events.append((r.lowerBound, 1))
+                events.append((r.upperBound, -1))
+            }
+        }
+        return events
     }
 
     /// How often each pool chunk is referenced, as runs (range, count) from 0 to
@@ -475,7 +512,9 @@ public struct VolumeTransaction {
         guard let entry = trees[id] else { return }
         try unmap(id, 0..<entry.tree.count)
         var tree = trees[id]!.tree
-        tree.freeAll(in: tx)
+        var changes = ReferenceChanges()
+        tree.freeAll(in: tx, &changes)
+        try apply(changes)
         removedSlots[id] = entry.slot
         trees[id] = nil
         touched.insert(id)
@@ -495,8 +534,9 @@ public struct VolumeTransaction {
             if tx.changed.count >= pageBudget { return false }
             let (value, n): (UInt64, UInt64)
             do { (value, n) = try trees[id]!.tree.run(at: at, limit: count - at, in: tx) } catch { throw .damaged("\(error)") }
-            // A mapped run is unmapped a leaf's worth at a time, so the budget is checked often.
-            let step = value == 0 ? n : min(n, ChunkTree.fanout)
+            // A mapped run is unmapped a leaf's span at a time, aligned, so the budget is checked
+            // often and a leaf another map shares is let go of whole, never copied to be cleared.
+            let step = value == 0 ? n : min(n, ChunkTree.fanout - at % ChunkTree.fanout)
             if value != 0 { try unmap(id, at..<(at + step)) }
             at += step
         }
@@ -516,17 +556,11 @@ public struct VolumeTransaction {
             throw .damaged("block map \(id) is lost (\(lostMap.why)): what it references is unknown, so no count can be lowered")
         }
         // References as a sweep over the maps' runs (never a count per chunk in memory).
-        var events: [(at: UInt64, delta: Int)] = []
+        let refs: [(Range<UInt64>, Int)]
         do {
-            for (id, entry) in trees where id != PoolMetadata.spaceMapId {
-                try entry.tree.forEachRun(in: 0..<entry.tree.count, tx) { r, v in
-                    guard v != 0 else { return }
-                    events.append((v - 1, 1))
-                    events.append((v - 1 + UInt64(r.count), -1))
-                }
-            }
+            refs = PoolMetadata.referenceRuns(try PoolMetadata.references(of: trees.filter { $0.key != PoolMetadata.spaceMapId }.map(\.value.tree), tx),
+                                              chunkCount: chunkCount)
         } catch { throw .damaged("\(error)") }
-        let refs = PoolMetadata.referenceRuns(events, chunkCount: chunkCount)
         var leaks: [(Range<UInt64>, UInt64)] = [] // (chunks, the count they should have)
         var r = 0
         do {
@@ -580,9 +614,21 @@ public struct VolumeTransaction {
         var at = chunk
         for r in runs {
             let range = at..<(at + UInt64(r.count))
-            try edit(id) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: r.lowerBound + 1, in: tx) }
+            var changes = ReferenceChanges()
+            try edit(id) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: r.lowerBound + 1, in: tx, &changes) }
+            try apply(changes)
             at += UInt64(r.count)
         }
+    }
+
+    /// A new block map `id` with the same entries as `source`, sharing its pages (a PiT of
+    /// a leg): no page is copied now; an edit of either later copies the pages on its path.
+    public mutating func cloneMap(_ source: UUID, as id: UUID) throws(PageStore.Failure) {
+        guard let entry = trees[source] else { throw .damaged("no block map \(source)") }
+        try createMap(id, chunks: entry.tree.count)
+        var changes = ReferenceChanges()
+        trees[id]!.tree = entry.tree.cloned(in: tx, &changes)
+        try apply(changes)
     }
 
     /// Takes `n` free chunks (reference count 1 each) as few runs as the free space allows.
@@ -601,7 +647,9 @@ public struct VolumeTransaction {
         for r in runs {
             let range = at..<(at + UInt64(r.count))
             try unmap(id, range)
-            try edit(id) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: r.lowerBound + 1, in: tx) }
+            var changes = ReferenceChanges()
+            try edit(id) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: r.lowerBound + 1, in: tx, &changes) }
+            try apply(changes)
             at += UInt64(r.count)
         }
     }
@@ -609,13 +657,31 @@ public struct VolumeTransaction {
     /// Unmaps vdisk chunks `range`, releasing the pool chunks they referenced.
     public mutating func unmap(_ id: UUID, _ range: Range<UInt64>) throws(PageStore.Failure) {
         guard let tree = trees[id]?.tree else { throw .damaged("no block map \(id)") }
-        var held: [Range<UInt64>] = []
-        do {
-            try tree.forEachRun(in: range, tx) { r, v in if v != 0 { held.append((v - 1)..<(v - 1 + UInt64(r.count))) } }
-        } catch { throw .damaged("\(error)") }
-        guard !held.isEmpty else { return }
-        try edit(id) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: 0, in: tx) }
-        for r in held { try release(r) }
+        var mapped = false
+        do { try tree.forEachRun(in: range, tx) { _, v in if v != 0 { mapped = true } } } catch { throw .damaged("\(error)") }
+        guard mapped else { return } // nothing to release (and no shared page copied for nothing)
+        var changes = ReferenceChanges()
+        try edit(id) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: 0, in: tx, &changes) }
+        try apply(changes)
+    }
+
+    /// Turns what an edit did to a map's references into space-map counts: chunks in a
+    /// copied page gain a holder first, then the references that went are released.
+    private mutating func apply(_ changes: ReferenceChanges) throws(PageStore.Failure) {
+        for r in changes.shared { try addHolder(r) }
+        for r in changes.dropped { try release(r) }
+    }
+
+    /// Raises the reference count of each chunk of `range` (a page that holds it was copied).
+    mutating func addHolder(_ range: Range<UInt64>) throws(PageStore.Failure) {
+        var runs: [(Range<UInt64>, UInt64)] = []
+        do { try trees[PoolMetadata.spaceMapId]!.tree.forEachRun(in: range, tx) { runs.append(($0, $1)) } } catch { throw .damaged("\(error)") }
+        for (r, v) in runs {
+            guard v >= 1, v + 1 < SpaceValue.awaitingZeroing else {
+                throw .damaged("space map: chunks \(r) gain a holder while their count is \(v)")
+            }
+            try setSpace(r, to: v + 1)
+        }
     }
 
     /// Lowers the reference count of each chunk of `range`; a chunk left unreferenced
