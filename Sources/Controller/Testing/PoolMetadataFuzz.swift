@@ -79,6 +79,15 @@ final class PoolMetadataFuzz: @unchecked Sendable {
                 if let id { try v.map(id, at: 0, to: runs) }
                 if let id, let gone = meta.mapIds.last, gone != id { try v.deleteMap(gone) }
             }
+            if let id { // a clone (shared pages), edited on both sides, then released
+                let clone = UUID()
+                _ = try? await meta.change { v throws(PageStore.Failure) in
+                    try v.cloneMap(id, as: clone)
+                    try v.map(clone, at: 1, to: try v.allocate(1))
+                    try v.unmap(id, 0..<2)
+                }
+                _ = try? await meta.change { v throws(PageStore.Failure) -> Bool in try v.deleteMapStep(clone, pageBudget: 16) }
+            }
             _ = try? await meta.store.checkpoint()
             _ = chunks
         }
