@@ -136,6 +136,10 @@ public final class PageStore: @unchecked Sendable {
         else {
             throw .damaged("metadata area: superblock describes \(pages) pages with a journal of \(journal) (tail \(tail)), the area has \(area.pageCount)")
         }
+        // Sequences only count up, a ring's length at most at a time: one this high is damage.
+        guard sb.slots[Super.tailSequence] < 1 << 62 else {
+            throw .damaged("metadata area: superblock's journal sequence \(sb.slots[Super.tailSequence]) is out of range")
+        }
         let layout = MetaLayout(journalPages: UInt32(journal), pageCount: UInt32(pages))
         let store = PageStore(area: area, layout: layout, poolId: poolId)
         store.superblockSequence = sb.sequence
