@@ -83,10 +83,12 @@ public final class PoolMetadata: @unchecked Sendable {
         let store = try await PageStore.open(area: area, poolId: poolId)
         var trees = try rootTable(store)
         guard let space = trees[spaceMapId]?.tree else { throw .damaged("metadata: the space map's root is missing") }
+        guard space.runs == .constant else { throw .damaged("metadata: the space map's root table entry has the kind of a block map") }
         var lost: [UUID: LostMap] = [:]
         var visited = Set<UInt32>()
         for (id, entry) in trees {
-            do {
+            do throws(PageStore.Failure) {
+                if id != spaceMapId, entry.tree.runs != .linear { throw PageStore.Failure.damaged("its root table entry has the space map's kind") }
                 try await load(entry.tree, store, visited: &visited)
             } catch {
                 guard id != spaceMapId, case .damaged(let why) = error else { throw error }
@@ -118,7 +120,10 @@ public final class PoolMetadata: @unchecked Sendable {
         guard let spaceSlot = trees.removeValue(forKey: spaceMapId)?.slot else { throw .damaged("metadata: the space map's root is missing") }
         var visited = Set<UInt32>()
         for (id, entry) in trees {
-            do { try await load(entry.tree, store, visited: &visited) } catch {
+            do throws(PageStore.Failure) {
+                if entry.tree.runs != .linear { throw PageStore.Failure.damaged("its root table entry has the space map's kind") }
+                try await load(entry.tree, store, visited: &visited)
+            } catch {
                 throw .damaged("block map \(id) is damaged too (\(error)): the space map cannot be rebuilt from the maps")
             }
         }
