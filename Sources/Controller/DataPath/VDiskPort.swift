@@ -96,6 +96,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         var inSyncLegs: UInt8
         /// Thin vdisks: the largest leg extent, a multiple of the others' (nil otherwise).
         var deallocationUnit: UInt64?
+        /// A read-only snapshot: writes are refused.
+        var readOnly: Bool
     }
 
     public let domain: Domain
@@ -200,7 +202,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         let deallocationUnit = v.thin && legs.allSatisfy({ unit! % $0.extentBytes == 0 }) ? unit : nil
         let states = legs.map(\.state)
         return Mapping(generation: m.generation, sizeBytes: v.sizeBytes, blockSize: v.blockSize, mode: v.mode, thin: v.thin, legs: legs,
-                       writeLegs: SyncMirror.writeLegs(states), inSyncLegs: SyncMirror.inSyncLegs(states), deallocationUnit: deallocationUnit)
+                       writeLegs: SyncMirror.writeLegs(states), inSyncLegs: SyncMirror.inSyncLegs(states), deallocationUnit: deallocationUnit,
+                       readOnly: v.refusesHostWrites)
     }
 
     /// Re-reads the mapping when the metadata moved on (grow, thin allocation, leg states). Caller holds the lock.
@@ -227,6 +230,10 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         guard refreshIfNeeded() else {
             lock.unlock()
             throw IOError(code: ENODEV, operation: ioOp, lun: vdiskName, offset: offset)
+        }
+        if mapping.readOnly, op != .read, op != .flush {
+            lock.unlock()
+            throw IOError(code: EROFS, operation: ioOp, lun: vdiskName, offset: offset) // a read-only snapshot
         }
         if op != .flush {
             let bs = UInt64(mapping.blockSize)
@@ -353,6 +360,14 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                 slots[index].deallocated = true // it holds its range as a trim: nothing else is in there
                 lock.unlock()
                 deallocate(index, r)
+                return
+            }
+        }
+        if domain.sharingActive.load(ordering: .acquiring), slots[index].op != .read, slots[index].op != .flush {
+            let r = slots[index]
+            if touchesShared(offset: r.offset, length: r.length) {
+                lock.unlock()
+                redirectThenProceed(index)
                 return
             }
         }

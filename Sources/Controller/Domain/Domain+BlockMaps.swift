@@ -170,13 +170,13 @@ extension Domain {
         }
     }
 
-    /// Releases maps that no leg of the catalog names (a crash between the two commits).
+    /// Releases maps that no leg or PiT of the catalog names (a crash between the two commits).
     func releaseOrphanMaps() async {
         guard readOnlyReason == nil else { return }
         let m = metadata
         for pool in m.pools {
             guard let meta = poolMeta(pool.id) else { continue }
-            let named = Set(m.vdisks.flatMap(\.legs).filter { $0.poolId == pool.id }.map(\.id))
+            let named = Set(m.vdisks.flatMap(\.legs).filter { $0.poolId == pool.id }.map(\.id)).union(m.pitMapIds(in: pool.id))
             let orphans = (meta.mapIds + meta.lostMapIds).filter { !named.contains($0) }
             guard !orphans.isEmpty else { continue }
             do throws(DomainError) {

@@ -132,7 +132,7 @@ extension Domain {
     private func checkMaps(_ pool: PoolRecord, _ meta: PoolMetadata, _ m: DomainMetadata, _ report: inout PoolCheckReport) -> [String] {
         var problems: [String] = []
         let legs = m.vdisks.flatMap { v in v.legs.enumerated().filter { $0.element.poolId == pool.id }.map { (v, $0.offset, $0.element) } }
-        let named = Set(legs.map(\.2.id))
+        let named = Set(legs.map(\.2.id)).union(m.pitMapIds(in: pool.id))
         var events: [(at: UInt64, delta: Int)] = []
         var readable: [UUID] = []
         for id in meta.mapIds {

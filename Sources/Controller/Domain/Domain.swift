@@ -63,6 +63,8 @@ public final class Domain: @unchecked Sendable {
     /// The data path's view of read-only (one atomic load per write): the metadata may be a
     /// stale minority copy, so no write may reach a LUN through its mappings.
     let refusesWrites = Atomic<Bool>(false)
+    /// Whether host writes check for chunks shared with PiTs and snapshots (see `updateSharing`).
+    let sharingActive = Atomic<Bool>(false)
     private var storedReadOnlyReason: String?
     /// Old records' replaced pool runtimes: ports may still send I/O through their
     /// schedulers, so their LUNs stay open (a regained quorum reopens a setup pool).
@@ -92,6 +94,8 @@ public final class Domain: @unchecked Sendable {
     /// Wakes the zeroer (extents freed or let out of quarantine) and those waiting for it.
     let zeroingWork = WakeSignal()
     let zeroingProgress = WakeSignal()
+    /// Shared chunks being redirected now (one redirect per chunk at a time).
+    let redirects = RedirectTable()
 
     /// `svsp-ctl domain init`: an empty domain in `directory`.
     public static func initialize(directory: String, name: String) throws(DomainError) -> DomainMetadata {
@@ -129,7 +133,10 @@ public final class Domain: @unchecked Sendable {
         for pool in domain.metadata.pools where domain.runtime(of: pool.id) == nil { domain.openLUNs(of: pool) }
         await domain.openBlockMaps()
         try await domain.convertOldFormat()
+        domain.updateSharing()
         await domain.releaseOrphanMaps()
+        await domain.releaseReservations()
+        await domain.finishRollbacks()
         await domain.recoverLostMaps()
         return domain
     }
@@ -595,9 +602,15 @@ public final class Domain: @unchecked Sendable {
             throw DomainError("vdisk '\(name)' is exported over NBD (\(mode.rawValue)); run `svsp-ctl vdisk unexport \(name)` first")
         }
         try refuseWhileCopying(name, "its delete")
+        let pits = metadata.pits(of: v)
+        if !pits.isEmpty {
+            throw DomainError("vdisk '\(name)' has \(pits.count) PiT(s) (\(pits.prefix(3).map(\.name).joined(separator: ", "))\(pits.count > 3 ? ", ..." : "")); "
+                + "delete them first with `svsp-ctl pit delete NAME`")
+        }
         var next = metadata
         next.vdisks.removeAll { $0.name == name }
         try await commit(next)
+        updateSharing()
         let port = stateLock.withLock { storedPorts.removeValue(forKey: name) }
         releaseLegMaps(v.legs, after: port)
     }
@@ -742,7 +755,7 @@ public final class Domain: @unchecked Sendable {
     }
 
     /// Refuses a change that would remove or re-index legs under a running copy or verify.
-    private func refuseWhileCopying(_ name: String, _ what: String) throws(DomainError) {
+    func refuseWhileCopying(_ name: String, _ what: String) throws(DomainError) {
         if let running = mirrors.progress(name) {
             throw DomainError("vdisk '\(name)': a \(running.operation) is running; \(what) waits until it ends (see `svsp-ctl mirror status \(name)`)",
                               code: EBUSY)

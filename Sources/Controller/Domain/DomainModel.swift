@@ -10,6 +10,8 @@ public struct DomainMetadata: Codable, Equatable, Sendable {
     public var vdisks: [VDiskRecord] = []
     /// Pools holding a copy of the setup vdisk (empty until it is created).
     public var setupPools: [UUID] = []
+    /// Point-in-time copies (nil: none; see `pitList`).
+    public var pits: [PiTRecord]?
     /// Record format: nil for records written before legs had ids (converted at open).
     public var format: Int?
     /// 3: block maps in the pools' metadata areas (2: extent lists in this record, legs with ids).
@@ -138,6 +140,14 @@ public struct VDiskRecord: Codable, Equatable, Sendable {
     public var dirtyRegions: Bool = true
     /// Served over NBD (export name = vdisk name) when set; persisted, so exports survive restarts.
     public var export: ExportMode?
+    /// Set for a snapshot (a vdisk made from a PiT); read-only unless writable.
+    public var snapshot: SnapshotOrigin?
+    /// A rollback to this PiT (by id) whose maps were not all swapped yet: the next open
+    /// finishes it before any I/O (swapping a leg twice gives the same image).
+    public var rollingBackTo: UUID?
+
+    /// Whether host writes are refused (a read-only snapshot).
+    public var refusesHostWrites: Bool { snapshot.map { !$0.writable } ?? false }
 
     /// A mirror's state as `mirror status` and `vdisk list` show it: failed (no leg in
     /// sync), snap-sync (a leg is being copied), partial (a leg failed), normal.

@@ -20,7 +20,7 @@ public actor CommandHandler {
         }
     }
 
-    private func arg(_ r: MgmtRequest, _ key: String) throws(DomainError) -> String {
+    func arg(_ r: MgmtRequest, _ key: String) throws(DomainError) -> String {
         guard let v = r.args[key], !v.isEmpty else { throw DomainError("missing argument '\(key)'") }
         return v
     }
@@ -180,6 +180,7 @@ public actor CommandHandler {
             return .success(text: "setup vdisk created on \(pools.count) pool(s): \(pools.joined(separator: ", "))",
                             json: ["pools": pools], warnings: warnings)
         default:
+            if let response = try await pitCommand(r) { return response }
             throw DomainError("unknown command '\(r.command)'")
         }
     }
@@ -326,6 +327,9 @@ struct VDiskView: Codable {
     var mode: String?
     var mirrorState: String?
     var export: String?
+    var pits: Int
+    /// For a snapshot: "read-only of PIT" or "writable clone of PIT".
+    var snapshotOf: String?
 
     struct LegView: Codable {
         var pool: String
@@ -347,6 +351,8 @@ struct VDiskView: Codable {
         mode = v.isMirror ? v.mode.rawValue : nil
         export = v.export?.rawValue
         mirrorState = v.isMirror ? v.mirrorState : nil
+        pits = domain.metadata.pits(of: v).count
+        snapshotOf = v.snapshot.map { "\($0.writable ? "writable clone" : "read-only view") of PiT '\($0.pitName)' of '\($0.vdiskName)'" }
     }
 }
 
@@ -406,10 +412,10 @@ enum Table {
 
     static func vdisks(_ vdisks: [VDiskView]) -> String {
         if vdisks.isEmpty { return "no vdisks" }
-        return render(["VDISK", "POOL", "SIZE", "BLOCK", "PROVISIONING", "ALLOCATED", "EXPORT", "MIRROR"], vdisks.map { v in
+        return render(["VDISK", "POOL", "SIZE", "BLOCK", "PROVISIONING", "ALLOCATED", "EXPORT", "MIRROR", "PITS", "SNAPSHOT OF"], vdisks.map { v in
             let legs = v.legs.map { "\($0.pool)=\($0.state)" }.joined(separator: " ")
             return [v.name, v.pool, ByteSize.format(v.sizeBytes), "\(v.blockSize)", v.provisioning, ByteSize.format(v.allocatedBytes),
-                    v.export ?? "-", v.mirrorState.map { "\($0) (\(legs))" } ?? "-"]
+                    v.export ?? "-", v.mirrorState.map { "\($0) (\(legs))" } ?? "-", "\(v.pits)", v.snapshotOf ?? "-"]
         })
     }
 }

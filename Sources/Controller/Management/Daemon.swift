@@ -89,6 +89,12 @@ public final class Daemon: @unchecked Sendable {
                      healthy: domain.isPoolHealthy($0))
                 }
                 domain.metrics.updatePools(pools)
+                let m = domain.metadata
+                domain.metrics.updatePiTs(m.vdisks.filter { $0.snapshot == nil }.map { v in
+                    let pits = m.pits(of: v)
+                    return (vdisk: v.name, pits: pits.count, heldBytes: pits.reduce(0) { $0 + domain.bytesHeldOnly(by: $1) },
+                            snapshots: m.vdisks.filter { $0.snapshot?.vdiskName == v.name }.count)
+                })
                 domain.metrics.updateNBD(exports: nbd.registry.exportTotals(), connections: nbd.registry.connections())
                 return domain.metrics.exposition()
             }

@@ -53,6 +53,29 @@ public final class DomainMetrics: @unchecked Sendable {
     }
 
 
+    /// The host-write hold of each PiT taken (the moment of its switch).
+    private lazy var pitHold = registry.makeDurationHistogram(
+        descriptor: .init(namespace: "svsp", subsystem: "pit", metricName: "hold", unitName: "seconds",
+                          helpText: "How long host writes were held while a PiT was taken"), buckets: Self.buckets)
+    public private(set) var longestPiTHoldNs: UInt64 = 0
+
+    public func recordPiTHold(ns: UInt64) {
+        lock.withLock { longestPiTHoldNs = max(longestPiTHoldNs, ns) }
+        pitHold.recordNanoseconds(Int64(ns))
+    }
+
+    /// PiT and snapshot gauges per vdisk, refreshed before each scrape.
+    public func updatePiTs(_ rows: [(vdisk: String, pits: Int, heldBytes: UInt64, snapshots: Int)]) {
+        for r in rows {
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "vdisk", metricName: "pits", unitName: "",
+                                                 helpText: "PiTs of the vdisk"), labels: [("vdisk", r.vdisk)]).set(to: Double(r.pits))
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "vdisk", metricName: "pit_held", unitName: "bytes",
+                                                 helpText: "Bytes held only by the vdisk's PiTs"), labels: [("vdisk", r.vdisk)]).set(to: Double(r.heldBytes))
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "vdisk", metricName: "snapshots", unitName: "",
+                                                 helpText: "Snapshots made from the vdisk's PiTs"), labels: [("vdisk", r.vdisk)]).set(to: Double(r.snapshots))
+        }
+    }
+
     /// Pool capacity gauges, refreshed before each scrape.
     public func updatePools(_ pools: [(name: String, capacity: UInt64, free: UInt64, healthy: Bool)]) {
         for p in pools {

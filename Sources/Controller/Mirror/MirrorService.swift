@@ -378,6 +378,9 @@ extension Domain {
         guard let pool = m.pool(id: v.legs[l].poolId), let runtime = runtime(of: pool.id), let scheduler = runtime.scheduler,
               let route = route(v.legs[l], in: m)
         else { throw DomainError("vdisk '\(name)': leg \(l) is not available") }
+        if op == .write, sharingActive.load(ordering: .acquiring) { // never into a chunk a PiT or snapshot shares (the caller holds the range)
+            try await redirectShared(vdisk: name, offset: offset, length: length, only: id)
+        }
         var done = 0
         while done < length {
             let at = offset + UInt64(done)

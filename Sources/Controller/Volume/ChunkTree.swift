@@ -117,6 +117,23 @@ struct ChunkTree: Equatable, Sendable {
         }
     }
 
+    /// Whether a page on the path to entry `index` has another slot pointing at it (a tree
+    /// that shares it: a PiT): editing the entry would copy that page.
+    func pathShared(at index: UInt64, in pages: some PageSource, references: (UInt32) -> Int) throws(TreeError) -> Bool {
+        guard index < count else { throw TreeError(page: nil, why: "extent \(index) is past the map's \(count) extents") }
+        var slot = root, level = height, start: UInt64 = 0
+        while level > 0, case .child(let n) = Self.decode(slot) {
+            if references(n) > 1 { return true }
+            guard let page = pages.page(n) else { throw TreeError(page: n, why: "not loaded") }
+            level -= 1
+            let span = Self.span(level)
+            let i = Int((index - start) / span)
+            start += UInt64(i) * span
+            slot = page.slots[i]
+        }
+        return false
+    }
+
     /// Every page of the tree, parents before children.
     func pageNumbers(in pages: some PageSource) throws(TreeError) -> [UInt32] {
         var out: [UInt32] = []

@@ -371,6 +371,11 @@ public final class PageStore: @unchecked Sendable {
     struct CommittedPages: PageSource {
         unowned(unsafe) let store: PageStore
         func page(_ n: UInt32) -> MetaPage? { store.pages[n] }
+        /// The committed number of slots pointing at tree page `n` (see `referenceCount`).
+        func referenceCount(_ n: UInt32) -> Int {
+            guard n >= store.layout.treeStart, n < store.layout.pageCount else { return 0 }
+            return Int(store.references[Int(n - store.layout.treeStart)])
+        }
     }
 
     /// The committed number of slots pointing at tree page `n`.

@@ -11,7 +11,7 @@ public final class PoolMetadata: @unchecked Sendable {
     public let store: PageStore
     public let chunkCount: UInt64
     // Guarded by the store's lock (published with the pages they point into).
-    private var trees: [UUID: TreeEntry]
+    var trees: [UUID: TreeEntry]
     private var freeIndex: FreeChunks
     /// Block maps whose pages could not be read at open (a checksum, a misplaced page):
     /// their root-table slot and why. Their leg's I/O fails naming the page; the domain
@@ -34,6 +34,9 @@ public final class PoolMetadata: @unchecked Sendable {
         public static let awaitingZeroing: UInt64 = 1 << 61
         /// Holds the metadata area (never allocated).
         public static let metadata: UInt64 = (1 << 61) + 1
+        /// Taken by a redirect-on-write that is copying into it, mapped by no map yet: it
+        /// may hold data, so the next open sends it to the zeroer (never back to free).
+        public static let reserved: UInt64 = (1 << 61) + 2
     }
 
     static let spaceMapId = UUID(halves: (UInt64.max, 1))
@@ -251,7 +254,7 @@ public final class PoolMetadata: @unchecked Sendable {
     public var lostMapIds: [UUID] { store.locked { Array(lost.keys) } }
 
     /// The error for a map that is not there (caller holds the store's lock).
-    private func missing(_ id: UUID) -> TreeError {
+    func missing(_ id: UUID) -> TreeError {
         TreeError(page: nil, why: lost[id].map { "block map unusable: \($0.why)" } ?? "no block map \(id)")
     }
 
@@ -470,11 +473,11 @@ public final class PoolMetadata: @unchecked Sendable {
 /// The edits one `PoolMetadata.change` may make.
 public struct VolumeTransaction {
     let tx: MetaTransaction
-    fileprivate(set) var trees: [UUID: PoolMetadata.TreeEntry]
-    fileprivate(set) var free: FreeChunks
+    var trees: [UUID: PoolMetadata.TreeEntry]
+    var free: FreeChunks
     let chunkCount: UInt64
     /// Trees whose root entry changed (written into the root table at commit).
-    fileprivate(set) var touched: Set<UUID> = []
+    var touched: Set<UUID> = []
     fileprivate(set) var removedSlots: [UUID: Int] = [:]
     fileprivate(set) var lost: [UUID: PoolMetadata.LostMap]
 
@@ -723,11 +726,11 @@ public struct VolumeTransaction {
         free.insert(range)
     }
 
-    private mutating func setSpace(_ range: Range<UInt64>, to value: UInt64) throws(PageStore.Failure) {
+    mutating func setSpace(_ range: Range<UInt64>, to value: UInt64) throws(PageStore.Failure) {
         try edit(PoolMetadata.spaceMapId) { tree, tx throws(PageStore.Failure) in try tree.set(range, to: value, in: tx) }
     }
 
-    private mutating func edit(_ id: UUID, _ body: (inout ChunkTree, MetaTransaction) throws(PageStore.Failure) -> Void) throws(PageStore.Failure) {
+    mutating func edit(_ id: UUID, _ body: (inout ChunkTree, MetaTransaction) throws(PageStore.Failure) -> Void) throws(PageStore.Failure) {
         guard var entry = trees[id] else { throw .damaged("no tree \(id)") }
         let before = entry.tree.root
         try body(&entry.tree, tx)
