@@ -13,6 +13,8 @@ extension Domain {
         public var free: Int
         /// Chunks held by maps no leg names (being released after a delete, or left by a crash).
         public var heldBack: Int
+        /// Chunks reserved by redirect-on-writes in flight (a restart sends them to the zeroer).
+        public var beingRedirected = 0
         public var metadataPages: Int
         /// Journal pages holding commits not yet written in place (a checkpoint empties it).
         public var journalPagesInUse: Int
@@ -21,7 +23,7 @@ extension Domain {
         public var problems: [String]
         public var clean: Bool { problems.isEmpty }
 
-        enum CodingKeys: String, CodingKey { case pool, extents, mapped, beingZeroed, free, heldBack, metadataPages, journalPagesInUse, repair, problems, clean }
+        enum CodingKeys: String, CodingKey { case pool, extents, mapped, beingZeroed, free, heldBack, beingRedirected, metadataPages, journalPagesInUse, repair, problems, clean }
         public func encode(to encoder: Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             try c.encode(pool, forKey: .pool)
@@ -30,6 +32,7 @@ extension Domain {
             try c.encode(beingZeroed, forKey: .beingZeroed)
             try c.encode(free, forKey: .free)
             try c.encode(heldBack, forKey: .heldBack)
+            try c.encode(beingRedirected, forKey: .beingRedirected)
             try c.encode(metadataPages, forKey: .metadataPages)
             try c.encode(journalPagesInUse, forKey: .journalPagesInUse)
             try c.encodeIfPresent(repair, forKey: .repair)
@@ -171,6 +174,7 @@ extension Domain {
             case PoolMetadata.SpaceValue.free: report.free += range.count
             case PoolMetadata.SpaceValue.awaitingZeroing: report.beingZeroed += range.count
             case PoolMetadata.SpaceValue.metadata: break
+            case PoolMetadata.SpaceValue.reserved: report.beingRedirected += range.count
             default: report.mapped += range.count
             }
             var c = range.lowerBound

@@ -44,6 +44,7 @@ extension Domain {
         }
         let holdNs = DispatchTime.now().uptimeNanoseconds - held
         port.openGate(whole)
+        if failure == nil { CrashPoint.hit("pit-cloned") }
         metrics.recordPiTHold(ns: holdNs)
         let pit = PiTRecord(id: UUID(), name: pitName, kind: kind, vdiskId: v.id, createdAt: Date().timeIntervalSince1970,
                             sizeBytes: v.sizeBytes, maps: maps)
@@ -51,6 +52,7 @@ extension Domain {
             var next = metadata
             next.pitList.append(pit)
             do { try await commit(next) } catch { failure = error }
+            if failure == nil { CrashPoint.hit("pit-committed") }
         }
         if let failure {
             deleteMapsInBackground(made.map { ($0.mapId, $0.poolId) })
@@ -82,6 +84,7 @@ extension Domain {
         var next = metadata
         next.pitList.removeAll { $0.id == pit.id }
         try await commit(next)
+        CrashPoint.hit("pit-delete-committed")
         updateSharing()
         deleteMapsInBackground(pit.maps.map { ($0.mapId, $0.poolId) })
     }
@@ -120,6 +123,7 @@ extension Domain {
             next.vdisks[vi].legs[l].copyAll = true
         }
         try await commit(next)
+        CrashPoint.hit("rollback-marked")
         try await finishRollback(vdisk: name)
         port.refresh()
     }
@@ -142,6 +146,7 @@ extension Domain {
                 try t.swapMaps(leg.id, swapped)
             }
             old.append((swapped, pool.id))
+            CrashPoint.hit("rollback-swapped") // after the first leg: a mirror's legs now differ until the next open finishes
         }
         var next = metadata
         next.vdisks[vi].rollingBackTo = nil

@@ -72,8 +72,10 @@ extension Domain {
             try t.reserve(UInt64(chunks.count))
         }
         let news = runs.flatMap { Array($0) }
+        CrashPoint.hit("redirect-reserved")
         do {
             try await copyChunks(zip(olds, news).map { ($0, $1) }, in: pool)
+            CrashPoint.hit("redirect-copied")
             try await changeBlockMaps(pool) { (t: inout VolumeTransaction) throws(PageStore.Failure) in
                 for (i, c) in chunks.enumerated() { try t.redirect(id, chunk: c, from: olds[i], to: news[i]) }
             }

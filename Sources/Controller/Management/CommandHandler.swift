@@ -56,7 +56,7 @@ public actor CommandHandler {
             report.repair = repaired
             let head = (repaired.map { "repair: \($0)\n" } ?? "")
                 + "pool '\(report.pool)': \(report.extents) extents, \(report.mapped) mapped, \(report.beingZeroed) being zeroed, "
-                + "\(report.free) free, \(report.heldBack) held by removed legs, \(report.metadataPages) metadata pages checked, "
+                + "\(report.free) free, \(report.heldBack) held by removed legs or PiTs, \(report.beingRedirected) being redirected, \(report.metadataPages) metadata pages checked, "
                 + "\(report.journalPagesInUse) journal page(s) not yet checkpointed: "
             let text = report.clean ? head + "clean"
                 : head + "\(report.problems.count) problem(s)\n" + report.problems.map { "  ! \($0)" }.joined(separator: "\n")
