@@ -17,6 +17,46 @@ final class SharedMapTests: XCTestCase {
         }
     }
 
+    /// `differences` against the models: exactly the entries where they differ.
+    private func checkDifferences(_ meta: PoolMetadata, _ a: UUID, _ b: UUID, _ ma: [UInt64?], _ mb: [UInt64?], _ what: String,
+                                  file: StaticString = #filePath, line: UInt = #line) throws {
+        var expected: [Range<UInt64>] = []
+        for i in ma.indices where ma[i] != mb[i] {
+            if let last = expected.last, last.upperBound == UInt64(i) { expected[expected.count - 1] = last.lowerBound..<UInt64(i + 1) } else {
+                expected.append(UInt64(i)..<UInt64(i + 1))
+            }
+        }
+        XCTAssertEqual(try meta.differences(a, b).runs, expected, what, file: file, line: line)
+    }
+
+    /// A PiT of a 64 Mi-chunk map (4 TiB of 64 KiB chunks) with three chunks written since:
+    /// the difference is those three, found by reading a handful of pages.
+    func testDifferencesCostThePathsToWhatChangedNotTheMapSize() async throws {
+        let chunks: UInt64 = 1 << 26
+        let layout = MetaLayout.sized(forChunks: Int(chunks))
+        let f = try MetaFixture("diff", pages: layout.pageCount)
+        let meta = try await PoolMetadata.format(area: f.area, layout: layout, poolId: f.poolId, chunkCount: chunks, reserved: [])
+        let live = UUID(), pit = UUID()
+        try await meta.change { v throws(PageStore.Failure) in
+            try v.createMap(live, chunks: chunks - 16)
+            try v.map(live, at: 0, to: try v.allocate(chunks - 16)) // thick: one run
+            try v.cloneMap(live, as: pit)
+        }
+        try await meta.change { v throws(PageStore.Failure) in
+            for at: UInt64 in [7, 40_000_000, chunks - 17] {
+                for r in try v.awaitingZeroing(limit: .max) { try v.markZeroed(r) }
+                try v.unmap(live, at..<(at + 1))
+            }
+        }
+        try await meta.change { v throws(PageStore.Failure) in
+            for r in try v.awaitingZeroing(limit: .max) { try v.markZeroed(r) }
+            for at: UInt64 in [7, 40_000_000, chunks - 17] { try v.map(live, at: at, to: try v.allocate(1)) }
+        }
+        let (runs, pagesRead) = try meta.differences(pit, live)
+        XCTAssertEqual(runs, [7..<8, 40_000_000..<40_000_001, (chunks - 17)..<(chunks - 16)])
+        XCTAssertLessThanOrEqual(pagesRead, 12, "three paths of a height-3 tree, not \(chunks / 508) leaves")
+    }
+
     /// Page reference counts against the slots that point at pages, walking every tree.
     private func checkPageReferences(_ meta: PoolMetadata, file: StaticString = #filePath, line: UInt = #line) throws {
         var pointing: [UInt32: Int] = [:]
@@ -123,6 +163,7 @@ final class SharedMapTests: XCTestCase {
                 for r in runs { for p in r { models[id]![at] = p; at += 1 } }
             }
             for (id, model) in models { try checkMap(meta, id, model, "seed \(seed) round \(round): map \(id == live ? "live" : "clone")") }
+            for clone in clones { try checkDifferences(meta, clone, live, models[clone]!, models[live]!, "seed \(seed) round \(round)") }
             try checkPageReferences(meta)
             try checkChunkCounts(meta)
         }

@@ -27,6 +27,12 @@ extension CommandHandler {
             try await domain.rollback(vdisk: vdisk, to: pit)
             return .success(text: "vdisk '\(vdisk)' rolled back to PiT '\(pit)' (the PiT and any later ones are kept)",
                             json: ["vdisk": vdisk, "pit": pit])
+        case "pit.diff":
+            let d = try domain.differences(from: try arg(r, "from"), to: r.args["to"])
+            let lines = d.ranges.map { "\($0.offset) \($0.length)" }
+            let head = "vdisk '\(d.vdisk)': \(d.ranges.count) changed range(s), \(ByteSize.format(d.changedBytes)) from PiT '\(d.from)' to "
+                + (d.to.map { "PiT '\($0)'" } ?? "now") + " (extent granularity \(ByteSize.format(d.extentBytes)); OFFSET LENGTH in bytes)"
+            return .success(text: ([head] + lines).joined(separator: "\n"), json: d)
         case "snapshot.create":
             let writable = r.args["writable"] == "true"
             let v = try await domain.createSnapshot(name: try arg(r, "name"), of: try arg(r, "pit"), writable: writable)

@@ -134,6 +134,64 @@ struct ChunkTree: Equatable, Sendable {
         return false
     }
 
+    /// Calls `body` with the runs of entries where this tree and `other` differ, in order.
+    /// Subtrees both reach through the same slot (a page they share, an equal run) are
+    /// skipped whole, so comparing a map with its PiT costs the paths to the entries
+    /// changed since, not the map's size. Returns the pages read. Trees of different
+    /// heights (one was grown) are compared run by run.
+    @discardableResult
+    func diff(_ other: ChunkTree, in pages: some PageSource, _ body: (Range<UInt64>) -> Void) throws(TreeError) -> Int {
+        let n = max(count, other.count)
+        guard height == other.height else {
+            var i: UInt64 = 0
+            while i < n {
+                let a = i < count ? try run(at: i, limit: n - i, in: pages) : (0, n - i)
+                let b = i < other.count ? try other.run(at: i, limit: n - i, in: pages) : (0, n - i)
+                let step = min(a.1, b.1)
+                // Two runs with different first entries differ at every entry (linear runs
+                // step together; constant runs stay apart).
+                if a.0 != b.0 { body(i..<(i + step)) }
+                i += step
+            }
+            return 0
+        }
+        var read = 0
+        var pending: Range<UInt64>?
+        func emit(_ r: Range<UInt64>) {
+            let r = r.clamped(to: 0..<n)
+            guard !r.isEmpty else { return }
+            if let p = pending, p.upperBound == r.lowerBound { pending = p.lowerBound..<r.upperBound; return }
+            if let p = pending { body(p) }
+            pending = r
+        }
+        func slots(_ slot: UInt64, _ level: Int) throws(TreeError) -> [UInt64] {
+            switch Self.decode(slot) {
+            case .child(let p):
+                guard let page = pages.page(p) else { throw TreeError(page: p, why: "not loaded") }
+                read += 1
+                return page.slots
+            case .run(let base):
+                let span = Self.span(level - 1)
+                return (0..<Int(Self.fanout)).map { k in
+                    let v = value(ofRun: base, at: UInt64(k) * span)
+                    return level - 1 == 0 ? v : Self.runSlot(v)
+                }
+            case .empty:
+                return [UInt64](repeating: 0, count: Int(Self.fanout))
+            }
+        }
+        func walk(_ a: UInt64, _ b: UInt64, _ level: Int, _ start: UInt64) throws(TreeError) {
+            guard a != b, start < n else { return }
+            if level == 0 { return emit(start..<(start + 1)) }
+            let sa = try slots(a, level), sb = try slots(b, level)
+            let span = Self.span(level - 1)
+            for k in 0..<Int(Self.fanout) { try walk(sa[k], sb[k], level - 1, start + UInt64(k) * span) }
+        }
+        try walk(root, other.root, height, 0)
+        if let p = pending { body(p) }
+        return read
+    }
+
     /// Every page of the tree, parents before children.
     func pageNumbers(in pages: some PageSource) throws(TreeError) -> [UInt32] {
         var out: [UInt32] = []

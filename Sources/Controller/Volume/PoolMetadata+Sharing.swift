@@ -20,6 +20,19 @@ extension PoolMetadata {
         }
     }
 
+    /// The vdisk chunk runs where maps `a` and `b` map differently (a PiT against a later
+    /// PiT or the live map), and the metadata pages read: proportional to the chunks
+    /// changed since they shared everything, not to the maps' size.
+    public func differences(_ a: UUID, _ b: UUID) throws(TreeError) -> (runs: [Range<UInt64>], pagesRead: Int) {
+        try store.reading { pages throws(TreeError) in
+            guard let ta = trees[a]?.tree else { throw missing(a) }
+            guard let tb = trees[b]?.tree else { throw missing(b) }
+            var out: [Range<UInt64>] = []
+            let read = try ta.diff(tb, in: pages) { out.append($0) }
+            return (out, read)
+        }
+    }
+
     /// How many pool chunks map `id` references that none of `others` reaches (what
     /// deleting it would give back). Walks every map given: for reports, not the data path.
     public func chunksOnlyIn(_ id: UUID, comparedWith others: [UUID]) throws(TreeError) -> UInt64 {

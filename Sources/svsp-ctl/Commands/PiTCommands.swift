@@ -5,7 +5,7 @@ import Foundation
 struct PiTCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pit", abstract: "Point-in-time copies of vdisks (no data copied when taken).",
-        subcommands: [Create.self, List.self, Delete.self, Rollback.self])
+        subcommands: [Create.self, List.self, Delete.self, Rollback.self, Diff.self])
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Take a user PiT of a vdisk now.")
@@ -31,6 +31,19 @@ struct PiTCommand: ParsableCommand {
         @Argument var name: String
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("pit.delete", ["name": name]) }
+    }
+
+    struct Diff: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "The byte ranges that changed from PiT OLD to PiT NEW (or to the live vdisk), at extent granularity.")
+        @Argument var old: String
+        @Argument var new: String?
+        @OptionGroup var options: DomainOptions
+        func run() throws {
+            var args = ["from": old]
+            if let new { args["to"] = new }
+            try options.send("pit.diff", args)
+        }
     }
 
     struct Rollback: ParsableCommand {
