@@ -4,10 +4,13 @@ import IOEngine
 /// PiTs and snapshots: create, delete, roll back to. See `PiTRecord` for the model and
 /// `Domain+Redirect.swift` for what host writes do afterwards.
 extension Domain {
-    /// What `pit create` did: the PiT, and how long host writes were held for it.
+    /// What `pit create` did: the PiTs (one per vdisk), how long host writes were held
+    /// for the switch (every gate closed until the clones are durable), and how long the
+    /// gates took to close (the writes in flight landing first).
     public struct PiTCreated: Sendable {
-        public var pit: PiTRecord
+        public var pits: [PiTRecord]
         public var holdNs: UInt64
+        public var drainNs: UInt64
     }
 
     /// Takes a PiT of `vdisk` now: host writes to it are held (those in flight land
@@ -19,47 +22,87 @@ extension Domain {
         try await beginChange()
         defer { mutation.release() }
         guard let v = metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
-        let pitName = pitName ?? defaultPiTName(for: name)
-        guard Parse.name(pitName) != nil else { throw DomainError("PiT name '\(pitName)': use letters, digits, - _ . (at most 64)") }
-        guard metadata.pit(named: pitName) == nil else { throw DomainError("a PiT named '\(pitName)' already exists") }
-        guard v.rollingBackTo == nil else { throw DomainError("vdisk '\(name)': a rollback is unfinished; it completes at the next start") }
-        guard v.legs.contains(where: { $0.state == .inSync }) else { throw DomainError("vdisk '\(name)' has no in-sync leg to take a PiT of") }
-        let maps = v.legs.map { PiTMap(legId: $0.id, poolId: $0.poolId, mapId: UUID(), complete: $0.state == .inSync) }
-        let port = try port(for: name)
-        sharingActive.store(true, ordering: .releasing) // before the gate opens: later writes check for sharing
-        let whole: Range<UInt64> = 0..<max(v.sizeBytes, 1)
-        await port.closeGate(whole)
-        let held = DispatchTime.now().uptimeNanoseconds
-        var made: [PiTMap] = []
-        var failure: DomainError?
-        for map in maps {
-            guard let pool = metadata.pool(id: map.poolId) else { continue }
-            do {
-                try await changeBlockMaps(pool) { (t: inout VolumeTransaction) throws(PageStore.Failure) in try t.cloneMap(map.legId, as: map.mapId) }
-                made.append(map)
-            } catch {
-                failure = DomainError("vdisk '\(name)': cannot take a PiT in pool '\(pool.name)': \(error)", code: error.code)
-                break
+        return try await takePiTs([(v, pitName ?? defaultPiTName(for: name))], group: nil, kind: kind)
+    }
+
+    /// One PiT of every member of group `vdg`, all at one instant: every member's gate is
+    /// closed (so no write is acknowledged on any member) before any map is cloned, so no
+    /// write acknowledged after the instant on one member is in its PiT while an earlier
+    /// one on another member is missing. The PiTs are named NAME.<vdisk>.
+    public func createGroupPiT(vdg group: String, as pitName: String?, kind: PiTKind = .user) async throws(DomainError) -> PiTCreated {
+        try await beginChange()
+        defer { mutation.release() }
+        guard let g = metadata.vdg(named: group) else { throw DomainError("virtual disk group '\(group)' not found") }
+        let members = g.members.compactMap { id in metadata.vdisks.first { $0.id == id } }
+        guard !members.isEmpty else { throw DomainError("virtual disk group '\(group)' has no members") }
+        let base = pitName ?? defaultPiTName(for: group)
+        guard metadata.pitList.allSatisfy({ $0.group != base }) else { throw DomainError("a group PiT named '\(base)' already exists") }
+        return try await takePiTs(members.map { ($0, "\(base).\($0.name)") }, group: base, kind: kind)
+    }
+
+    private func takePiTs(_ targets: [(vdisk: VDiskRecord, name: String)], group: String?, kind: PiTKind) async throws(DomainError) -> PiTCreated {
+        var plans: [(vdisk: VDiskRecord, pit: PiTRecord, port: VDiskPort)] = []
+        for (v, pitName) in targets {
+            guard Parse.name(pitName) != nil else { throw DomainError("PiT name '\(pitName)': use letters, digits, - _ . (at most 64)") }
+            guard metadata.pit(named: pitName) == nil, !plans.contains(where: { $0.pit.name == pitName }) else {
+                throw DomainError("a PiT named '\(pitName)' already exists")
             }
+            guard v.rollingBackTo == nil else { throw DomainError("vdisk '\(v.name)': a rollback is unfinished; it completes at the next start") }
+            guard v.legs.contains(where: { $0.state == .inSync }) else { throw DomainError("vdisk '\(v.name)' has no in-sync leg to take a PiT of") }
+            let maps = v.legs.map { PiTMap(legId: $0.id, poolId: $0.poolId, mapId: UUID(), complete: $0.state == .inSync) }
+            var pit = PiTRecord(id: UUID(), name: pitName, kind: kind, vdiskId: v.id, createdAt: 0, sizeBytes: v.sizeBytes, maps: maps)
+            pit.group = group
+            plans.append((v, pit, try port(for: v.name)))
         }
-        let holdNs = DispatchTime.now().uptimeNanoseconds - held
-        port.openGate(whole)
-        if failure == nil { CrashPoint.hit("pit-cloned") }
-        metrics.recordPiTHold(ns: holdNs)
-        let pit = PiTRecord(id: UUID(), name: pitName, kind: kind, vdiskId: v.id, createdAt: Date().timeIntervalSince1970,
-                            sizeBytes: v.sizeBytes, maps: maps)
+        sharingActive.store(true, ordering: .releasing) // before any gate opens: later writes check for sharing
+        let asked = DispatchTime.now().uptimeNanoseconds
+        for p in plans { await p.port.closeGate(0..<max(p.vdisk.sizeBytes, 1)) }
+        let held = DispatchTime.now().uptimeNanoseconds
+        let instant = Date().timeIntervalSince1970
+        // One commit per pool, the pools in parallel: the hold is one journal write.
+        var byPool: [UUID: [PiTMap]] = [:]
+        for p in plans { for map in p.pit.maps { byPool[map.poolId, default: []].append(map) } }
+        let failures = await withTaskGroup(of: (UUID, DomainError?).self) { tasks in
+            for (poolId, maps) in byPool {
+                tasks.addTask {
+                    guard let pool = self.metadata.pool(id: poolId) else { return (poolId, DomainError("a pool of the PiT is gone")) }
+                    do throws(DomainError) {
+                        try await self.changeBlockMaps(pool) { (t: inout VolumeTransaction) throws(PageStore.Failure) in
+                            for map in maps { try t.cloneMap(map.legId, as: map.mapId) }
+                        }
+                        return (poolId, nil)
+                    } catch {
+                        return (poolId, DomainError("cannot take a PiT in pool '\(pool.name)': \(error)", code: error.code))
+                    }
+                }
+            }
+            var out: [UUID: DomainError] = [:]
+            for await (poolId, failure) in tasks { if let failure { out[poolId] = failure } }
+            return out
+        }
+        let now = DispatchTime.now().uptimeNanoseconds
+        let holdNs = now - held, drainNs = held - asked
+        for p in plans { p.port.openGate(0..<max(p.vdisk.sizeBytes, 1)) }
+        metrics.recordPiTHold(ns: now - asked)
+        let pits = plans.map { p in
+            var pit = p.pit
+            pit.createdAt = instant
+            return pit
+        }
+        var failure = failures.values.first
         if failure == nil {
+            CrashPoint.hit("pit-cloned")
             var next = metadata
-            next.pitList.append(pit)
+            next.pitList += pits
             do { try await commit(next) } catch { failure = error }
             if failure == nil { CrashPoint.hit("pit-committed") }
         }
         if let failure {
-            deleteMapsInBackground(made.map { ($0.mapId, $0.poolId) })
+            deleteMapsInBackground(pits.flatMap(\.maps).filter { failures[$0.poolId] == nil }.map { ($0.mapId, $0.poolId) })
             updateSharing()
             throw failure
         }
-        return PiTCreated(pit: pit, holdNs: holdNs)
+        return PiTCreated(pits: pits, holdNs: holdNs, drainNs: drainNs)
     }
 
     /// "<vdisk>.pit-<UTC time>", unique among the PiTs.
@@ -80,13 +123,15 @@ extension Domain {
     public func deletePiT(named pitName: String) async throws(DomainError) {
         try await beginChange()
         defer { mutation.release() }
-        guard let pit = metadata.pit(named: pitName) else { throw DomainError("PiT '\(pitName)' not found") }
+        // A PiT by name, or every member PiT of a group PiT.
+        let doomed = metadata.pit(named: pitName).map { [$0] } ?? metadata.pitList.filter { $0.group == pitName }
+        guard !doomed.isEmpty else { throw DomainError("PiT '\(pitName)' not found") }
         var next = metadata
-        next.pitList.removeAll { $0.id == pit.id }
+        next.pitList.removeAll { p in doomed.contains { $0.id == p.id } }
         try await commit(next)
         CrashPoint.hit("pit-delete-committed")
         updateSharing()
-        deleteMapsInBackground(pit.maps.map { ($0.mapId, $0.poolId) })
+        deleteMapsInBackground(doomed.flatMap(\.maps).map { ($0.mapId, $0.poolId) })
     }
 
     /// Rolls `vdisk` back to its PiT `pitName`: every leg the PiT holds in sync gets a

@@ -602,6 +602,9 @@ public final class Domain: @unchecked Sendable {
             throw DomainError("vdisk '\(name)' is exported over NBD (\(mode.rawValue)); run `svsp-ctl vdisk unexport \(name)` first")
         }
         try refuseWhileCopying(name, "its delete")
+        if let g = metadata.vdg(of: v) {
+            throw DomainError("vdisk '\(name)' is in virtual disk group '\(g.name)'; run `svsp-ctl vdg remove \(g.name) --vdisk \(name)` first")
+        }
         let pits = metadata.pits(of: v)
         if !pits.isEmpty {
             throw DomainError("vdisk '\(name)' has \(pits.count) PiT(s) (\(pits.prefix(3).map(\.name).joined(separator: ", "))\(pits.count > 3 ? ", ..." : "")); "

@@ -15,6 +15,8 @@ public struct PiTRecord: Codable, Equatable, Sendable {
     /// The vdisk's size at the instant (a rollback gives it back).
     public var sizeBytes: UInt64
     public var maps: [PiTMap]
+    /// The group PiT it was taken with (`pit create --vdg`): one instant for every member.
+    public var group: String?
 
     /// The map a leg of the vdisk has in this PiT, if it was in sync at the instant.
     public func map(ofLeg id: UUID) -> PiTMap? { maps.first { $0.legId == id && $0.complete } }
@@ -59,4 +61,22 @@ extension DomainMetadata {
 
     /// Block map ids named by PiTs, in `pool`.
     func pitMapIds(in pool: UUID) -> [UUID] { pitList.flatMap(\.maps).filter { $0.poolId == pool }.map(\.mapId) }
+}
+
+/// A virtual disk group: vdisks whose PiTs are taken at one instant (a database's log
+/// and data files). A vdisk belongs to one group at most.
+public struct VDGRecord: Codable, Equatable, Sendable {
+    public var name: String
+    public var members: [UUID]
+}
+
+extension DomainMetadata {
+    public var vdgList: [VDGRecord] {
+        get { vdgs ?? [] }
+        set { vdgs = newValue.isEmpty ? nil : newValue }
+    }
+
+    public func vdg(named name: String) -> VDGRecord? { vdgList.first { $0.name == name } }
+    /// The group `vdisk` belongs to, if any.
+    public func vdg(of vdisk: VDiskRecord) -> VDGRecord? { vdgList.first { $0.members.contains(vdisk.id) } }
 }

@@ -5,10 +5,16 @@ extension CommandHandler {
     func pitCommand(_ r: MgmtRequest) async throws(DomainError) -> MgmtResponse? {
         switch r.command {
         case "pit.create":
-            let made = try await domain.createPiT(vdisk: try arg(r, "vdisk"), as: r.args["name"])
-            let view = PiTView(made.pit, domain: domain)
-            return .success(text: "PiT '\(made.pit.name)' of vdisk '\(view.vdisk)' taken (host writes held \(String(format: "%.3f", Double(made.holdNs) / 1e6)) ms)",
-                            json: view)
+            let made = if let group = r.args["vdg"] {
+                try await domain.createGroupPiT(vdg: group, as: r.args["name"])
+            } else {
+                try await domain.createPiT(vdisk: try arg(r, "vdisk"), as: r.args["name"])
+            }
+            let views = made.pits.map { PiTView($0, domain: domain) }
+            let ms = { (ns: UInt64) in String(format: "%.3f ms", Double(ns) / 1e6) }
+            let what = views.map { "PiT '\($0.name)' of vdisk '\($0.vdisk)'" }.joined(separator: ", ")
+            return .success(text: "\(what) taken at one instant: host writes held \(ms(made.holdNs)) for the switch, after \(ms(made.drainNs)) for those in flight to land",
+                            json: PiTCreatedView(pits: views, holdMs: Double(made.holdNs) / 1e6, drainMs: Double(made.drainNs) / 1e6))
         case "pit.list":
             let m = domain.metadata
             var pits = m.pitList
@@ -33,6 +39,32 @@ extension CommandHandler {
             let head = "vdisk '\(d.vdisk)': \(d.ranges.count) changed range(s), \(ByteSize.format(d.changedBytes)) from PiT '\(d.from)' to "
                 + (d.to.map { "PiT '\($0)'" } ?? "now") + " (extent granularity \(ByteSize.format(d.extentBytes)); OFFSET LENGTH in bytes)"
             return .success(text: ([head] + lines).joined(separator: "\n"), json: d)
+        case "vdg.create", "vdg.add", "vdg.remove":
+            let name = try arg(r, "name")
+            let members = (r.args["vdisks"] ?? "").split(separator: "\n").map(String.init)
+            let g = switch r.command {
+            case "vdg.create": try await domain.createVDG(name: name, members: members)
+            case "vdg.add": try await domain.addToVDG(name, members: members)
+            default: try await domain.removeFromVDG(name, members: members)
+            }
+            let view = VDGView(g, domain: domain)
+            return .success(text: "virtual disk group '\(name)': \(view.members.joined(separator: ", "))", json: view)
+        case "vdg.delete":
+            let name = try arg(r, "name")
+            try await domain.deleteVDG(name)
+            return .success(text: "virtual disk group '\(name)' deleted (its vdisks and PiTs stay)", json: ["deleted": name])
+        case "vdg.list", "vdg.show":
+            var groups = domain.metadata.vdgList
+            if r.command == "vdg.show" {
+                let name = try arg(r, "name")
+                guard let g = domain.metadata.vdg(named: name) else { throw DomainError("virtual disk group '\(name)' not found") }
+                groups = [g]
+            }
+            let views = groups.map { VDGView($0, domain: domain) }
+            let text = views.isEmpty ? "no virtual disk groups" : Table.render(["GROUP", "MEMBERS", "GROUP PITS"], views.map {
+                [$0.name, $0.members.joined(separator: " "), $0.groupPiTs.isEmpty ? "-" : $0.groupPiTs.joined(separator: " ")]
+            })
+            return .success(text: text, json: r.command == "vdg.show" ? AnyEncodable(views[0]) : AnyEncodable(views))
         case "snapshot.create":
             let writable = r.args["writable"] == "true"
             let v = try await domain.createSnapshot(name: try arg(r, "name"), of: try arg(r, "pit"), writable: writable)
@@ -49,6 +81,28 @@ extension CommandHandler {
     }
 }
 
+struct VDGView: Codable {
+    var name: String
+    var members: [String]
+    /// Group PiTs that still have a member PiT.
+    var groupPiTs: [String]
+
+    init(_ g: VDGRecord, domain: Domain) {
+        let m = domain.metadata
+        name = g.name
+        members = g.members.map { id in m.vdisks.first { $0.id == id }?.name ?? "?" }
+        var seen: [String] = []
+        for p in m.pitList where g.members.contains(p.vdiskId) { if let group = p.group, !seen.contains(group) { seen.append(group) } }
+        groupPiTs = seen
+    }
+}
+
+struct PiTCreatedView: Codable {
+    var pits: [PiTView]
+    var holdMs: Double
+    var drainMs: Double
+}
+
 struct PiTView: Codable {
     var name: String
     var kind: String
@@ -60,6 +114,7 @@ struct PiTView: Codable {
     /// Legs with an in-sync copy in the PiT, of all legs at the instant.
     var completeLegs: Int
     var legs: Int
+    var group: String?
 
     init(_ p: PiTRecord, domain: Domain) {
         name = p.name
@@ -70,12 +125,14 @@ struct PiTView: Codable {
         heldBytes = domain.bytesHeldOnly(by: p)
         completeLegs = p.maps.filter(\.complete).count
         legs = p.maps.count
+        group = p.group
     }
 
     static func table(_ views: [PiTView]) -> String {
         if views.isEmpty { return "no PiTs" }
-        return Table.render(["PIT", "KIND", "VDISK", "CREATED", "SIZE", "HELD ONLY BY IT", "LEGS"], views.map {
-            [$0.name, $0.kind, $0.vdisk, $0.created, ByteSize.format($0.sizeBytes), ByteSize.format($0.heldBytes), "\($0.completeLegs)/\($0.legs)"]
+        return Table.render(["PIT", "KIND", "VDISK", "CREATED", "SIZE", "HELD ONLY BY IT", "LEGS", "GROUP PIT"], views.map {
+            [$0.name, $0.kind, $0.vdisk, $0.created, ByteSize.format($0.sizeBytes), ByteSize.format($0.heldBytes), "\($0.completeLegs)/\($0.legs)",
+             $0.group ?? "-"]
         })
     }
 }

@@ -9,11 +9,17 @@ struct PiTCommand: ParsableCommand {
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Take a user PiT of a vdisk now.")
-        @Argument var vdisk: String
+        @Argument(help: "The vdisk (or use --vdg).") var vdisk: String?
+        @Option(help: "A virtual disk group: one PiT of every member at one instant, named NAME.<vdisk>.") var vdg: String?
         @Option(help: "The PiT's name (default: VDISK.pit-<UTC time>).") var name: String?
         @OptionGroup var options: DomainOptions
+        func validate() throws {
+            guard (vdisk == nil) != (vdg == nil) else { throw ValidationError("name a vdisk or --vdg GROUP (one of them)") }
+        }
         func run() throws {
-            var args = ["vdisk": vdisk]
+            var args: [String: String] = [:]
+            if let vdisk { args["vdisk"] = vdisk }
+            if let vdg { args["vdg"] = vdg }
             if let name { args["name"] = name }
             try options.send("pit.create", args)
         }
@@ -75,5 +81,49 @@ struct SnapshotCommand: ParsableCommand {
         @Argument var name: String
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("snapshot.delete", ["name": name]) }
+    }
+}
+
+struct VDGCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vdg", abstract: "Virtual disk groups: vdisks whose PiTs are taken at one instant (`pit create --vdg`).",
+        subcommands: [Create.self, Add.self, Remove.self, List.self, Show.self, Delete.self])
+
+    struct Create: ParsableCommand {
+        @Argument var name: String
+        @Option(name: .customLong("vdisk"), help: "A member (repeat).") var vdisks: [String] = []
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("vdg.create", ["name": name, "vdisks": vdisks.joined(separator: "\n")]) }
+    }
+
+    struct Add: ParsableCommand {
+        @Argument var name: String
+        @Option(name: .customLong("vdisk"), help: "A vdisk to add (repeat).") var vdisks: [String] = []
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("vdg.add", ["name": name, "vdisks": vdisks.joined(separator: "\n")]) }
+    }
+
+    struct Remove: ParsableCommand {
+        @Argument var name: String
+        @Option(name: .customLong("vdisk"), help: "A member to remove (repeat).") var vdisks: [String] = []
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("vdg.remove", ["name": name, "vdisks": vdisks.joined(separator: "\n")]) }
+    }
+
+    struct List: ParsableCommand {
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("vdg.list") }
+    }
+
+    struct Show: ParsableCommand {
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("vdg.show", ["name": name]) }
+    }
+
+    struct Delete: ParsableCommand {
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("vdg.delete", ["name": name]) }
     }
 }
