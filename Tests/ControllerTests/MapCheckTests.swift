@@ -1,7 +1,12 @@
 import Controller
 import Foundation
 import IOEngine
+import Synchronization
 import XCTest
+
+private final class DoneFlag: Sendable {
+    let value = Atomic<Bool>(false)
+}
 
 /// `pool check` walks the block maps against the space map and reads every metadata page
 /// back: faults injected behind the data path's back are each named.
@@ -25,6 +30,34 @@ final class MapCheckTests: XCTestCase {
     override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
 
     private func leg(_ name: String) throws -> UUID { try XCTUnwrap(domain.metadata.vdisk(named: name)?.legs[0].id) }
+
+    /// A check is safe on a live pool: PiTs taken and deleted, writes redirected and maps
+    /// released meanwhile never show as problems (it compares one committed state).
+    func testChecksDuringPiTChurnStayClean() async throws {
+        let domain = self.domain!
+        let done = DoneFlag()
+        let zeroer = Task { await domain.runZeroer { _ in } } // redirects and deletes free chunks the next ones reuse
+        defer { zeroer.cancel() }
+        let churn = Task {
+            defer { done.value.store(true, ordering: .releasing) }
+            let buffer = try AlignedBuffer(count: 1 << 20)
+            memset(buffer.pointer, 0x5A, 1 << 20)
+            for k in 0..<25 {
+                _ = try await domain.createPiT(vdisk: "v1", as: "c\(k)")
+                try await domain.write(vdisk: "v1", offset: UInt64(k % 4) << 20, length: 1 << 20, from: buffer.pointer)
+                try await domain.write(vdisk: "v2", offset: UInt64(k % 6) << 20, length: 1 << 20, from: buffer.pointer)
+                if k >= 2 { try await domain.deletePiT(named: "c\(k - 2)") }
+            }
+        }
+        var checks = 0
+        while !done.value.load(ordering: .acquiring) {
+            let report = try await domain.checkPool(name: "p")
+            XCTAssertEqual(report.problems, [], "check \(checks) during PiT churn")
+            checks += 1
+        }
+        try await churn.value
+        XCTAssertGreaterThan(checks, 10)
+    }
 
     func testACleanPoolThenADoubleReferenceALeakAndADamagedPageAreNamed() async throws {
         let clean = try await domain.checkPool(name: "p")

@@ -139,12 +139,17 @@ extension Domain {
         var events: [(at: UInt64, delta: Int)] = []
         var readable: [UUID] = []
         for id in meta.mapIds {
-            do { _ = try meta.mapRuns(id); readable.append(id) } catch { problems.append("block map \(id): \(error)") }
+            do { _ = try meta.mapRuns(id); readable.append(id) } catch {
+                if meta.hasMap(id) { problems.append("block map \(id): \(error)") } // else deleted meanwhile (a PiT, a removed leg)
+            }
         }
         // Named maps first: chunks a removed leg's map shares with a live one are not held back.
-        readable.sort { named.contains($0) && !named.contains($1) }
+        let unreadable = Set(meta.mapIds).subtracting(readable).filter { id in problems.contains { $0.hasPrefix("block map \(id)") } }
+        var space: [(Range<UInt64>, UInt64)] = []
         do {
-            for (id, poolChunks) in try meta.references(ofMaps: readable) {
+            let state = try meta.referencesAndSpace(first: named, excluding: unreadable)
+            space = state.space
+            for (id, poolChunks) in state.references {
                 if poolChunks.upperBound > meta.chunkCount {
                     problems.append("block map \(id) references pool chunks \(poolChunks), outside the pool")
                     continue
@@ -154,7 +159,7 @@ extension Domain {
                 events.append((poolChunks.upperBound, -1))
             }
         } catch {
-            problems.append("block maps: \(error)")
+            return problems + ["block maps: \(error)"]
         }
         for (v, l, leg) in legs {
             guard let count = meta.mapCount(leg.id) else {
@@ -166,8 +171,6 @@ extension Domain {
             }
         }
         let refs = PoolMetadata.referenceRuns(events, chunkCount: meta.chunkCount)
-        let space: [(Range<UInt64>, UInt64)]
-        do { space = try meta.spaceRuns() } catch { return problems + ["space map: \(error)"] }
         var r = 0
         for (range, value) in space {
             switch value {

@@ -298,6 +298,27 @@ public final class PoolMetadata: @unchecked Sendable {
         }
     }
 
+    /// `references(ofMaps:)` of every block map but `excluding`, and `spaceRuns()`, of one
+    /// committed state: a check on a live pool must not compare references before a
+    /// commit (a PiT taken, a map deleted) with counts after it. Maps in `first` are
+    /// walked first (a page shared with a later map counts for them).
+    public func referencesAndSpace(first: Set<UUID>, excluding: Set<UUID>) throws(TreeError)
+        -> (references: [(map: UUID, chunks: Range<UInt64>)], space: [(Range<UInt64>, UInt64)])
+    {
+        try store.reading { pages throws(TreeError) in
+            var refs: [(map: UUID, chunks: Range<UInt64>)] = []
+            var visited = Set<UInt32>()
+            let ids = trees.keys.filter { $0 != Self.spaceMapId && !excluding.contains($0) }.sorted { first.contains($0) && !first.contains($1) }
+            for id in ids {
+                guard let tree = trees[id]?.tree else { continue }
+                try tree.forEachReference(pages, visited: &visited) { refs.append((id, $0)) }
+            }
+            var space: [(Range<UInt64>, UInt64)] = []
+            try trees[Self.spaceMapId]!.tree.forEachRun(in: 0..<chunkCount, pages) { space.append(($0, $1)) }
+            return (refs, space)
+        }
+    }
+
     /// A tree as committed (checks and tests; the caller holds the store's lock: `store.reading`).
     func tree(_ id: UUID) throws(TreeError) -> ChunkTree {
         guard let tree = trees[id]?.tree else { throw missing(id) }
