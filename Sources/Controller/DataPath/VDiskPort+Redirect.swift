@@ -21,17 +21,26 @@ extension VDiskPort {
         }
     }
 
-    /// Slow path, once per shared chunk: redirect it on every leg, then go on.
+    /// Slow path, once per shared chunk: redirect it on every leg, then go on. A host
+    /// write's bytes go into the new chunks with the redirect; when that covers the whole
+    /// request on every leg, it is answered without writing again.
     func redirectThenProceed(_ index: Int) {
-        let (offset, length) = lock.withLock { (slots[index].offset, slots[index].length) }
+        let (r, legs) = lock.withLock { (slots[index], mapping.writeLegs) }
+        let data = r.op == .write ? Domain.HostData(offset: r.offset, length: r.length, bytes: UnsafeRawPointer(r.buffer!)) : nil
         Task {
+            let complete: Bool
             do throws(DomainError) {
-                try await domain.redirectShared(vdisk: vdiskName, offset: offset, length: length)
+                complete = try await domain.redirectShared(vdisk: vdiskName, offset: r.offset, length: r.length, data: data)
             } catch {
                 self.pieceDone(index, leg: -1, lun: -1, result: -Int64(error.code))
                 return
             }
-            self.dispatch(index)
+            if complete {
+                lock.withLock { slots[index].targetLegs |= legs }
+                self.pieceDone(index, leg: -1, lun: -1, result: 0) // the write is in place on every leg
+            } else {
+                self.dispatch(index)
+            }
         }
     }
 }

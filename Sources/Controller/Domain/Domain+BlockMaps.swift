@@ -123,14 +123,24 @@ extension Domain {
     static func chunkCount(_ sizeBytes: UInt64, _ pool: PoolRecord) -> UInt64 { (sizeBytes + pool.extentBytes - 1) / pool.extentBytes }
 
     /// Runs a change of a pool's metadata; a full pool is ENOSPC (so callers may wait for the zeroer).
-    func changeBlockMaps<T>(_ pool: PoolRecord, _ body: @escaping (inout VolumeTransaction) throws(PageStore.Failure) -> T) async throws(DomainError) -> T {
+    func changeBlockMaps<T>(_ pool: PoolRecord, flushFirst: Bool = false,
+                            _ body: @escaping (inout VolumeTransaction) throws(PageStore.Failure) -> T) async throws(DomainError) -> T {
         guard let meta = poolMeta(pool.id) else { throw DomainError("pool '\(pool.name)': its block maps are not available", code: EIO) }
         do {
-            return try await meta.change(body)
+            return try await meta.change(flushFirst: flushFirst, body)
         } catch {
             if case .full = error { throw DomainError("pool '\(pool.name)': \(error)", code: ENOSPC) }
             throw DomainError("pool '\(pool.name)': \(error)", code: EIO)
         }
+    }
+
+    /// Flushes every open LUN of the pool (writes that completed are durable after).
+    func flushLUNs(of pool: UUID) async -> PageStore.Failure? {
+        guard let runtime = runtime(of: pool) else { return .damaged("the pool is not open") }
+        for case let lun? in runtime.luns {
+            do { try await engine.flush(lun: lun.handle) } catch { return .io(error) }
+        }
+        return nil
     }
 
     /// A new leg's block map in `pool`: every chunk allocated (thick, as few runs as the

@@ -259,7 +259,11 @@ extension Domain {
 
     /// Whether writes must check for shared chunks: set while a PiT or snapshot exists
     /// (and from just before a clone is made).
-    func updateSharing() { sharingActive.store(metadata.hasSharing, ordering: .releasing) }
+    func updateSharing() {
+        let sharing = metadata.hasSharing
+        sharingActive.store(sharing, ordering: .releasing)
+        if !sharing { releaseSpareChunks() }
+    }
 
     /// Deletes block maps (map id, pool id) no one names any more, step by step, in the background.
     func deleteMapsInBackground(_ maps: [(UUID, UUID)]) {

@@ -86,7 +86,13 @@ public final class Domain: @unchecked Sendable {
 
     /// The pool's block maps and space map (nil: not open, see `problems`).
     func poolMeta(_ pool: UUID) -> PoolMetadata? { stateLock.withLock { storedPoolMeta[pool] } }
-    func setPoolMeta(_ meta: PoolMetadata?, of pool: UUID) { stateLock.withLock { storedPoolMeta[pool] = meta } }
+    func setPoolMeta(_ meta: PoolMetadata?, of pool: UUID) {
+        meta?.flushData = { [weak self] in
+            guard let self else { return .damaged("the domain is closed") }
+            return await self.flushLUNs(of: pool)
+        }
+        stateLock.withLock { storedPoolMeta[pool] = meta }
+    }
     private var storedPoolMeta: [UUID: PoolMetadata] = [:]
     private var setupStore: SetupVDiskStore?
     /// Seeded LUN faults (`serve --fault-plan`), applied to the pools it names.
@@ -96,6 +102,8 @@ public final class Domain: @unchecked Sendable {
     let zeroingProgress = WakeSignal()
     /// Shared chunks being redirected now (one redirect per chunk at a time).
     let redirects = RedirectTable()
+    /// Chunks reserved ahead for redirects (see `takeReserved`).
+    let spareChunks = SpareChunks()
 
     /// `svsp-ctl domain init`: an empty domain in `directory`.
     public static func initialize(directory: String, name: String) throws(DomainError) -> DomainMetadata {

@@ -103,6 +103,15 @@ extension VolumeTransaction {
         try setSpace(range, to: SpaceValue.awaitingZeroing)
     }
 
+    /// Gives back a reserved chunk that was never written: free again.
+    public mutating func returnSpare(_ range: Range<UInt64>) throws(PageStore.Failure) {
+        var held: UInt64 = 0
+        do { held = try trees[PoolMetadata.spaceMapId]!.tree.run(at: range.lowerBound, limit: 1, in: tx).value } catch { throw .damaged("\(error)") }
+        guard held == SpaceValue.reserved else { throw .damaged("space map: chunk \(range.lowerBound) is not reserved (\(held))") }
+        try setSpace(range, to: SpaceValue.free)
+        free.insert(range)
+    }
+
     /// Every reserved chunk awaits zeroing (at open: the redirects they were for died with
     /// the process, and their writes were never acknowledged). Returns how many.
     public mutating func releaseReservations() throws(PageStore.Failure) -> UInt64 {

@@ -22,6 +22,13 @@ public final class PoolMetadata: @unchecked Sendable {
         var slot: Int
         var why: String
     }
+    /// Makes every completed write to the pool's data LUNs durable (nil when it did); set by
+    /// the domain when it opens the pool. Runs before a commit that asked for it.
+    public var flushData: (@Sendable () async -> PageStore.Failure?)? {
+        get { queueLock.withLock { storedFlushData } }
+        set { queueLock.withLock { storedFlushData = newValue } }
+    }
+    private var storedFlushData: (@Sendable () async -> PageStore.Failure?)?
     private let queueLock = NSLock()
     private var queue: [Waiter] = []
     private var committing = false
@@ -388,6 +395,8 @@ public final class PoolMetadata: @unchecked Sendable {
 
     private final class Waiter: @unchecked Sendable {
         let apply: (inout VolumeTransaction) throws(PageStore.Failure) -> Void
+        /// Data written before this change must be durable first (`flushData`).
+        var flushFirst = false
         var outcome: PageStore.Failure?
         private let lock = NSLock()
         private var done = false
@@ -420,9 +429,13 @@ public final class PoolMetadata: @unchecked Sendable {
 
     /// Runs `body` in a transaction shared with whatever other changes are waiting, and
     /// returns once it is durable. A `body` that throws leaves no trace.
-    public func change<T>(_ body: @escaping (inout VolumeTransaction) throws(PageStore.Failure) -> T) async throws(PageStore.Failure) -> T {
+    /// With `flushFirst`, the pool's data LUNs are flushed (`flushData`) before the
+    /// commit: writes that completed before the call are durable before the change is, with
+    /// one flush for every such change of a group commit (redirects fill new chunks this way).
+    public func change<T>(flushFirst: Bool = false, _ body: @escaping (inout VolumeTransaction) throws(PageStore.Failure) -> T) async throws(PageStore.Failure) -> T {
         var result: T?
         let waiter = Waiter { (v: inout VolumeTransaction) throws(PageStore.Failure) in result = try body(&v) }
+        waiter.flushFirst = flushFirst
         enqueue([waiter])
         await waiter.wait()
         if let failure = waiter.outcome { throw failure }
@@ -460,10 +473,14 @@ public final class PoolMetadata: @unchecked Sendable {
             }
             if group.isEmpty { return }
             await store.writer.acquire()
+            if group.contains(where: \.flushFirst) {
+                let failed: PageStore.Failure? = if let flush = flushData { await flush() } else { .damaged("no data flush is set for this pool") }
+                if let failed { for w in group where w.flushFirst { w.outcome = failed } }
+            }
             let tx = MetaTransaction(store: store)
             var v = store.locked { VolumeTransaction(tx: tx, trees: trees, free: freeIndex, chunkCount: chunkCount, lost: lost) }
             var applied: [Waiter] = []
-            for w in group {
+            for w in group where w.outcome == nil {
                 let saved = (v, tx.savepoint)
                 do throws(PageStore.Failure) {
                     try w.apply(&v)
