@@ -173,6 +173,8 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     }
 
     public var blockSize: Int { lock.lock(); defer { lock.unlock() }; return mapping.blockSize }
+    /// A read-only snapshot's port: every write is refused (EROFS).
+    public var refusesHostWrites: Bool { lock.withLock { mapping.readOnly } }
     public var sizeBytes: UInt64 { lock.lock(); defer { lock.unlock() }; return mapping.sizeBytes }
 
     /// For a thin vdisk, the span that a trim frees when it covers it whole (the largest leg

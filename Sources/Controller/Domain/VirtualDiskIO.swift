@@ -55,8 +55,10 @@ extension Domain {
                     throw DomainError("vdisk '\(name)': range \(offset)+\(length) lies beyond its size \(port.sizeBytes)")
                 case ENODEV:
                     throw DomainError("vdisk '\(name)' not found")
+                case EROFS where port.refusesHostWrites:
+                    throw DomainError("vdisk '\(name)' is a read-only snapshot: it takes no writes", code: EROFS)
                 default:
-                    throw DomainError("vdisk '\(name)': \(refused)")
+                    throw DomainError("vdisk '\(name)': \(refused)", code: refused.code)
                 }
             }
             if result < 0 {
