@@ -11,6 +11,8 @@ extension Domain {
         public var pits: [PiTRecord]
         public var holdNs: UInt64
         public var drainNs: UInt64
+        /// PiTs retention retired in the same commit (names).
+        public var retired: [String] = []
     }
 
     /// Takes a PiT of `vdisk` now: host writes to it are held (those in flight land
@@ -54,6 +56,7 @@ extension Domain {
             pit.group = group
             plans.append((v, pit, try port(for: v.name)))
         }
+        let retired = try retentionVictims(for: plans.map(\.vdisk))
         sharingActive.store(true, ordering: .releasing) // before any gate opens: later writes check for sharing
         let asked = DispatchTime.now().uptimeNanoseconds
         for p in plans { await p.port.closeGate(0..<max(p.vdisk.sizeBytes, 1)) }
@@ -93,6 +96,7 @@ extension Domain {
         if failure == nil {
             CrashPoint.hit("pit-cloned")
             var next = metadata
+            next.pitList.removeAll { p in retired.contains { $0.id == p.id } }
             next.pitList += pits
             do { try await commit(next) } catch { failure = error }
             if failure == nil { CrashPoint.hit("pit-committed") }
@@ -102,7 +106,42 @@ extension Domain {
             updateSharing()
             throw failure
         }
-        return PiTCreated(pits: pits, holdNs: holdNs, drainNs: drainNs)
+        deleteMapsInBackground(retired.flatMap(\.maps).map { ($0.mapId, $0.poolId) })
+        return PiTCreated(pits: pits, holdNs: holdNs, drainNs: drainNs, retired: retired.map(\.name))
+    }
+
+    /// The PiTs to retire so that each of `vdisks`, with one PiT more, keeps at most its
+    /// pool profile's `pit_retention`: standard PiTs before user PiTs, older before newer,
+    /// never one a mirror task holds (then the new PiT is refused, saying why).
+    private func retentionVictims(for vdisks: [VDiskRecord]) throws(DomainError) -> [PiTRecord] {
+        var victims: [PiTRecord] = []
+        for v in vdisks {
+            guard let pool = metadata.pool(id: v.poolId) else { continue }
+            let limit = profiles.pools[pool.poolProfile]?.pitRetention ?? PoolProfile(name: "").pitRetention
+            let existing = metadata.pits(of: v)
+            let excess = existing.count + 1 - limit
+            guard excess > 0 else { continue }
+            let candidates = existing.filter { $0.heldBy == nil }.sorted {
+                ($0.kind == .standard ? 0 : 1, $0.createdAt) < ($1.kind == .standard ? 0 : 1, $1.createdAt)
+            }
+            guard candidates.count >= excess else {
+                throw DomainError("vdisk '\(v.name)' has \(existing.count) PiT(s), pool profile '\(pool.poolProfile)' keeps \(limit) (pit_retention), "
+                    + "and \(existing.count - candidates.count) of them are held by mirror tasks: delete a PiT or raise pit_retention", code: ENOSPC)
+            }
+            victims += candidates.prefix(excess)
+        }
+        return victims
+    }
+
+    /// Marks PiT `name` as needed by mirror task `task` (nil: released): retention and
+    /// `pit delete` leave it alone meanwhile.
+    public func holdPiT(named name: String, for task: String?) async throws(DomainError) {
+        try await beginChange()
+        defer { mutation.release() }
+        guard let i = metadata.pitList.firstIndex(where: { $0.name == name }) else { throw DomainError("PiT '\(name)' not found") }
+        var next = metadata
+        next.pitList[i].heldBy = task
+        try await commit(next)
     }
 
     /// "<vdisk>.pit-<UTC time>", unique among the PiTs.
@@ -126,6 +165,9 @@ extension Domain {
         // A PiT by name, or every member PiT of a group PiT.
         let doomed = metadata.pit(named: pitName).map { [$0] } ?? metadata.pitList.filter { $0.group == pitName }
         guard !doomed.isEmpty else { throw DomainError("PiT '\(pitName)' not found") }
+        if let held = doomed.first(where: { $0.heldBy != nil }) {
+            throw DomainError("PiT '\(held.name)' is held by mirror task '\(held.heldBy!)'; it is released when the task no longer needs it", code: EBUSY)
+        }
         var next = metadata
         next.pitList.removeAll { p in doomed.contains { $0.id == p.id } }
         try await commit(next)

@@ -17,6 +17,8 @@ public struct PiTRecord: Codable, Equatable, Sendable {
     public var maps: [PiTMap]
     /// The group PiT it was taken with (`pit create --vdg`): one instant for every member.
     public var group: String?
+    /// The mirror task that still needs it (retention never retires it; delete refuses).
+    public var heldBy: String?
 
     /// The map a leg of the vdisk has in this PiT, if it was in sync at the instant.
     public func map(ofLeg id: UUID) -> PiTMap? { maps.first { $0.legId == id && $0.complete } }

@@ -13,8 +13,9 @@ extension CommandHandler {
             let views = made.pits.map { PiTView($0, domain: domain) }
             let ms = { (ns: UInt64) in String(format: "%.3f ms", Double(ns) / 1e6) }
             let what = views.map { "PiT '\($0.name)' of vdisk '\($0.vdisk)'" }.joined(separator: ", ")
-            return .success(text: "\(what) taken at one instant: host writes held \(ms(made.holdNs)) for the switch, after \(ms(made.drainNs)) for those in flight to land",
-                            json: PiTCreatedView(pits: views, holdMs: Double(made.holdNs) / 1e6, drainMs: Double(made.drainNs) / 1e6))
+            let retired = made.retired.isEmpty ? "" : "; retention retired \(made.retired.map { "'\($0)'" }.joined(separator: ", "))"
+            return .success(text: "\(what) taken at one instant: host writes held \(ms(made.holdNs)) for the switch, after \(ms(made.drainNs)) for those in flight to land" + retired,
+                            json: PiTCreatedView(pits: views, holdMs: Double(made.holdNs) / 1e6, drainMs: Double(made.drainNs) / 1e6, retired: made.retired))
         case "pit.list":
             let m = domain.metadata
             var pits = m.pitList
@@ -101,6 +102,7 @@ struct PiTCreatedView: Codable {
     var pits: [PiTView]
     var holdMs: Double
     var drainMs: Double
+    var retired: [String]
 }
 
 struct PiTView: Codable {
@@ -115,6 +117,7 @@ struct PiTView: Codable {
     var completeLegs: Int
     var legs: Int
     var group: String?
+    var heldBy: String?
 
     init(_ p: PiTRecord, domain: Domain) {
         name = p.name
@@ -126,6 +129,7 @@ struct PiTView: Codable {
         completeLegs = p.maps.filter(\.complete).count
         legs = p.maps.count
         group = p.group
+        heldBy = p.heldBy
     }
 
     static func table(_ views: [PiTView]) -> String {

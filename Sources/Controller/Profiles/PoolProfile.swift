@@ -12,11 +12,14 @@ public struct PoolProfile: Equatable, Sendable {
     public var backgroundSharePercent: Int = 20
     public var dirtyRegionBytes: UInt64 = 1 << 20
     public var legRetryIntervalNs: UInt64 = 60_000_000_000
+    /// PiTs kept per vdisk: taking one more retires standard PiTs before user PiTs, older
+    /// before newer, never one a mirror task holds.
+    public var pitRetention: Int = 16
 
     public init(name: String) { self.name = name }
 
     static let knownFields = ["description", "array", "extent_size", "placement", "stripe_size", "metadata_reserve",
-                              "background_share", "dirty_region_size", "leg_retry_interval"]
+                              "background_share", "dirty_region_size", "leg_retry_interval", "pit_retention"]
 
     public static func parse(name: String, file: String, yaml: String) -> (PoolProfile?, [ProfileProblem]) {
         var sink: [ProfileProblem] = []
@@ -39,8 +42,10 @@ public struct PoolProfile: Equatable, Sendable {
                                 Parse.size((64 << 10)...(1 << 30), powerOfTwo: true), rule: "must be a power of two 64k..1G")
         let retry = r.optional("leg_retry_interval", default: p.legRetryIntervalNs,
                                Parse.duration(1_000_000_000...86_400_000_000_000), rule: "must be a duration 1s..24h")
+        let retention = r.optional("pit_retention", default: p.pitRetention, { Int($0).flatMap { (1...1000).contains($0) ? $0 : nil } },
+                                   rule: "must be a whole number 1..1000")
         let problems = sink + r.finish(known: knownFields)
-        guard let array, let extent, let placement, let stripe, let reserve, let share, let region, let retry,
+        guard let array, let extent, let placement, let stripe, let reserve, let share, let region, let retry, let retention,
               problems.isEmpty
         else { return (nil, problems) }
         if placement == .stripe {
@@ -63,6 +68,7 @@ public struct PoolProfile: Equatable, Sendable {
         p.backgroundSharePercent = share
         p.dirtyRegionBytes = region
         p.legRetryIntervalNs = retry
+        p.pitRetention = retention
         return (p, [])
     }
 
@@ -80,6 +86,7 @@ public struct PoolProfile: Equatable, Sendable {
             "background_share: \(backgroundSharePercent)%",
             "dirty_region_size: \(ByteSize.format(dirtyRegionBytes))",
             "leg_retry_interval: \(ProfileUnits.formatDuration(legRetryIntervalNs))",
+            "pit_retention: \(pitRetention)",
         ]
         return lines.joined(separator: "\n") + "\n"
     }
