@@ -26,18 +26,6 @@ final class PiTModelTests: XCTestCase {
         try await Domain.open(directory: dir, profiles: try ProfileCatalog(root: ProfileTests.shippedRoot))
     }
 
-    /// SplitMix64: a failing run replays from its seed.
-    private struct Seeded: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     func testPiTsSnapshotsAndRollbacksMatchTheModel() async throws {
         let steps = Int(ProcessInfo.processInfo.environment["SVSP_PIT_STEPS"] ?? "") ?? 200
         let seed = UInt64(ProcessInfo.processInfo.environment["SVSP_PIT_SEED"] ?? "") ?? 20_261_127
