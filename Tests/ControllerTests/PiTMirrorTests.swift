@@ -70,4 +70,32 @@ final class PiTMirrorTests: XCTestCase {
             XCTAssertTrue(report.clean, "pool \(pool): \(report.problems)")
         }
     }
+
+    /// A PiT taken while a leg is failed holds the in-sync leg only; a rollback to it
+    /// gives the other leg the PiT's image by copying it whole from the rolled-back leg.
+    func testARollbackToAPiTTakenWhileALegWasFailedCopiesThatLegAfresh() async throws {
+        let domain = try await Domain.open(directory: dir, profiles: try ProfileCatalog(root: ProfileTests.shippedRoot))
+        for (pool, lun) in [("p", "p.img"), ("q", "q.img")] {
+            _ = try await domain.createPool(name: pool, arrayProfile: "sata-ssd", poolProfile: nil,
+                                            lunPaths: [dir + "/" + lun], createBytes: 112 << 20, force: false)
+        }
+        _ = try await domain.createVDisk(name: "m", poolName: "p", mirrorPools: ["q"], sizeBytes: UInt64(size), blockSize: 4096, thin: true)
+        let a = try AlignedBuffer(count: size), b = try AlignedBuffer(count: size), back = try AlignedBuffer(count: size)
+        fill(a, seed: 3, count: size)
+        fill(b, seed: 4, count: size)
+        try await domain.write(vdisk: "m", offset: 0, length: size, from: a.pointer)
+        let legs = try XCTUnwrap(domain.metadata.vdisk(named: "m")?.legs)
+        try await domain.markLegsFailed(vdisk: "m", legs: [legs[1].id])
+        _ = try await domain.createPiT(vdisk: "m", as: "one-leg")
+        XCTAssertEqual(domain.metadata.pit(named: "one-leg")?.maps.map(\.legId), [legs[0].id], "only the in-sync leg")
+        _ = try await domain.mirrors.resync(vdisk: "m")
+        try await domain.write(vdisk: "m", offset: 0, length: size, from: b.pointer)
+        try await domain.rollback(vdisk: "m", to: "one-leg")
+        for _ in 0..<500 where domain.metadata.vdisk(named: "m")?.mirrorState != "normal" { try await Task.sleep(nanoseconds: 10_000_000) }
+        XCTAssertEqual(domain.metadata.vdisk(named: "m")?.mirrorState, "normal", "the leg the PiT lacked was copied")
+        for leg in legs {
+            try await domain.legIO(.read, vdisk: "m", leg: leg.id, offset: 0, length: size, buffer: back.pointer)
+            XCTAssertEqual(memcmp(back.pointer, a.pointer, size), 0, "leg in pool \(domain.metadata.pool(id: leg.poolId)!.name) after the rollback")
+        }
+    }
 }

@@ -31,4 +31,8 @@ final class TortureTests: XCTestCase {
 
     /// 20 rounds: thin first writes, trims, and vdisk creates and deletes cut by SIGKILL.
     func testThinTorture() throws { try torture("thin", rounds: 20) }
+
+    /// 6 rounds: a mirror taking PiTs while writes are redirected, cut by SIGKILL or a
+    /// failing leg; every acknowledged PiT checked through a snapshot.
+    func testPiTTorture() throws { try torture("pit", rounds: 6) }
 }

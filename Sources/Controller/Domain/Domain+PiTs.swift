@@ -51,7 +51,9 @@ extension Domain {
             }
             guard v.rollingBackTo == nil else { throw DomainError("vdisk '\(v.name)': a rollback is unfinished; it completes at the next start") }
             guard v.legs.contains(where: { $0.state == .inSync }) else { throw DomainError("vdisk '\(v.name)' has no in-sync leg to take a PiT of") }
-            let maps = v.legs.map { PiTMap(legId: $0.id, poolId: $0.poolId, mapId: UUID(), complete: $0.state == .inSync) }
+            // In-sync legs only: a failed or copying leg's map is not the vdisk's image (and
+            // its pool may be the one failing); a rollback copies such a leg from the others.
+            let maps = v.legs.filter { $0.state == .inSync }.map { PiTMap(legId: $0.id, poolId: $0.poolId, mapId: UUID(), complete: true) }
             var pit = PiTRecord(id: UUID(), name: pitName, kind: kind, vdiskId: v.id, createdAt: 0, sizeBytes: v.sizeBytes, maps: maps)
             pit.group = group
             plans.append((v, pit, try port(for: v.name)))

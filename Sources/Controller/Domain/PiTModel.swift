@@ -34,8 +34,8 @@ public struct PiTMap: Codable, Equatable, Sendable {
     public var legId: UUID
     public var poolId: UUID
     public var mapId: UUID
-    /// The leg was in sync at the instant (a failed or copying leg's clone is kept, so
-    /// every leg shares the same way, but never read or rolled back to).
+    /// The leg was in sync at the instant. PiTs are taken of in-sync legs only (so this
+    /// is always true for them); kept so a record can say a map is not to be read.
     public var complete: Bool
 }
 

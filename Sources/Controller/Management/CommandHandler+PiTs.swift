@@ -113,7 +113,7 @@ struct PiTView: Codable {
     var sizeBytes: UInt64
     /// Bytes no other map (the vdisk, other PiTs, snapshots) reaches: what a delete frees.
     var heldBytes: UInt64
-    /// Legs with an in-sync copy in the PiT, of all legs at the instant.
+    /// Legs the PiT holds (those in sync at its instant), of the vdisk's legs now.
     var completeLegs: Int
     var legs: Int
     var group: String?
@@ -127,7 +127,7 @@ struct PiTView: Codable {
         sizeBytes = p.sizeBytes
         heldBytes = domain.bytesHeldOnly(by: p)
         completeLegs = p.maps.filter(\.complete).count
-        legs = p.maps.count
+        legs = domain.metadata.vdisks.first { $0.id == p.vdiskId }?.legs.count ?? p.maps.count
         group = p.group
         heldBy = p.heldBy
     }

@@ -7,8 +7,8 @@ import Synchronization
 /// place. Each input is a list of edits to page slots (12 bytes each: page, slot, value);
 /// the edited pages are checksummed again, since a fuzzer cannot forge crc32c, so the
 /// edits reach the trees, the root table and the journal's headers. The area is then
-/// opened, read and changed: damage may be refused, never trap, hang or route I/O
-/// outside the pool.
+/// opened, read and changed (clones, redirects, swaps and differences as PiTs make
+/// them): damage may be refused, never trap, hang or route I/O outside the pool.
 final class PoolMetadataFuzz: @unchecked Sendable {
     static let shared = PoolMetadataFuzz()
 
@@ -85,6 +85,20 @@ final class PoolMetadataFuzz: @unchecked Sendable {
                     try v.cloneMap(id, as: clone)
                     try v.map(clone, at: 1, to: try v.allocate(1))
                     try v.unmap(id, 0..<2)
+                }
+                // What PiTs read and do: sharing, differences, what only the clone holds, a
+                // redirect (reserve, remap, a spare given back), a rollback's swap.
+                for c in 0..<min(64, meta.mapCount(id) ?? 0) { _ = try? meta.isShared(map: id, chunk: c) }
+                _ = try? meta.differences(id, clone)
+                _ = try? meta.chunksOnlyIn(clone, comparedWith: meta.mapIds.filter { $0 != clone })
+                _ = try? meta.referencesAndSpace(first: [id], excluding: [])
+                _ = try? meta.reservedChunks()
+                _ = try? await meta.change { v throws(PageStore.Failure) in
+                    let reserved = try v.reserve(2).flatMap { Array($0) }
+                    if let old = try v.poolChunk(id, 1) { try v.redirect(id, chunk: 1, from: old, to: reserved[0]) }
+                    try v.returnSpare(reserved[1]..<(reserved[1] + 1))
+                    try v.swapMaps(id, clone)
+                    _ = try v.releaseReservations()
                 }
                 _ = try? await meta.change { v throws(PageStore.Failure) -> Bool in try v.deleteMapStep(clone, pageBudget: 16) }
             }
