@@ -2,7 +2,8 @@
 # The main job on an embedded default: install what svsp needs, build it, and run a
 # demo domain under ./demo (nothing outside it is touched): three file-backed pools,
 # the setup vdisk mirrored on all three, a thick, a thin and a mirrored vdisk written
-# and verified through the data API, the NBD exports, then `svsp-ctl status`.
+# and verified through the data API, a PiT and a snapshot of it, the NBD exports,
+# then `svsp-ctl status`.
 # Re-running reuses what exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,11 @@ for v in demo-vd demo-thin demo-mirror; do "$CTL" vdisk export "$v" >/dev/null; 
 "$CTL" vdisk verify demo-thin --size 16M
 "$CTL" vdisk verify demo-mirror
 "$CTL" mirror status
+# A PiT of the thin vdisk (no data copied; the next run's writes are redirected), a
+# read-only snapshot of it, and the list.
+"$CTL" pit list demo-thin --json | grep -q '"demo-pit"' || "$CTL" pit create demo-thin --name demo-pit
+"$CTL" vdisk show demo-snap >/dev/null 2>&1 || "$CTL" snapshot create demo-snap --pit demo-pit
+"$CTL" pit list
 if command -v nbdinfo >/dev/null; then
     echo "NBD exports on $SVSP_DIR/nbd.sock:"
     nbdinfo --list "nbd+unix:///?socket=$SVSP_DIR/nbd.sock" | grep -E '^export=|export-size'
