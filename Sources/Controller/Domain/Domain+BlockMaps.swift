@@ -168,15 +168,7 @@ extension Domain {
             // A device that hangs keeps the chunks out of reach until the daemon restarts
             // (the next open releases maps no leg names).
             if let port, !waiting.isEmpty { await port.drain(waiting) }
-            for leg in legs {
-                guard let pool = self.metadata.pool(id: leg.poolId) else { continue }
-                do throws(DomainError) {
-                    try await self.deleteBlockMap(leg.id, in: pool)
-                } catch {
-                    self.report("pool '\(pool.name)': cannot release the block map of a removed leg (\(error)); it is released at the next start")
-                }
-            }
-            self.zeroingWork.signal()
+            await self.deleteMaps(legs.map { ($0.id, $0.poolId) })
         }
     }
 

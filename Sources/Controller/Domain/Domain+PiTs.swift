@@ -312,16 +312,21 @@ extension Domain {
     /// Deletes block maps (map id, pool id) no one names any more, step by step, in the background.
     func deleteMapsInBackground(_ maps: [(UUID, UUID)]) {
         guard !maps.isEmpty else { return }
-        Task {
-            for (id, poolId) in maps {
-                guard let pool = self.metadata.pool(id: poolId) else { continue }
-                do throws(DomainError) {
-                    try await self.deleteBlockMap(id, in: pool)
-                } catch {
-                    self.report("pool '\(pool.name)': cannot release block map \(id) (\(error)); it is released at the next start")
-                }
+        Task { await self.deleteMaps(maps) }
+    }
+
+    /// Deletes block maps (map id, pool id) no one names any more (a removed leg, a PiT,
+    /// a rollback's old map), then wakes the zeroer. One that fails is reported and
+    /// released at the next start (`releaseOrphanMaps`).
+    func deleteMaps(_ maps: [(UUID, UUID)]) async {
+        for (id, poolId) in maps {
+            guard let pool = metadata.pool(id: poolId) else { continue }
+            do throws(DomainError) {
+                try await deleteBlockMap(id, in: pool)
+            } catch {
+                report("pool '\(pool.name)': cannot release \(legName(id)) (\(error)); it is released at the next start")
             }
-            self.zeroingWork.signal()
         }
+        zeroingWork.signal()
     }
 }

@@ -93,7 +93,7 @@ extension Domain {
         let news = try await takeReserved(chunks.count, in: pool, meta)
         CrashPoint.hit("redirect-reserved")
         do {
-            try await fill(Array(zip(chunks, zip(olds, news))).map { ($0.0, $0.1.0, $0.1.1) }, in: pool, data: data)
+            try await fill(chunks.indices.map { (chunks[$0], olds[$0], news[$0]) }, in: pool, data: data)
             CrashPoint.hit("redirect-copied")
             // The fills are durable before the map points at them: one flush of the pool's
             // LUNs for every redirect of the group commit.
