@@ -99,3 +99,98 @@ final class PiTMirrorTests: XCTestCase {
         }
     }
 }
+
+/// A PiT taken while a host write that fails a leg is in flight: the write must record
+/// the leg failure (a catalog change) before it can finish, and the PiT waits for it to
+/// finish; so the PiT must not hold the catalog lock while it waits (it did: a deadlock
+/// that `scripts/torture --scenario pit --fault leg-fail` found as a `pit create` that never returned).
+final class PiTDuringLegFailureTests: XCTestCase {
+    private var dir: String!
+    private let size = 2 << 20
+
+    override func setUp() async throws {
+        dir = NSTemporaryDirectory() + "svsp-pitf-\(UUID().uuidString.prefix(6))"
+        _ = try Domain.initialize(directory: dir, name: "t")
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    /// Set when a task finished (a deadlocked one never sets it).
+    private final class Finished: @unchecked Sendable {
+        private let lock = NSLock()
+        private var value: Error?? = nil
+        func set(_ e: Error?) { lock.withLock { value = .some(e) } }
+        var outcome: Error?? { lock.withLock { value } }
+    }
+
+    private func mirror() async throws -> Domain {
+        // Every host write to pool q fails: the first one fails leg q.
+        let plan = try JSONDecoder().decode(FaultPlan.self, from: Data(#"{"rules":[{"pool":"q","op":"write","class":"host"}]}"#.utf8))
+        let domain = try await Domain.open(directory: dir, profiles: try ProfileCatalog(root: ProfileTests.shippedRoot), faultPlan: plan)
+        for (pool, lun) in [("p", "p.img"), ("q", "q.img")] {
+            _ = try await domain.createPool(name: pool, arrayProfile: "file-backed", poolProfile: nil,
+                                            lunPaths: [dir + "/" + lun], createBytes: 64 << 20, force: false)
+        }
+        _ = try await domain.createVDisk(name: "m", poolName: "p", mirrorPools: ["q"], sizeBytes: UInt64(size), blockSize: 4096, thin: false)
+        return domain
+    }
+
+    private func waitFor(_ f: Finished, _ what: String) async throws {
+        for _ in 0..<200 where f.outcome == nil { try await Task.sleep(nanoseconds: 50_000_000) }
+        guard let outcome = f.outcome else { return XCTFail("\(what) did not finish within 10 s (deadlock)") }
+        if let error = outcome { XCTFail("\(what): \(error)") }
+    }
+
+    /// The PiT asks first, then the write fails its leg: the PiT's drain must let the
+    /// write record the failure.
+    func testAWriteFailingALegWhileAPiTDrainsFinishesAndSoDoesThePiT() async throws {
+        let domain = try await mirror()
+        let data = try AlignedBuffer(count: 4096)
+        memset(data.pointer, 0x5A, 4096)
+        let pitDone = Finished(), writeDone = Finished()
+        await domain.mutation.acquire() // a command in progress holds the catalog
+        Task {
+            do { _ = try await domain.createPiT(vdisk: "m", as: "p1"); pitDone.set(nil) } catch { pitDone.set(error) }
+        }
+        try await Task.sleep(nanoseconds: 100_000_000)
+        nonisolated(unsafe) let bytes = data.pointer
+        Task {
+            do { try await domain.write(vdisk: "m", offset: 0, length: 4096, from: bytes); writeDone.set(nil) } catch { writeDone.set(error) }
+        }
+        try await Task.sleep(nanoseconds: 100_000_000)
+        domain.mutation.release()
+        try await waitFor(pitDone, "pit create")
+        try await waitFor(writeDone, "the host write")
+        let back = try AlignedBuffer(count: 4096)
+        try await domain.read(vdisk: "m", offset: 0, length: 4096, into: back.pointer)
+        XCTAssertEqual(memcmp(back.pointer, data.pointer, 4096), 0)
+    }
+
+    /// The write fails its leg first (its failure waits for the catalog), then the PiT:
+    /// the PiT's instant comes after the write landed, so it holds the in-sync leg only,
+    /// with the write in it.
+    func testAPiTWaitsForAWriteThatFailedALegAndLeavesThatLegOut() async throws {
+        let domain = try await mirror()
+        let data = try AlignedBuffer(count: 4096), back = try AlignedBuffer(count: 4096)
+        memset(data.pointer, 0xA5, 4096)
+        let pitDone = Finished(), writeDone = Finished()
+        await domain.mutation.acquire()
+        nonisolated(unsafe) let bytes = data.pointer
+        Task {
+            do { try await domain.write(vdisk: "m", offset: 8192, length: 4096, from: bytes); writeDone.set(nil) } catch { writeDone.set(error) }
+        }
+        try await Task.sleep(nanoseconds: 100_000_000)
+        Task {
+            do { _ = try await domain.createPiT(vdisk: "m", as: "p2"); pitDone.set(nil) } catch { pitDone.set(error) }
+        }
+        try await Task.sleep(nanoseconds: 100_000_000)
+        domain.mutation.release()
+        try await waitFor(writeDone, "the host write")
+        try await waitFor(pitDone, "pit create")
+        let pit = try XCTUnwrap(domain.metadata.pit(named: "p2"))
+        let legs = try XCTUnwrap(domain.metadata.vdisk(named: "m")?.legs)
+        XCTAssertEqual(pit.maps.map(\.legId), [legs[0].id], "the leg that failed before the instant is not in the PiT")
+        try await domain.readPiT(named: "p2", leg: legs[0].id, offset: 8192, length: 4096, into: back.pointer)
+        XCTAssertEqual(memcmp(back.pointer, data.pointer, 4096), 0, "the write acknowledged before the instant is in the PiT")
+    }
+}

@@ -21,10 +21,8 @@ extension Domain {
     /// catalog commit leaves clones nobody names, released at the next open: the PiT
     /// exists whole or not at all.
     public func createPiT(vdisk name: String, as pitName: String?, kind: PiTKind = .user) async throws(DomainError) -> PiTCreated {
-        try await beginChange()
-        defer { mutation.release() }
         guard let v = metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
-        return try await takePiTs([(v, pitName ?? defaultPiTName(for: name))], group: nil, kind: kind)
+        return try await takePiTs([(v.id, pitName ?? defaultPiTName(for: name))], group: nil, kind: kind)
     }
 
     /// One PiT of every member of group `vdg`, all at one instant: every member's gate is
@@ -32,41 +30,63 @@ extension Domain {
     /// write acknowledged after the instant on one member is in its PiT while an earlier
     /// one on another member is missing. The PiTs are named NAME.<vdisk>.
     public func createGroupPiT(vdg group: String, as pitName: String?, kind: PiTKind = .user) async throws(DomainError) -> PiTCreated {
-        try await beginChange()
-        defer { mutation.release() }
         guard let g = metadata.vdg(named: group) else { throw DomainError("virtual disk group '\(group)' not found") }
         let members = g.members.compactMap { id in metadata.vdisks.first { $0.id == id } }
         guard !members.isEmpty else { throw DomainError("virtual disk group '\(group)' has no members") }
         let base = pitName ?? defaultPiTName(for: group)
         guard metadata.pitList.allSatisfy({ $0.group != base }) else { throw DomainError("a group PiT named '\(base)' already exists") }
-        return try await takePiTs(members.map { ($0, "\(base).\($0.name)") }, group: base, kind: kind)
+        return try await takePiTs(members.map { ($0.id, "\(base).\($0.name)") }, group: base, kind: kind)
     }
 
-    private func takePiTs(_ targets: [(vdisk: VDiskRecord, name: String)], group: String?, kind: PiTKind) async throws(DomainError) -> PiTCreated {
-        var plans: [(vdisk: VDiskRecord, pit: PiTRecord, port: VDiskPort)] = []
-        for (v, pitName) in targets {
+    /// Checks that PiTs named so can be taken of these vdisks now (run before the gates
+    /// close, and again under the catalog lock before the commit); returns the vdisks.
+    private func checkPiTs(_ targets: [(vdisk: UUID, name: String)], in m: DomainMetadata) throws(DomainError) -> [VDiskRecord] {
+        var vdisks: [VDiskRecord] = []
+        for (i, (id, pitName)) in targets.enumerated() {
+            guard let v = m.vdisks.first(where: { $0.id == id }) else { throw DomainError("a vdisk of the PiT was deleted meanwhile") }
             guard Parse.name(pitName) != nil else { throw DomainError("PiT name '\(pitName)': use letters, digits, - _ . (at most 64)") }
-            guard metadata.pit(named: pitName) == nil, !plans.contains(where: { $0.pit.name == pitName }) else {
+            guard m.pit(named: pitName) == nil, !targets.prefix(i).contains(where: { $0.name == pitName }) else {
                 throw DomainError("a PiT named '\(pitName)' already exists")
             }
             guard v.rollingBackTo == nil else { throw DomainError("vdisk '\(v.name)': a rollback is unfinished; it completes at the next start") }
             guard v.legs.contains(where: { $0.state == .inSync }) else { throw DomainError("vdisk '\(v.name)' has no in-sync leg to take a PiT of") }
-            // In-sync legs only: a failed or copying leg's map is not the vdisk's image (and
-            // its pool may be the one failing); a rollback copies such a leg from the others.
-            let maps = v.legs.filter { $0.state == .inSync }.map { PiTMap(legId: $0.id, poolId: $0.poolId, mapId: UUID(), complete: true) }
-            var pit = PiTRecord(id: UUID(), name: pitName, kind: kind, vdiskId: v.id, createdAt: 0, sizeBytes: v.sizeBytes, maps: maps)
-            pit.group = group
-            plans.append((v, pit, try port(for: v.name)))
+            vdisks.append(v)
         }
-        let retired = try retentionVictims(for: plans.map(\.vdisk))
+        return vdisks
+    }
+
+    /// Holds host writes to every target (those in flight land first), clones the maps
+    /// of the legs in sync at that instant (one commit per pool, pools in parallel), lets
+    /// writes go, then records the PiTs in the catalog.
+    ///
+    /// The catalog lock is taken only for that last commit, never while the gates drain:
+    /// a write in flight that fails a leg must record the failure (a catalog change)
+    /// before it can finish, so holding the lock across the drain deadlocks.
+    private func takePiTs(_ targets: [(vdisk: UUID, name: String)], group: String?, kind: PiTKind) async throws(DomainError) -> PiTCreated {
+        if let why = readOnlyReason { throw DomainError(why, code: EROFS) }
+        let before = try checkPiTs(targets, in: metadata)
+        _ = try retentionVictims(for: before) // refused early, before any write is held
+        let ports = try before.map { v throws(DomainError) in try port(for: v.name) }
         sharingActive.store(true, ordering: .releasing) // before any gate opens: later writes check for sharing
         let asked = DispatchTime.now().uptimeNanoseconds
-        for p in plans { await p.port.closeGate(0..<max(p.vdisk.sizeBytes, 1)) }
+        for (i, p) in ports.enumerated() { await p.closeGate(0..<max(before[i].sizeBytes, 1)) }
         let held = DispatchTime.now().uptimeNanoseconds
         let instant = Date().timeIntervalSince1970
-        // One commit per pool, the pools in parallel: the hold is one journal write.
+        // The instant: writes that were in flight have landed, and those that failed a leg
+        // have recorded it, so the legs in sync now hold every acknowledged write. A failed
+        // or copying leg's map is not the vdisk's image (and its pool may be the one
+        // failing); a rollback copies such a leg from the others.
+        let atInstant = metadata
+        var pits: [PiTRecord] = []
+        for (i, v) in before.enumerated() {
+            let legs = atInstant.vdisks.first { $0.id == v.id }?.legs.filter { $0.state == .inSync } ?? []
+            var pit = PiTRecord(id: UUID(), name: targets[i].name, kind: kind, vdiskId: v.id, createdAt: instant, sizeBytes: v.sizeBytes,
+                                maps: legs.map { PiTMap(legId: $0.id, poolId: $0.poolId, mapId: UUID(), complete: true) })
+            pit.group = group
+            pits.append(pit)
+        }
         var byPool: [UUID: [PiTMap]] = [:]
-        for p in plans { for map in p.pit.maps { byPool[map.poolId, default: []].append(map) } }
+        for pit in pits { for map in pit.maps { byPool[map.poolId, default: []].append(map) } }
         let failures = await withTaskGroup(of: (UUID, DomainError?).self) { tasks in
             for (poolId, maps) in byPool {
                 tasks.addTask {
@@ -87,20 +107,26 @@ extension Domain {
         }
         let now = DispatchTime.now().uptimeNanoseconds
         let holdNs = now - held, drainNs = held - asked
-        for p in plans { p.port.openGate(0..<max(p.vdisk.sizeBytes, 1)) }
+        for (i, p) in ports.enumerated() { p.openGate(0..<max(before[i].sizeBytes, 1)) }
         metrics.recordPiTHold(ns: now - asked)
-        let pits = plans.map { p in
-            var pit = p.pit
-            pit.createdAt = instant
-            return pit
-        }
         var failure = failures.values.first
+        if pits.contains(where: { $0.maps.isEmpty }) { failure = failure ?? DomainError("a vdisk of the PiT lost its last in-sync leg while writes drained") }
+        var retired: [PiTRecord] = []
         if failure == nil {
             CrashPoint.hit("pit-cloned")
-            var next = metadata
-            next.pitList.removeAll { p in retired.contains { $0.id == p.id } }
-            next.pitList += pits
-            do { try await commit(next) } catch { failure = error }
+            do throws(DomainError) {
+                try await beginChange()
+                defer { mutation.release() }
+                // What may have changed since the first check (another command ran meanwhile).
+                let vdisks = try checkPiTs(targets, in: metadata)
+                retired = try retentionVictims(for: vdisks)
+                var next = metadata
+                next.pitList.removeAll { p in retired.contains { $0.id == p.id } }
+                next.pitList += pits
+                try await commit(next)
+            } catch {
+                failure = error
+            }
             if failure == nil { CrashPoint.hit("pit-committed") }
         }
         if let failure {
