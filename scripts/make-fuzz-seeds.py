@@ -81,3 +81,17 @@ put("pool-metadata", "tag-three", edits((83, 0, 0xFFFFFFFFFFFFFFFF)))
 put("pool-metadata", "linear-run-overflow", edits((82, 1, (2 << 62) | ((1 << 62) - 2))))
 # Every journal page's first slot (a header's record count) past Int: the replay must refuse it.
 put("pool-metadata", "journal-count-huge", edits(*[(p, 0, 1 << 63) for p in range(18, 82)]))
+
+# replication-frame: streams of frames as a peer sends them (see ReplicationProtocol.swift).
+def frame(kind, payload, version=1):
+    return struct.pack(">IHHII", 0x53565250, version, kind, len(payload), 0) + payload
+
+def name(s):
+    return bytes([len(s)]) + s.encode()
+
+peer_id = uuid.UUID(int=5).bytes
+put("replication-frame", "hello", frame(1, struct.pack(">HH", 1, 1) + peer_id + name("site-a")))
+put("replication-frame", "welcome-then-pings", frame(2, struct.pack(">H", 1) + peer_id + name("site-b"))
+    + frame(4, struct.pack(">Q", 42)) + frame(5, struct.pack(">Q", 42)))
+put("replication-frame", "refuse", frame(3, struct.pack(">HH", 2, 12) + b"unknown peer"))
+put("replication-frame", "truncated", frame(1, struct.pack(">HH", 1, 1) + peer_id + name("site-a"))[:30])

@@ -6,10 +6,12 @@ import IOEngine
 public actor CommandHandler {
     let domain: Domain
     let nbd: NBDServer?
+    let replication: ReplicationService?
 
-    public init(domain: Domain, nbd: NBDServer? = nil) {
+    public init(domain: Domain, nbd: NBDServer? = nil, replication: ReplicationService? = nil) {
         self.domain = domain
         self.nbd = nbd
+        self.replication = replication
     }
 
     public func handle(_ request: MgmtRequest) async -> MgmtResponse {
@@ -181,6 +183,7 @@ public actor CommandHandler {
                             json: ["pools": pools], warnings: warnings)
         default:
             if let response = try await pitCommand(r) { return response }
+            if let response = try await peerCommand(r) { return response }
             throw DomainError("unknown command '\(r.command)'")
         }
     }
@@ -194,7 +197,8 @@ public actor CommandHandler {
         let nbdView = nbd.map { NBDStatusView($0, domain: domain) }
         let view = StatusView(domain: m.name, domainId: m.domainId.uuidString, generation: m.generation, health: health,
                               readOnly: domain.readOnlyReason, problems: domain.problems, setupVDisk: setup, pools: pools,
-                              vdisks: vdisks, nbd: nbdView)
+                              vdisks: vdisks, nbd: nbdView, replicationListen: replication?.listenAddress,
+                              peers: m.peerList.map { PeerView($0, replication?.status(of: $0.name)) })
         var lines = ["domain \(m.name) (\(m.domainId.uuidString.prefix(8))), metadata generation \(m.generation), health: \(health)"]
         for p in domain.problems { lines.append("  ! \(p)") }
         if setup.isEmpty {
@@ -209,6 +213,10 @@ public actor CommandHandler {
         if let nbdView {
             lines.append("")
             lines.append(Table.nbd(nbdView))
+        }
+        if !view.peers.isEmpty || replication?.listenAddress != nil {
+            lines.append("")
+            lines.append(PeerView.table(view.peers, listening: replication?.listenAddress))
         }
         return .success(text: lines.joined(separator: "\n"), json: view)
     }
@@ -374,6 +382,9 @@ struct StatusView: Codable {
     var pools: [PoolView]
     var vdisks: [VDiskView]
     var nbd: NBDStatusView?
+    /// Where replication connections are accepted (serve --repl-listen), or nil.
+    var replicationListen: String?
+    var peers: [PeerView]
 }
 
 enum Table {

@@ -14,9 +14,13 @@ public final class Daemon: @unchecked Sendable {
         public var nbdListen: String?
         public var nbdMaxConnections: Int
         public var faultPlan: String?
+        /// HOST:PORT for replication connections from peer domains (nil: none accepted).
+        public var replListen: String?
         public init(directory: String, mgmtSocket: String? = nil, profilesRoot: String? = nil, metricsListen: String? = nil,
-                    nbdListen: String? = nil, nbdMaxConnections: Int = NBDServer.defaultMaxConnections, faultPlan: String? = nil)
+                    nbdListen: String? = nil, nbdMaxConnections: Int = NBDServer.defaultMaxConnections, faultPlan: String? = nil,
+                    replListen: String? = nil)
         {
+            self.replListen = replListen
             self.faultPlan = faultPlan
             self.nbdMaxConnections = nbdMaxConnections
             self.directory = directory
@@ -45,6 +49,7 @@ public final class Daemon: @unchecked Sendable {
     public func run() async throws(DomainError) {
         let dir = options.directory
         try NBDServer.validate(maxConnections: options.nbdMaxConnections)
+        if let listen = options.replListen { _ = try HostPort.parse(listen, option: "--repl-listen", listening: true) }
         let faultPlan = try options.faultPlan.map { path throws(DomainError) in try FaultPlan.load(path) }
         guard BootstrapStore(directory: dir).exists else {
             throw DomainError("\(dir): no domain here (run `svsp-ctl domain init --dir \(dir) --name NAME`)")
@@ -71,13 +76,16 @@ public final class Daemon: @unchecked Sendable {
                                 maxConnections: options.nbdMaxConnections) { [logger] in
             logger.notice("\($0)")
         }
-        let handler = CommandHandler(domain: domain, nbd: nbd)
+        let replication = ReplicationService(domain: domain) { [logger] in logger.notice("\($0)") }
+        try replication.start(listen: options.replListen)
+        let handler = CommandHandler(domain: domain, nbd: nbd, replication: replication)
         let socketPath = options.mgmtSocket ?? MgmtPaths.defaultSocket(dir)
         let mgmt = try MgmtServer(socketPath: socketPath, running: running, logger: logger) { await handler.handle($0) }
         try BootstrapStore.writeAtomically(Data(socketPath.utf8), to: MgmtPaths.recorded(dir))
         log("serving domain '\(domain.metadata.name)' from \(dir), generation \(domain.metadata.generation), "
             + "health \(domain.health), management socket \(socketPath), NBD on \(nbd.socketPath)"
-            + (nbd.tcpAddress.map { " and tcp \($0)" } ?? ""))
+            + (nbd.tcpAddress.map { " and tcp \($0)" } ?? "")
+            + (replication.listenAddress.map { ", replication on \($0)" } ?? ""))
         for p in domain.problems { logger.warning("degraded: \(p)") }
         if let n = TestKnobs.schedulerCapacity { logger.critical("TEST KNOB SET (SVSP_SCHEDULER_CAPACITY=\(n)): pool schedulers hold \(n) requests") }
         if let point = CrashPoint.armed { logger.critical("TEST CRASH POINT ARMED (SVSP_CRASH_AT=\(point)): this daemon will exit there on purpose") }
@@ -109,6 +117,7 @@ public final class Daemon: @unchecked Sendable {
         log("signal received: stopping")
         mgmt.stopAccepting()
         metricsServer?.stop()
+        replication.stop()
         // Both waits block and what they wait for may need Tasks to finish: they run on a
         // thread of their own, not on one of the concurrency pool's. nbd.stop() waits for
         // the NBD requests in flight; then the commands in progress finish and answer (the

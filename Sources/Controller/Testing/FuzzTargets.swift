@@ -5,7 +5,7 @@ import Foundation
 /// client and must never crash, trap or hang on them; the parsers they reach are the
 /// ones the daemon runs on untrusted input.
 public enum FuzzTargets {
-    public static let names = ["setup-record", "bitmap-header", "lun-label", "profile", "mgmt-request", "nbd", "pool-metadata"]
+    public static let names = ["setup-record", "bitmap-header", "lun-label", "profile", "mgmt-request", "nbd", "pool-metadata", "replication-frame"]
 
     /// Runs one input through `target` (one of `names`).
     public static func run(_ target: String, _ data: UnsafeRawBufferPointer) {
@@ -19,6 +19,7 @@ public enum FuzzTargets {
         case "mgmt-request": mgmtRequest(data)
         case "nbd": NBDFuzzServer.shared.exchange(data)
         case "pool-metadata": PoolMetadataFuzz.shared.run(data)
+        case "replication-frame": replicationFrames(data)
         default: fatalError("unknown fuzz target '\(target)' (known: \(names.joined(separator: ", ")))")
         }
     }
@@ -36,6 +37,24 @@ public enum FuzzTargets {
         if case .record(_, let length, _) = parsed { precondition(length <= slotBytes - SetupVDiskStore.headerBytes) }
         let payload = Data(data.dropFirst(min(data.count, 8)))
         _ = try? SetupVDiskStore.decode(payload)
+    }
+
+    /// A replication stream as a peer could send it: frames decoded one after another (the
+    /// version negotiated by a `welcome` applies to the rest), each re-encoded and decoded
+    /// again to the same message.
+    private static func replicationFrames(_ data: UnsafeRawBufferPointer) {
+        var at = 0
+        var version: UInt16?
+        while at < data.count {
+            let rest = UnsafeRawBufferPointer(rebasing: data[at...])
+            guard case .frame(let message, let n)? = try? ReplicationFrame.decode(rest, version: version) else { return }
+            precondition(n >= ReplicationFrame.headerBytes && n <= rest.count, "a frame of \(n) bytes out of \(rest.count)")
+            let again = ReplicationFrame.encode(message, version: version ?? 1)
+            let back = again.withUnsafeBytes { try? ReplicationFrame.decode($0, version: version) }
+            precondition(back == .frame(message, bytes: again.count), "\(message) does not survive a round trip")
+            if case .welcome(let v, _, _) = message { version = v }
+            at += n
+        }
     }
 
     /// First byte: which kind; the rest: the YAML text.

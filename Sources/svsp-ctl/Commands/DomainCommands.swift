@@ -88,12 +88,15 @@ struct ServeCommand: ParsableCommand {
     var nbdMaxConnections: Int = NBDServer.defaultMaxConnections
     @Option(name: .customLong("fault-plan"), help: "Tests and drills only: fail LUN I/O as this JSON plan says (see README).")
     var faultPlan: String?
+    @Option(name: .customLong("repl-listen"), help: "Accept replication connections from peer domains on HOST:PORT (off unless given).")
+    var replListen: String?
 
     func run() throws {
         let dir = try DomainOptions.resolveDirectory(dir)
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles, metricsListen: metricsListen,
-                                           nbdListen: nbdListen, nbdMaxConnections: nbdMaxConnections, faultPlan: faultPlan),
+                                           nbdListen: nbdListen, nbdMaxConnections: nbdMaxConnections, faultPlan: faultPlan,
+                                           replListen: replListen),
                             logger: Logger(label: "svsp"))
         let outcome = RunOutcome()
         let done = DispatchSemaphore(value: 0)
@@ -314,6 +317,6 @@ struct MirrorCommand: ParsableCommand {
     }
 }
 
-private func absolute(_ path: String) -> String {
+func absolute(_ path: String) -> String {
     path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
 }

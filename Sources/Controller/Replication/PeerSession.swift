@@ -1,0 +1,208 @@
+import Foundation
+import NIOCore
+import NIOSSL
+
+/// One replication connection after TLS: the `hello`/`welcome` negotiation, then pings
+/// to keep the link measured. The side that connected (`.connected`) sends `hello` and
+/// pings; the side that accepted (`.accepted`) checks that `hello` names the domain the
+/// pre-shared key was given to, chooses the version and answers.
+final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ReplicationMessage
+
+    /// Sent through every open connection when the peers change: a removed peer's close.
+    struct Recheck {}
+
+    enum Role {
+        /// We accepted it: who the client proved to be in the handshake.
+        case accepted(ProvenIdentity)
+        /// We connected to this peer: why our own handshake check refused the server, if it did.
+        case connected(String, ProvenIdentity)
+    }
+
+    private let service: ReplicationService
+    private let role: Role
+    private let remote: String
+    private let decoder: ReplicationFrameDecoder
+    /// The peer's name once it proved it (accepted: after `hello`; connected: from the start).
+    private var peer: String?
+    private var version: UInt16?
+    private var pinger: RepeatedTask?
+    private var lastPing: (nonce: UInt64, at: UInt64)?
+    /// Why we closed, for the status (nil: the other side closed).
+    private var closeReason: String?
+    private var reported = false
+
+    init(service: ReplicationService, role: Role, remote: String, decoder: ReplicationFrameDecoder) {
+        self.service = service
+        self.role = role
+        self.remote = remote
+        self.decoder = decoder
+        if case .connected(let name, _) = role { peer = name }
+    }
+
+    private var what: String {
+        switch role {
+        // The host only: a peer that keeps failing the same way logs one line, not one per port.
+        case .accepted: "connection from \(remote.split(separator: ":").dropLast().joined(separator: ":"))" + (peer.map { " (peer '\($0)')" } ?? "")
+        case .connected(let name, _): "peer '\(name)' at \(remote)"
+        }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if case .connected = role { // held by TLS until its handshake is done
+            let me = service.domain.metadata
+            context.send(.hello(versions: ReplicationFrame.versions, domainId: me.domainId, domainName: me.name))
+        }
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let message = unwrapInboundIn(data)
+        switch (role, message) {
+        case (.accepted(let proven), .hello(let versions, let id, let name)) where version == nil:
+            guard name == proven.name, id == proven.id else {
+                return refuse(context, .wrongDomain, "hello names domain '\(name)' \(id.uuidString), but the key was given to '\(proven.name ?? "?")'")
+            }
+            let ours = ReplicationFrame.versions
+            let chosen = min(versions.upperBound, ours.upperBound)
+            guard chosen >= max(versions.lowerBound, ours.lowerBound) else {
+                return refuse(context, .noCommonVersion, "peer '\(name)' speaks protocol versions \(versions.lowerBound)...\(versions.upperBound), this domain \(ours.lowerBound)...\(ours.upperBound)")
+            }
+            let me = service.domain.metadata
+            context.send(.welcome(version: chosen, domainId: me.domainId, domainName: me.name))
+            established(chosen, peer: name, id: id)
+            service.update(name) { $0.inbound += 1 }
+            service.log("replication: peer '\(name)' connected from \(remote) (protocol v\(chosen))")
+        case (.connected(let name, _), .welcome(let chosen, let id, let peerName)) where version == nil:
+            guard ReplicationFrame.versions.contains(chosen) else {
+                return fail(context, "peer chose protocol version \(chosen), this domain speaks \(ReplicationFrame.versions)")
+            }
+            guard peerName == name else { return fail(context, "welcome names domain '\(peerName)', not '\(name)'") }
+            established(chosen, peer: name, id: id)
+            service.update(name) {
+                $0.outbound = .connected
+                $0.detail = nil
+                $0.since = Date().timeIntervalSince1970
+                $0.version = chosen
+                $0.connections += 1
+            }
+            service.log("replication: peer '\(name)' connected (to \(remote), protocol v\(chosen))")
+            let channel = context.channel
+            pinger = context.eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: ReplicationService.pingInterval) { [self] _ in
+                let nonce = DispatchTime.now().uptimeNanoseconds
+                lastPing = (nonce, nonce)
+                let bytes = ReplicationFrame.encode(.ping(nonce: nonce), version: chosen)
+                channel.writeAndFlush(channel.allocator.buffer(bytes: bytes), promise: nil)
+            }
+        case (.connected(let name, _), .refuse(_, let reason)):
+            closeReason = "refused by the peer: \(reason)"
+            service.update(name) { $0.outbound = .refused; $0.detail = "refused by the peer: \(reason)" }
+            report("refused by the peer: \(reason)")
+            context.close(promise: nil)
+        case (_, .ping(let nonce)) where version != nil:
+            context.send(.pong(nonce: nonce), version: version!)
+        case (_, .pong(let nonce)) where version != nil:
+            if let last = lastPing, last.nonce == nonce, let peer {
+                let ms = Double(DispatchTime.now().uptimeNanoseconds - last.at) / 1e6
+                service.update(peer) { $0.rttMs = (ms * 1000).rounded() / 1000 }
+            }
+        default:
+            refuse(context, .malformed, "unexpected \(message.kind) frame" + (version == nil ? " before negotiation" : ""))
+        }
+    }
+
+    private func established(_ chosen: UInt16, peer name: String, id: UUID) {
+        version = chosen
+        decoder.version = chosen
+        peer = name
+        let domain = service.domain
+        Task { try? await domain.pinPeerDomainId(name, id) }
+    }
+
+    /// Answers `refuse` (best effort), reports once and closes.
+    private func refuse(_ context: ChannelHandlerContext, _ code: ReplicationMessage.RefusalCode, _ reason: String) {
+        context.send(.refuse(code: code, reason: reason), version: version ?? 1)
+        fail(context, reason)
+    }
+
+    private func fail(_ context: ChannelHandlerContext, _ reason: String) {
+        closeReason = reason
+        if case .connected(let name, _) = role { service.update(name) { $0.outbound = .refused; $0.detail = reason } }
+        report(reason)
+        context.close(promise: nil)
+    }
+
+    /// One log line (and the peer's last problem) per connection.
+    private func report(_ reason: String) {
+        guard !reported else { return }
+        reported = true
+        service.problem(peer, "\(what): \(reason)")
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        var reason: String
+        if case .accepted(let proven) = role, peer == nil, let name = proven.name { peer = name }
+        if case .accepted(let proven) = role, let refusal = proven.refusal {
+            peer = peer ?? refusal.peer
+            reason = refusal.line
+        } else if case .connected(_, let own) = role, let refusal = own.refusal {
+            reason = refusal.line
+        } else if let malformed = error as? ReplicationFrame.Malformed {
+            reason = "malformed frame: \(malformed.reason)"
+            context.send(.refuse(code: .malformed, reason: reason), version: version ?? 1)
+        } else if case .accepted(let proven) = role, peer == nil, let name = proven.name {
+            peer = name // it named a known peer, then failed (a wrong key shows here)
+            reason = LinkTLS.explain(error)
+        } else {
+            reason = LinkTLS.explain(error)
+        }
+        if case .connected(let name, _) = role {
+            let state: PeerLinkStatus.State = version == nil ? .refused : .down
+            service.update(name) { $0.outbound = state; $0.detail = reason }
+        }
+        closeReason = reason
+        report(reason)
+        context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let idle = event as? IdleStateHandler.IdleStateEvent, idle == .read {
+            let seconds = ReplicationService.idleTimeout.nanoseconds / 1_000_000_000
+            fail(context, version == nil ? "no handshake within \(seconds) s" : "nothing received for \(seconds) s")
+            return
+        }
+        if event is Recheck {
+            if let peer, service.domain.metadata.peer(named: peer) == nil {
+                closeReason = "peer '\(peer)' was removed"
+                context.close(promise: nil)
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        pinger?.cancel()
+        service.untrack(context.channel)
+        switch role {
+        case .accepted:
+            if version != nil, let peer {
+                service.update(peer) { $0.inbound = max(0, $0.inbound - 1) }
+                service.log("replication: peer '\(peer)' disconnected (from \(remote))" + (closeReason.map { ": \($0)" } ?? ""))
+            }
+        case .connected(let name, _):
+            if version != nil {
+                let why = closeReason ?? "the peer closed the connection"
+                service.update(name) {
+                    $0.outbound = .down
+                    $0.detail = why
+                    $0.since = Date().timeIntervalSince1970
+                    $0.version = nil
+                    $0.rttMs = nil
+                }
+                service.log("replication: peer '\(name)' disconnected: \(why)")
+            }
+        }
+        context.fireChannelInactive()
+    }
+}
