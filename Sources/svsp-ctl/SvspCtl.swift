@@ -7,7 +7,7 @@ struct SvspCtl: ParsableCommand {
         commandName: "svsp-ctl",
         abstract: "svsp storage virtualization controller: benchmarks, profiles, domains, pools, vdisks.",
         subcommands: [DomainCommand.self, ServeCommand.self, StatusCommand.self, PoolCommand.self, VDiskCommand.self, MirrorCommand.self,
-                      PiTCommand.self, SnapshotCommand.self, VDGCommand.self, PeerCommand.self,
+                      PiTCommand.self, SnapshotCommand.self, VDGCommand.self, PeerCommand.self, AsyncCommand.self,
                       BenchCommand.self, ProfileCommand.self]
     )
 

@@ -7,60 +7,12 @@ import XCTest
 /// logged once and shown by `peer show` on the side that can tell; garbage and malformed
 /// frames (sent inside a real TLS-PSK session by `openssl s_client`) are refused and
 /// logged while the good link stays up.
-final class PeerLinkTests: XCTestCase {
-    var dir: TempDir!
-    var daemons: [String: ServeProcess] = [:]
-
+final class PeerLinkTests: TwoSitesTestCase {
     override func setUpWithError() throws {
-        dir = TempDir()
-        for site in ["site-a", "site-b"] {
-            let r = try CLI.run(["domain", "init", "--dir", dir.file(site), "--name", site])
-            XCTAssertEqual(r.status, 0, r.stderr)
-            daemons[site] = try ServeProcess(state: dir.file(site), extra: ["--repl-listen", "127.0.0.1:0"], log: dir.file(site + ".log"))
-        }
-        try "0123456789abcdef0123456789abcdef\n".write(toFile: dir.file("secret"), atomically: true, encoding: .utf8)
+        try super.setUpWithError()
+        try startSites()
         try "fedcba9876543210fedcba9876543210\n".write(toFile: dir.file("other-secret"), atomically: true, encoding: .utf8)
     }
-
-    override func tearDown() {
-        for d in daemons.values { d.stop() }
-        dir = nil
-    }
-
-    @discardableResult
-    private func ok(_ site: String, _ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
-        let r = try CLI.run(args + ["--dir", dir.file(site)])
-        XCTAssertEqual(r.status, 0, "\(site) \(args): \(r.stderr)", file: file, line: line)
-        return r.stdout
-    }
-
-    private func json(_ site: String, _ args: [String]) throws -> [String: Any] {
-        try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(site, args + ["--json"]).utf8)) as? [String: Any])
-    }
-
-    private func address(_ site: String) throws -> String { try XCTUnwrap(json(site, ["status"])["replicationListen"] as? String) }
-    private func domainId(_ site: String) throws -> String { try XCTUnwrap(json(site, ["status"])["domainId"] as? String) }
-
-    private func addPeer(on site: String, _ peer: String, secret: String = "secret", extra: [String] = []) throws {
-        try ok(site, ["peer", "add", peer, "--address", try address(peer), "--secret-file", dir.file(secret),
-                      "--link-profile", "wan-100m-20ms"] + extra)
-    }
-
-    private func link(_ site: String, _ peer: String) throws -> [String: Any] {
-        try json(site, ["peer", "show", peer])["link"] as? [String: Any] ?? [:]
-    }
-
-    /// Polls until `condition` holds on `site`'s view of `peer` (10 s at most).
-    private func waitFor(_ site: String, _ peer: String, _ what: String, file: StaticString = #filePath, line: UInt = #line,
-                         _ condition: ([String: Any]) -> Bool) throws {
-        for _ in 0..<100 {
-            if condition(try link(site, peer)) { return }
-            usleep(100_000)
-        }
-        XCTFail("\(site) -> \(peer): \(what); link: \(try link(site, peer))", file: file, line: line)
-    }
-
-    private func log(_ site: String) -> String { (try? String(contentsOfFile: dir.file(site + ".log"), encoding: .utf8)) ?? "" }
 
     private func lines(_ site: String, containing text: String) -> Int {
         log(site).split(separator: "\n").filter { $0.contains(text) }.count

@@ -10,6 +10,11 @@ extension Domain {
         }
         let previous = metadata.vdisks[index].export
         if previous == mode { return previous }
+        if mode != nil, let g = metadata.asyncGroup(of: metadata.vdisks[index]), g.role == .destination {
+            // Its live blocks are a cycle being applied: only the last complete PiT is consistent.
+            throw DomainError("vdisk '\(name)' is fed by async group '\(g.name)': export a snapshot of its last complete PiT instead "
+                + "(`svsp-ctl snapshot create NAME --pit \(g.confirmedPiT ?? "<PiT>")`)")
+        }
         var next = metadata
         next.vdisks[index].export = mode
         try await commit(next)

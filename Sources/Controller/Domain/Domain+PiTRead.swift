@@ -91,3 +91,28 @@ extension Domain {
                              changedBytes: ranges.reduce(0) { $0 + $1.length }, pagesRead: found.pagesRead)
     }
 }
+
+extension Domain {
+    /// The byte ranges PiT `name` has extents for (through its first in-sync map): what an
+    /// initial copy must send; the rest reads as zeros.
+    public func allocatedRanges(ofPiT name: String) throws(DomainError) -> [ByteRange] {
+        let m = metadata
+        guard let pit = m.pit(named: name) else { throw DomainError("PiT '\(name)' not found") }
+        guard let map = pit.maps.first(where: \.complete), let pool = m.pool(id: map.poolId), let meta = poolMeta(pool.id) else {
+            throw DomainError("PiT '\(name)' holds no in-sync copy")
+        }
+        let runs: [(Range<UInt64>, UInt64?)]
+        do { runs = try meta.mapRuns(map.mapId) } catch { throw DomainError("PiT '\(name)': block map: \(error)") }
+        var out: [ByteRange] = []
+        for (r, chunk) in runs where chunk != nil {
+            let start = r.lowerBound * pool.extentBytes, end = min(r.upperBound * pool.extentBytes, pit.sizeBytes)
+            guard start < end else { continue }
+            if let last = out.last, last.offset + last.length == start {
+                out[out.count - 1].length += end - start
+            } else {
+                out.append(ByteRange(offset: start, length: end - start))
+            }
+        }
+        return out
+    }
+}

@@ -610,6 +610,9 @@ public final class Domain: @unchecked Sendable {
             throw DomainError("vdisk '\(name)' is exported over NBD (\(mode.rawValue)); run `svsp-ctl vdisk unexport \(name)` first")
         }
         try refuseWhileCopying(name, "its delete")
+        if let g = metadata.asyncGroup(of: v) {
+            throw DomainError("vdisk '\(name)' is in async group '\(g.name)'; run `svsp-ctl async delete-group \(g.name)` first")
+        }
         if let g = metadata.vdg(of: v) {
             throw DomainError("vdisk '\(name)' is in virtual disk group '\(g.name)'; run `svsp-ctl vdg remove \(g.name) --vdisk \(name)` first")
         }

@@ -16,6 +16,8 @@ public struct DomainMetadata: Codable, Equatable, Sendable {
     public var vdgs: [VDGRecord]?
     /// Peer domains (nil: none; see `peerList`).
     public var peers: [PeerRecord]?
+    /// Async mirror groups, source or destination side (nil: none; see `asyncGroupList`).
+    public var asyncGroups: [AsyncGroupRecord]?
     /// Record format: nil for records written before legs had ids (converted at open).
     public var format: Int?
     /// 3: block maps in the pools' metadata areas (2: extent lists in this record, legs with ids).

@@ -184,6 +184,7 @@ public actor CommandHandler {
         default:
             if let response = try await pitCommand(r) { return response }
             if let response = try await peerCommand(r) { return response }
+            if let response = try await asyncCommand(r) { return response }
             throw DomainError("unknown command '\(r.command)'")
         }
     }

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOSSL
+import IOEngine
 
 /// One replication connection after TLS: the `hello`/`welcome` negotiation, then pings
 /// to keep the link measured. The side that connected (`.connected`) sends `hello` and
@@ -31,6 +32,13 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
     /// Why we closed, for the status (nil: the other side closed).
     private var closeReason: String?
     private var reported = false
+    private var channel: Channel?
+    /// Connected side: requests and blocks sent, waiting for their `response`.
+    private let callLock = NSLock()
+    private var calls: [UInt64: CheckedContinuation<(ok: Bool, body: [UInt8]), Error>] = [:]
+    private var closed = false
+    /// Accepted side: requests and blocks, handled in order by one task.
+    private var work: AsyncStream<ReplicationMessage>.Continuation?
 
     init(service: ReplicationService, role: Role, remote: String, decoder: ReplicationFrameDecoder) {
         self.service = service
@@ -47,6 +55,8 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
         case .connected(let name, _): "peer '\(name)' at \(remote)"
         }
     }
+
+    func handlerAdded(context: ChannelHandlerContext) { channel = context.channel }
 
     func channelActive(context: ChannelHandlerContext) {
         if case .connected = role { // held by TLS until its handshake is done
@@ -71,6 +81,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
             let me = service.domain.metadata
             context.send(.welcome(version: chosen, domainId: me.domainId, domainName: me.name))
             established(chosen, peer: name, id: id)
+            startWorker(peer: name, version: chosen, channel: context.channel)
             service.update(name) { $0.inbound += 1 }
             service.log("replication: peer '\(name)' connected from \(remote) (protocol v\(chosen))")
         case (.connected(let name, _), .welcome(let chosen, let id, let peerName)) where version == nil:
@@ -87,6 +98,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
                 $0.connections += 1
             }
             service.log("replication: peer '\(name)' connected (to \(remote), protocol v\(chosen))")
+            service.register(self, for: name)
             let channel = context.channel
             pinger = context.eventLoop.scheduleRepeatedTask(initialDelay: .zero, delay: ReplicationService.pingInterval) { [self] _ in
                 let nonce = DispatchTime.now().uptimeNanoseconds
@@ -99,6 +111,14 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
             service.update(name) { $0.outbound = .refused; $0.detail = "refused by the peer: \(reason)" }
             report("refused by the peer: \(reason)")
             context.close(promise: nil)
+        case (.accepted, .request), (.accepted, .blocks):
+            guard version != nil, let work else { return refuse(context, .malformed, "\(message.kind) frame before negotiation") }
+            work.yield(message)
+        case (.connected, .response(let id, let ok, let body)) where version != nil:
+            guard let call = callLock.withLock({ calls.removeValue(forKey: id) }) else {
+                return refuse(context, .malformed, "a response to \(id), which was never asked")
+            }
+            call.resume(returning: (ok, body))
         case (_, .ping(let nonce)) where version != nil:
             context.send(.pong(nonce: nonce), version: version!)
         case (_, .pong(let nonce)) where version != nil:
@@ -183,6 +203,15 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
 
     func channelInactive(context: ChannelHandlerContext) {
         pinger?.cancel()
+        work?.finish()
+        let waiting = callLock.withLock { () -> [CheckedContinuation<(ok: Bool, body: [UInt8]), Error>] in
+            closed = true
+            defer { calls = [:] }
+            return Array(calls.values)
+        }
+        let why = closeReason ?? "the connection closed"
+        for c in waiting { c.resume(throwing: DomainError("link to peer '\(peer ?? "?")' lost: \(why)")) }
+        if case .connected(let name, _) = role { service.unregister(self, for: name) }
         service.untrack(context.channel)
         switch role {
         case .accepted:
@@ -204,5 +233,73 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
             }
         }
         context.fireChannelInactive()
+    }
+
+    // MARK: calls (connected side)
+
+    /// Sends a `request` or `blocks` frame with id `id` and returns its response.
+    func call(_ message: ReplicationMessage, id: UInt64) async throws -> (ok: Bool, body: [UInt8]) {
+        guard let channel, let version else { throw DomainError("link to peer '\(peer ?? "?")' is not up") }
+        return try await withCheckedThrowingContinuation { c in
+            let refused = callLock.withLock { () -> Bool in
+                if closed { return true }
+                calls[id] = c
+                return false
+            }
+            if refused { return c.resume(throwing: DomainError("link to peer '\(peer ?? "?")' lost")) }
+            let bytes = ReplicationFrame.encode(message, version: version)
+            channel.writeAndFlush(channel.allocator.buffer(bytes: bytes), promise: nil)
+        }
+    }
+
+    // MARK: requests and blocks (accepted side)
+
+    /// Handles what the peer sends, one message at a time, in order, answering each.
+    private func startWorker(peer name: String, version: UInt16, channel: Channel) {
+        let (stream, continuation) = AsyncStream<ReplicationMessage>.makeStream()
+        work = continuation
+        let domain = service.domain
+        Task {
+            guard let scratch = try? AlignedBuffer(count: BlockHeader.maxDataBytes) else { return }
+            var group: String? // the group the last cycle-begin named: blocks go there
+            for await message in stream {
+                let id: UInt64, outcome: Result<AsyncResponse, DomainError>
+                switch message {
+                case .request(let rid, let body):
+                    id = rid
+                    do throws(DomainError) {
+                        guard let r = try? JSONDecoder().decode(AsyncRequest.self, from: Data(body)) else {
+                            throw DomainError("request \(rid): not an async mirror request")
+                        }
+                        switch r.op {
+                        case .createDestination: outcome = .success(try await domain.createAsyncDestination(r, peer: name))
+                        case .cycleBegin:
+                            _ = try domain.asyncVDisk(r.group, role: .destination)
+                            group = r.group
+                            outcome = .success(AsyncResponse())
+                        case .cycleEnd: outcome = .success(try await domain.completeAsyncCycle(r, peer: name))
+                        case .deleteGroup:
+                            try await domain.removeAsyncGroup(r.group)
+                            outcome = .success(AsyncResponse())
+                        }
+                    } catch { outcome = .failure(error) }
+                case .blocks(let h, let crcs, let data):
+                    id = h.id
+                    do throws(DomainError) {
+                        guard let group else { throw DomainError("blocks before any cycle-begin") }
+                        try await domain.applyAsyncBlocks(h, crcs: crcs, data: data, group: group, peer: name, scratch: scratch.pointer)
+                        outcome = .success(AsyncResponse())
+                    } catch { outcome = .failure(error) }
+                default:
+                    continue
+                }
+                let answer: ReplicationMessage = switch outcome {
+                case .success(let r): .response(id: id, ok: true, body: Array((try? JSONEncoder().encode(r)) ?? Data()))
+                case .failure(let e): .response(id: id, ok: false, body: Array((try? JSONEncoder().encode(AsyncResponse(reason: e.message))) ?? Data()))
+                }
+                channel.writeAndFlush(channel.allocator.buffer(bytes: ReplicationFrame.encode(answer, version: version)), promise: nil)
+            }
+            withExtendedLifetime(scratch) {}
+        }
     }
 }

@@ -25,6 +25,13 @@ import Foundation
 /// speaks); the side that accepted answers `welcome` (its domain and the version chosen:
 /// the highest both speak) or `refuse` (a code and a reason) and closes. Every later
 /// frame is written in the chosen version. `ping`/`pong` keep an idle link measured.
+///
+/// Then the connecting side drives: `request` (an id and a JSON body: the async mirror's
+/// control operations, `AsyncRequest`) answered by `response` (the same id, ok or not, a
+/// JSON body), and `blocks` (an id, where the blocks go, a crc32c per 4 KiB block of the
+/// uncompressed data, the data, optionally igzip-compressed), each answered by a
+/// `response` once the blocks are durable at the destination: the sender keeps at most
+/// the link profile's `bytes_in_flight` unanswered.
 public enum ReplicationFrame {
     public static let magic: UInt32 = 0x5356_5250 // "SVRP"
     public static let headerBytes = 16
@@ -37,6 +44,9 @@ public enum ReplicationFrame {
         case refuse = 3
         case ping = 4
         case pong = 5
+        case request = 6
+        case response = 7
+        case blocks = 8
 
         /// The largest payload a frame of this kind may carry.
         public var maxPayload: Int {
@@ -45,6 +55,9 @@ public enum ReplicationFrame {
             case .welcome: 2 + 16 + 1 + ReplicationFrame.maxNameBytes
             case .refuse: 2 + 2 + ReplicationFrame.maxReasonBytes
             case .ping, .pong: 8
+            case .request: 8 + ReplicationFrame.maxJSONBytes
+            case .response: 8 + 1 + ReplicationFrame.maxJSONBytes
+            case .blocks: BlockHeader.fixedBytes + 4 * BlockHeader.maxBlocks + BlockHeader.maxDataBytes
             }
         }
 
@@ -55,11 +68,15 @@ public enum ReplicationFrame {
             case .welcome: 2 + 16 + 1 + 1
             case .refuse: 2 + 2
             case .ping, .pong: 8
+            case .request: 8
+            case .response: 9
+            case .blocks: BlockHeader.fixedBytes + 4
             }
         }
     }
 
     static let maxNameBytes = 64
+    static let maxJSONBytes = 64 << 10
     static let maxReasonBytes = 1024
 
     /// Why a frame is refused: one line, naming the field.
@@ -123,6 +140,11 @@ public enum ReplicationMessage: Equatable, Sendable {
     case refuse(code: RefusalCode, reason: String)
     case ping(nonce: UInt64)
     case pong(nonce: UInt64)
+    /// A control operation (JSON body); answered by `response` with the same id.
+    case request(id: UInt64, body: [UInt8])
+    case response(id: UInt64, ok: Bool, body: [UInt8])
+    /// Blocks for the destination: answered by `response` with the same id once durable.
+    case blocks(BlockHeader, crcs: [UInt32], data: [UInt8])
 
     public enum RefusalCode: UInt16, Sendable {
         case noCommonVersion = 1
@@ -140,6 +162,9 @@ public enum ReplicationMessage: Equatable, Sendable {
         case .refuse: .refuse
         case .ping: .ping
         case .pong: .pong
+        case .request: .request
+        case .response: .response
+        case .blocks: .blocks
         }
     }
 
@@ -163,6 +188,26 @@ public enum ReplicationMessage: Equatable, Sendable {
             return .refuse(code: RefusalCode(rawValue: raw) ?? .other, reason: reason)
         case .ping: return .ping(nonce: try r.u64("nonce"))
         case .pong: return .pong(nonce: try r.u64("nonce"))
+        case .request:
+            let id = try r.u64("request id")
+            return .request(id: id, body: try r.rest("request body", max: ReplicationFrame.maxJSONBytes))
+        case .response:
+            let id = try r.u64("response id")
+            let ok = try r.u8("response status")
+            guard ok <= 1 else { throw .init("response: status \(ok) is neither 0 nor 1") }
+            return .response(id: id, ok: ok == 1, body: try r.rest("response body", max: ReplicationFrame.maxJSONBytes))
+        case .blocks:
+            let h = try BlockHeader.decode(&r)
+            var crcs: [UInt32] = []
+            crcs.reserveCapacity(Int(h.count))
+            for _ in 0..<h.count { crcs.append(try r.u32("block crc32c")) }
+            let n = Int(try r.u32("data length"))
+            let most = h.compressed ? BlockHeader.maxDataBytes : Int(h.count) * Int(h.blockBytes)
+            guard n <= most else { throw .init("blocks: data length \(n) over \(most) for \(h.count) block(s)") }
+            guard h.compressed || n == Int(h.count) * Int(h.blockBytes) else {
+                throw .init("blocks: \(n) bytes of data for \(h.count) uncompressed block(s) of \(h.blockBytes)")
+            }
+            return .blocks(h, crcs: crcs, data: Array(try r.bytes(n, "block data")))
         }
     }
 
@@ -184,7 +229,69 @@ public enum ReplicationMessage: Equatable, Sendable {
             w.bytes += text
         case .ping(let nonce), .pong(let nonce):
             w.u64(nonce)
+        case .request(let id, let body):
+            w.u64(id)
+            w.bytes += body.prefix(ReplicationFrame.maxJSONBytes)
+        case .response(let id, let ok, let body):
+            w.u64(id)
+            w.bytes.append(ok ? 1 : 0)
+            w.bytes += body.prefix(ReplicationFrame.maxJSONBytes)
+        case .blocks(let h, let crcs, let data):
+            h.encode(&w)
+            for c in crcs { w.u32(c) }
+            w.u32(UInt32(data.count))
+            w.bytes += data
         }
+    }
+}
+
+/// Where a `blocks` frame's data goes: a member vdisk of an async group, at a block
+/// offset, in one cycle. The crc32c of each uncompressed block follows it on the wire.
+public struct BlockHeader: Equatable, Sendable {
+    public var id: UInt64
+    public var cycle: UInt64
+    /// The vdisk's index among the group's members.
+    public var member: UInt16
+    public var compressed: Bool
+    /// Byte offset in the vdisk (a multiple of `blockBytes`).
+    public var offset: UInt64
+    public var count: UInt32
+    public var blockBytes: UInt32
+
+    public static let fixedBytes = 8 + 8 + 2 + 2 + 8 + 4 + 4 + 4 // ... and the data length after the crcs
+    public static let maxBlocks = 256
+    /// 1 MiB of blocks; compressed data may be a little larger than its input (igzip's bound).
+    public static let maxDataBytes = (1 << 20) + (64 << 10)
+
+    public init(id: UInt64, cycle: UInt64, member: UInt16, compressed: Bool, offset: UInt64, count: UInt32, blockBytes: UInt32 = 4096) {
+        self.id = id
+        self.cycle = cycle
+        self.member = member
+        self.compressed = compressed
+        self.offset = offset
+        self.count = count
+        self.blockBytes = blockBytes
+    }
+
+    fileprivate static func decode(_ r: inout WireReader) throws(ReplicationFrame.Malformed) -> BlockHeader {
+        let id = try r.u64("blocks id"), cycle = try r.u64("cycle"), member = try r.u16("member")
+        let flags = try r.u16("flags"), offset = try r.u64("offset"), count = try r.u32("block count"), size = try r.u32("block size")
+        guard flags & ~1 == 0 else { throw .init("blocks: unknown flags 0x\(String(flags, radix: 16))") }
+        guard size == 4096 else { throw .init("blocks: block size \(size), expected 4096") }
+        guard (1...UInt32(maxBlocks)).contains(count) else { throw .init("blocks: \(count) blocks (1...\(maxBlocks))") }
+        guard offset % UInt64(size) == 0 else { throw .init("blocks: offset \(offset) is not a multiple of \(size)") }
+        guard offset <= UInt64.max - UInt64(count) * UInt64(size) else { throw .init("blocks: offset \(offset) overflows") }
+        return BlockHeader(id: id, cycle: cycle, member: member, compressed: flags & 1 == 1, offset: offset, count: count, blockBytes: size)
+    }
+
+    fileprivate func encode(_ w: inout WireWriter) {
+        w.u64(id)
+        w.u64(cycle)
+        w.u16(member)
+        w.u16(compressed ? 1 : 0)
+        w.u64(offset)
+        w.u32(count)
+        w.u32(blockBytes)
     }
 }
 
@@ -206,6 +313,7 @@ struct WireReader {
         return raw.reduce(T(0)) { $0 << 8 | T($1) }
     }
 
+    mutating func u8(_ field: String) throws(ReplicationFrame.Malformed) -> UInt8 { try take(1, field)[0] }
     mutating func u16(_ field: String) throws(ReplicationFrame.Malformed) -> UInt16 { try integer(UInt16.self, field) }
     mutating func u32(_ field: String) throws(ReplicationFrame.Malformed) -> UInt32 { try integer(UInt32.self, field) }
     mutating func u64(_ field: String) throws(ReplicationFrame.Malformed) -> UInt64 { try integer(UInt64.self, field) }
@@ -215,6 +323,14 @@ struct WireReader {
         var u: uuid_t = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         withUnsafeMutableBytes(of: &u) { $0.copyMemory(from: raw) }
         return UUID(uuid: u)
+    }
+
+    mutating func bytes(_ n: Int, _ field: String) throws(ReplicationFrame.Malformed) -> UnsafeRawBufferPointer { try take(n, field) }
+
+    /// Whatever is left (at most `max` bytes).
+    mutating func rest(_ field: String, max: Int) throws(ReplicationFrame.Malformed) -> [UInt8] {
+        guard remaining <= max else { throw .init("\(field) of \(remaining) bytes over \(max)") }
+        return Array(try take(remaining, field))
     }
 
     mutating func utf8(_ n: Int, _ field: String) throws(ReplicationFrame.Malformed) -> String {

@@ -18,8 +18,13 @@ public final class ReplicationService: @unchecked Sendable {
     private let lock = NSLock()
     private var links: [String: PeerLinkStatus] = [:]
     private var connectors: [String: Task<Void, Never>] = [:]
+    /// The source side of each async group, and its task.
+    private var sources: [String: (source: AsyncSource, task: Task<Void, Never>)] = [:]
     private var channels: [ObjectIdentifier: Channel] = [:]
     private var stopped = false
+    /// Each peer's outbound session once negotiated: requests and blocks go through it.
+    private var sessions: [String: PeerSession] = [:]
+    private var nextCallId: UInt64 = 0
     /// The last problem logged for a connection that named no known peer (logged once in a row).
     private var lastAnonymousProblem: String?
 
@@ -70,6 +75,7 @@ public final class ReplicationService: @unchecked Sendable {
                 links[name] = nil
             }
         }
+        reconcileAsync()
         // Connections of removed peers close (their handlers look the peer up again).
         for channel in lock.withLock({ Array(channels.values) }) {
             channel.eventLoop.execute { channel.pipeline.fireUserInboundEventTriggered(PeerSession.Recheck()) }
@@ -78,11 +84,30 @@ public final class ReplicationService: @unchecked Sendable {
 
     public func status(of peer: String) -> PeerLinkStatus? { lock.withLock { links[peer] } }
 
+    /// Starts the cycles of every source group that has none running; stops those of groups gone.
+    public func reconcileAsync() {
+        let names = Set(domain.metadata.asyncGroupList.filter { $0.role == .source }.map(\.name))
+        lock.withLock {
+            guard !stopped else { return }
+            for name in names where sources[name] == nil {
+                let source = AsyncSource(group: name, service: self)
+                sources[name] = (source, Task { await source.run() })
+            }
+            for (name, s) in sources where !names.contains(name) {
+                s.task.cancel()
+                sources[name] = nil
+            }
+        }
+    }
+
+    /// What group `name`'s source task is doing now (nil: none runs here).
+    public func progress(ofGroup name: String) -> AsyncTaskProgress? { lock.withLock { sources[name]?.source.current } }
+
     public func stop() {
         let (tasks, open) = lock.withLock { () -> ([Task<Void, Never>], [Channel]) in
             stopped = true
-            defer { connectors = [:] }
-            return (Array(connectors.values), Array(channels.values))
+            defer { connectors = [:]; sources = [:] }
+            return (Array(connectors.values) + sources.values.map(\.task), Array(channels.values))
         }
         for t in tasks { t.cancel() }
         for c in open { try? c.close().wait() }
@@ -114,6 +139,34 @@ public final class ReplicationService: @unchecked Sendable {
             }
         }
         if fresh { log("replication: " + line) }
+    }
+
+    func register(_ session: PeerSession, for peer: String) { lock.withLock { sessions[peer] = session } }
+    func unregister(_ session: PeerSession, for peer: String) {
+        lock.withLock { if sessions[peer] === session { sessions[peer] = nil } }
+    }
+
+    public func isConnected(_ peer: String) -> Bool { lock.withLock { sessions[peer] != nil } }
+
+    /// Sends an async request to `peer` and returns its answer; a refusal throws its reason.
+    func call(_ peer: String, _ request: AsyncRequest) async throws(DomainError) -> AsyncResponse {
+        guard let body = try? JSONEncoder().encode(request) else { throw DomainError("cannot encode the request") }
+        let (ok, answer) = try await send(peer) { id in .request(id: id, body: Array(body)) }
+        let r = (try? JSONDecoder().decode(AsyncResponse.self, from: Data(answer))) ?? AsyncResponse()
+        guard ok else { throw DomainError("peer '\(peer)' refused \(request.op.rawValue) of group '\(request.group)': \(r.reason ?? "no reason given")") }
+        return r
+    }
+
+    /// Sends one frame built with a fresh id through the peer's session; returns its response.
+    func send(_ peer: String, _ frame: (UInt64) -> ReplicationMessage) async throws(DomainError) -> (ok: Bool, body: [UInt8]) {
+        let (session, id) = lock.withLock { () -> (PeerSession?, UInt64) in
+            nextCallId &+= 1
+            return (sessions[peer], nextCallId)
+        }
+        guard let session else { throw DomainError("peer '\(peer)' is not connected (see `svsp-ctl peer show \(peer)`)") }
+        do { return try await session.call(frame(id), id: id) } catch let e as DomainError { throw e } catch {
+            throw DomainError("peer '\(peer)': \(error)")
+        }
     }
 
     func track(_ channel: Channel) { lock.withLock { channels[ObjectIdentifier(channel)] = channel } }

@@ -1,0 +1,184 @@
+import Foundation
+import IOEngine
+
+/// The source side of an async mirror group: every `pit_cycle` of the peer's link
+/// profile it takes a standard PiT of the vdisk (held for the group), ships the extents
+/// that changed since the PiT the destination last confirmed (everything allocated, the
+/// first time), read from the new PiT (so later host writes never mix in), a crc32c per
+/// 4 KiB block computed as read, at most `bytes_in_flight` unanswered, then asks the
+/// destination to make the cycle its new image. Once confirmed, the previous PiT goes.
+/// A cycle cut by a link drop or a restart is retried from its start with the same PiT.
+/// Host writes never wait for any of this.
+final class AsyncSource: @unchecked Sendable {
+    let group: String
+    private let service: ReplicationService
+    private var domain: Domain { service.domain }
+    private let lock = NSLock()
+    private var progress = AsyncTaskProgress()
+
+    init(group: String, service: ReplicationService) {
+        self.group = group
+        self.service = service
+    }
+
+    var current: AsyncTaskProgress { lock.withLock { progress } }
+
+    /// Runs cycles until cancelled or the group is gone.
+    func run() async {
+        var lastStart: UInt64 = 0
+        while !Task.isCancelled {
+            guard let g = domain.metadata.asyncGroup(named: group), g.role == .source else { return }
+            guard let peer = domain.metadata.peer(named: g.peer), let link = domain.profiles.links[peer.linkProfile] else {
+                await note(error: "peer '\(g.peer)' or its link profile is gone")
+                try? await Task.sleep(nanoseconds: 1_000_000_000)
+                continue
+            }
+            let due = lastStart + (g.confirmedPiT == nil ? 0 : link.pitCycleNs)
+            let now = DispatchTime.now().uptimeNanoseconds
+            if g.state == .paused || !service.isConnected(g.peer) || now < due {
+                try? await Task.sleep(nanoseconds: min(200_000_000, max(due > now ? due - now : 0, 10_000_000)))
+                continue
+            }
+            lastStart = now
+            do throws(DomainError) {
+                try await cycle(g, link: link)
+            } catch {
+                await note(error: error.message)
+                try? await Task.sleep(nanoseconds: 1_000_000_000)
+            }
+        }
+    }
+
+    private func note(error: String) async {
+        lock.withLock { progress.lastError = error }
+        try? await domain.updateAsyncGroup(group) {
+            $0.lastError = error
+            if $0.state == .normal { $0.state = .degraded }
+        }
+    }
+
+    /// One cycle: PiT, difference, blocks, cycle-end, confirm.
+    private func cycle(_ g: AsyncGroupRecord, link: LinkProfile) async throws(DomainError) {
+        guard let v = domain.metadata.vdisks.first(where: { $0.id == g.vdiskId }) else { throw DomainError("its vdisk is gone") }
+        let number = g.cycle + 1
+        let pit = "\(g.name).async-\(number)"
+        if domain.metadata.pit(named: pit) == nil { // else: a retried cycle ships the PiT it took
+            _ = try await domain.createPiT(vdisk: v.name, as: pit, kind: .standard)
+        }
+        try await domain.holdPiT(named: pit, for: g.name)
+        let ranges: [Domain.ByteRange] = if let base = g.confirmedPiT, domain.metadata.pit(named: base) != nil {
+            try domain.differences(from: base, to: pit).ranges
+        } else {
+            try domain.allocatedRanges(ofPiT: pit)
+        }
+        let total = ranges.reduce(0) { $0 + $1.length }
+        lock.withLock {
+            progress = AsyncTaskProgress(cycle: number, pit: pit, bytesToSend: total, bytesSent: 0, startedAt: Date().timeIntervalSince1970,
+                                         lastError: progress.lastError, wireBytes: progress.wireBytes, dataBytes: progress.dataBytes)
+        }
+        _ = try await service.call(g.peer, AsyncRequest(op: .cycleBegin, group: g.name, cycle: number, pit: pit))
+        try await ship(ranges, of: pit, group: g, cycle: number, link: link)
+        let answer = try await service.call(g.peer, AsyncRequest(op: .cycleEnd, group: g.name, cycle: number, pit: pit))
+        guard answer.lastComplete == pit else { throw DomainError("peer '\(g.peer)' did not confirm PiT '\(pit)'") }
+        let previous = g.confirmedPiT
+        let takenAt = domain.metadata.pit(named: pit)?.createdAt
+        try await domain.updateAsyncGroup(g.name) {
+            $0.confirmedPiT = pit
+            $0.cycle = number
+            $0.confirmedAt = takenAt
+            $0.lastError = nil
+            if $0.state == .degraded { $0.state = .normal }
+        }
+        lock.withLock { progress.lastError = nil }
+        if let previous, previous != pit, domain.metadata.pit(named: previous) != nil {
+            try? await domain.holdPiT(named: previous, for: nil)
+            try? await domain.deletePiT(named: previous)
+        }
+    }
+
+    /// Sends `ranges` of PiT `pit` in frames of up to 1 MiB, keeping at most the link's
+    /// `bytes_in_flight` unanswered.
+    private func ship(_ ranges: [Domain.ByteRange], of pit: String, group g: AsyncGroupRecord, cycle: UInt64, link: LinkProfile) async throws(DomainError) {
+        let piece = BlockHeader.maxBlocks * 4096
+        let window = max(Int(link.bytesInFlight), piece)
+        let level = link.compressionLevel
+        var inFlight: [Task<Result<Void, DomainError>, Never>] = []
+        var inFlightBytes: [Int] = []
+        func settleOldest() async throws(DomainError) {
+            let t = inFlight.removeFirst()
+            inFlightBytes.removeFirst()
+            if case .failure(let e) = await t.value { throw e }
+        }
+        do throws(DomainError) {
+            for r in ranges {
+                var at = r.offset
+                while at < r.offset + r.length {
+                    let n = Int(min(UInt64(piece), r.offset + r.length - at))
+                    while !inFlight.isEmpty, inFlightBytes.reduce(0, +) + n > window { try await settleOldest() }
+                    let frame = try await readFrame(pit, at: at, length: n, cycle: cycle, compression: level)
+                    let peer = g.peer, service = service, start = at
+                    inFlight.append(Task { @Sendable () -> Result<Void, DomainError> in
+                        do throws(DomainError) {
+                            let (ok, body) = try await service.send(peer) { id in frame(id) }
+                            guard ok else {
+                                let why = (try? JSONDecoder().decode(AsyncResponse.self, from: Data(body)))?.reason ?? "no reason given"
+                                return .failure(DomainError("peer '\(peer)' refused blocks at \(start): \(why)"))
+                            }
+                            return .success(())
+                        } catch { return .failure(error) }
+                    })
+                    inFlightBytes.append(n)
+                    lock.withLock { progress.bytesSent += UInt64(n) }
+                    at += UInt64(n)
+                }
+            }
+            while !inFlight.isEmpty { try await settleOldest() }
+        } catch {
+            for t in inFlight { _ = await t.value } // every call answers or fails with the link
+            throw error
+        }
+    }
+
+    /// Reads one piece of the PiT and builds its frame (the id is the link's to give).
+    private func readFrame(_ pit: String, at offset: UInt64, length: Int, cycle: UInt64, compression: Int?) async throws(DomainError) -> @Sendable (UInt64) -> ReplicationMessage {
+        guard let buffer = try? AlignedBuffer(count: length) else { throw DomainError("out of memory for a replication buffer") }
+        try await domain.readPiT(named: pit, offset: offset, length: length, into: buffer.pointer)
+        let blocks = length / 4096
+        var crcs = [UInt32](repeating: 0, count: blocks)
+        for i in 0..<blocks { crcs[i] = Checksum.crc32c(UnsafeRawBufferPointer(start: buffer.pointer + i * 4096, count: 4096)) }
+        var data = [UInt8](UnsafeRawBufferPointer(start: buffer.pointer, count: length))
+        var compressed = false
+        if let level = compression {
+            var out = [UInt8](repeating: 0, count: Compression.bound(length))
+            let input = UnsafeRawBufferPointer(start: buffer.pointer, count: length)
+            let n = out.withUnsafeMutableBytes { output in try? Compression.compress(level: level, input, into: output) }
+            if let n, n < length, n <= BlockHeader.maxDataBytes {
+                out.removeSubrange(n..<out.count)
+                data = out
+                compressed = true
+            }
+        }
+        let wire = data.count
+        lock.withLock {
+            progress.dataBytes += UInt64(length)
+            progress.wireBytes += UInt64(wire)
+        }
+        let payload = data, checks = crcs, packed = compressed
+        return { id in
+            .blocks(BlockHeader(id: id, cycle: cycle, member: 0, compressed: packed, offset: offset, count: UInt32(blocks)), crcs: checks, data: payload)
+        }
+    }
+}
+
+/// What a source task is doing now (not persisted: `async status` shows it with the group).
+public struct AsyncTaskProgress: Codable, Sendable {
+    public var cycle: UInt64 = 0
+    public var pit: String?
+    public var bytesToSend: UInt64 = 0
+    public var bytesSent: UInt64 = 0
+    public var startedAt: Double?
+    public var lastError: String?
+    /// Since the daemon started: bytes of blocks read, and bytes put on the wire for them.
+    public var wireBytes: UInt64 = 0
+    public var dataBytes: UInt64 = 0
+}

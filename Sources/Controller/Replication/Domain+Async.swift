@@ -1,0 +1,135 @@
+import Foundation
+import IOEngine
+
+/// Async mirror groups in the catalog (`AsyncGroupRecord`), and what the destination side
+/// does with what a source sends: make the destination vdisk, write the blocks of a cycle
+/// into it (the pending layer), and make the cycle visible as one PiT, in one commit.
+/// Until that PiT exists, the last complete PiT is the destination's consistent image.
+extension Domain {
+    // MARK: catalog
+
+    func addAsyncGroup(_ g: AsyncGroupRecord) async throws(DomainError) {
+        try await beginChange()
+        defer { mutation.release() }
+        guard Parse.name(g.name) != nil else { throw DomainError("group name '\(g.name)': use letters, digits, - _ . (at most 64)") }
+        guard metadata.asyncGroup(named: g.name) == nil else { throw DomainError("async group '\(g.name)' already exists") }
+        guard let v = metadata.vdisks.first(where: { $0.id == g.vdiskId }) else { throw DomainError("the group's vdisk is gone") }
+        if let other = metadata.asyncGroup(of: v) { throw DomainError("vdisk '\(v.name)' is already in async group '\(other.name)'") }
+        var next = metadata
+        next.asyncGroupList.append(g)
+        try await commit(next)
+    }
+
+    /// Changes group `name` (nothing when it is gone).
+    func updateAsyncGroup(_ name: String, _ change: (inout AsyncGroupRecord) -> Void) async throws(DomainError) {
+        try await beginChange()
+        defer { mutation.release() }
+        guard let i = metadata.asyncGroupList.firstIndex(where: { $0.name == name }) else { return }
+        var next = metadata
+        change(&next.asyncGroupList[i])
+        guard next.asyncGroupList[i] != metadata.asyncGroupList[i] else { return }
+        try await commit(next)
+    }
+
+    /// Removes group `name`; its vdisk and PiTs stay (their holds are released).
+    func removeAsyncGroup(_ name: String) async throws(DomainError) {
+        try await beginChange()
+        defer { mutation.release() }
+        guard metadata.asyncGroup(named: name) != nil else { throw DomainError("async group '\(name)' not found") }
+        var next = metadata
+        next.asyncGroupList.removeAll { $0.name == name }
+        for i in next.pitList.indices where next.pitList[i].heldBy == name { next.pitList[i].heldBy = nil }
+        try await commit(next)
+    }
+
+    /// The vdisk of group `name` on this side, or why there is none.
+    func asyncVDisk(_ name: String, role: AsyncGroupRecord.Role) throws(DomainError) -> (AsyncGroupRecord, VDiskRecord) {
+        guard let g = metadata.asyncGroup(named: name), g.role == role else { throw DomainError("async group '\(name)' is not a \(role.rawValue) here") }
+        guard let v = metadata.vdisks.first(where: { $0.id == g.vdiskId }) else { throw DomainError("async group '\(name)': its vdisk is gone") }
+        return (g, v)
+    }
+
+    // MARK: destination side
+
+    /// `create-destination`: the vdisk the source will feed (created thin, of the source's
+    /// size and block size, unless it exists and `existing` allows it) and the group.
+    func createAsyncDestination(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
+        guard let vdisk = r.vdisk, let size = r.sizeBytes, let blockSize = r.blockSize else {
+            throw DomainError("create-destination: vdisk, size and block size are required")
+        }
+        if let g = metadata.asyncGroup(named: r.group) {
+            // A retried request: answer as before when it is the same group.
+            guard g.role == .destination, g.peer == peer, metadata.vdisks.first(where: { $0.id == g.vdiskId })?.name == vdisk else {
+                throw DomainError("async group '\(r.group)' already exists here")
+            }
+            return AsyncResponse(lastComplete: g.confirmedPiT)
+        }
+        if let v = metadata.vdisk(named: vdisk) {
+            guard r.existing == true else {
+                throw DomainError("vdisk '\(vdisk)' already exists at the destination (use --dest-existing to mirror onto it; its data will be overwritten)")
+            }
+            guard v.sizeBytes == size, v.blockSize == blockSize else {
+                throw DomainError("vdisk '\(vdisk)' at the destination is \(v.sizeBytes) bytes of \(v.blockSize)-byte blocks; the source is \(size) of \(blockSize)")
+            }
+            guard v.export == nil else { throw DomainError("vdisk '\(vdisk)' at the destination is exported; unexport it first") }
+        } else {
+            guard let pool = r.pool ?? metadata.pools.first?.name else { throw DomainError("the destination domain has no pool") }
+            _ = try await createVDisk(name: vdisk, poolName: pool, mirrorPools: [], sizeBytes: size, blockSize: blockSize, thin: true)
+        }
+        guard let v = metadata.vdisk(named: vdisk) else { throw DomainError("vdisk '\(vdisk)' vanished") }
+        try await addAsyncGroup(AsyncGroupRecord(name: r.group, role: .destination, vdiskId: v.id, peer: peer, remoteVDisk: vdisk))
+        return AsyncResponse()
+    }
+
+    /// `cycle-end`: every block of the cycle is durable; PiT `pit` of the destination makes
+    /// the cycle its new consistent image (one catalog commit), recorded in the group.
+    func completeAsyncCycle(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
+        guard let pit = r.pit, let cycle = r.cycle else { throw DomainError("cycle-end: pit and cycle are required") }
+        let (g, v) = try asyncVDisk(r.group, role: .destination)
+        guard g.peer == peer else { throw DomainError("async group '\(r.group)' is fed by peer '\(g.peer)', not '\(peer)'") }
+        if g.confirmedPiT == pit { return AsyncResponse(lastComplete: pit) } // a retried cycle-end
+        if metadata.pit(named: pit) == nil { _ = try await createPiT(vdisk: v.name, as: pit, kind: .standard) }
+        let previous = g.confirmedPiT
+        try await updateAsyncGroup(r.group) {
+            $0.confirmedPiT = pit
+            $0.cycle = cycle
+            $0.confirmedAt = Date().timeIntervalSince1970
+        }
+        // The previous image is no longer the fall-back; keep it only if a user took it.
+        if let previous, metadata.pit(named: previous)?.kind == .standard { try? await deletePiT(named: previous) }
+        return AsyncResponse(lastComplete: pit)
+    }
+
+    /// A `blocks` frame: each block's crc32c checked, then written into the destination vdisk
+    /// (never visible to readers of the last complete PiT). `scratch` holds 1 MiB, aligned.
+    func applyAsyncBlocks(_ h: BlockHeader, crcs: [UInt32], data: [UInt8], group: String, peer: String,
+                          scratch: UnsafeMutableRawPointer) async throws(DomainError)
+    {
+        let (g, v) = try asyncVDisk(group, role: .destination)
+        guard g.peer == peer else { throw DomainError("async group '\(group)' is fed by peer '\(g.peer)', not '\(peer)'") }
+        guard h.member == 0 else { throw DomainError("blocks for member \(h.member) of group '\(group)', which has one vdisk") }
+        let length = Int(h.count) * Int(h.blockBytes)
+        guard h.offset <= v.sizeBytes, UInt64(length) <= v.sizeBytes - h.offset else {
+            throw DomainError("blocks at \(h.offset)+\(length) lie beyond vdisk '\(v.name)' (\(v.sizeBytes) bytes)")
+        }
+        let got: Int
+        if h.compressed {
+            do {
+                got = try data.withUnsafeBytes { input throws(IOError) in
+                    try Compression.decompress(input, into: UnsafeMutableRawBufferPointer(start: scratch, count: length))
+                }
+            } catch { throw DomainError("blocks at \(h.offset): the compressed data does not decompress (\(error))") }
+        } else {
+            got = data.count
+            data.withUnsafeBytes { scratch.copyMemory(from: $0.baseAddress!, byteCount: data.count) }
+        }
+        guard got == length else { throw DomainError("blocks at \(h.offset): \(got) bytes of data for \(h.count) block(s)") }
+        for i in 0..<Int(h.count) {
+            let block = UnsafeRawBufferPointer(start: scratch + i * Int(h.blockBytes), count: Int(h.blockBytes))
+            guard Checksum.crc32c(block) == crcs[i] else {
+                throw DomainError("block at \(h.offset + UInt64(i) * UInt64(h.blockBytes)) of vdisk '\(v.name)' fails its crc32c (damaged between its read at the source and here); nothing of the frame was written")
+            }
+        }
+        try await write(vdisk: v.name, offset: h.offset, length: length, from: scratch)
+    }
+}

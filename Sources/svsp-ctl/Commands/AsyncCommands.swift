@@ -1,0 +1,55 @@
+import ArgumentParser
+import Foundation
+
+struct AsyncCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "async", abstract: "Async mirror groups: a vdisk mirrored to a peer domain in write-order consistent cycles.",
+        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DeleteGroup.self])
+
+    struct CreateGroup: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "create-group", abstract: "Create a group and its task: the destination vdisk is made at the peer, the initial copy starts.")
+        @Argument var name: String
+        @Option(help: "The vdisk to mirror.") var source: String
+        @Option(help: "The peer domain to mirror to.") var peer: String
+        @Option(help: "The destination vdisk's name at the peer (default: the source's).") var dest: String?
+        @Option(name: .customLong("dest-pool"), help: "The peer's pool for a new destination vdisk (default: its first).") var destPool: String?
+        @Flag(name: .customLong("dest-existing"), help: "Mirror onto an existing vdisk at the peer (same size and block size; overwritten).")
+        var destExisting = false
+        @OptionGroup var options: DomainOptions
+        func run() throws {
+            var args = ["name": name, "source": source, "peer": peer, "dest_existing": destExisting ? "true" : "false"]
+            if let dest { args["dest"] = dest }
+            if let destPool { args["dest_pool"] = destPool }
+            try options.send("async.create-group", args)
+        }
+    }
+
+    struct Status: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Groups: state, last complete PiT at the destination and its age, what is left to send.")
+        @Argument var name: String?
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.status", name.map { ["name": $0] } ?? [:]) }
+    }
+
+    struct PauseTask: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "pause-task", abstract: "Stop taking cycles (the one in flight finishes).")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.pause-task", ["name": name]) }
+    }
+
+    struct ContinueTask: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "continue-task", abstract: "Take cycles again.")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.continue-task", ["name": name]) }
+    }
+
+    struct DeleteGroup: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "delete-group", abstract: "Delete a group (its vdisks and PiTs stay).")
+        @Argument var name: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.delete-group", ["name": name]) }
+    }
+}

@@ -1,0 +1,64 @@
+import Foundation
+import XCTest
+
+/// Two domains (site-a, site-b), each served by its own daemon accepting replication
+/// connections on a free loopback port: the base of the peer-link and async tests.
+class TwoSitesTestCase: XCTestCase {
+    var dir: TempDir!
+    var daemons: [String: ServeProcess] = [:]
+
+    /// Starts both daemons (with `profiles`, default the shipped ones).
+    func startSites(profiles: String = ServeProcess.profiles) throws {
+        for site in ["site-a", "site-b"] {
+            let r = try CLI.run(["domain", "init", "--dir", dir.file(site), "--name", site])
+            XCTAssertEqual(r.status, 0, r.stderr)
+            daemons[site] = try ServeProcess(state: dir.file(site), extra: ["--repl-listen", "127.0.0.1:0"], log: dir.file(site + ".log"),
+                                             profiles: profiles)
+        }
+        try "0123456789abcdef0123456789abcdef\n".write(toFile: dir.file("secret"), atomically: true, encoding: .utf8)
+    }
+
+    override func setUpWithError() throws { dir = TempDir() }
+
+    override func tearDown() {
+        for d in daemons.values { d.stop() }
+        dir = nil
+    }
+
+    @discardableResult
+    func ok(_ site: String, _ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        let r = try CLI.run(args + ["--dir", dir.file(site)])
+        XCTAssertEqual(r.status, 0, "\(site) \(args): \(r.stderr)", file: file, line: line)
+        return r.stdout
+    }
+
+    func json(_ site: String, _ args: [String]) throws -> [String: Any] {
+        try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(site, args + ["--json"]).utf8)) as? [String: Any])
+    }
+
+    func status(_ site: String) throws -> [String: Any] { try json(site, ["status"]) }
+    func address(_ site: String) throws -> String { try XCTUnwrap(status(site)["replicationListen"] as? String) }
+    func domainId(_ site: String) throws -> String { try XCTUnwrap(status(site)["domainId"] as? String) }
+
+    func addPeer(on site: String, _ peer: String, secret: String = "secret", linkProfile: String = "wan-100m-20ms", extra: [String] = []) throws {
+        try ok(site, ["peer", "add", peer, "--address", try address(peer), "--secret-file", dir.file(secret),
+                      "--link-profile", linkProfile] + extra)
+    }
+
+    /// `site`'s view of its link to `peer` (`peer show --json`).
+    func link(_ site: String, _ peer: String) throws -> [String: Any] {
+        try json(site, ["peer", "show", peer])["link"] as? [String: Any] ?? [:]
+    }
+
+    /// Polls until `condition` holds on `site`'s link to `peer` (10 s at most).
+    func waitFor(_ site: String, _ peer: String, _ what: String, file: StaticString = #filePath, line: UInt = #line,
+                 _ condition: ([String: Any]) -> Bool) throws {
+        for _ in 0..<100 {
+            if condition(try link(site, peer)) { return }
+            usleep(100_000)
+        }
+        XCTFail("\(site) -> \(peer): \(what); link: \(try link(site, peer))", file: file, line: line)
+    }
+
+    func log(_ site: String) -> String { (try? String(contentsOfFile: dir.file(site + ".log"), encoding: .utf8)) ?? "" }
+}
