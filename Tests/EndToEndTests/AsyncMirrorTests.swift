@@ -96,13 +96,18 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         let progress = try XCTUnwrap(try group("site-a", "g")["progress"] as? [String: Any])
         XCTAssertLessThanOrEqual(progress["dataBytes"] as? Int ?? .max, 4 << 20, "only allocated extents travel: \(progress)")
 
-        // Writes, then the next cycles: still equal, and only changed extents travel.
+        // Writes (one block three times), then the next cycles: still equal, and only the
+        // 4 KiB blocks that changed travel, each once (not their 1 MiB extents).
         let cycle = try XCTUnwrap(try group("site-a", "g")["cycle"] as? Int)
-        _ = try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x33 1M 8k", "-c", "write -P 0x44 20M 4k", uri("site-a", "v")])
+        let sentBefore = try XCTUnwrap((try group("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        _ = try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x33 1M 8k", "-c", "write -P 0x44 20M 4k", "-c", "write -P 0x45 20M 4k",
+                                         "-c", "write -P 0x46 20M 4k", uri("site-a", "v")])
         try ok("site-a", ["async", "continue-task", "g"])
         pit = try nextCycle(after: cycle)
         XCTAssertEqual(try pitMD5("site-b", pit), try pitMD5("site-a", pit), "cycle \(pit)")
         XCTAssertEqual(try pitMD5("site-b", pit), try md5("site-a", "v"))
+        let sentAfter = try XCTUnwrap((try group("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        XCTAssertEqual(sentAfter - sentBefore, 3 * 4096, "three distinct blocks changed")
 
         // The destination vdisk is not exported while fed; the source's vdisk cannot be deleted from under the group.
         let export = try CLI.run(["vdisk", "export", "v", "--dir", dir.file("site-b")])

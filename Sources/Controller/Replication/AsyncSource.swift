@@ -77,7 +77,8 @@ final class AsyncSource: @unchecked Sendable {
                                          lastError: progress.lastError, wireBytes: progress.wireBytes, dataBytes: progress.dataBytes)
         }
         _ = try await service.call(g.peer, AsyncRequest(op: .cycleBegin, group: g.name, cycle: number, pit: pit))
-        try await ship(ranges, of: pit, group: g, cycle: number, link: link)
+        let base = g.confirmedPiT.flatMap { domain.metadata.pit(named: $0) != nil ? $0 : nil }
+        try await ship(ranges, of: pit, base: base, group: g, cycle: number, link: link)
         let answer = try await service.call(g.peer, AsyncRequest(op: .cycleEnd, group: g.name, cycle: number, pit: pit))
         guard answer.lastComplete == pit else { throw DomainError("peer '\(g.peer)' did not confirm PiT '\(pit)'") }
         let previous = g.confirmedPiT
@@ -96,61 +97,100 @@ final class AsyncSource: @unchecked Sendable {
         }
     }
 
-    /// Sends `ranges` of PiT `pit` in frames of up to 1 MiB, keeping at most the link's
-    /// `bytes_in_flight` unanswered.
-    private func ship(_ ranges: [Domain.ByteRange], of pit: String, group g: AsyncGroupRecord, cycle: UInt64, link: LinkProfile) async throws(DomainError) {
+    /// Sends `ranges` of PiT `pit` in frames of up to 1 MiB: with a `base` PiT (the one
+    /// the destination holds), only the 4 KiB blocks whose crc32c differs from the base's
+    /// travel. At most the link's `bytes_in_flight` unanswered, paced to its bandwidth.
+    private func ship(_ ranges: [Domain.ByteRange], of pit: String, base: String?, group g: AsyncGroupRecord, cycle: UInt64,
+                      link: LinkProfile) async throws(DomainError)
+    {
         let piece = BlockHeader.maxBlocks * 4096
         let window = max(Int(link.bytesInFlight), piece)
-        let level = link.compressionLevel
-        var inFlight: [Task<Result<Void, DomainError>, Never>] = []
-        var inFlightBytes: [Int] = []
+        var pacer = Pacer(bytesPerSecond: link.bandwidthBytesPerSecond)
+        var inFlight: [(task: Task<Result<Void, DomainError>, Never>, bytes: Int)] = []
         func settleOldest() async throws(DomainError) {
-            let t = inFlight.removeFirst()
-            inFlightBytes.removeFirst()
-            if case .failure(let e) = await t.value { throw e }
+            if case .failure(let e) = await inFlight.removeFirst().task.value { throw e }
+        }
+        guard let current = try? AlignedBuffer(count: piece), let previous = try? AlignedBuffer(count: piece) else {
+            throw DomainError("out of memory for replication buffers")
         }
         do throws(DomainError) {
             for r in ranges {
                 var at = r.offset
                 while at < r.offset + r.length {
                     let n = Int(min(UInt64(piece), r.offset + r.length - at))
-                    while !inFlight.isEmpty, inFlightBytes.reduce(0, +) + n > window { try await settleOldest() }
-                    let frame = try await readFrame(pit, at: at, length: n, cycle: cycle, compression: level)
-                    let peer = g.peer, service = service, start = at
-                    inFlight.append(Task { @Sendable () -> Result<Void, DomainError> in
-                        do throws(DomainError) {
-                            let (ok, body) = try await service.send(peer) { id in frame(id) }
-                            guard ok else {
-                                let why = (try? JSONDecoder().decode(AsyncResponse.self, from: Data(body)))?.reason ?? "no reason given"
-                                return .failure(DomainError("peer '\(peer)' refused blocks at \(start): \(why)"))
-                            }
-                            return .success(())
-                        } catch { return .failure(error) }
-                    })
-                    inFlightBytes.append(n)
+                    try await domain.readPiT(named: pit, offset: at, length: n, into: current.pointer)
+                    if let base { try await domain.readPiT(named: base, offset: at, length: n, into: previous.pointer) }
+                    for frame in frames(current.pointer, base == nil ? nil : previous.pointer, at: at, length: n, cycle: cycle,
+                                        compression: link.compressionLevel)
+                    {
+                        while !inFlight.isEmpty, inFlight.reduce(0, { $0 + $1.bytes }) + frame.wireBytes > window { try await settleOldest() }
+                        let wait = pacer.delay(forBytes: frame.wireBytes + ReplicationFrame.headerBytes, nowNs: DispatchTime.now().uptimeNanoseconds)
+                        if wait > 0 { try? await Task.sleep(nanoseconds: wait) }
+                        let peer = g.peer, service = service, build = frame.build, start = frame.offset
+                        inFlight.append((Task { @Sendable () -> Result<Void, DomainError> in
+                            do throws(DomainError) {
+                                let (ok, body) = try await service.send(peer) { id in build(id) }
+                                guard ok else {
+                                    let why = (try? JSONDecoder().decode(AsyncResponse.self, from: Data(body)))?.reason ?? "no reason given"
+                                    return .failure(DomainError("peer '\(peer)' refused blocks at \(start): \(why)"))
+                                }
+                                return .success(())
+                            } catch { return .failure(error) }
+                        }, frame.wireBytes))
+                    }
                     lock.withLock { progress.bytesSent += UInt64(n) }
                     at += UInt64(n)
                 }
             }
             while !inFlight.isEmpty { try await settleOldest() }
         } catch {
-            for t in inFlight { _ = await t.value } // every call answers or fails with the link
+            for f in inFlight { _ = await f.task.value } // every call answers or fails with the link
             throw error
         }
     }
 
-    /// Reads one piece of the PiT and builds its frame (the id is the link's to give).
-    private func readFrame(_ pit: String, at offset: UInt64, length: Int, cycle: UInt64, compression: Int?) async throws(DomainError) -> @Sendable (UInt64) -> ReplicationMessage {
-        guard let buffer = try? AlignedBuffer(count: length) else { throw DomainError("out of memory for a replication buffer") }
-        try await domain.readPiT(named: pit, offset: offset, length: length, into: buffer.pointer)
+    struct Frame {
+        var offset: UInt64
+        var wireBytes: Int
+        var build: @Sendable (UInt64) -> ReplicationMessage
+    }
+
+    /// The frames for `length` bytes at `offset` (in `current`): a frame per run of blocks
+    /// that differ from `previous` (all of them without it). The id is the link's to give.
+    private func frames(_ current: UnsafeMutableRawPointer, _ previous: UnsafeMutableRawPointer?, at offset: UInt64, length: Int,
+                        cycle: UInt64, compression: Int?) -> [Frame]
+    {
         let blocks = length / 4096
         var crcs = [UInt32](repeating: 0, count: blocks)
-        for i in 0..<blocks { crcs[i] = Checksum.crc32c(UnsafeRawBufferPointer(start: buffer.pointer + i * 4096, count: 4096)) }
-        var data = [UInt8](UnsafeRawBufferPointer(start: buffer.pointer, count: length))
+        var changed = [Bool](repeating: true, count: blocks)
+        for i in 0..<blocks {
+            crcs[i] = Checksum.crc32c(UnsafeRawBufferPointer(start: current + i * 4096, count: 4096))
+            if let previous {
+                // Same crc32c and same bytes: the destination has it already.
+                let old = Checksum.crc32c(UnsafeRawBufferPointer(start: previous + i * 4096, count: 4096))
+                changed[i] = old != crcs[i] || memcmp(previous + i * 4096, current + i * 4096, 4096) != 0
+            }
+        }
+        var out: [Frame] = []
+        var i = 0
+        while i < blocks {
+            guard changed[i] else { i += 1; continue }
+            var e = i
+            while e < blocks && changed[e] { e += 1 }
+            out.append(frame(current + i * 4096, count: e - i, crcs: Array(crcs[i..<e]), at: offset + UInt64(i * 4096), cycle: cycle,
+                             compression: compression))
+            i = e
+        }
+        return out
+    }
+
+    private func frame(_ bytes: UnsafeMutableRawPointer, count: Int, crcs: [UInt32], at offset: UInt64, cycle: UInt64, compression: Int?) -> Frame {
+        let length = count * 4096
+        var data = [UInt8](UnsafeRawBufferPointer(start: bytes, count: length))
         var compressed = false
         if let level = compression {
             var out = [UInt8](repeating: 0, count: Compression.bound(length))
-            let input = UnsafeRawBufferPointer(start: buffer.pointer, count: length)
+            let input = UnsafeRawBufferPointer(start: bytes, count: length)
             let n = out.withUnsafeMutableBytes { output in try? Compression.compress(level: level, input, into: output) }
             if let n, n < length, n <= BlockHeader.maxDataBytes {
                 out.removeSubrange(n..<out.count)
@@ -163,10 +203,28 @@ final class AsyncSource: @unchecked Sendable {
             progress.dataBytes += UInt64(length)
             progress.wireBytes += UInt64(wire)
         }
-        let payload = data, checks = crcs, packed = compressed
-        return { id in
-            .blocks(BlockHeader(id: id, cycle: cycle, member: 0, compressed: packed, offset: offset, count: UInt32(blocks)), crcs: checks, data: payload)
+        let payload = data, packed = compressed
+        return Frame(offset: offset, wireBytes: wire) { id in
+            .blocks(BlockHeader(id: id, cycle: cycle, member: 0, compressed: packed, offset: offset, count: UInt32(count)), crcs: crcs, data: payload)
         }
+    }
+}
+
+/// Spaces sends so the link profile's bandwidth is not exceeded on average (a virtual
+/// clock: each send moves it on by its bytes at the rate; a frame larger than any burst
+/// simply waits longer).
+struct Pacer {
+    let bytesPerSecond: Double
+    private var nextNs: UInt64 = 0
+
+    init(bytesPerSecond: Double) { self.bytesPerSecond = bytesPerSecond }
+
+    /// How long to wait before sending `bytes` now; accounts them.
+    mutating func delay(forBytes bytes: Int, nowNs: UInt64) -> UInt64 {
+        guard bytesPerSecond > 0 else { return 0 }
+        let start = max(nextNs, nowNs)
+        nextNs = start + UInt64(Double(bytes) / bytesPerSecond * 1e9)
+        return start - nowNs
     }
 }
 
