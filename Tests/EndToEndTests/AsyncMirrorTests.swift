@@ -130,4 +130,39 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         try ok("site-b", ["vdisk", "export", "v", "--read-only"])
         XCTAssertEqual(try md5("site-b", "v"), try md5("site-a", "v"))
     }
+
+    /// Restarts `site`'s daemon (after a SIGKILL or not) on the port it listened on.
+    private func restart(_ site: String, kill signal: Int32, port: String) throws {
+        daemons[site]?.stop(signal: signal)
+        daemons[site] = try ServeProcess(state: dir.file(site), extra: ["--repl-listen", port], log: dir.file(site + ".log"),
+                                         profiles: dir.file("profiles"))
+    }
+
+    func testACycleCutBySIGKILLOfEitherSideIsRetriedAndTheDestinationStaysConsistent() throws {
+        // A slow link (8 MiB/s) so the initial copy of 24 MiB is still running when the kills come.
+        try "bandwidth: 64Mbit/s\nrtt: 1ms\npit_cycle: 1s\n".write(toFile: dir.file("profiles") + "/links/test-fast.yaml", atomically: true, encoding: .utf8)
+        let destPort = try address("site-b"), sourcePort = try address("site-a")
+        try restart("site-a", kill: SIGTERM, port: sourcePort)
+        try restart("site-b", kill: SIGTERM, port: destPort)
+        try waitFor("site-a", "site-b", "the link up again") { $0["outbound"] as? String == "connected" }
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "32M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        _ = try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x21 0 24M", uri("site-a", "v")])
+        let wanted = try md5("site-a", "v")
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        usleep(1_000_000)
+        // The destination dies mid-apply: it has no complete PiT yet, and says so.
+        try restart("site-b", kill: SIGKILL, port: destPort)
+        XCTAssertNil(try group("site-b", "g")["confirmedPiT"] as? String, "no cycle was complete at the destination")
+        usleep(1_000_000)
+        // Then the source dies mid-cycle; its cycle's PiT is kept (held) and shipped again.
+        try restart("site-a", kill: SIGKILL, port: sourcePort)
+        let pit = try nextCycle(after: 0)
+        XCTAssertEqual(try pitMD5("site-b", pit), wanted)
+        XCTAssertEqual(try pitMD5("site-a", pit), wanted)
+        for pool in ["site-a", "site-b"] {
+            let check = try CLI.run(["pool", "check", "p", "--dir", dir.file(pool)])
+            XCTAssertEqual(check.status, 0, "\(pool): \(check.stdout) \(check.stderr)")
+        }
+    }
 }
