@@ -93,6 +93,10 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         XCTAssertEqual(try group("site-b", "g")["confirmedPiT"] as? String, pit, "the destination's last complete PiT is the source's")
         XCTAssertEqual(try pitMD5("site-b", pit), try pitMD5("site-a", pit), "cycle \(pit)")
         XCTAssertEqual(try pitMD5("site-b", pit), try md5("site-a", "v"), "nothing was written since: the live source too")
+        let shown = try XCTUnwrap((try status("site-a")["asyncGroups"] as? [[String: Any]])?.first)
+        XCTAssertEqual(shown["confirmedPiT"] as? String, pit)
+        XCTAssertNotNil(shown["recoveryPointAgeSeconds"] as? Double, "status shows the recovery point's age")
+        XCTAssertTrue(try ok("site-b", ["status"]).contains("destination"), "status lists the group at the destination")
         let progress = try XCTUnwrap(try group("site-a", "g")["progress"] as? [String: Any])
         XCTAssertLessThanOrEqual(progress["dataBytes"] as? Int ?? .max, 4 << 20, "only allocated extents travel: \(progress)")
 

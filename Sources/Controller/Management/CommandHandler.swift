@@ -199,7 +199,8 @@ public actor CommandHandler {
         let view = StatusView(domain: m.name, domainId: m.domainId.uuidString, generation: m.generation, health: health,
                               readOnly: domain.readOnlyReason, problems: domain.problems, setupVDisk: setup, pools: pools,
                               vdisks: vdisks, nbd: nbdView, replicationListen: replication?.listenAddress,
-                              peers: m.peerList.map { PeerView($0, replication?.status(of: $0.name)) })
+                              peers: m.peerList.map { PeerView($0, replication?.status(of: $0.name)) },
+                              asyncGroups: m.asyncGroupList.map { AsyncGroupView($0, domain: domain, progress: replication?.progress(ofGroup: $0.name)) })
         var lines = ["domain \(m.name) (\(m.domainId.uuidString.prefix(8))), metadata generation \(m.generation), health: \(health)"]
         for p in domain.problems { lines.append("  ! \(p)") }
         if setup.isEmpty {
@@ -218,6 +219,10 @@ public actor CommandHandler {
         if !view.peers.isEmpty || replication?.listenAddress != nil {
             lines.append("")
             lines.append(PeerView.table(view.peers, listening: replication?.listenAddress))
+        }
+        if !view.asyncGroups.isEmpty {
+            lines.append("")
+            lines.append(AsyncGroupView.table(view.asyncGroups))
         }
         return .success(text: lines.joined(separator: "\n"), json: view)
     }
@@ -386,6 +391,7 @@ struct StatusView: Codable {
     /// Where replication connections are accepted (serve --repl-listen), or nil.
     var replicationListen: String?
     var peers: [PeerView]
+    var asyncGroups: [AsyncGroupView]
 }
 
 enum Table {

@@ -104,6 +104,17 @@ public final class Daemon: @unchecked Sendable {
                             snapshots: m.vdisks.filter { $0.snapshot?.vdiskName == v.name }.count)
                 })
                 domain.metrics.updateNBD(exports: nbd.registry.exportTotals(), connections: nbd.registry.connections())
+                domain.metrics.updateReplication(
+                    peers: m.peerList.map { p in
+                        let link = replication.status(of: p.name)
+                        return (name: p.name, up: link?.outbound == .connected, rttMs: link?.rttMs)
+                    },
+                    groups: m.asyncGroupList.map { g in
+                        let progress = replication.progress(ofGroup: g.name)
+                        return (name: g.name, role: g.role.rawValue, ageSeconds: g.confirmedAt.map { Date().timeIntervalSince1970 - $0 },
+                                toSend: progress.map { $0.bytesToSend - min($0.bytesSent, $0.bytesToSend) } ?? 0,
+                                dataBytes: progress?.dataBytes ?? 0, wireBytes: progress?.wireBytes ?? 0)
+                    })
                 return domain.metrics.exposition()
             }
             metricsServer = server

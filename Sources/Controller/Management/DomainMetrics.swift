@@ -76,6 +76,33 @@ public final class DomainMetrics: @unchecked Sendable {
         }
     }
 
+    /// Peer links and async groups, refreshed before each scrape.
+    public func updateReplication(peers: [(name: String, up: Bool, rttMs: Double?)],
+                                  groups: [(name: String, role: String, ageSeconds: Double?, toSend: UInt64, dataBytes: UInt64, wireBytes: UInt64)])
+    {
+        for p in peers {
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "peer", metricName: "up", unitName: "bool",
+                                                 helpText: "1 while the outbound replication link to the peer is connected"),
+                               labels: [("peer", p.name)]).set(to: p.up ? 1.0 : 0.0)
+            if let rtt = p.rttMs {
+                registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "peer", metricName: "rtt", unitName: "seconds",
+                                                     helpText: "Round trip of the last ping"), labels: [("peer", p.name)]).set(to: rtt / 1000)
+            }
+        }
+        for g in groups {
+            let labels = [("group", g.name), ("role", g.role)]
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "async", metricName: "recovery_point_age", unitName: "seconds",
+                                                 helpText: "Age of the last PiT the destination holds complete (-1: none yet)"),
+                               labels: labels).set(to: g.ageSeconds ?? -1)
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "async", metricName: "to_send", unitName: "bytes",
+                                                 helpText: "Bytes of the running cycle not sent yet"), labels: labels).set(to: Double(g.toSend))
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "async", metricName: "data_sent", unitName: "bytes",
+                                                 helpText: "Block bytes shipped since the daemon started"), labels: labels).set(to: Double(g.dataBytes))
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "async", metricName: "wire_sent", unitName: "bytes",
+                                                 helpText: "Bytes those blocks took on the wire (after compression)"), labels: labels).set(to: Double(g.wireBytes))
+        }
+    }
+
     /// Pool capacity gauges, refreshed before each scrape.
     public func updatePools(_ pools: [(name: String, capacity: UInt64, free: UInt64, healthy: Bool)]) {
         for p in pools {
