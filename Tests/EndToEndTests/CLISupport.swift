@@ -64,12 +64,19 @@ final class ServeProcess {
     let process: Process
 
     /// Starts the daemon; throws when it does not answer within 5 s.
+    /// `netns`: run it in that network namespace (`ip netns exec`, which execs it: same pid).
     init(state: String, extra: [String] = [], log: String? = nil, profiles: String = ServeProcess.profiles,
-         environment: [String: String] = [:]) throws
+         environment: [String: String] = [:], netns: String? = nil) throws
     {
         process = Process()
-        process.executableURL = URL(fileURLWithPath: CLI.binary)
-        process.arguments = ["serve", "--dir", state, "--profiles", profiles] + extra
+        let serve = ["serve", "--dir", state, "--profiles", profiles] + extra
+        if let netns {
+            process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+            process.arguments = ["netns", "exec", netns, CLI.binary] + serve
+        } else {
+            process.executableURL = URL(fileURLWithPath: CLI.binary)
+            process.arguments = serve
+        }
         if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         if let log { _ = FileManager.default.createFile(atPath: log, contents: nil) }
         process.standardError = FileHandle(forWritingAtPath: log ?? "/dev/null")

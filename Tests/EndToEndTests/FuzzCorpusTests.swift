@@ -11,7 +11,7 @@ final class FuzzCorpusTests: XCTestCase {
 
     func testEveryCorpusReplaysWithoutACrash() throws {
         let targets = try FileManager.default.contentsOfDirectory(atPath: Self.corpus).sorted()
-        XCTAssertEqual(Set(targets), ["setup-record", "bitmap-header", "lun-label", "profile", "mgmt-request", "nbd", "pool-metadata"])
+        XCTAssertEqual(Set(targets), ["setup-record", "bitmap-header", "lun-label", "profile", "mgmt-request", "nbd", "pool-metadata", "replication-frame"])
         for target in targets {
             let (status, text) = try runCapturing(replayer, [target, Self.corpus + "/" + target],
                                                   environment: ["SVSP_PROFILES": ServeProcess.profiles])

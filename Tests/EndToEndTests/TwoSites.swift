@@ -7,13 +7,15 @@ class TwoSitesTestCase: XCTestCase {
     var dir: TempDir!
     var daemons: [String: ServeProcess] = [:]
 
-    /// Starts both daemons (with `profiles`, default the shipped ones).
-    func startSites(profiles: String = ServeProcess.profiles) throws {
-        for site in ["site-a", "site-b"] {
+    /// Starts both daemons (with `profiles`, default the shipped ones); with `link`, each in
+    /// its end's network namespace, listening on its address there.
+    func startSites(profiles: String = ServeProcess.profiles, link: ShapedLink? = nil) throws {
+        for (i, site) in ["site-a", "site-b"].enumerated() {
             let r = try CLI.run(["domain", "init", "--dir", dir.file(site), "--name", site])
             XCTAssertEqual(r.status, 0, r.stderr)
-            daemons[site] = try ServeProcess(state: dir.file(site), extra: ["--repl-listen", "127.0.0.1:0"], log: dir.file(site + ".log"),
-                                             profiles: profiles)
+            let listen = link.map { (i == 0 ? $0.addresses.0 : $0.addresses.1) + ":7790" } ?? "127.0.0.1:0"
+            daemons[site] = try ServeProcess(state: dir.file(site), extra: ["--repl-listen", listen], log: dir.file(site + ".log"),
+                                             profiles: profiles, netns: link.map { i == 0 ? $0.names.0 : $0.names.1 })
         }
         try "0123456789abcdef0123456789abcdef\n".write(toFile: dir.file("secret"), atomically: true, encoding: .utf8)
     }

@@ -15,6 +15,11 @@ final class AsyncSource: @unchecked Sendable {
     private var domain: Domain { service.domain }
     private let lock = NSLock()
     private var progress = AsyncTaskProgress()
+    /// Where a cut cycle goes on (its PiT, and the byte position in its ordered ranges
+    /// before which every block was answered, so is durable at the destination). Kept in
+    /// memory: a link drop or a destination restart resumes there; a source restart
+    /// starts the cycle over (with the same PiT).
+    private var resume: (pit: String, position: UInt64)?
 
     init(group: String, service: ReplicationService) {
         self.group = group
@@ -73,12 +78,21 @@ final class AsyncSource: @unchecked Sendable {
         }
         let total = ranges.reduce(0) { $0 + $1.length }
         lock.withLock {
-            progress = AsyncTaskProgress(cycle: number, pit: pit, bytesToSend: total, bytesSent: 0, startedAt: Date().timeIntervalSince1970,
-                                         lastError: progress.lastError, wireBytes: progress.wireBytes, dataBytes: progress.dataBytes)
+            let from = resume?.pit == pit ? resume!.position : 0
+            progress = AsyncTaskProgress(cycle: number, pit: pit, bytesToSend: total, bytesSent: from, startedAt: Date().timeIntervalSince1970,
+                                         lastError: progress.lastError, wireBytes: progress.wireBytes, dataBytes: progress.dataBytes,
+                                         resumedAt: from > 0 ? from : nil)
         }
         _ = try await service.call(g.peer, AsyncRequest(op: .cycleBegin, group: g.name, cycle: number, pit: pit))
         let base = g.confirmedPiT.flatMap { domain.metadata.pit(named: $0) != nil ? $0 : nil }
-        try await ship(ranges, of: pit, base: base, group: g, cycle: number, link: link)
+        let from = lock.withLock { resume?.pit == pit ? resume!.position : 0 }
+        if from > 0 { service.log("replication: group '\(g.name)' cycle \(number) resumed at \(ByteSize.format(from)) of \(ByteSize.format(total))") }
+        let reached = await ship(ranges, of: pit, base: base, from: from, group: g, cycle: number, link: link)
+        if case .failure(let cut) = reached {
+            lock.withLock { resume = (pit, cut.position) }
+            throw cut.error
+        }
+        lock.withLock { resume = nil }
         let answer = try await service.call(g.peer, AsyncRequest(op: .cycleEnd, group: g.name, cycle: number, pit: pit))
         guard answer.lastComplete == pit else { throw DomainError("peer '\(g.peer)' did not confirm PiT '\(pit)'") }
         let previous = g.confirmedPiT
@@ -100,22 +114,33 @@ final class AsyncSource: @unchecked Sendable {
     /// Sends `ranges` of PiT `pit` in frames of up to 1 MiB: with a `base` PiT (the one
     /// the destination holds), only the 4 KiB blocks whose crc32c differs from the base's
     /// travel. At most the link's `bytes_in_flight` unanswered, paced to its bandwidth.
-    private func ship(_ ranges: [Domain.ByteRange], of pit: String, base: String?, group g: AsyncGroupRecord, cycle: UInt64,
-                      link: LinkProfile) async throws(DomainError)
+    /// Starts at byte position `from` of the ranges laid end to end (a resumed cycle). On a
+    /// failure returns the position before which every block was answered.
+    private func ship(_ ranges: [Domain.ByteRange], of pit: String, base: String?, from: UInt64, group g: AsyncGroupRecord, cycle: UInt64,
+                      link: LinkProfile) async -> Result<Void, ShipFailure>
     {
         let piece = BlockHeader.maxBlocks * 4096
         let window = max(Int(link.bytesInFlight), piece)
         var pacer = Pacer(bytesPerSecond: link.bandwidthBytesPerSecond)
-        var inFlight: [(task: Task<Result<Void, DomainError>, Never>, bytes: Int)] = []
+        var inFlight: [(task: Task<Result<Void, DomainError>, Never>, bytes: Int, position: UInt64)] = []
+        var answered = from // every block before this position was answered
+        var position: UInt64 = 0 // of the piece being read
         func settleOldest() async throws(DomainError) {
-            if case .failure(let e) = await inFlight.removeFirst().task.value { throw e }
+            let oldest = inFlight.removeFirst()
+            if case .failure(let e) = await oldest.task.value { throw e }
+            answered = inFlight.first?.position ?? position
         }
         guard let current = try? AlignedBuffer(count: piece), let previous = try? AlignedBuffer(count: piece) else {
-            throw DomainError("out of memory for replication buffers")
+            return .failure(ShipFailure(error: DomainError("out of memory for replication buffers"), position: from))
         }
         do throws(DomainError) {
             for r in ranges {
-                var at = r.offset
+                if position + r.length <= from { // wholly answered before the cut
+                    position += r.length
+                    continue
+                }
+                var at = r.offset + (from > position ? from - position : 0)
+                position = max(position, from)
                 while at < r.offset + r.length {
                     let n = Int(min(UInt64(piece), r.offset + r.length - at))
                     try await domain.readPiT(named: pit, offset: at, length: n, into: current.pointer)
@@ -126,7 +151,7 @@ final class AsyncSource: @unchecked Sendable {
                         while !inFlight.isEmpty, inFlight.reduce(0, { $0 + $1.bytes }) + frame.wireBytes > window { try await settleOldest() }
                         let wait = pacer.delay(forBytes: frame.wireBytes + ReplicationFrame.headerBytes, nowNs: DispatchTime.now().uptimeNanoseconds)
                         if wait > 0 { try? await Task.sleep(nanoseconds: wait) }
-                        let peer = g.peer, service = service, build = frame.build, start = frame.offset
+                        let peer = g.peer, service = service, build = frame.build, start = frame.offset, framePosition = position + (frame.offset - at)
                         inFlight.append((Task { @Sendable () -> Result<Void, DomainError> in
                             do throws(DomainError) {
                                 let (ok, body) = try await service.send(peer) { id in build(id) }
@@ -136,17 +161,25 @@ final class AsyncSource: @unchecked Sendable {
                                 }
                                 return .success(())
                             } catch { return .failure(error) }
-                        }, frame.wireBytes))
+                        }, frame.wireBytes, framePosition))
                     }
                     lock.withLock { progress.bytesSent += UInt64(n) }
                     at += UInt64(n)
+                    position += UInt64(n)
+                    if inFlight.isEmpty { answered = position }
                 }
             }
             while !inFlight.isEmpty { try await settleOldest() }
+            return .success(())
         } catch {
             for f in inFlight { _ = await f.task.value } // every call answers or fails with the link
-            throw error
+            return .failure(ShipFailure(error: error, position: answered))
         }
+    }
+
+    struct ShipFailure: Error {
+        var error: DomainError
+        var position: UInt64
     }
 
     struct Frame {
@@ -239,4 +272,6 @@ public struct AsyncTaskProgress: Codable, Sendable {
     /// Since the daemon started: bytes of blocks read, and bytes put on the wire for them.
     public var wireBytes: UInt64 = 0
     public var dataBytes: UInt64 = 0
+    /// A cycle resumed after a cut: the byte position it went on from.
+    public var resumedAt: UInt64?
 }

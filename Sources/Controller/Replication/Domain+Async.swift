@@ -130,6 +130,7 @@ extension Domain {
                 throw DomainError("block at \(h.offset + UInt64(i) * UInt64(h.blockBytes)) of vdisk '\(v.name)' fails its crc32c (damaged between its read at the source and here); nothing of the frame was written")
             }
         }
-        try await write(vdisk: v.name, offset: h.offset, length: length, from: scratch)
+        // FUA: the answer means durable, so a cut cycle may resume after this frame.
+        try await write(vdisk: v.name, offset: h.offset, length: length, from: scratch, fua: true)
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import NIOPosix
 import NIOSSL
 
 /// TLS for the replication link: TLS 1.2 with a pre-shared key (ECDHE-PSK with
@@ -65,6 +66,17 @@ enum LinkTLS {
     /// decryption of the other side's Finished message (or the alert that reports it).
     static func explain(_ error: Error) -> String {
         let text = String(describing: error)
+        if let failure = error as? NIOConnectionError {
+            if let io = failure.connectionErrors.first?.error as? NIOCore.IOError {
+                return "cannot connect: \(String(cString: strerror(io.errnoCode)))"
+            }
+            return "cannot connect: \(failure.connectionErrors.first.map { "\($0.error)" } ?? "the name does not resolve")"
+        }
+        if let channel = error as? ChannelError {
+            if case .connectTimeout = channel { return "cannot connect: no answer within 5 s" }
+            return "\(channel)"
+        }
+        guard error is NIOSSLError || error is BoringSSLError else { return shortTLS(text) }
         let upper = text.uppercased()
         if upper.contains("DECRYPTION_FAILED_OR_BAD_RECORD_MAC") || upper.contains("BAD_RECORD_MAC") || upper.contains("DECRYPT_ERROR")
             || upper.contains("BAD_DECRYPT")
@@ -80,7 +92,7 @@ enum LinkTLS {
             return "the other side closed the connection without closing TLS"
         }
         if upper.contains("ALERT_HANDSHAKE_FAILURE") || upper.contains("ALERT_UNKNOWN_PSK") || upper.contains("PSK_IDENTITY") {
-            return "the other side refused the handshake (it does not know this domain as a peer, or pinned another domain id): see its log"
+            return "the other side refused the handshake (it does not know this domain as a peer, pinned another domain id, or is not svsp): see its log"
         }
         return shortTLS(text)
     }

@@ -32,7 +32,7 @@ public final class ReplicationService: @unchecked Sendable {
     /// afterwards (pings go every `pingInterval`), before it is closed.
     static let idleTimeout = TimeAmount.seconds(15)
     static let pingInterval = TimeAmount.seconds(2)
-    static let maxBackoffSeconds = 30.0
+    static let maxBackoffSeconds = 10.0
 
     public init(domain: Domain, log: @escaping @Sendable (String) -> Void) {
         self.domain = domain
@@ -213,7 +213,7 @@ public final class ReplicationService: @unchecked Sendable {
     // MARK: outbound
 
     /// Connects to `peer` and stays connected: after a failure, tries again with a backoff
-    /// (1 s doubling to 30 s; back to 1 s after a link that was up).
+    /// (1 s doubling to 10 s; back to 1 s after a link that was up).
     private func keepConnected(_ name: String) async {
         var backoff = 1.0
         while !Task.isCancelled {

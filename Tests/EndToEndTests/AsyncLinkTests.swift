@@ -1,0 +1,116 @@
+import Foundation
+import XCTest
+
+/// The async mirror over a shaped WAN link (two network namespaces, veth, `tc tbf` at
+/// 100 Mbit/s): the link is cut in the middle of a cycle for longer than the link's
+/// silence timeout, so both sides drop the connection. While it is down the destination
+/// still reads as its last complete PiT (polled); when it is back the cycle resumes from
+/// the last answered block, and the destination reaches the source's newest PiT.
+final class AsyncLinkTests: TwoSitesTestCase {
+    private var link: ShapedLink?
+
+    override func setUpWithError() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdcopy"), FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-io") else {
+            throw XCTSkip("needs nbdcopy (libnbd-bin) and qemu-io (qemu-utils)")
+        }
+        var why = ""
+        guard let link = ShapedLink(rate: "100mbit", why: &why) else { throw XCTSkip(why) }
+        self.link = link
+        try super.setUpWithError()
+        try startSites(profiles: try customProfiles(in: dir, ["links/test-wan.yaml": "bandwidth: 100Mbit/s\nrtt: 1ms\npit_cycle: 1s\n"]),
+                       link: link)
+        for site in ["site-a", "site-b"] {
+            try ok(site, ["pool", "create", "p", "--array-profile", "file-backed", "--lun", dir.file(site + ".img"), "--create-size", "200M"])
+        }
+        try addPeer(on: "site-a", "site-b", linkProfile: "test-wan")
+        try addPeer(on: "site-b", "site-a", linkProfile: "test-wan")
+        try waitFor("site-a", "site-b", "the link up") { $0["outbound"] as? String == "connected" }
+    }
+
+    override func tearDown() {
+        super.tearDown()
+        link?.remove()
+    }
+
+    private func group(_ site: String) throws -> [String: Any] {
+        let all = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(site, ["async", "status", "g", "--json"]).utf8)) as? [[String: Any]])
+        return try XCTUnwrap(all.first)
+    }
+
+    private func md5(_ site: String, _ export: String) throws -> String {
+        let p = Process(), out = Pipe()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "nbdcopy 'nbd+unix:///\(export)?socket=\(dir.file(site))/nbd.sock' - | md5sum"]
+        p.standardOutput = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return String(decoding: data, as: UTF8.self).split(separator: " ").first.map(String.init) ?? ""
+    }
+
+    private func pitMD5(_ site: String, _ pit: String) throws -> String {
+        let snap = "chk-\(UUID().uuidString.prefix(6))"
+        try ok(site, ["snapshot", "create", snap, "--pit", pit])
+        try ok(site, ["vdisk", "export", snap, "--read-only"])
+        defer {
+            _ = try? CLI.run(["vdisk", "unexport", snap, "--dir", dir.file(site)])
+            _ = try? CLI.run(["snapshot", "delete", snap, "--dir", dir.file(site)])
+        }
+        return try md5(site, snap)
+    }
+
+    private func write(_ command: String) {
+        XCTAssertTrue(ShapedLink.run(["qemu-io", "-f", "raw", "-c", command, "nbd+unix:///v?socket=\(dir.file("site-a"))/nbd.sock"]), command)
+    }
+
+    /// The next confirmed cycle after `after` (the task paused there), its PiT.
+    private func confirmed(after: Int, seconds: Int) throws -> String {
+        for _ in 0..<(seconds * 10) {
+            let g = try group("site-a")
+            if let c = g["cycle"] as? Int, c > after, g["confirmedPiT"] is String {
+                try ok("site-a", ["async", "pause-task", "g"])
+                usleep(1_500_000)
+                return try XCTUnwrap(try group("site-a")["confirmedPiT"] as? String)
+            }
+            usleep(100_000)
+        }
+        XCTFail("no cycle after \(after) within \(seconds) s: \(try group("site-a"))")
+        return ""
+    }
+
+    func testALinkCutMidCycleResumesAndTheDestinationAlwaysEqualsASourcePiT() throws {
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "64M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        write("write -P 0x61 0 8M")
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        let first = try confirmed(after: 0, seconds: 20)
+        let image = try pitMD5("site-b", first)
+        XCTAssertEqual(image, try pitMD5("site-a", first))
+        let cycle = try XCTUnwrap(try group("site-a")["cycle"] as? Int)
+        let before = try XCTUnwrap((try group("site-a")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+
+        // 40 MiB more (about 3.4 s at 100 Mbit/s); cut the link a second into the cycle,
+        // for longer than the 15 s silence timeout, polling the destination meanwhile.
+        write("write -P 0x62 16M 40M")
+        try ok("site-a", ["async", "continue-task", "g"])
+        usleep(1_000_000)
+        link?.cut(true)
+        let cutAt = Date()
+        var polls = 0
+        while Date().timeIntervalSince(cutAt) < 18 {
+            let g = try group("site-b")
+            XCTAssertEqual(g["confirmedPiT"] as? String, first, "the destination's last complete PiT during the outage")
+            XCTAssertEqual(try pitMD5("site-b", first), image, "the destination reads as its last complete PiT")
+            polls += 1
+            usleep(2_000_000)
+        }
+        XCTAssertGreaterThan(polls, 3)
+        link?.cut(false)
+        let newest = try confirmed(after: cycle, seconds: 60)
+        XCTAssertEqual(try pitMD5("site-b", newest), try pitMD5("site-a", newest), "the destination reached the source's newest PiT")
+        XCTAssertEqual(try pitMD5("site-b", newest), try md5("site-a", "v"))
+        XCTAssertTrue(log("site-a").contains("resumed at"), "the cycle resumed from the last answered block:\n\(log("site-a"))")
+        let after = try XCTUnwrap((try group("site-a")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        XCTAssertLessThan(after - before, 44 << 20, "40 MiB changed; a restarted cycle would have read it again (\(after - before) bytes)")
+    }
+}
