@@ -32,33 +32,6 @@ final class AsyncLinkTests: TwoSitesTestCase {
         link?.remove()
     }
 
-    private func group(_ site: String) throws -> [String: Any] {
-        let all = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(site, ["async", "status", "g", "--json"]).utf8)) as? [[String: Any]])
-        return try XCTUnwrap(all.first)
-    }
-
-    private func md5(_ site: String, _ export: String) throws -> String {
-        let p = Process(), out = Pipe()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = ["-c", "nbdcopy 'nbd+unix:///\(export)?socket=\(dir.file(site))/nbd.sock' - | md5sum"]
-        p.standardOutput = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return String(decoding: data, as: UTF8.self).split(separator: " ").first.map(String.init) ?? ""
-    }
-
-    private func pitMD5(_ site: String, _ pit: String) throws -> String {
-        let snap = "chk-\(UUID().uuidString.prefix(6))"
-        try ok(site, ["snapshot", "create", snap, "--pit", pit])
-        try ok(site, ["vdisk", "export", snap, "--read-only"])
-        defer {
-            _ = try? CLI.run(["vdisk", "unexport", snap, "--dir", dir.file(site)])
-            _ = try? CLI.run(["snapshot", "delete", snap, "--dir", dir.file(site)])
-        }
-        return try md5(site, snap)
-    }
-
     private func write(_ command: String) {
         XCTAssertTrue(ShapedLink.run(["qemu-io", "-f", "raw", "-c", command, "nbd+unix:///v?socket=\(dir.file("site-a"))/nbd.sock"]), command)
     }
@@ -66,15 +39,15 @@ final class AsyncLinkTests: TwoSitesTestCase {
     /// The next confirmed cycle after `after` (the task paused there), its PiT.
     private func confirmed(after: Int, seconds: Int) throws -> String {
         for _ in 0..<(seconds * 10) {
-            let g = try group("site-a")
+            let g = try asyncGroup("site-a", "g")
             if let c = g["cycle"] as? Int, c > after, g["confirmedPiT"] is String {
                 try ok("site-a", ["async", "pause-task", "g"])
                 usleep(1_500_000)
-                return try XCTUnwrap(try group("site-a")["confirmedPiT"] as? String)
+                return try XCTUnwrap(try asyncGroup("site-a", "g")["confirmedPiT"] as? String)
             }
             usleep(100_000)
         }
-        XCTFail("no cycle after \(after) within \(seconds) s: \(try group("site-a"))")
+        XCTFail("no cycle after \(after) within \(seconds) s: \(try asyncGroup("site-a", "g"))")
         return ""
     }
 
@@ -86,8 +59,8 @@ final class AsyncLinkTests: TwoSitesTestCase {
         let first = try confirmed(after: 0, seconds: 20)
         let image = try pitMD5("site-b", first)
         XCTAssertEqual(image, try pitMD5("site-a", first))
-        let cycle = try XCTUnwrap(try group("site-a")["cycle"] as? Int)
-        let before = try XCTUnwrap((try group("site-a")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        let cycle = try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int)
+        let before = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
 
         // 40 MiB more (about 3.4 s at 100 Mbit/s); cut the link a second into the cycle,
         // for longer than the 15 s silence timeout, polling the destination meanwhile.
@@ -98,7 +71,7 @@ final class AsyncLinkTests: TwoSitesTestCase {
         let cutAt = Date()
         var polls = 0
         while Date().timeIntervalSince(cutAt) < 18 {
-            let g = try group("site-b")
+            let g = try asyncGroup("site-b", "g")
             XCTAssertEqual(g["confirmedPiT"] as? String, first, "the destination's last complete PiT during the outage")
             XCTAssertEqual(try pitMD5("site-b", first), image, "the destination reads as its last complete PiT")
             polls += 1
@@ -110,7 +83,7 @@ final class AsyncLinkTests: TwoSitesTestCase {
         XCTAssertEqual(try pitMD5("site-b", newest), try pitMD5("site-a", newest), "the destination reached the source's newest PiT")
         XCTAssertEqual(try pitMD5("site-b", newest), try md5("site-a", "v"))
         XCTAssertTrue(log("site-a").contains("resumed at"), "the cycle resumed from the last answered block:\n\(log("site-a"))")
-        let after = try XCTUnwrap((try group("site-a")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        let after = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
         XCTAssertLessThan(after - before, 44 << 20, "40 MiB changed; a restarted cycle would have read it again (\(after - before) bytes)")
     }
 }

@@ -21,11 +21,6 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         try waitFor("site-a", "site-b", "the link up") { $0["outbound"] as? String == "connected" }
     }
 
-    private func group(_ site: String, _ name: String) throws -> [String: Any] {
-        let all = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(site, ["async", "status", name, "--json"]).utf8)) as? [[String: Any]])
-        return try XCTUnwrap(all.first)
-    }
-
     private func run(_ tool: String, _ args: [String]) throws -> String {
         let p = Process(), out = Pipe()
         p.executableURL = URL(fileURLWithPath: tool)
@@ -41,42 +36,18 @@ final class AsyncMirrorTests: TwoSitesTestCase {
 
     private func uri(_ site: String, _ export: String) -> String { "nbd+unix:///\(export)?socket=\(dir.file(site))/nbd.sock" }
 
-    /// md5 of export `name` at `site`.
-    private func md5(_ site: String, _ export: String) throws -> String {
-        let p = Process(), out = Pipe()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = ["-c", "nbdcopy '\(uri(site, export))' - | md5sum"]
-        p.standardOutput = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return String(decoding: data, as: UTF8.self).split(separator: " ").first.map(String.init) ?? ""
-    }
-
-    /// The image of PiT `pit` at `site`, through a read-only snapshot.
-    private func pitMD5(_ site: String, _ pit: String) throws -> String {
-        let snap = "chk-\(UUID().uuidString.prefix(6))"
-        try ok(site, ["snapshot", "create", snap, "--pit", pit])
-        try ok(site, ["vdisk", "export", snap, "--read-only"])
-        defer {
-            _ = try? CLI.run(["vdisk", "unexport", snap, "--dir", dir.file(site)])
-            _ = try? CLI.run(["snapshot", "delete", snap, "--dir", dir.file(site)])
-        }
-        return try md5(site, snap)
-    }
-
     /// Waits for a cycle after `after` to complete at both sides, pauses the task, returns its PiT.
     private func nextCycle(after: Int, file: StaticString = #filePath, line: UInt = #line) throws -> String {
         for _ in 0..<300 {
-            let g = try group("site-a", "g")
+            let g = try asyncGroup("site-a", "g")
             if let cycle = g["cycle"] as? Int, cycle > after, let pit = g["confirmedPiT"] as? String {
                 try ok("site-a", ["async", "pause-task", "g"])
                 usleep(1_500_000) // the cycle in flight (if any) finishes
-                return try group("site-a", "g")["confirmedPiT"] as? String ?? pit
+                return try asyncGroup("site-a", "g")["confirmedPiT"] as? String ?? pit
             }
             usleep(100_000)
         }
-        XCTFail("no cycle after \(after) completed: \(try group("site-a", "g"))", file: file, line: line)
+        XCTFail("no cycle after \(after) completed: \(try asyncGroup("site-a", "g"))", file: file, line: line)
         return ""
     }
 
@@ -90,27 +61,27 @@ final class AsyncMirrorTests: TwoSitesTestCase {
 
         // The initial copy: allocated extents only (4 of 48), and the images agree.
         var pit = try nextCycle(after: 0)
-        XCTAssertEqual(try group("site-b", "g")["confirmedPiT"] as? String, pit, "the destination's last complete PiT is the source's")
+        XCTAssertEqual(try asyncGroup("site-b", "g")["confirmedPiT"] as? String, pit, "the destination's last complete PiT is the source's")
         XCTAssertEqual(try pitMD5("site-b", pit), try pitMD5("site-a", pit), "cycle \(pit)")
         XCTAssertEqual(try pitMD5("site-b", pit), try md5("site-a", "v"), "nothing was written since: the live source too")
         let shown = try XCTUnwrap((try status("site-a")["asyncGroups"] as? [[String: Any]])?.first)
         XCTAssertEqual(shown["confirmedPiT"] as? String, pit)
         XCTAssertNotNil(shown["recoveryPointAgeSeconds"] as? Double, "status shows the recovery point's age")
         XCTAssertTrue(try ok("site-b", ["status"]).contains("destination"), "status lists the group at the destination")
-        let progress = try XCTUnwrap(try group("site-a", "g")["progress"] as? [String: Any])
+        let progress = try XCTUnwrap(try asyncGroup("site-a", "g")["progress"] as? [String: Any])
         XCTAssertLessThanOrEqual(progress["dataBytes"] as? Int ?? .max, 4 << 20, "only allocated extents travel: \(progress)")
 
         // Writes (one block three times), then the next cycles: still equal, and only the
         // 4 KiB blocks that changed travel, each once (not their 1 MiB extents).
-        let cycle = try XCTUnwrap(try group("site-a", "g")["cycle"] as? Int)
-        let sentBefore = try XCTUnwrap((try group("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        let cycle = try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int)
+        let sentBefore = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
         _ = try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x33 1M 8k", "-c", "write -P 0x44 20M 4k", "-c", "write -P 0x45 20M 4k",
                                          "-c", "write -P 0x46 20M 4k", uri("site-a", "v")])
         try ok("site-a", ["async", "continue-task", "g"])
         pit = try nextCycle(after: cycle)
         XCTAssertEqual(try pitMD5("site-b", pit), try pitMD5("site-a", pit), "cycle \(pit)")
         XCTAssertEqual(try pitMD5("site-b", pit), try md5("site-a", "v"))
-        let sentAfter = try XCTUnwrap((try group("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        let sentAfter = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
         XCTAssertEqual(sentAfter - sentBefore, 3 * 4096, "three distinct blocks changed")
 
         // The destination vdisk is not exported while fed; the source's vdisk cannot be deleted from under the group.
@@ -157,17 +128,17 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         // The destination dies mid-apply: no cycle is complete there, and it says so. The
         // source goes on from the last answered block once it is back, not from the start.
         try restart("site-b", kill: SIGKILL, port: destPort)
-        XCTAssertNil(try group("site-b", "g")["confirmedPiT"] as? String, "no cycle was complete at the destination")
+        XCTAssertNil(try asyncGroup("site-b", "g")["confirmedPiT"] as? String, "no cycle was complete at the destination")
         var pit = try nextCycle(after: 0)
         XCTAssertEqual(try pitMD5("site-b", pit), try pitMD5("site-a", pit))
         XCTAssertEqual(try pitMD5("site-b", pit), try md5("site-a", "v"))
-        let shipped = try XCTUnwrap((try group("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        let shipped = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
         XCTAssertLessThan(shipped, 27 << 20, "resumed from the last answered block: \(shipped) bytes read for 24 MiB")
         XCTAssertTrue(log("site-a").contains("resumed at"), log("site-a"))
 
         // Then the source dies mid-cycle: after its restart the cycle starts over with the
         // PiT it took (held), and both sides end equal.
-        let cycle = try XCTUnwrap(try group("site-a", "g")["cycle"] as? Int)
+        let cycle = try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int)
         _ = try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x37 4M 16M", uri("site-a", "v")])
         try ok("site-a", ["async", "continue-task", "g"])
         usleep(1_800_000)

@@ -63,4 +63,34 @@ class TwoSitesTestCase: XCTestCase {
     }
 
     func log(_ site: String) -> String { (try? String(contentsOfFile: dir.file(site + ".log"), encoding: .utf8)) ?? "" }
+
+    /// md5 of export `export` at `site`, read with nbdcopy.
+    func md5(_ site: String, _ export: String) throws -> String {
+        let p = Process(), out = Pipe()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "nbdcopy 'nbd+unix:///\(export)?socket=\(dir.file(site))/nbd.sock' - | md5sum"]
+        p.standardOutput = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return String(decoding: data, as: UTF8.self).split(separator: " ").first.map(String.init) ?? ""
+    }
+
+    /// md5 of PiT `pit` at `site`, read through a read-only snapshot made for it.
+    func pitMD5(_ site: String, _ pit: String) throws -> String {
+        let snap = "chk-\(UUID().uuidString.prefix(6))"
+        try ok(site, ["snapshot", "create", snap, "--pit", pit])
+        try ok(site, ["vdisk", "export", snap, "--read-only"])
+        defer {
+            _ = try? CLI.run(["vdisk", "unexport", snap, "--dir", dir.file(site)])
+            _ = try? CLI.run(["snapshot", "delete", snap, "--dir", dir.file(site)])
+        }
+        return try md5(site, snap)
+    }
+
+    /// `async status NAME --json` at `site`.
+    func asyncGroup(_ site: String, _ name: String) throws -> [String: Any] {
+        let all = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(site, ["async", "status", name, "--json"]).utf8)) as? [[String: Any]])
+        return try XCTUnwrap(all.first)
+    }
 }
