@@ -151,4 +151,48 @@ final class AsyncMirrorTests: TwoSitesTestCase {
             XCTAssertEqual(check.status, 0, "\(pool): \(check.stdout) \(check.stderr)")
         }
     }
+
+    /// A `blocks` frame whose crc32c does not match its data (sent inside a real TLS-PSK
+    /// session by `openssl s_client` posing as the source) is refused and logged, and
+    /// nothing of it is written: the next real cycle still leaves the images equal.
+    func testABlocksFrameWithABadCrcIsRefusedAndNothingOfItIsWritten() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/openssl") else { throw XCTSkip("needs /usr/bin/openssl") }
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        _ = try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x11 0 1M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        let first = try nextCycle(after: 0)
+        let cycle = try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int)
+
+        let script = """
+        import struct, sys, uuid, json
+        def frame(kind, payload): return struct.pack(">IHHII", 0x53565250, 1, kind, len(payload), 0) + payload
+        name = b"site-a"
+        hello = frame(1, struct.pack(">HH", 1, 1) + uuid.UUID(sys.argv[1]).bytes + bytes([len(name)]) + name)
+        begin = frame(6, struct.pack(">Q", 1) + json.dumps({"op": "cycle-begin", "group": "g", "cycle": 99, "pit": "x"}).encode())
+        data = b"\\xee" * 4096
+        blocks = frame(8, struct.pack(">QQHHQII", 2, 99, 0, 0, 0, 1, 4096) + struct.pack(">I", 0x12345678) + struct.pack(">I", 4096) + data)
+        sys.stdout.buffer.write(hello + begin + blocks)
+        """
+        try script.write(toFile: dir.file("frames.py"), atomically: true, encoding: .utf8)
+        let keyHex = Array("0123456789abcdef0123456789abcdef".utf8).map { String(format: "%02x", $0) }.joined()
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "(python3 \(dir.file("frames.py")) \(try domainId("site-a")); sleep 2) | timeout 10 openssl s_client -connect \(try address("site-b")) "
+            + "-tls1_2 -cipher ECDHE-PSK-CHACHA20-POLY1305 -psk \(keyHex) -psk_identity svsp/site-a/\(try domainId("site-a")) -quiet -no_ign_eof"]
+        p.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try p.run()
+        p.waitUntilExit()
+        for _ in 0..<30 where !log("site-b").contains("fails its crc32c") { usleep(100_000) }
+        XCTAssertTrue(log("site-b").contains("blocks refused") && log("site-b").contains("fails its crc32c"), log("site-b"))
+        XCTAssertEqual(try asyncGroup("site-b", "g")["confirmedPiT"] as? String, first, "no cycle was made of it")
+
+        // The next real cycle does not rewrite offset 0 (unchanged at the source): had the
+        // bad block landed there, the images would now differ.
+        _ = try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x22 8M 4k", uri("site-a", "v")])
+        try ok("site-a", ["async", "continue-task", "g"])
+        let next = try nextCycle(after: cycle)
+        XCTAssertEqual(try pitMD5("site-b", next), try pitMD5("site-a", next))
+    }
 }

@@ -258,7 +258,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
     private func startWorker(peer name: String, version: UInt16, channel: Channel) {
         let (stream, continuation) = AsyncStream<ReplicationMessage>.makeStream()
         work = continuation
-        let domain = service.domain
+        let domain = service.domain, service = service
         Task {
             guard let scratch = try? AlignedBuffer(count: BlockHeader.maxDataBytes) else { return }
             var group: String? // the group the last cycle-begin named: blocks go there
@@ -289,7 +289,10 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
                         guard let group else { throw DomainError("blocks before any cycle-begin") }
                         try await domain.applyAsyncBlocks(h, crcs: crcs, data: data, group: group, peer: name, scratch: scratch.pointer)
                         outcome = .success(AsyncResponse())
-                    } catch { outcome = .failure(error) }
+                    } catch {
+                        outcome = .failure(error)
+                        service.log("replication: peer '\(name)': blocks refused: \(error.message)") // the source retries the cycle
+                    }
                 default:
                     continue
                 }
