@@ -193,4 +193,26 @@ final class PiTDuringLegFailureTests: XCTestCase {
         try await domain.readPiT(named: "p2", leg: legs[0].id, offset: 8192, length: 4096, into: back.pointer)
         XCTAssertEqual(memcmp(back.pointer, data.pointer, 4096), 0, "the write acknowledged before the instant is in the PiT")
     }
+
+    /// A rollback and a split of one vdisk at once: the rollback asks for the catalog
+    /// first, the split closes the gate meanwhile. Both take the gate before the catalog
+    /// now; the rollback took them the other way round and the two waited forever.
+    func testARollbackAndASplitOfOneVDiskAtOnceBothFinish() async throws {
+        let domain = try await mirror()
+        _ = try await domain.createPiT(vdisk: "m", as: "r1")
+        let rollbackDone = Finished(), splitDone = Finished()
+        await domain.mutation.acquire() // a command in progress holds the catalog
+        Task {
+            do { try await domain.rollback(vdisk: "m", to: "r1"); rollbackDone.set(nil) } catch { rollbackDone.set(error) }
+        }
+        try await Task.sleep(nanoseconds: 100_000_000)
+        Task {
+            do { try await domain.mirrors.split(vdisk: "m", leg: 1, as: "m2"); splitDone.set(nil) } catch { splitDone.set(error) }
+        }
+        try await Task.sleep(nanoseconds: 100_000_000)
+        domain.mutation.release()
+        try await waitFor(rollbackDone, "the rollback")
+        try await waitFor(splitDone, "the split")
+        XCTAssertNotNil(domain.metadata.vdisk(named: "m2"))
+    }
 }

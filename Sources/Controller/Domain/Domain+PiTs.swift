@@ -211,6 +211,12 @@ extension Domain {
     /// would keep cached data of the old image) or was resized since the PiT.
     /// Crash-safe: the catalog marks the rollback first; the next open finishes it.
     public func rollback(vdisk name: String, to pitName: String) async throws(DomainError) {
+        // The gate first, then the catalog lock, as `mirror split` takes them: the other
+        // order deadlocks against a split (or a write the gate drains that must record a
+        // leg failure in the catalog).
+        let port = try port(for: name)
+        await port.closeGate(0..<UInt64.max)
+        defer { port.openGate(0..<UInt64.max) }
         try await beginChange()
         defer { mutation.release() }
         guard let vi = metadata.vdisks.firstIndex(where: { $0.name == name }) else { throw DomainError("vdisk '\(name)' not found") }
@@ -227,10 +233,6 @@ extension Domain {
             throw DomainError("PiT '\(pitName)' holds no in-sync copy of a leg vdisk '\(name)' has now")
         }
         try refuseWhileCopying(name, "a rollback")
-        let port = try port(for: name)
-        let whole: Range<UInt64> = 0..<max(v.sizeBytes, 1)
-        await port.closeGate(whole)
-        defer { port.openGate(whole) }
         var next = metadata
         next.vdisks[vi].rollingBackTo = pit.id
         for l in next.vdisks[vi].legs.indices where pit.map(ofLeg: next.vdisks[vi].legs[l].id) == nil {
