@@ -123,10 +123,12 @@ final class AsyncSource: @unchecked Sendable {
         let window = max(Int(link.bytesInFlight), piece)
         var pacer = Pacer(bytesPerSecond: link.bandwidthBytesPerSecond)
         var inFlight: [(task: Task<Result<Void, DomainError>, Never>, bytes: Int, position: UInt64)] = []
+        var inFlightBytes = 0
         var answered = from // every block before this position was answered
         var position: UInt64 = 0 // of the piece being read
         func settleOldest() async throws(DomainError) {
             let oldest = inFlight.removeFirst()
+            inFlightBytes -= oldest.bytes
             if case .failure(let e) = await oldest.task.value { throw e }
             answered = inFlight.first?.position ?? position
         }
@@ -148,7 +150,7 @@ final class AsyncSource: @unchecked Sendable {
                     for frame in frames(current.pointer, base == nil ? nil : previous.pointer, at: at, length: n, cycle: cycle,
                                         compression: link.compressionLevel)
                     {
-                        while !inFlight.isEmpty, inFlight.reduce(0, { $0 + $1.bytes }) + frame.wireBytes > window { try await settleOldest() }
+                        while !inFlight.isEmpty, inFlightBytes + frame.wireBytes > window { try await settleOldest() }
                         let wait = pacer.delay(forBytes: frame.wireBytes + ReplicationFrame.headerBytes, nowNs: DispatchTime.now().uptimeNanoseconds)
                         if wait > 0 { try? await Task.sleep(nanoseconds: wait) }
                         let peer = g.peer, service = service, build = frame.build, start = frame.offset, framePosition = position + (frame.offset - at)
@@ -162,6 +164,7 @@ final class AsyncSource: @unchecked Sendable {
                                 return .success(())
                             } catch { return .failure(error) }
                         }, frame.wireBytes, framePosition))
+                        inFlightBytes += frame.wireBytes
                     }
                     lock.withLock { progress.bytesSent += UInt64(n) }
                     at += UInt64(n)
@@ -198,11 +201,8 @@ final class AsyncSource: @unchecked Sendable {
         var changed = [Bool](repeating: true, count: blocks)
         for i in 0..<blocks {
             crcs[i] = Checksum.crc32c(UnsafeRawBufferPointer(start: current + i * 4096, count: 4096))
-            if let previous {
-                // Same crc32c and same bytes: the destination has it already.
-                let old = Checksum.crc32c(UnsafeRawBufferPointer(start: previous + i * 4096, count: 4096))
-                changed[i] = old != crcs[i] || memcmp(previous + i * 4096, current + i * 4096, 4096) != 0
-            }
+            // The same bytes as the confirmed PiT's: the destination has it already.
+            if let previous { changed[i] = memcmp(previous + i * 4096, current + i * 4096, 4096) != 0 }
         }
         var out: [Frame] = []
         var i = 0

@@ -253,8 +253,6 @@ public final class ReplicationService: @unchecked Sendable {
             if let pinned, pinned != id {
                 throw own.refuse(peer.name, "wrong domain id: the server is '\(name)' \(id.uuidString), peer '\(peer.name)' is \(pinned.uuidString)")
             }
-            own.name = name
-            own.id = id
         }
         let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(.seconds(5))
