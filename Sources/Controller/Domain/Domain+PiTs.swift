@@ -38,6 +38,14 @@ extension Domain {
         return try await takePiTs(members.map { ($0.id, "\(base).\($0.name)") }, group: base, kind: kind)
     }
 
+    /// PiTs of `vdisks` at one instant, named `names` (member for member); with several, as
+    /// group PiT `group` (the async mirror's cycle PiTs of a VDG).
+    public func createPiTs(of vdisks: [UUID], names: [String], group: String?, kind: PiTKind) async throws(DomainError) -> PiTCreated {
+        guard !vdisks.isEmpty, vdisks.count == names.count else { throw DomainError("a PiT needs one name per vdisk") }
+        if let group, metadata.pitList.contains(where: { $0.group == group }) { throw DomainError("a group PiT named '\(group)' already exists") }
+        return try await takePiTs(Array(zip(vdisks, names)).map { (vdisk: $0.0, name: $0.1) }, group: group, kind: kind)
+    }
+
     /// Checks that PiTs named so can be taken of these vdisks now (run before the gates
     /// close, and again under the catalog lock before the commit); returns the vdisks.
     private func checkPiTs(_ targets: [(vdisk: UUID, name: String)], in m: DomainMetadata) throws(DomainError) -> [VDiskRecord] {
@@ -161,14 +169,16 @@ extension Domain {
         return victims
     }
 
-    /// Marks PiT `name` as needed by mirror task `task` (nil: released): retention and
-    /// `pit delete` leave it alone meanwhile.
+    /// Marks PiT `name` (or every member PiT of group PiT `name`) as needed by mirror task
+    /// `task` (nil: released): retention and `pit delete` leave it alone meanwhile.
     public func holdPiT(named name: String, for task: String?) async throws(DomainError) {
         try await beginChange()
         defer { mutation.release() }
-        guard let i = metadata.pitList.firstIndex(where: { $0.name == name }) else { throw DomainError("PiT '\(name)' not found") }
+        let which = metadata.pitList.indices.filter { metadata.pitList[$0].name == name || metadata.pitList[$0].group == name }
+        guard !which.isEmpty else { throw DomainError("PiT '\(name)' not found") }
         var next = metadata
-        next.pitList[i].heldBy = task
+        for i in which { next.pitList[i].heldBy = task }
+        guard next != metadata else { return }
         try await commit(next)
     }
 

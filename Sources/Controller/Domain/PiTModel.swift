@@ -56,6 +56,8 @@ extension DomainMetadata {
 
     public func pit(named name: String) -> PiTRecord? { pitList.first { $0.name == name } }
     public func pits(of vdisk: VDiskRecord) -> [PiTRecord] { pitList.filter { $0.vdiskId == vdisk.id } }
+    /// Whether a PiT, or a group PiT, is named so.
+    public func hasPiT(orGroup name: String) -> Bool { pitList.contains { $0.name == name || $0.group == name } }
 
     /// Whether any map shares pages or chunks with another (the data path then checks each
     /// write for a redirect; with no PiT and no snapshot it skips the check).

@@ -1,8 +1,10 @@
 import Foundation
 
-/// An async mirror group as one domain keeps it: at the source, the vdisk it mirrors and
-/// its task to a peer; at the destination, the vdisk a source feeds. Both sides name the
-/// group alike, and a cycle is known by the name of the standard PiT it ships.
+/// An async mirror group as one domain keeps it: at the source, the vdisks it mirrors (one,
+/// a snapshot, or every member of a VDG) and its task to a peer; at the destination, the
+/// vdisks a source feeds, member for member. Both sides name the group alike, and a cycle
+/// is known by the name of the standard PiT it ships (for several members, a group PiT
+/// whose member PiTs are NAME.0, NAME.1, ... in member order).
 public struct AsyncGroupRecord: Codable, Equatable, Sendable {
     public enum Role: String, Codable, Sendable { case source, destination }
     public enum State: String, Codable, Sendable {
@@ -12,16 +14,36 @@ public struct AsyncGroupRecord: Codable, Equatable, Sendable {
         case paused
         /// The last cycle failed; it is retried (the reason is in the task).
         case degraded
+        /// Source: standard PiTs waiting for the link reached the link profile's retention:
+        /// no new ones are taken; when the link is back, one coalesced difference catches up.
+        case suspended
+    }
+
+    /// One vdisk of the group and its counterpart at the peer.
+    public struct Member: Codable, Equatable, Sendable {
+        public var vdiskId: UUID
+        public var remoteVDisk: String
+    }
+
+    /// Where a cut cycle goes on: its PiT and the byte position (in its members' ranges laid
+    /// end to end) before which every block was answered, so is durable at the destination.
+    public struct ResumePoint: Codable, Equatable, Sendable {
+        public var pit: String
+        public var position: UInt64
     }
 
     public var name: String
     public var role: Role
-    /// Source: the vdisk mirrored. Destination: the vdisk fed.
+    /// Source: the (first) vdisk mirrored. Destination: the (first) vdisk fed.
     public var vdiskId: UUID
     /// The other side.
     public var peer: String
-    /// Source: the destination vdisk's name at the peer.
+    /// The (first) vdisk's counterpart at the peer.
     public var remoteVDisk: String
+    /// Members after the first (a VDG source).
+    public var moreMembers: [Member]?
+    /// Source: the VDG it mirrors, when it mirrors one (its members at creation).
+    public var sourceVDG: String?
     public var state: State = .normal
     /// The last cycle the destination made complete (its PiT exists at both sides), or nil
     /// before the initial copy completed.
@@ -30,6 +52,22 @@ public struct AsyncGroupRecord: Codable, Equatable, Sendable {
     /// When `confirmedPiT` was taken at the source (the recovery point), Unix seconds.
     public var confirmedAt: Double?
     public var lastError: String?
+    /// Source: standard PiTs taken and not yet confirmed, oldest first (held by the group;
+    /// shipped in order), and how many cycles' PiTs were ever taken (names the next).
+    public var pending: [String]?
+    public var pitsTaken: UInt64?
+    /// Source: the cycle being shipped, as far as the destination answered (saved every few
+    /// seconds, so a source restart resumes there, not from the cycle's start).
+    public var resumeAt: ResumePoint?
+
+    public var members: [Member] { [Member(vdiskId: vdiskId, remoteVDisk: remoteVDisk)] + (moreMembers ?? []) }
+    public var pendingList: [String] {
+        get { pending ?? [] }
+        set { pending = newValue.isEmpty ? nil : newValue }
+    }
+
+    /// The PiT of member `i` in cycle PiT `base` (one member: the base itself).
+    public func memberPiT(_ base: String, _ i: Int) -> String { moreMembers?.isEmpty == false ? "\(base).\(i)" : base }
 }
 
 extension DomainMetadata {
@@ -39,7 +77,7 @@ extension DomainMetadata {
     }
 
     public func asyncGroup(named name: String) -> AsyncGroupRecord? { asyncGroupList.first { $0.name == name } }
-    public func asyncGroup(of vdisk: VDiskRecord) -> AsyncGroupRecord? { asyncGroupList.first { $0.vdiskId == vdisk.id } }
+    public func asyncGroup(of vdisk: VDiskRecord) -> AsyncGroupRecord? { asyncGroupList.first { $0.members.contains { $0.vdiskId == vdisk.id } } }
 }
 
 /// The control operations of the async mirror, carried in `request` frames (JSON).
@@ -54,15 +92,22 @@ public struct AsyncRequest: Codable, Sendable {
         case deleteGroup = "delete-group"
     }
 
+    /// A destination vdisk to make (or adopt): `create-destination` lists one per member.
+    public struct MemberSpec: Codable, Sendable {
+        public var vdisk: String
+        public var sizeBytes: UInt64
+        public var blockSize: Int
+    }
+
     public var op: Op
     public var group: String
-    public var vdisk: String?
-    public var sizeBytes: UInt64?
-    public var blockSize: Int?
+    public var members: [MemberSpec]?
     public var pool: String?
     public var existing: Bool?
     public var cycle: UInt64?
     public var pit: String?
+    /// `cycle-end`: when the source took the PiT (Unix seconds): the destination's recovery point.
+    public var takenAt: Double?
 }
 
 public struct AsyncResponse: Codable, Sendable {

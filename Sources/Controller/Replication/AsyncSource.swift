@@ -1,13 +1,17 @@
 import Foundation
 import IOEngine
 
-/// The source side of an async mirror group: every `pit_cycle` of the peer's link
-/// profile it takes a standard PiT of the vdisk (held for the group), ships the extents
-/// that changed since the PiT the destination last confirmed (everything allocated, the
-/// first time), read from the new PiT (so later host writes never mix in), a crc32c per
-/// 4 KiB block computed as read, at most `bytes_in_flight` unanswered, then asks the
-/// destination to make the cycle its new image. Once confirmed, the previous PiT goes.
-/// A cycle cut by a link drop or a restart is retried from its start with the same PiT.
+/// The source side of an async mirror group. Every `pit_cycle` of the peer's link profile
+/// it takes a standard PiT of all the group's vdisks at one instant (held for the group,
+/// queued as pending), whether or not the link is up. While the link is up it ships the
+/// oldest pending PiT: the blocks that changed since the PiT the destination last confirmed
+/// (everything allocated, the first time), read from the PiT (so later host writes never
+/// mix in), a crc32c per 4 KiB block computed as read, at most `bytes_in_flight`
+/// unanswered, then asks the destination to make the cycle its new image. Once confirmed,
+/// the previous PiT goes. When pending PiTs reach the link profile's `retention`, the group
+/// is suspended (no new PiTs); when the link is back it drops them and ships one coalesced
+/// difference to a fresh PiT. A cut cycle resumes, with its PiT, where the destination's
+/// answers reached (saved every few seconds, so a source restart resumes there too).
 /// Host writes never wait for any of this.
 final class AsyncSource: @unchecked Sendable {
     let group: String
@@ -15,11 +19,11 @@ final class AsyncSource: @unchecked Sendable {
     private var domain: Domain { service.domain }
     private let lock = NSLock()
     private var progress = AsyncTaskProgress()
-    /// Where a cut cycle goes on (its PiT, and the byte position in its ordered ranges
-    /// before which every block was answered, so is durable at the destination). Kept in
-    /// memory: a link drop or a destination restart resumes there; a source restart
-    /// starts the cycle over (with the same PiT).
-    private var resume: (pit: String, position: UInt64)?
+    /// The newest answered position of a cut cycle (fresher than the saved one).
+    private var resume: AsyncGroupRecord.ResumePoint?
+    /// When the newest cycle PiT was taken (uptime ns): the next is due a cycle later.
+    private var lastCaptureNs = DispatchTime.now().uptimeNanoseconds
+    private var lastResumeSaveNs: UInt64 = 0
 
     init(group: String, service: ReplicationService) {
         self.group = group
@@ -28,9 +32,8 @@ final class AsyncSource: @unchecked Sendable {
 
     var current: AsyncTaskProgress { lock.withLock { progress } }
 
-    /// Runs cycles until cancelled or the group is gone.
+    /// Runs until cancelled or the group is gone.
     func run() async {
-        var lastStart: UInt64 = 0
         while !Task.isCancelled {
             guard let g = domain.metadata.asyncGroup(named: group), g.role == .source else { return }
             guard let peer = domain.metadata.peer(named: g.peer), let link = domain.profiles.links[peer.linkProfile] else {
@@ -38,19 +41,25 @@ final class AsyncSource: @unchecked Sendable {
                 try? await Task.sleep(nanoseconds: 1_000_000_000)
                 continue
             }
-            let due = lastStart + (g.confirmedPiT == nil ? 0 : link.pitCycleNs)
-            let now = DispatchTime.now().uptimeNanoseconds
-            if g.state == .paused || !service.isConnected(g.peer) || now < due {
-                try? await Task.sleep(nanoseconds: min(200_000_000, max(due > now ? due - now : 0, 10_000_000)))
-                continue
-            }
-            lastStart = now
             do throws(DomainError) {
-                try await cycle(g, link: link)
+                try await capture(g, link: link)
+                guard let g = domain.metadata.asyncGroup(named: group) else { return }
+                if g.state != .paused, service.isConnected(g.peer) {
+                    if g.state == .suspended, g.resumeAt == nil, g.confirmedPiT != nil {
+                        try await coalesce(g)
+                        continue
+                    }
+                    if let next = g.pendingList.first {
+                        try await cycle(g, pit: next, link: link)
+                        continue
+                    }
+                }
             } catch {
                 await note(error: error.message)
                 try? await Task.sleep(nanoseconds: 1_000_000_000)
+                continue
             }
+            try? await Task.sleep(nanoseconds: 200_000_000)
         }
     }
 
@@ -62,61 +71,152 @@ final class AsyncSource: @unchecked Sendable {
         }
     }
 
-    /// One cycle: PiT, difference, blocks, cycle-end, confirm.
-    private func cycle(_ g: AsyncGroupRecord, link: LinkProfile) async throws(DomainError) {
-        guard let v = domain.metadata.vdisks.first(where: { $0.id == g.vdiskId }) else { throw DomainError("its vdisk is gone") }
-        let number = g.cycle + 1
-        let pit = "\(g.name).async-\(number)"
-        if domain.metadata.pit(named: pit) == nil { // else: a retried cycle ships the PiT it took
-            _ = try await domain.createPiT(vdisk: v.name, as: pit, kind: .standard)
+    /// Takes the next cycle's PiT when one is due (at once before the initial copy), unless
+    /// the task is paused or suspended; at the retention limit, suspends the group instead.
+    private func capture(_ g: AsyncGroupRecord, link: LinkProfile) async throws(DomainError) {
+        guard g.state != .paused, g.state != .suspended else { return }
+        let now = DispatchTime.now().uptimeNanoseconds
+        let initial = g.confirmedPiT == nil && g.pendingList.isEmpty
+        guard initial || now >= lastCaptureNs + link.pitCycleNs else { return }
+        let held = g.pendingList.count + (g.confirmedPiT == nil ? 0 : 1)
+        let limit = max(link.retention, 2)
+        if held >= limit {
+            try await suspend("\(g.pendingList.count) cycle PiT(s) wait for the link and the link profile keeps \(limit) (retention)")
+            return
         }
-        try await domain.holdPiT(named: pit, for: g.name)
-        let ranges: [Domain.ByteRange] = if let base = g.confirmedPiT, domain.metadata.pit(named: base) != nil {
-            try domain.differences(from: base, to: pit).ranges
-        } else {
-            try domain.allocatedRanges(ofPiT: pit)
+        do throws(DomainError) {
+            try await takeCyclePiT(g)
+            lastCaptureNs = now
+        } catch where error.code == ENOSPC {
+            try await suspend(error.message) // the pool's pit_retention, with every PiT held
         }
-        let total = ranges.reduce(0) { $0 + $1.length }
+    }
+
+    private func suspend(_ why: String) async throws(DomainError) {
+        service.log("replication: group '\(group)' suspended: \(why); host writes go on, one coalesced difference catches up when the link is back")
+        try await domain.updateAsyncGroup(group) {
+            $0.state = .suspended
+            $0.lastError = "suspended: \(why)"
+        }
+    }
+
+    /// A standard PiT of every member at one instant, held by the group, queued as pending.
+    private func takeCyclePiT(_ g: AsyncGroupRecord) async throws(DomainError) {
+        let number = (g.pitsTaken ?? g.cycle) + 1
+        let base = "\(g.name).async-\(number)"
+        // After a crash between the PiT and the group's update, the PiT exists: adopt it.
+        if !domain.metadata.hasPiT(orGroup: base) {
+            let names = g.members.indices.map { g.memberPiT(base, $0) }
+            _ = try await domain.createPiTs(of: g.members.map(\.vdiskId), names: names, group: g.members.count > 1 ? base : nil, kind: .standard)
+        }
+        try await domain.holdPiT(named: base, for: g.name)
+        try await domain.updateAsyncGroup(g.name) {
+            $0.pitsTaken = number
+            if !$0.pendingList.contains(base) { $0.pendingList.append(base) }
+        }
+    }
+
+    /// Suspended, the link back and no cycle half-shipped: the waiting PiTs go, and one
+    /// fresh PiT carries everything since the confirmed one (a block written in many of
+    /// them travels once). A half-shipped cycle is finished first: its blocks are already
+    /// in the destination's pending layer, and only its own PiT accounts for them.
+    private func coalesce(_ g: AsyncGroupRecord) async throws(DomainError) {
+        let dropped = g.pendingList
+        for pit in dropped where domain.metadata.hasPiT(orGroup: pit) {
+            try await domain.holdPiT(named: pit, for: nil)
+            try await domain.deletePiT(named: pit)
+        }
+        try await domain.updateAsyncGroup(g.name) {
+            $0.pendingList = []
+            $0.state = .normal
+            $0.lastError = nil
+        }
+        guard let g = domain.metadata.asyncGroup(named: group) else { return }
+        try await takeCyclePiT(g)
+        lastCaptureNs = DispatchTime.now().uptimeNanoseconds
+        service.log("replication: group '\(g.name)' catches up with one coalesced difference (\(dropped.count) waiting PiT(s) dropped)")
+    }
+
+    /// Ships pending PiT `pit` (blocks, then cycle-end) and makes it the confirmed one.
+    private func cycle(_ g: AsyncGroupRecord, pit: String, link: LinkProfile) async throws(DomainError) {
+        let number = UInt64(pit.dropFirst("\(g.name).async-".count)) ?? g.cycle + 1
+        let members = g.members
+        let base = g.confirmedPiT.flatMap { domain.metadata.hasPiT(orGroup: $0) ? $0 : nil }
+        var work: [Piece] = []
+        for i in members.indices {
+            let ranges = if let base {
+                try domain.differences(from: g.memberPiT(base, i), to: g.memberPiT(pit, i)).ranges
+            } else {
+                try domain.allocatedRanges(ofPiT: g.memberPiT(pit, i))
+            }
+            work += ranges.map { Piece(member: i, range: $0) }
+        }
+        let total = work.reduce(0) { $0 + $1.range.length }
+        // Where to go on from: this run's newest answer, else the saved one.
+        let saved = g.resumeAt?.pit == pit ? g.resumeAt!.position : 0
+        let from = lock.withLock { resume?.pit == pit ? max(resume!.position, saved) : saved }
+        if g.resumeAt?.pit != pit { // recorded before any block travels: this PiT must be finished
+            try await domain.updateAsyncGroup(g.name) { $0.resumeAt = .init(pit: pit, position: 0) }
+        }
         lock.withLock {
-            let from = resume?.pit == pit ? resume!.position : 0
             progress = AsyncTaskProgress(cycle: number, pit: pit, bytesToSend: total, bytesSent: from, startedAt: Date().timeIntervalSince1970,
                                          lastError: progress.lastError, wireBytes: progress.wireBytes, dataBytes: progress.dataBytes,
-                                         resumedAt: from > 0 ? from : nil)
+                                         resumedAt: from > 0 ? from : nil, pendingPiTs: g.pendingList.count)
         }
         _ = try await service.call(g.peer, AsyncRequest(op: .cycleBegin, group: g.name, cycle: number, pit: pit))
-        let base = g.confirmedPiT.flatMap { domain.metadata.pit(named: $0) != nil ? $0 : nil }
-        let from = lock.withLock { resume?.pit == pit ? resume!.position : 0 }
         if from > 0 { service.log("replication: group '\(g.name)' cycle \(number) resumed at \(ByteSize.format(from)) of \(ByteSize.format(total))") }
-        let reached = await ship(ranges, of: pit, base: base, from: from, group: g, cycle: number, link: link)
+        let reached = await ship(work, of: pit, base: base, from: from, group: g, cycle: number, link: link)
         if case .failure(let cut) = reached {
-            lock.withLock { resume = (pit, cut.position) }
+            lock.withLock { resume = .init(pit: pit, position: cut.position) }
+            try? await domain.updateAsyncGroup(g.name) { $0.resumeAt = .init(pit: pit, position: cut.position) }
             throw cut.error
         }
-        lock.withLock { resume = nil }
-        let answer = try await service.call(g.peer, AsyncRequest(op: .cycleEnd, group: g.name, cycle: number, pit: pit))
+        let takenAt = domain.metadata.pitList.first { $0.name == pit || $0.group == pit }?.createdAt
+        var end = AsyncRequest(op: .cycleEnd, group: g.name, cycle: number, pit: pit)
+        end.takenAt = takenAt
+        let answer = try await service.call(g.peer, end)
         guard answer.lastComplete == pit else { throw DomainError("peer '\(g.peer)' did not confirm PiT '\(pit)'") }
         let previous = g.confirmedPiT
-        let takenAt = domain.metadata.pit(named: pit)?.createdAt
         try await domain.updateAsyncGroup(g.name) {
             $0.confirmedPiT = pit
             $0.cycle = number
             $0.confirmedAt = takenAt
+            $0.pendingList.removeAll { $0 == pit }
+            $0.resumeAt = nil
             $0.lastError = nil
             if $0.state == .degraded { $0.state = .normal }
         }
-        lock.withLock { progress.lastError = nil }
-        if let previous, previous != pit, domain.metadata.pit(named: previous) != nil {
+        lock.withLock {
+            resume = nil
+            progress.lastError = nil
+        }
+        if let previous, previous != pit, domain.metadata.hasPiT(orGroup: previous) {
             try? await domain.holdPiT(named: previous, for: nil)
             try? await domain.deletePiT(named: previous)
         }
     }
 
-    /// Sends `ranges` of PiT `pit` in frames of up to 1 MiB: with a `base` PiT (the one
-    /// the destination holds), only the 4 KiB blocks whose crc32c differs from the base's
-    /// travel. At most the link's `bytes_in_flight` unanswered, paced to its bandwidth.
-    /// Starts at byte position `from` of the ranges laid end to end (a resumed cycle). On a
-    /// failure returns the position before which every block was answered.
-    private func ship(_ ranges: [Domain.ByteRange], of pit: String, base: String?, from: UInt64, group g: AsyncGroupRecord, cycle: UInt64,
+    /// A range of one member's PiT to ship.
+    struct Piece {
+        var member: Int
+        var range: Domain.ByteRange
+    }
+
+    /// Saves the answered position of the cycle in flight, at most every 2 s (a catalog
+    /// commit), so a source restart resumes near it.
+    private func saveResume(_ pit: String, _ position: UInt64) async {
+        let now = DispatchTime.now().uptimeNanoseconds
+        guard now > lastResumeSaveNs + 2_000_000_000 else { return }
+        lastResumeSaveNs = now
+        try? await domain.updateAsyncGroup(group) { $0.resumeAt = .init(pit: pit, position: position) }
+    }
+
+    /// Sends `work` (ranges of the members' PiTs of cycle `pit`) in frames of up to 1 MiB:
+    /// with a `base` PiT (the one the destination holds), only the 4 KiB blocks that differ
+    /// from the base's travel. At most the link's `bytes_in_flight` unanswered, paced to its
+    /// bandwidth. Starts at byte position `from` of the pieces laid end to end (a resumed
+    /// cycle). On a failure returns the position before which every block was answered.
+    private func ship(_ work: [Piece], of pit: String, base: String?, from: UInt64, group g: AsyncGroupRecord, cycle: UInt64,
                       link: LinkProfile) async -> Result<Void, ShipFailure>
     {
         let piece = BlockHeader.maxBlocks * 4096
@@ -131,24 +231,27 @@ final class AsyncSource: @unchecked Sendable {
             inFlightBytes -= oldest.bytes
             if case .failure(let e) = await oldest.task.value { throw e }
             answered = inFlight.first?.position ?? position
+            await saveResume(pit, answered)
         }
         guard let current = try? AlignedBuffer(count: piece), let previous = try? AlignedBuffer(count: piece) else {
             return .failure(ShipFailure(error: DomainError("out of memory for replication buffers"), position: from))
         }
         do throws(DomainError) {
-            for r in ranges {
+            for w in work {
+                let r = w.range
                 if position + r.length <= from { // wholly answered before the cut
                     position += r.length
                     continue
                 }
                 var at = r.offset + (from > position ? from - position : 0)
                 position = max(position, from)
+                let memberPiT = g.memberPiT(pit, w.member), memberBase = base.map { g.memberPiT($0, w.member) }
                 while at < r.offset + r.length {
                     let n = Int(min(UInt64(piece), r.offset + r.length - at))
-                    try await domain.readPiT(named: pit, offset: at, length: n, into: current.pointer)
-                    if let base { try await domain.readPiT(named: base, offset: at, length: n, into: previous.pointer) }
-                    for frame in frames(current.pointer, base == nil ? nil : previous.pointer, at: at, length: n, cycle: cycle,
-                                        compression: link.compressionLevel)
+                    try await domain.readPiT(named: memberPiT, offset: at, length: n, into: current.pointer)
+                    if let memberBase { try await domain.readPiT(named: memberBase, offset: at, length: n, into: previous.pointer) }
+                    for frame in frames(current.pointer, memberBase == nil ? nil : previous.pointer, at: at, length: n, cycle: cycle,
+                                        member: UInt16(w.member), compression: link.compressionLevel)
                     {
                         while !inFlight.isEmpty, inFlightBytes + frame.wireBytes > window { try await settleOldest() }
                         let wait = pacer.delay(forBytes: frame.wireBytes + ReplicationFrame.headerBytes, nowNs: DispatchTime.now().uptimeNanoseconds)
@@ -194,7 +297,7 @@ final class AsyncSource: @unchecked Sendable {
     /// The frames for `length` bytes at `offset` (in `current`): a frame per run of blocks
     /// that differ from `previous` (all of them without it). The id is the link's to give.
     private func frames(_ current: UnsafeMutableRawPointer, _ previous: UnsafeMutableRawPointer?, at offset: UInt64, length: Int,
-                        cycle: UInt64, compression: Int?) -> [Frame]
+                        cycle: UInt64, member: UInt16, compression: Int?) -> [Frame]
     {
         let blocks = length / 4096
         var crcs = [UInt32](repeating: 0, count: blocks)
@@ -211,13 +314,15 @@ final class AsyncSource: @unchecked Sendable {
             var e = i
             while e < blocks && changed[e] { e += 1 }
             out.append(frame(current + i * 4096, count: e - i, crcs: Array(crcs[i..<e]), at: offset + UInt64(i * 4096), cycle: cycle,
-                             compression: compression))
+                             member: member, compression: compression))
             i = e
         }
         return out
     }
 
-    private func frame(_ bytes: UnsafeMutableRawPointer, count: Int, crcs: [UInt32], at offset: UInt64, cycle: UInt64, compression: Int?) -> Frame {
+    private func frame(_ bytes: UnsafeMutableRawPointer, count: Int, crcs: [UInt32], at offset: UInt64, cycle: UInt64, member: UInt16,
+                       compression: Int?) -> Frame
+    {
         let length = count * 4096
         var data = [UInt8](UnsafeRawBufferPointer(start: bytes, count: length))
         var compressed = false
@@ -238,7 +343,7 @@ final class AsyncSource: @unchecked Sendable {
         }
         let payload = data, packed = compressed
         return Frame(offset: offset, wireBytes: wire) { id in
-            .blocks(BlockHeader(id: id, cycle: cycle, member: 0, compressed: packed, offset: offset, count: UInt32(count)), crcs: crcs, data: payload)
+            .blocks(BlockHeader(id: id, cycle: cycle, member: member, compressed: packed, offset: offset, count: UInt32(count)), crcs: crcs, data: payload)
         }
     }
 }
@@ -274,4 +379,6 @@ public struct AsyncTaskProgress: Codable, Sendable {
     public var dataBytes: UInt64 = 0
     /// A cycle resumed after a cut: the byte position it went on from.
     public var resumedAt: UInt64?
+    /// Cycle PiTs waiting to be shipped (this one included).
+    public var pendingPiTs: Int = 0
 }

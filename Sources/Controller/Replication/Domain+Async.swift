@@ -51,52 +51,69 @@ extension Domain {
 
     // MARK: destination side
 
-    /// `create-destination`: the vdisk the source will feed (created thin, of the source's
-    /// size and block size, unless it exists and `existing` allows it) and the group.
+    /// `create-destination`: the vdisks the source will feed, one per member (each created
+    /// thin, of its source's size and block size, unless it exists and `existing` allows
+    /// it) and the group. Every member is checked before anything is made.
     func createAsyncDestination(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
-        guard let vdisk = r.vdisk, let size = r.sizeBytes, let blockSize = r.blockSize else {
-            throw DomainError("create-destination: vdisk, size and block size are required")
-        }
+        guard let specs = r.members, !specs.isEmpty, specs.count <= 64 else { throw DomainError("create-destination: 1 to 64 members are required") }
         if let g = metadata.asyncGroup(named: r.group) {
             // A retried request: answer as before when it is the same group.
-            guard g.role == .destination, g.peer == peer, metadata.vdisks.first(where: { $0.id == g.vdiskId })?.name == vdisk else {
+            let names = g.members.map { m in metadata.vdisks.first { $0.id == m.vdiskId }?.name }
+            guard g.role == .destination, g.peer == peer, names == specs.map(\.vdisk) else {
                 throw DomainError("async group '\(r.group)' already exists here")
             }
             return AsyncResponse(lastComplete: g.confirmedPiT)
         }
-        if let v = metadata.vdisk(named: vdisk) {
+        guard Set(specs.map(\.vdisk)).count == specs.count else { throw DomainError("create-destination: two members have one destination vdisk") }
+        for spec in specs {
+            guard Parse.name(spec.vdisk) != nil else { throw DomainError("destination vdisk name '\(spec.vdisk)': use letters, digits, - _ . (at most 64)") }
+            guard let v = metadata.vdisk(named: spec.vdisk) else { continue }
             guard r.existing == true else {
-                throw DomainError("vdisk '\(vdisk)' already exists at the destination (use --dest-existing to mirror onto it; its data will be overwritten)")
+                throw DomainError("vdisk '\(spec.vdisk)' already exists at the destination (use --dest-existing to mirror onto it; its data will be overwritten)")
             }
-            guard v.sizeBytes == size, v.blockSize == blockSize else {
-                throw DomainError("vdisk '\(vdisk)' at the destination is \(v.sizeBytes) bytes of \(v.blockSize)-byte blocks; the source is \(size) of \(blockSize)")
+            guard v.sizeBytes == spec.sizeBytes, v.blockSize == spec.blockSize else {
+                throw DomainError("vdisk '\(spec.vdisk)' at the destination is \(v.sizeBytes) bytes of \(v.blockSize)-byte blocks; the source is \(spec.sizeBytes) of \(spec.blockSize)")
             }
-            guard v.export == nil else { throw DomainError("vdisk '\(vdisk)' at the destination is exported; unexport it first") }
-        } else {
-            guard let pool = r.pool ?? metadata.pools.first?.name else { throw DomainError("the destination domain has no pool") }
-            _ = try await createVDisk(name: vdisk, poolName: pool, mirrorPools: [], sizeBytes: size, blockSize: blockSize, thin: true)
+            guard v.export == nil else { throw DomainError("vdisk '\(spec.vdisk)' at the destination is exported; unexport it first") }
+            if let other = metadata.asyncGroup(of: v) { throw DomainError("vdisk '\(spec.vdisk)' at the destination is fed by async group '\(other.name)'") }
         }
-        guard let v = metadata.vdisk(named: vdisk) else { throw DomainError("vdisk '\(vdisk)' vanished") }
-        try await addAsyncGroup(AsyncGroupRecord(name: r.group, role: .destination, vdiskId: v.id, peer: peer, remoteVDisk: vdisk))
+        guard let pool = r.pool ?? metadata.pools.first?.name else { throw DomainError("the destination domain has no pool") }
+        var ids: [UUID] = []
+        for spec in specs {
+            if metadata.vdisk(named: spec.vdisk) == nil {
+                _ = try await createVDisk(name: spec.vdisk, poolName: pool, mirrorPools: [], sizeBytes: spec.sizeBytes, blockSize: spec.blockSize, thin: true)
+            }
+            guard let v = metadata.vdisk(named: spec.vdisk) else { throw DomainError("vdisk '\(spec.vdisk)' vanished") }
+            ids.append(v.id)
+        }
+        var g = AsyncGroupRecord(name: r.group, role: .destination, vdiskId: ids[0], peer: peer, remoteVDisk: specs[0].vdisk)
+        if ids.count > 1 { g.moreMembers = zip(ids, specs).dropFirst().map { AsyncGroupRecord.Member(vdiskId: $0.0, remoteVDisk: $0.1.vdisk) } }
+        try await addAsyncGroup(g)
         return AsyncResponse()
     }
 
-    /// `cycle-end`: every block of the cycle is durable; PiT `pit` of the destination makes
-    /// the cycle its new consistent image (one catalog commit), recorded in the group.
+    /// `cycle-end`: every block of the cycle is durable; PiT `pit` of the destination (a
+    /// group PiT of every member, at one instant) makes the cycle its new consistent image
+    /// in one catalog commit, then recorded in the group.
     func completeAsyncCycle(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
         guard let pit = r.pit, let cycle = r.cycle else { throw DomainError("cycle-end: pit and cycle are required") }
-        let (g, v) = try asyncVDisk(r.group, role: .destination)
+        let (g, _) = try asyncVDisk(r.group, role: .destination)
         guard g.peer == peer else { throw DomainError("async group '\(r.group)' is fed by peer '\(g.peer)', not '\(peer)'") }
         if g.confirmedPiT == pit { return AsyncResponse(lastComplete: pit) } // a retried cycle-end
-        if metadata.pit(named: pit) == nil { _ = try await createPiT(vdisk: v.name, as: pit, kind: .standard) }
+        if !metadata.hasPiT(orGroup: pit) {
+            let names = g.members.indices.map { g.memberPiT(pit, $0) }
+            _ = try await createPiTs(of: g.members.map(\.vdiskId), names: names, group: g.members.count > 1 ? pit : nil, kind: .standard)
+        }
         let previous = g.confirmedPiT
         try await updateAsyncGroup(r.group) {
             $0.confirmedPiT = pit
             $0.cycle = cycle
-            $0.confirmedAt = Date().timeIntervalSince1970
+            $0.confirmedAt = r.takenAt ?? Date().timeIntervalSince1970
         }
         // The previous image is no longer the fall-back; keep it only if a user took it.
-        if let previous, metadata.pit(named: previous)?.kind == .standard { try? await deletePiT(named: previous) }
+        if let previous, metadata.pitList.contains(where: { ($0.name == previous || $0.group == previous) && $0.kind == .standard }) {
+            try? await deletePiT(named: previous)
+        }
         return AsyncResponse(lastComplete: pit)
     }
 
@@ -105,9 +122,13 @@ extension Domain {
     func applyAsyncBlocks(_ h: BlockHeader, crcs: [UInt32], data: [UInt8], group: String, peer: String,
                           scratch: UnsafeMutableRawPointer) async throws(DomainError)
     {
-        let (g, v) = try asyncVDisk(group, role: .destination)
+        let (g, _) = try asyncVDisk(group, role: .destination)
         guard g.peer == peer else { throw DomainError("async group '\(group)' is fed by peer '\(g.peer)', not '\(peer)'") }
-        guard h.member == 0 else { throw DomainError("blocks for member \(h.member) of group '\(group)', which has one vdisk") }
+        let members = g.members
+        guard Int(h.member) < members.count else { throw DomainError("blocks for member \(h.member) of group '\(group)', which has \(members.count)") }
+        guard let v = metadata.vdisks.first(where: { $0.id == members[Int(h.member)].vdiskId }) else {
+            throw DomainError("async group '\(group)': the vdisk of member \(h.member) is gone")
+        }
         let length = Int(h.count) * Int(h.blockBytes)
         guard h.offset <= v.sizeBytes, UInt64(length) <= v.sizeBytes - h.offset else {
             throw DomainError("blocks at \(h.offset)+\(length) lie beyond vdisk '\(v.name)' (\(v.sizeBytes) bytes)")

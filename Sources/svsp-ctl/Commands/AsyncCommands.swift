@@ -10,16 +10,23 @@ struct AsyncCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "create-group", abstract: "Create a group and its task: the destination vdisk is made at the peer, the initial copy starts.")
         @Argument var name: String
-        @Option(help: "The vdisk to mirror.") var source: String
+        @Option(help: "The vdisk to mirror.") var source: String?
+        @Option(name: .customLong("source-snapshot"), help: "A snapshot to mirror (instead of --source).") var sourceSnapshot: String?
+        @Option(name: .customLong("source-vdg"), help: "A virtual disk group to mirror, every member at one instant (instead of --source).")
+        var sourceVDG: String?
         @Option(help: "The peer domain to mirror to.") var peer: String
-        @Option(help: "The destination vdisk's name at the peer (default: the source's).") var dest: String?
+        @Option(help: "A destination vdisk's name at the peer, once per source vdisk in member order (default: the sources' names).")
+        var dest: [String] = []
         @Option(name: .customLong("dest-pool"), help: "The peer's pool for a new destination vdisk (default: its first).") var destPool: String?
         @Flag(name: .customLong("dest-existing"), help: "Mirror onto an existing vdisk at the peer (same size and block size; overwritten).")
         var destExisting = false
         @OptionGroup var options: DomainOptions
         func run() throws {
-            var args = ["name": name, "source": source, "peer": peer, "dest_existing": destExisting ? "true" : "false"]
-            if let dest { args["dest"] = dest }
+            var args = ["name": name, "peer": peer, "dest_existing": destExisting ? "true" : "false"]
+            if let source { args["source"] = source }
+            if let sourceSnapshot { args["source_snapshot"] = sourceSnapshot }
+            if let sourceVDG { args["source_vdg"] = sourceVDG }
+            if !dest.isEmpty { args["dest"] = dest.joined(separator: ",") }
             if let destPool { args["dest_pool"] = destPool }
             try options.send("async.create-group", args)
         }
