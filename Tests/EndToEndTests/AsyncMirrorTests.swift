@@ -21,36 +21,6 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         try waitFor("site-a", "site-b", "the link up") { $0["outbound"] as? String == "connected" }
     }
 
-    private func run(_ tool: String, _ args: [String]) throws -> String {
-        let p = Process(), out = Pipe()
-        p.executableURL = URL(fileURLWithPath: tool)
-        p.arguments = args
-        p.standardOutput = out
-        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        XCTAssertEqual(p.terminationStatus, 0, "\(tool) \(args)")
-        return String(decoding: data, as: UTF8.self)
-    }
-
-    private func uri(_ site: String, _ export: String) -> String { "nbd+unix:///\(export)?socket=\(dir.file(site))/nbd.sock" }
-
-    /// Waits for a cycle after `after` to complete at both sides, pauses the task, returns its PiT.
-    private func nextCycle(after: Int, file: StaticString = #filePath, line: UInt = #line) throws -> String {
-        for _ in 0..<300 {
-            let g = try asyncGroup("site-a", "g")
-            if let cycle = g["cycle"] as? Int, cycle > after, let pit = g["confirmedPiT"] as? String {
-                try ok("site-a", ["async", "pause-task", "g"])
-                usleep(1_500_000) // the cycle in flight (if any) finishes
-                return try asyncGroup("site-a", "g")["confirmedPiT"] as? String ?? pit
-            }
-            usleep(100_000)
-        }
-        XCTFail("no cycle after \(after) completed: \(try asyncGroup("site-a", "g"))", file: file, line: line)
-        return ""
-    }
-
     func testCyclesMakeTheDestinationEqualToASourcePiTByteForByte() throws {
         try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "48M", "--thin"])
         try ok("site-a", ["vdisk", "export", "v"])
@@ -104,13 +74,6 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         }
         try ok("site-b", ["vdisk", "export", "v", "--read-only"])
         XCTAssertEqual(try md5("site-b", "v"), try md5("site-a", "v"))
-    }
-
-    /// Restarts `site`'s daemon (after a SIGKILL or not) on the port it listened on.
-    private func restart(_ site: String, kill signal: Int32, port: String) throws {
-        daemons[site]?.stop(signal: signal)
-        daemons[site] = try ServeProcess(state: dir.file(site), extra: ["--repl-listen", port], log: dir.file(site + ".log"),
-                                         profiles: dir.file("profiles"))
     }
 
     func testACycleCutByEitherSideGoingAwayResumesOrRestartsAndTheDestinationStaysConsistent() throws {

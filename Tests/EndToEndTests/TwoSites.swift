@@ -93,4 +93,51 @@ class TwoSitesTestCase: XCTestCase {
         let all = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok(site, ["async", "status", name, "--json"]).utf8)) as? [[String: Any]])
         return try XCTUnwrap(all.first)
     }
+
+    /// Runs `tool`, which must succeed; its standard output.
+    @discardableResult
+    func run(_ tool: String, _ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        let p = Process(), out = Pipe()
+        p.executableURL = URL(fileURLWithPath: tool)
+        p.arguments = args
+        p.standardOutput = out
+        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 0, "\(tool) \(args)", file: file, line: line)
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    func uri(_ site: String, _ export: String) -> String { "nbd+unix:///\(export)?socket=\(dir.file(site))/nbd.sock" }
+
+    /// Waits for a cycle after `after` of group `group` to complete at both sides, taken
+    /// at the source no earlier than `since` (when given), pauses the task, returns its PiT.
+    func nextCycle(after: Int, group: String = "g", since: Date? = nil, seconds: Int = 30, file: StaticString = #filePath,
+                   line: UInt = #line) throws -> String {
+        for _ in 0..<(seconds * 10) {
+            let g = try asyncGroup("site-a", group)
+            if let cycle = g["cycle"] as? Int, cycle > after, let pit = g["confirmedPiT"] as? String,
+               since.map({ (g["recoveryPoint"] as? Double ?? 0) >= $0.timeIntervalSince1970 }) ?? true
+            {
+                try ok("site-a", ["async", "pause-task", group])
+                usleep(1_500_000) // the cycle in flight (if any) finishes
+                return try asyncGroup("site-a", group)["confirmedPiT"] as? String ?? pit
+            }
+            usleep(100_000)
+        }
+        XCTFail("no cycle after \(after) completed: \(try asyncGroup("site-a", group))", file: file, line: line)
+        return ""
+    }
+
+    /// Restarts `site`'s daemon (after a SIGKILL or not) on the port it listened on.
+    func restart(_ site: String, kill signal: Int32, port: String) throws {
+        daemons[site]?.stop(signal: signal)
+        try start(site, port: port)
+    }
+
+    func start(_ site: String, port: String) throws {
+        daemons[site] = try ServeProcess(state: dir.file(site), extra: ["--repl-listen", port], log: dir.file(site + ".log"),
+                                         profiles: dir.file("profiles"))
+    }
 }
