@@ -165,4 +165,57 @@ final class AsyncGroupTests: TwoSitesTestCase {
         XCTAssertGreaterThanOrEqual(sent, distinct.count * 4096, "every changed block travelled")
         XCTAssertFalse(try ok("site-a", ["pit", "list"]).contains("async-\(cycle + 1) "), "the waiting PiTs are gone")
     }
+
+    /// The destination's daemon is killed twice in the middle of applying cycles (a slow
+    /// link, so cycles are long) while the stream runs. Polled all along, whatever PiT the
+    /// destination names as complete is one cut of the stream; afterwards it reaches the end.
+    func testTheDestinationIsOneCutOfTheStreamAtEveryMomentThroughKillsMidApply() throws {
+        try "bandwidth: 16Mbit/s\nrtt: 1ms\npit_cycle: 1s\nretention: 3\n".write(toFile: dir.file("profiles") + "/links/test-fast.yaml", atomically: true, encoding: .utf8)
+        let destPort = try address("site-b"), sourcePort = try address("site-a")
+        try restart("site-a", kill: SIGTERM, port: sourcePort)
+        try restart("site-b", kill: SIGTERM, port: destPort)
+        try waitFor("site-a", "site-b", "the link up again") { $0["outbound"] as? String == "connected" }
+        for v in ["data", "log"] {
+            try ok("site-a", ["vdisk", "create", v, "--pool", "p", "--size", "16M", "--thin"])
+            try ok("site-a", ["vdisk", "export", v])
+        }
+        try ok("site-a", ["vdg", "create", "db", "--vdisk", "data", "--vdisk", "log"])
+        try ok("site-a", ["async", "create-group", "g", "--source-vdg", "db", "--peer", "site-b"])
+
+        let writer = Process(), out = Pipe()
+        writer.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        writer.arguments = [dependentWrites, "write", "--socket", dir.file("site-a") + "/nbd.sock", "--data", "data", "--log", "log",
+                            "--seconds", "12", "--rate", "250"]
+        writer.standardOutput = out
+        try writer.run()
+        let started = Date()
+        var kills = 0, checked = 0
+        var seen = Set<String>()
+        while writer.isRunning {
+            let t = Date().timeIntervalSince(started)
+            let shipping = try asyncGroup("site-a", "g")["progress"] as? [String: Any] ?? [:]
+            let sent = shipping["bytesSent"] as? Int ?? 0, total = shipping["bytesToSend"] as? Int ?? 0
+            if (kills == 0 && t > 3) || (kills == 1 && t > 7), sent > 0, sent + (512 << 10) < total { // mid-cycle
+                try restart("site-b", kill: SIGKILL, port: destPort)
+                kills += 1
+            }
+            // Whatever the destination calls complete is one cut of the stream.
+            if let pit = try asyncGroup("site-b", "g")["confirmedPiT"] as? String, let pair = keep(pit) {
+                if seen.insert(pit).inserted { checked += 1 }
+                _ = try cut(pair)
+                for s in [pair.data, pair.log] {
+                    try ok("site-b", ["vdisk", "unexport", s])
+                    try ok("site-b", ["snapshot", "delete", s])
+                }
+            }
+            usleep(200_000)
+        }
+        XCTAssertEqual(kills, 2)
+        XCTAssertGreaterThanOrEqual(checked, 3, "distinct complete PiTs read during the stream")
+        XCTAssertTrue(log("site-a").contains("resumed at"), "a kill cut a cycle mid-apply:\n\(log("site-a"))")
+        let written = Int(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            .trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        let last = try nextCycle(after: 0, since: Date(), seconds: 60)
+        XCTAssertEqual(try cut(try XCTUnwrap(keep(last))), written, "the newest PiT holds every write")
+    }
 }
