@@ -218,4 +218,66 @@ final class AsyncGroupTests: TwoSitesTestCase {
         let last = try nextCycle(after: 0, since: Date(), seconds: 60)
         XCTAssertEqual(try cut(try XCTUnwrap(keep(last))), written, "the newest PiT holds every write")
     }
+
+    /// The destination's pool LUN (a loop device) turns read-only in the middle of the
+    /// stream: its writes fail, so cycles fail and the source says why, while every PiT
+    /// the destination calls complete (polled) stays one cut of the stream and readable.
+    /// Writable again: the cycles go on and the destination reaches the end. Root only.
+    func testTheDestinationPoolTurningReadOnlyFailsCyclesWithoutHarmAndTheyResumeAfter() throws {
+        guard getuid() == 0 else { throw XCTSkip("needs root for a loop device") }
+        let file = dir.file("q.img")
+        XCTAssertTrue(FileManager.default.createFile(atPath: file, contents: nil))
+        truncate(file, 96 << 20)
+        let (status, loop) = shell(["losetup", "--find", "--show", "--direct-io=on", file])
+        guard status == 0, loop.hasPrefix("/dev/loop") else { throw XCTSkip("losetup failed") }
+        defer {
+            shell(["blockdev", "--setrw", loop])
+            daemons["site-b"]?.stop()
+            shell(["losetup", "-d", loop])
+        }
+        try ok("site-b", ["pool", "create", "q", "--array-profile", "file-backed", "--lun", loop])
+        for v in ["data", "log"] {
+            try ok("site-a", ["vdisk", "create", v, "--pool", "p", "--size", "16M", "--thin"])
+            try ok("site-a", ["vdisk", "export", v])
+        }
+        try ok("site-a", ["vdg", "create", "db", "--vdisk", "data", "--vdisk", "log"])
+        try ok("site-a", ["async", "create-group", "g", "--source-vdg", "db", "--peer", "site-b", "--dest-pool", "q"])
+
+        let writer = Process(), out = Pipe()
+        writer.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        writer.arguments = [dependentWrites, "write", "--socket", dir.file("site-a") + "/nbd.sock", "--data", "data", "--log", "log",
+                            "--seconds", "12", "--rate", "250"]
+        writer.standardOutput = out
+        try writer.run()
+        let started = Date()
+        var readOnly = false, sawFailure = false, checked = 0
+        while writer.isRunning {
+            let t = Date().timeIntervalSince(started)
+            if !readOnly && t > 3 {
+                XCTAssertEqual(shell(["blockdev", "--setro", loop]).0, 0)
+                readOnly = true
+            }
+            if readOnly && t > 8 && shell(["blockdev", "--getro", loop]).1 == "1" {
+                XCTAssertEqual(shell(["blockdev", "--setrw", loop]).0, 0)
+            }
+            let g = try asyncGroup("site-a", "g")
+            if readOnly, t <= 8, g["state"] as? String == "degraded", g["lastError"] is String { sawFailure = true }
+            if let pit = try asyncGroup("site-b", "g")["confirmedPiT"] as? String, let pair = keep(pit) {
+                _ = try cut(pair)
+                checked += 1
+                for s in [pair.data, pair.log] {
+                    try ok("site-b", ["vdisk", "unexport", s])
+                    try ok("site-b", ["snapshot", "delete", s])
+                }
+            }
+            usleep(200_000)
+        }
+        XCTAssertTrue(sawFailure, "the source reported the failing cycles: \(log("site-a"))")
+        XCTAssertGreaterThan(checked, 5)
+        let written = Int(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            .trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        let last = try nextCycle(after: 0, since: Date(), seconds: 60)
+        XCTAssertEqual(try cut(try XCTUnwrap(keep(last))), written, "the newest PiT holds every write")
+        XCTAssertEqual(try asyncGroup("site-a", "g")["lastError"] as? String, nil)
+    }
 }
