@@ -158,4 +158,88 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         let next = try nextCycle(after: cycle)
         XCTAssertEqual(try pitMD5("site-b", next), try pitMD5("site-a", next))
     }
+
+    /// A destination vdisk is exported read-only while it is fed, and hosts read its last
+    /// complete PiT: polled while a 12 MiB cycle is applied over a 16 Mbit/s link, every
+    /// read of the export is the previous PiT's image or (once the cycle completed) the new
+    /// one's, never the mix being applied; read-write is refused.
+    func testAFedDestinationIsExportedReadOnlyAsItsLastCompletePiT() throws {
+        try "bandwidth: 16Mbit/s\nrtt: 1ms\npit_cycle: 1s\n".write(toFile: dir.file("profiles") + "/links/test-fast.yaml", atomically: true, encoding: .utf8)
+        let destPort = try address("site-b"), sourcePort = try address("site-a")
+        try restart("site-a", kill: SIGTERM, port: sourcePort)
+        try restart("site-b", kill: SIGTERM, port: destPort)
+        try waitFor("site-a", "site-b", "the link up again") { $0["outbound"] as? String == "connected" }
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x31 0 4M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        let first = try nextCycle(after: 0, since: Date())
+        let readWrite = try CLI.run(["vdisk", "export", "v", "--dir", dir.file("site-b")])
+        XCTAssertTrue(readWrite.status != 0 && readWrite.stderr.contains("--read-only"), readWrite.stderr)
+        try ok("site-b", ["vdisk", "export", "v", "--read-only"])
+        let old = try md5("site-b", "v")
+        XCTAssertEqual(old, try pitMD5("site-b", first), "the export reads as the last complete PiT")
+
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x32 2M 12M", uri("site-a", "v")])
+        let cycle = try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int)
+        try ok("site-a", ["async", "continue-task", "g"])
+        var reads = 0, sawOld = 0
+        var images = Set<String>()
+        while (try asyncGroup("site-b", "g")["cycle"] as? Int ?? 0) <= cycle && reads < 200 {
+            let image = try md5("site-b", "v")
+            images.insert(image)
+            if image == old { sawOld += 1 }
+            reads += 1
+            usleep(100_000)
+        }
+        let newest = try nextCycle(after: cycle)
+        let new = try md5("site-b", "v")
+        XCTAssertEqual(new, try pitMD5("site-a", newest), "after the cycle the export reads as the new PiT")
+        XCTAssertGreaterThanOrEqual(sawOld, 3, "reads while the cycle was applied: \(reads)")
+        XCTAssertTrue(images.isSubset(of: [old, new]), "every read was one complete PiT's image: \(images.count) distinct images")
+    }
+
+    /// The source site is lost in the middle of a cycle (SIGKILL, part of the cycle applied
+    /// at the destination). `async failover` prints its plan and does nothing without
+    /// --yes; with it the destination vdisk is the last complete PiT's image, byte for byte
+    /// (the partial cycle gone), exported read-write and writable; the PiT stays.
+    func testFailoverAfterTheSourceIsLostMidCycleGivesTheLastCompletePiTWritable() throws {
+        try "bandwidth: 16Mbit/s\nrtt: 1ms\npit_cycle: 1s\n".write(toFile: dir.file("profiles") + "/links/test-fast.yaml", atomically: true, encoding: .utf8)
+        let destPort = try address("site-b"), sourcePort = try address("site-a")
+        try restart("site-a", kill: SIGTERM, port: sourcePort)
+        try restart("site-b", kill: SIGTERM, port: destPort)
+        try waitFor("site-a", "site-b", "the link up again") { $0["outbound"] as? String == "connected" }
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x41 0 4M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        let first = try nextCycle(after: 0, since: Date())
+        let image = try pitMD5("site-a", first)
+
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x42 2M 12M", uri("site-a", "v")])
+        try ok("site-a", ["async", "continue-task", "g"])
+        var midCycle = false
+        for _ in 0..<100 {
+            let p = try asyncGroup("site-a", "g")["progress"] as? [String: Any] ?? [:]
+            if let sent = p["bytesSent"] as? Int, let total = p["bytesToSend"] as? Int, sent >= 2 << 20, sent + (2 << 20) < total {
+                midCycle = true
+                break
+            }
+            usleep(100_000)
+        }
+        XCTAssertTrue(midCycle, "a cycle was being applied")
+        daemons["site-a"]?.stop(signal: SIGKILL) // the source site is lost
+
+        let plan = try ok("site-b", ["async", "failover", "g"])
+        XCTAssertTrue(plan.contains("nothing was done") && plan.contains(first) && plan.contains("read-write"), plan)
+        XCTAssertEqual(try asyncGroup("site-b", "g")["confirmedPiT"] as? String, first, "without --yes nothing changed")
+        let done = try ok("site-b", ["async", "failover", "g", "--yes"])
+        XCTAssertTrue(done.hasPrefix("done:"), done)
+        XCTAssertTrue(try ok("site-b", ["async", "status"]).contains("no async groups"))
+        XCTAssertEqual(try md5("site-b", "v"), image, "the destination is the last complete PiT, without the cut cycle's blocks")
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x43 0 64k", "-c", "read -P 0x43 0 64k", uri("site-b", "v")])
+        XCTAssertTrue(try ok("site-b", ["pit", "list"]).contains(first), "the PiT stays")
+        let check = try CLI.run(["pool", "check", "p", "--dir", dir.file("site-b")])
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+    }
 }

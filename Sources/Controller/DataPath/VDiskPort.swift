@@ -130,11 +130,16 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     var repairs = 0
     var repairsRunning: Int { lock.withLock { repairs } }
 
-    public init(domain: Domain, vdisk name: String, capacity: Int = 256) throws(DomainError) {
+    /// An async destination's port for hosts: it serves the vdisk's last complete PiT (read
+    /// only), never the cycle being applied; the live vdisk again once no group feeds it.
+    let servesLastCompletePiT: Bool
+
+    public init(domain: Domain, vdisk name: String, capacity: Int = 256, lastCompletePiT: Bool = false) throws(DomainError) {
         self.domain = domain
         vdiskName = name
         self.capacity = capacity
-        guard let m = Self.makeMapping(domain, name) else { throw DomainError("vdisk '\(name)' not found") }
+        servesLastCompletePiT = lastCompletePiT
+        guard let m = Self.makeMapping(domain, name, lastCompletePiT: lastCompletePiT) else { throw DomainError("vdisk '\(name)' not found") }
         mapping = m
         ranges = RangeLock(slots: capacity)
         granted.reserveCapacity(capacity)
@@ -143,7 +148,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         for i in 0..<capacity { slots[i].nextFree = i + 1 < capacity ? Int32(i + 1) : -1 }
         readSeries = domain.metrics.vdiskSeries(name, op: "read")
         writeSeries = domain.metrics.vdiskSeries(name, op: "write")
-        log = Self.makeLog(domain, name)
+        log = lastCompletePiT ? nil : Self.makeLog(domain, name)
     }
 
     /// Picks up metadata changes now (instead of at the next request).
@@ -186,17 +191,27 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         return mapping.deallocationUnit
     }
 
-    private static func makeMapping(_ domain: Domain, _ name: String) -> Mapping? {
+    private static func makeMapping(_ domain: Domain, _ name: String, lastCompletePiT: Bool) -> Mapping? {
         let m = domain.metadata
         guard let v = m.vdisk(named: name) else { return nil }
+        // (leg, its state, pool, the block map read): the vdisk's legs, or its last complete PiT's maps.
+        var sources = v.legs.map { (id: $0.id, state: $0.state, poolId: $0.poolId, map: $0.id) }
+        var readOnly = v.refusesHostWrites
+        if lastCompletePiT, let g = m.asyncGroup(of: v), g.role == .destination {
+            guard let base = g.confirmedPiT, let i = g.members.firstIndex(where: { $0.vdiskId == v.id }),
+                  let pit = m.pit(named: g.memberPiT(base, i))
+            else { return nil } // nothing complete yet: no image to serve
+            sources = pit.maps.filter(\.complete).map { (id: $0.legId, state: LegState.inSync, poolId: $0.poolId, map: $0.mapId) }
+            readOnly = true
+        }
         var legs: [LegMap] = []
-        for leg in v.legs {
+        for leg in sources {
             guard let pool = m.pool(id: leg.poolId) else { return nil }
             let series = pool.luns.map { lun in
                 ["read", "write", "flush"].map { domain.metrics.lunSeries(pool: pool.name, lun: lun.path, op: $0) }
             }
             let runtime = domain.runtime(of: pool.id)
-            legs.append(LegMap(id: leg.id, state: leg.state, extentBytes: pool.extentBytes, route: domain.route(leg, in: m),
+            legs.append(LegMap(id: leg.id, state: leg.state, extentBytes: pool.extentBytes, route: domain.route(map: leg.map, in: pool),
                                lunCount: pool.luns.count, schedulerSlot: runtime?.slots ?? [],
                                scheduler: runtime?.scheduler, lunSeries: series))
         }
@@ -205,13 +220,13 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         let states = legs.map(\.state)
         return Mapping(generation: m.generation, sizeBytes: v.sizeBytes, blockSize: v.blockSize, mode: v.mode, thin: v.thin, legs: legs,
                        writeLegs: SyncMirror.writeLegs(states), inSyncLegs: SyncMirror.inSyncLegs(states), deallocationUnit: deallocationUnit,
-                       readOnly: v.refusesHostWrites)
+                       readOnly: readOnly)
     }
 
     /// Re-reads the mapping when the metadata moved on (grow, thin allocation, leg states). Caller holds the lock.
     func refreshIfNeeded() -> Bool {
         if domain.generation == mapping.generation { return true }
-        guard let m = Self.makeMapping(domain, vdiskName) else { return false }
+        guard let m = Self.makeMapping(domain, vdiskName, lastCompletePiT: servesLastCompletePiT) else { return false }
         mapping = m
         if log == nil, m.legs.count > 1 { log = Self.makeLog(domain, vdiskName) } // it just became a mirror
         return true
@@ -606,7 +621,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             if r.op == .read { readSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }
             if r.op == .write { writeSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }
         }
-        if repairLegs != 0 {
+        if repairLegs != 0, !servesLastCompletePiT { // a PiT's legs are not the vdisk's to repair
             let bad = r.legIds.named(by: repairLegs), good = r.legIds[r.readLeg], offset = r.offset, length = r.length
             Task { await self.repair(legs: bad, from: good, offset: offset, length: length) }
         }

@@ -109,8 +109,14 @@ extension Domain {
 
     /// Where a leg's data lies (nil: its pool's metadata is not open).
     func route(_ leg: LegRecord, in m: DomainMetadata) -> LegRoute? {
-        guard let pool = m.pool(id: leg.poolId), let meta = poolMeta(pool.id) else { return nil }
-        return LegRoute(map: leg.id, meta: meta, geometry: PoolGeometry(pool))
+        guard let pool = m.pool(id: leg.poolId) else { return nil }
+        return route(map: leg.id, in: pool)
+    }
+
+    /// Where block map `map` of `pool` (a leg's, or a PiT's) puts its chunks.
+    func route(map: UUID, in pool: PoolRecord) -> LegRoute? {
+        guard let meta = poolMeta(pool.id) else { return nil }
+        return LegRoute(map: map, meta: meta, geometry: PoolGeometry(pool))
     }
 
     /// Chunks the leg's block map maps (0 when its pool's metadata is not open).

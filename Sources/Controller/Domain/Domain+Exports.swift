@@ -10,10 +10,10 @@ extension Domain {
         }
         let previous = metadata.vdisks[index].export
         if previous == mode { return previous }
-        if mode != nil, let g = metadata.asyncGroup(of: metadata.vdisks[index]), g.role == .destination {
-            // Its live blocks are a cycle being applied: only the last complete PiT is consistent.
-            throw DomainError("vdisk '\(name)' is fed by async group '\(g.name)': export a snapshot of its last complete PiT instead "
-                + "(`svsp-ctl snapshot create NAME --pit \(g.confirmedPiT ?? "<PiT>")`)")
+        if mode == .readWrite, let g = metadata.asyncGroup(of: metadata.vdisks[index]), g.role == .destination {
+            // Its live blocks are a cycle being applied: hosts read its last complete PiT, and never write.
+            throw DomainError("vdisk '\(name)' is fed by async group '\(g.name)': export it --read-only (hosts then read its last complete PiT, "
+                + "\(g.confirmedPiT ?? "none yet")) or end the group first")
         }
         var next = metadata
         next.vdisks[index].export = mode

@@ -217,6 +217,20 @@ public final class Domain: @unchecked Sendable {
     }
 
     /// The vdisk's data port (created on first use, shared by every user of the vdisk).
+    /// The port NBD serves export `name` through: for a vdisk an async group feeds, one
+    /// that reads its last complete PiT; otherwise the vdisk's own port.
+    public func exportPort(for name: String) throws(DomainError) -> VDiskPort {
+        guard let v = metadata.vdisk(named: name), let g = metadata.asyncGroup(of: v), g.role == .destination else { return try port(for: name) }
+        let key = name + "@last-complete-pit" // not a vdisk name (those have no '@')
+        if let existing = stateLock.withLock({ storedPorts[key] }) { return existing }
+        let port = try VDiskPort(domain: self, vdisk: name, lastCompletePiT: true)
+        return stateLock.withLock {
+            if let raced = storedPorts[key] { return raced }
+            storedPorts[key] = port
+            return port
+        }
+    }
+
     public func port(for name: String) throws(DomainError) -> VDiskPort {
         stateLock.lock()
         let existing = storedPorts[name]
@@ -625,7 +639,10 @@ public final class Domain: @unchecked Sendable {
         next.vdisks.removeAll { $0.name == name }
         try await commit(next)
         updateSharing()
-        let port = stateLock.withLock { storedPorts.removeValue(forKey: name) }
+        let port = stateLock.withLock {
+            storedPorts.removeValue(forKey: name + "@last-complete-pit")
+            return storedPorts.removeValue(forKey: name)
+        }
         releaseLegMaps(v.legs, after: port)
     }
 

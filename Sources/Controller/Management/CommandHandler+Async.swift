@@ -46,6 +46,26 @@ extension CommandHandler {
             let pause = r.command == "async.pause-task"
             try await domain.updateAsyncGroup(name) { $0.state = pause ? .paused : .normal }
             return .success(text: "async group '\(name)': task \(pause ? "paused (the cycle in flight finishes first)" : "continues")", json: ["group": name])
+        case "async.failover", "async.detach-task":
+            // At the destination, the source site lost (or not): the group ends here and its
+            // vdisks become writable at their last complete PiT; failover also exports them.
+            let name = try arg(r, "name")
+            let failover = r.command == "async.failover"
+            guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }
+            guard g.role == .destination else {
+                throw DomainError("async group '\(name)' is a source here: run `async \(failover ? "failover" : "detach-task")` at the destination (peer '\(g.peer)')")
+            }
+            let plan = try domain.detachPlan(name)
+            let age = plan.takenAt.map { String(format: "%.1f s ago", Date().timeIntervalSince1970 - $0) } ?? "time unknown"
+            let steps = "async group '\(name)' (fed by peer '\(plan.peer)') ends here: nothing more is applied; vdisk(s) \(plan.vdisks.joined(separator: ", ")) "
+                + "go back to their last complete PiT \(plan.pit) (taken at the source \(age); writes made there since are not here) and become writable"
+                + (failover ? ", exported read-write over NBD" : "") + "; the PiTs stay; the source's task fails until it is deleted there"
+            guard r.args["yes"] == "true" else {
+                return .success(text: "plan: \(steps).\nnothing was done: run again with --yes to do it", json: ["plan": steps, "done": "false"])
+            }
+            let done = try await domain.detachAsyncDestination(name)
+            if failover { for v in done.vdisks { try await domain.setExport(vdisk: v, mode: .readWrite) } }
+            return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
         case "async.delete-group":
             let name = try arg(r, "name")
             guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }

@@ -102,7 +102,7 @@ extension NBDConnection {
             metaContext(option, &payload, context: context)
         case NBD.optExportName:
             let name = payload.readString(length: payload.readableBytes) ?? ""
-            guard let v = exported(name), let port = try? domain.port(for: name) else {
+            guard let v = exported(name), let port = try? domain.exportPort(for: name) else {
                 // This option has no error reply: the protocol's answer is to disconnect.
                 drop(context, "EXPORT_NAME for unknown or unexported \(NBDClientText.escaped(name))")
                 return
@@ -120,7 +120,7 @@ extension NBDConnection {
             else {
                 return optionReply(context, option, NBD.repErrInvalid)
             }
-            guard let v = exported(name), let port = try? domain.port(for: name) else {
+            guard let v = exported(name), let port = try? domain.exportPort(for: name) else {
                 if let line = registry.unknownExportLog.admit("\(who): asked for unknown or unexported export \(NBDClientText.escaped(name))") {
                     log(line)
                 }

@@ -17,6 +17,10 @@ public struct AsyncGroupRecord: Codable, Equatable, Sendable {
         /// Source: standard PiTs waiting for the link reached the link profile's retention:
         /// no new ones are taken; when the link is back, one coalesced difference catches up.
         case suspended
+        /// Destination: being detached (fail over): nothing more is applied; the members are
+        /// rolled back to the last complete PiT, then the group goes. A crash part-way leaves
+        /// it so, and `async detach-task` or `async failover` runs it again.
+        case detaching
     }
 
     /// One vdisk of the group and its counterpart at the peer.
@@ -59,6 +63,9 @@ public struct AsyncGroupRecord: Codable, Equatable, Sendable {
     /// Source: the cycle being shipped, as far as the destination answered (saved every few
     /// seconds, so a source restart resumes there, not from the cycle's start).
     public var resumeAt: ResumePoint?
+    /// Destination: the complete PiT before the last, kept one cycle longer (a host reading
+    /// the read-only export as the cycle switched finishes its reads on it).
+    public var previousPiT: String?
 
     public var members: [Member] { [Member(vdiskId: vdiskId, remoteVDisk: remoteVDisk)] + (moreMembers ?? []) }
     public var pendingList: [String] {

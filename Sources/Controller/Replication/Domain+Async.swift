@@ -92,6 +92,41 @@ extension Domain {
         return AsyncResponse()
     }
 
+    /// What `async failover` (or `detach-task` at the destination) will do: the members, the
+    /// PiT they go back to, and when the source took it; or why it cannot.
+    public struct DetachPlan: Codable, Sendable {
+        public var group: String
+        public var peer: String
+        public var vdisks: [String]
+        public var pit: String
+        public var takenAt: Double?
+    }
+
+    func detachPlan(_ name: String) throws(DomainError) -> DetachPlan {
+        let (g, _) = try asyncVDisk(name, role: .destination)
+        guard let base = g.confirmedPiT else {
+            throw DomainError("async group '\(name)': no cycle completed here yet, so its vdisks hold no consistent image to fail over to")
+        }
+        let vdisks = g.members.map { m in metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+        return DetachPlan(group: name, peer: g.peer, vdisks: vdisks, pit: base, takenAt: g.confirmedAt)
+    }
+
+    /// Ends group `name` here, at the destination, without the source: nothing more is
+    /// applied (state `detaching`, committed first), every member is rolled back to its last
+    /// complete PiT (what was applied of a cut cycle goes), then the group is forgotten and
+    /// the members are ordinary writable vdisks. The PiTs stay. Run again after a crash.
+    func detachAsyncDestination(_ name: String) async throws(DomainError) -> DetachPlan {
+        let plan = try detachPlan(name)
+        let g = try asyncVDisk(name, role: .destination).0
+        try await updateAsyncGroup(name) { $0.state = .detaching }
+        for (i, vdisk) in plan.vdisks.enumerated() {
+            if metadata.vdisk(named: vdisk)?.export != nil { try await setExport(vdisk: vdisk, mode: nil) }
+            try await rollback(vdisk: vdisk, to: g.memberPiT(plan.pit, i))
+        }
+        try await removeAsyncGroup(name)
+        return plan
+    }
+
     /// `cycle-end`: every block of the cycle is durable; PiT `pit` of the destination (a
     /// group PiT of every member, at one instant) makes the cycle its new consistent image
     /// in one catalog commit, then recorded in the group.
@@ -100,19 +135,22 @@ extension Domain {
         let (g, _) = try asyncVDisk(r.group, role: .destination)
         guard g.peer == peer else { throw DomainError("async group '\(r.group)' is fed by peer '\(g.peer)', not '\(peer)'") }
         if g.confirmedPiT == pit { return AsyncResponse(lastComplete: pit) } // a retried cycle-end
+        guard g.state != .detaching else { throw DomainError("async group '\(r.group)' is being detached here: no cycle completes") }
         if !metadata.hasPiT(orGroup: pit) {
             let names = g.members.indices.map { g.memberPiT(pit, $0) }
             _ = try await createPiTs(of: g.members.map(\.vdiskId), names: names, group: g.members.count > 1 ? pit : nil, kind: .standard)
         }
-        let previous = g.confirmedPiT
+        let retired = g.previousPiT
         try await updateAsyncGroup(r.group) {
+            $0.previousPiT = $0.confirmedPiT
             $0.confirmedPiT = pit
             $0.cycle = cycle
             $0.confirmedAt = r.takenAt ?? Date().timeIntervalSince1970
         }
-        // The previous image is no longer the fall-back; keep it only if a user took it.
-        if let previous, metadata.pitList.contains(where: { ($0.name == previous || $0.group == previous) && $0.kind == .standard }) {
-            try? await deletePiT(named: previous)
+        // The image before the previous one goes (unless a user took it): the export's port
+        // moved to the new PiT at this commit, and reads still on the old one had a cycle.
+        if let retired, retired != pit, metadata.pitList.contains(where: { ($0.name == retired || $0.group == retired) && $0.kind == .standard }) {
+            try? await deletePiT(named: retired)
         }
         return AsyncResponse(lastComplete: pit)
     }
@@ -124,6 +162,7 @@ extension Domain {
     {
         let (g, _) = try asyncVDisk(group, role: .destination)
         guard g.peer == peer else { throw DomainError("async group '\(group)' is fed by peer '\(g.peer)', not '\(peer)'") }
+        guard g.state != .detaching else { throw DomainError("async group '\(group)' is being detached here: nothing more is applied") }
         let members = g.members
         guard Int(h.member) < members.count else { throw DomainError("blocks for member \(h.member) of group '\(group)', which has \(members.count)") }
         guard let v = metadata.vdisks.first(where: { $0.id == members[Int(h.member)].vdiskId }) else {

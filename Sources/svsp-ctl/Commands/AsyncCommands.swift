@@ -4,7 +4,7 @@ import Foundation
 struct AsyncCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "async", abstract: "Async mirror groups: a vdisk mirrored to a peer domain in write-order consistent cycles.",
-        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DeleteGroup.self])
+        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, DeleteGroup.self])
 
     struct CreateGroup: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -51,6 +51,25 @@ struct AsyncCommand: ParsableCommand {
         @Argument var name: String
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("async.continue-task", ["name": name]) }
+    }
+
+    struct DetachTask: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "detach-task",
+            abstract: "At the destination: end the group here; its vdisks go back to their last complete PiT and become writable (prints the plan; --yes does it).")
+        @Argument var name: String
+        @Flag(help: "Do it (without: print what would be done).") var yes = false
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.detach-task", ["name": name, "yes": yes ? "true" : "false"]) }
+    }
+
+    struct Failover: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "At the destination, the source site lost: detach, and export the vdisks read-write at their last complete PiT (prints the plan; --yes does it).")
+        @Argument var name: String
+        @Flag(help: "Do it (without: print what would be done).") var yes = false
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.failover", ["name": name, "yes": yes ? "true" : "false"]) }
     }
 
     struct DeleteGroup: ParsableCommand {
