@@ -235,11 +235,37 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         XCTAssertEqual(try asyncGroup("site-b", "g")["confirmedPiT"] as? String, first, "without --yes nothing changed")
         let done = try ok("site-b", ["async", "failover", "g", "--yes"])
         XCTAssertTrue(done.hasPrefix("done:"), done)
-        XCTAssertTrue(try ok("site-b", ["async", "status"]).contains("no async groups"))
+        XCTAssertEqual(try asyncGroup("site-b", "g")["state"] as? String, "detached")
         XCTAssertEqual(try md5("site-b", "v"), image, "the destination is the last complete PiT, without the cut cycle's blocks")
         try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x43 0 64k", "-c", "read -P 0x43 0 64k", uri("site-b", "v")])
         XCTAssertTrue(try ok("site-b", ["pit", "list"]).contains(first), "the PiT stays")
         let check = try CLI.run(["pool", "check", "p", "--dir", dir.file("site-b")])
         XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+
+        // The old source is back: its cycles are refused (nothing lands on production), and
+        // `async recover` at site-b mirrors back to it from the common PiT, rolling back its
+        // 12 MiB written since; only site-b's 64 KiB travel.
+        try start("site-a", port: sourcePort)
+        try waitFor("site-a", "site-b", "the link up again") { $0["outbound"] as? String == "connected" }
+        usleep(2_500_000)
+        let refused = try asyncGroup("site-a", "g")
+        XCTAssertTrue((refused["lastError"] as? String ?? "").contains("detached"), "\(refused)")
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "read -P 0x43 0 64k", uri("site-b", "v")])
+        let recoverPlan = try ok("site-b", ["async", "recover", "g"])
+        XCTAssertTrue(recoverPlan.contains("nothing was done") && recoverPlan.contains("back to the common PiT \(first)") && !recoverPlan.contains("discarding 0 B"),
+                      recoverPlan)
+        XCTAssertEqual(try asyncGroup("site-a", "g")["role"] as? String, "source", "the plan changed nothing")
+        XCTAssertTrue(try ok("site-b", ["async", "recover", "g", "--yes"]).hasPrefix("done:"))
+        XCTAssertEqual(try asyncGroup("site-a", "g")["role"] as? String, "destination")
+        let back = try nextCycle(after: try XCTUnwrap(try asyncGroup("site-b", "g")["cycle"] as? Int), since: Date(), source: "site-b")
+        XCTAssertEqual(try pitMD5("site-a", back), try pitMD5("site-b", back))
+        XCTAssertEqual(try pitMD5("site-a", back), try md5("site-b", "v"), "the old source now holds production's image")
+        let shipped = try XCTUnwrap((try asyncGroup("site-b", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        XCTAssertEqual(shipped, 64 << 10, "only what changed at site-b since the common PiT travelled")
+        XCTAssertEqual(try md5("site-a", "v"), try md5("site-b", "v"), "site-a's hosts read the last complete PiT, read-only")
+        for site in ["site-a", "site-b"] {
+            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
+            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
+        }
     }
 }

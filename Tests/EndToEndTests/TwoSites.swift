@@ -113,20 +113,20 @@ class TwoSitesTestCase: XCTestCase {
 
     /// Waits for a cycle after `after` of group `group` to complete at both sides, taken
     /// at the source no earlier than `since` (when given), pauses the task, returns its PiT.
-    func nextCycle(after: Int, group: String = "g", since: Date? = nil, seconds: Int = 30, file: StaticString = #filePath,
+    func nextCycle(after: Int, group: String = "g", since: Date? = nil, seconds: Int = 30, source: String = "site-a", file: StaticString = #filePath,
                    line: UInt = #line) throws -> String {
         for _ in 0..<(seconds * 10) {
-            let g = try asyncGroup("site-a", group)
+            let g = try asyncGroup(source, group)
             if let cycle = g["cycle"] as? Int, cycle > after, let pit = g["confirmedPiT"] as? String,
                since.map({ (g["recoveryPoint"] as? Double ?? 0) >= $0.timeIntervalSince1970 }) ?? true
             {
-                try ok("site-a", ["async", "pause-task", group])
+                try ok(source, ["async", "pause-task", group])
                 usleep(1_500_000) // the cycle in flight (if any) finishes
-                return try asyncGroup("site-a", group)["confirmedPiT"] as? String ?? pit
+                return try asyncGroup(source, group)["confirmedPiT"] as? String ?? pit
             }
             usleep(100_000)
         }
-        XCTFail("no cycle after \(after) completed: \(try asyncGroup("site-a", group))", file: file, line: line)
+        XCTFail("no cycle after \(after) completed: \(try asyncGroup(source, group))", file: file, line: line)
         return ""
     }
 

@@ -197,7 +197,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         // (leg, its state, pool, the block map read): the vdisk's legs, or its last complete PiT's maps.
         var sources = v.legs.map { (id: $0.id, state: $0.state, poolId: $0.poolId, map: $0.id) }
         var readOnly = v.refusesHostWrites
-        if lastCompletePiT, let g = m.asyncGroup(of: v), g.role == .destination {
+        if lastCompletePiT, let g = m.asyncGroup(of: v), g.isFed {
             guard let base = g.confirmedPiT, let i = g.members.firstIndex(where: { $0.vdiskId == v.id }),
                   let pit = m.pit(named: g.memberPiT(base, i))
             else { return nil } // nothing complete yet: no image to serve

@@ -10,7 +10,7 @@ extension Domain {
         }
         let previous = metadata.vdisks[index].export
         if previous == mode { return previous }
-        if mode == .readWrite, let g = metadata.asyncGroup(of: metadata.vdisks[index]), g.role == .destination {
+        if mode == .readWrite, let g = metadata.asyncGroup(of: metadata.vdisks[index]), g.isFed {
             // Its live blocks are a cycle being applied: hosts read its last complete PiT, and never write.
             throw DomainError("vdisk '\(name)' is fed by async group '\(g.name)': export it --read-only (hosts then read its last complete PiT, "
                 + "\(g.confirmedPiT ?? "none yet")) or end the group first")

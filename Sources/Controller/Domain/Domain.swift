@@ -220,7 +220,7 @@ public final class Domain: @unchecked Sendable {
     /// The port NBD serves export `name` through: for a vdisk an async group feeds, one
     /// that reads its last complete PiT; otherwise the vdisk's own port.
     public func exportPort(for name: String) throws(DomainError) -> VDiskPort {
-        guard let v = metadata.vdisk(named: name), let g = metadata.asyncGroup(of: v), g.role == .destination else { return try port(for: name) }
+        guard let v = metadata.vdisk(named: name), let g = metadata.asyncGroup(of: v), g.isFed else { return try port(for: name) }
         let key = name + "@last-complete-pit" // not a vdisk name (those have no '@')
         if let existing = stateLock.withLock({ storedPorts[key] }) { return existing }
         let port = try VDiskPort(domain: self, vdisk: name, lastCompletePiT: true)

@@ -66,6 +66,33 @@ extension CommandHandler {
             let done = try await domain.detachAsyncDestination(name)
             if failover { for v in done.vdisks { try await domain.setExport(vdisk: v, mode: .readWrite) } }
             return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
+        case "async.recover":
+            // At the site that failed over, the old source back: mirror back to it from the
+            // common PiT, its writes since rolled back; this site stays in production.
+            guard let replication else { throw DomainError("this daemon does not run replication") }
+            let name = try arg(r, "name")
+            let (g, _) = try domain.asyncVDisk(name, role: .destination)
+            guard g.state == .detached, let base = g.confirmedPiT else {
+                throw DomainError("async group '\(name)' is not detached here: `async recover` runs at the site that failed over")
+            }
+            let vdisks = g.members.map { m in domain.metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+            var probe = AsyncRequest(op: .reverse, group: name, members: vdisks.map { .init(vdisk: $0, sizeBytes: 0, blockSize: 0) })
+            probe.base = base
+            probe.rollback = true
+            probe.dryRun = true
+            let seen = try await replication.call(g.peer, probe)
+            let theirs = (seen.vdisks ?? []).joined(separator: ", ")
+            let steps = "peer '\(g.peer)' rolls vdisk(s) \(theirs) back to the common PiT \(base) (discarding \(ByteSize.format(seen.changedBytes ?? 0)) "
+                + "in extents changed there since) and becomes this group's destination (read-only there); vdisk(s) \(vdisks.joined(separator: ", ")) "
+                + "here stay in production and become the source; the first cycle ships only what changed here since \(base)"
+            guard r.args["yes"] == "true" else {
+                return .success(text: "plan: \(steps).\nnothing was done: run again with --yes to do it", json: ["plan": steps, "done": "false"])
+            }
+            _ = try await domain.recoverAsSource(name) { (request: AsyncRequest) async throws(DomainError) -> AsyncResponse in
+                try await replication.call(g.peer, request)
+            }
+            replication.reconcileAsync()
+            return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
         case "async.delete-group":
             let name = try arg(r, "name")
             guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }

@@ -21,7 +21,13 @@ public struct AsyncGroupRecord: Codable, Equatable, Sendable {
         /// rolled back to the last complete PiT, then the group goes. A crash part-way leaves
         /// it so, and `async detach-task` or `async failover` runs it again.
         case detaching
+        /// Destination: detached (failed over): its vdisks are ordinary writable vdisks at the
+        /// last complete PiT; kept so `async recover` knows the peer and the common PiT.
+        case detached
     }
+
+    /// A destination a task feeds now (its vdisks read-only to hosts, at their last complete PiT).
+    public var isFed: Bool { role == .destination && state != .detached }
 
     /// One vdisk of the group and its counterpart at the peer.
     public struct Member: Codable, Equatable, Sendable {
@@ -97,6 +103,10 @@ public struct AsyncRequest: Codable, Sendable {
         /// Every block of the cycle was sent and answered: take PiT `pit` of the destination.
         case cycleEnd = "cycle-end"
         case deleteGroup = "delete-group"
+        /// Asked of a source by the peer it fed (after a fail over, or for a hand-over): become
+        /// that peer's destination from PiT `base`, which both hold (rolled back to it first
+        /// with `rollback`; refused when changed since without). `dryRun`: only say what it would do.
+        case reverse
     }
 
     /// A destination vdisk to make (or adopt): `create-destination` lists one per member.
@@ -115,10 +125,18 @@ public struct AsyncRequest: Codable, Sendable {
     public var pit: String?
     /// `cycle-end`: when the source took the PiT (Unix seconds): the destination's recovery point.
     public var takenAt: Double?
+    /// `reverse`: the common PiT, whether to roll back to it, whether only to say what would be done.
+    public var base: String?
+    public var rollback: Bool?
+    public var dryRun: Bool?
 }
 
 public struct AsyncResponse: Codable, Sendable {
     public var reason: String?
     /// The destination's last complete PiT (after `cycleEnd`, the one just taken).
     public var lastComplete: String?
+    /// `reverse`: the answering side's member vdisks, and the bytes (in changed extents)
+    /// they changed since the common PiT, which a rollback discards.
+    public var vdisks: [String]?
+    public var changedBytes: UInt64?
 }

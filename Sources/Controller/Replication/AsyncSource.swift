@@ -36,6 +36,10 @@ final class AsyncSource: @unchecked Sendable {
     func run() async {
         while !Task.isCancelled {
             guard let g = domain.metadata.asyncGroup(named: group), g.role == .source else { return }
+            if g.state == .detaching { // turning into a destination (`reverse`)
+                try? await Task.sleep(nanoseconds: 200_000_000)
+                continue
+            }
             guard let peer = domain.metadata.peer(named: g.peer), let link = domain.profiles.links[peer.linkProfile] else {
                 await note(error: "peer '\(g.peer)' or its link profile is gone")
                 try? await Task.sleep(nanoseconds: 1_000_000_000)

@@ -274,13 +274,17 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
                         switch r.op {
                         case .createDestination: outcome = .success(try await domain.createAsyncDestination(r, peer: name))
                         case .cycleBegin:
-                            _ = try domain.asyncVDisk(r.group, role: .destination)
+                            let (g, _) = try domain.asyncVDisk(r.group, role: .destination)
+                            guard g.isFed else { throw DomainError("async group '\(r.group)' is \(g.state.rawValue) here: it takes no cycles") }
                             group = r.group
                             outcome = .success(AsyncResponse())
                         case .cycleEnd: outcome = .success(try await domain.completeAsyncCycle(r, peer: name))
                         case .deleteGroup:
                             try await domain.removeAsyncGroup(r.group)
                             outcome = .success(AsyncResponse())
+                        case .reverse:
+                            outcome = .success(try await domain.reverseToDestination(r, peer: name))
+                            service.reconcileAsync() // its source task stops
                         }
                     } catch { outcome = .failure(error) }
                 case .blocks(let h, let crcs, let data):

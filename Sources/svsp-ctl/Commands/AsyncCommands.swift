@@ -4,7 +4,7 @@ import Foundation
 struct AsyncCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "async", abstract: "Async mirror groups: a vdisk mirrored to a peer domain in write-order consistent cycles.",
-        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, DeleteGroup.self])
+        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, Recover.self, DeleteGroup.self])
 
     struct CreateGroup: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -70,6 +70,15 @@ struct AsyncCommand: ParsableCommand {
         @Flag(help: "Do it (without: print what would be done).") var yes = false
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("async.failover", ["name": name, "yes": yes ? "true" : "false"]) }
+    }
+
+    struct Recover: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "At the site that failed over, the old source back: mirror back to it from the common PiT, rolling back its writes since (prints the plan; --yes does it).")
+        @Argument var name: String
+        @Flag(help: "Do it (without: print what would be done).") var yes = false
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.recover", ["name": name, "yes": yes ? "true" : "false"]) }
     }
 
     struct DeleteGroup: ParsableCommand {
