@@ -268,4 +268,35 @@ final class AsyncMirrorTests: TwoSitesTestCase {
             XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
         }
     }
+
+    /// A planned hand-over, both sites up: the plan changes nothing; with --yes host writes
+    /// are held, a last cycle ships, the roles swap, and the peer exports the vdisk
+    /// read-write holding every write acknowledged before (no acknowledged write lost);
+    /// then the new source's writes reach the old one.
+    func testTransferProductionSwapsTheRolesWithNoAcknowledgedWriteLost() throws {
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x51 0 4M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        _ = try nextCycle(after: 0, since: Date())
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x52 6M 1M", uri("site-a", "v")]) // acknowledged, not shipped yet
+        let production = try md5("site-a", "v")
+        let plan = try ok("site-a", ["async", "transfer-production", "g"])
+        XCTAssertTrue(plan.contains("nothing was done") && plan.contains("peer 'site-b'"), plan)
+        XCTAssertEqual(try asyncGroup("site-a", "g")["role"] as? String, "source")
+        let done = try ok("site-a", ["async", "transfer-production", "g", "--yes"])
+        XCTAssertTrue(done.hasPrefix("done:") && done.contains("host writes were held for"), done)
+        XCTAssertEqual(try asyncGroup("site-a", "g")["role"] as? String, "destination")
+        XCTAssertEqual(try asyncGroup("site-b", "g")["role"] as? String, "source")
+        XCTAssertEqual(try md5("site-b", "v"), production, "the new production site holds every acknowledged write")
+        XCTAssertEqual(try md5("site-a", "v"), production, "the old one serves the same image, read-only")
+        let refused = try CLI.run(["vdisk", "export", "v", "--dir", dir.file("site-a")])
+        XCTAssertNotEqual(refused.status, 0, "no read-write export at the new destination")
+
+        let cycle = try XCTUnwrap(try asyncGroup("site-b", "g")["cycle"] as? Int)
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x53 8M 64k", uri("site-b", "v")])
+        let back = try nextCycle(after: cycle, since: Date(), source: "site-b")
+        XCTAssertEqual(try pitMD5("site-a", back), try md5("site-b", "v"))
+        XCTAssertEqual(try md5("site-a", "v"), try md5("site-b", "v"))
+    }
 }

@@ -93,6 +93,49 @@ extension CommandHandler {
             }
             replication.reconcileAsync()
             return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
+        case "async.transfer-production":
+            // Planned hand-over, both sites up: hold host writes here, ship a last cycle, and
+            // swap the roles once the peer holds an image identical to these vdisks.
+            guard let replication else { throw DomainError("this daemon does not run replication") }
+            let name = try arg(r, "name")
+            let (g, _) = try domain.asyncVDisk(name, role: .source)
+            guard replication.isConnected(g.peer) else {
+                throw DomainError("peer '\(g.peer)' is not connected: a hand-over needs both sites (`async failover \(name)` at the destination is for a lost source)")
+            }
+            let vdisks = g.members.map { m in domain.metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+            let remote = g.members.map(\.remoteVDisk)
+            let steps = "host writes to vdisk(s) \(vdisks.joined(separator: ", ")) are held (unexported here) while a last cycle ships; once peer '\(g.peer)' "
+                + "holds that PiT, identical to them, it becomes the source and exports \(remote.joined(separator: ", ")) read-write, and this site becomes "
+                + "its destination (read-only exports of the last complete PiT); hosts move to peer '\(g.peer)'"
+            guard r.args["yes"] == "true" else {
+                return .success(text: "plan: \(steps).\nnothing was done: run again with --yes to do it", json: ["plan": steps, "done": "false"])
+            }
+            let held = Date()
+            let exported = vdisks.filter { domain.metadata.vdisk(named: $0)?.export != nil }
+            for v in exported { try await domain.setExport(vdisk: v, mode: nil) }
+            do throws(DomainError) {
+                if g.state == .paused || g.state == .suspended { try await domain.updateAsyncGroup(name) { $0.state = .normal } }
+                replication.captureNow(group: name)
+                let base = try await waitForCycle(name, takenAfter: held, seconds: Double(r.args["seconds"] ?? "") ?? 120)
+                for (i, v) in vdisks.enumerated() where try domain.differences(from: g.memberPiT(base, i), to: nil).changedBytes > 0 {
+                    throw DomainError("vdisk '\(v)' changed after PiT '\(base)' although its writes were held")
+                }
+                var ask = AsyncRequest(op: .becomeSource, group: name, members: vdisks.map { .init(vdisk: $0, sizeBytes: 0, blockSize: 0) })
+                ask.base = base
+                let answer = try await replication.call(g.peer, ask)
+                var turn = AsyncRequest(op: .reverse, group: name, members: (answer.vdisks ?? remote).map { .init(vdisk: $0, sizeBytes: 0, blockSize: 0) })
+                turn.base = base
+                _ = try await domain.reverseToDestination(turn, peer: g.peer)
+                replication.reconcileAsync()
+            } catch {
+                // Not handed over: hosts get their vdisks back here (unless this side already turned).
+                if domain.metadata.asyncGroup(named: name)?.role == .source { for v in exported { _ = try? await domain.setExport(vdisk: v, mode: .readWrite) } }
+                throw DomainError("transfer-production of '\(name)' stopped: \(error.message)")
+            }
+            for v in exported { try await domain.setExport(vdisk: v, mode: .readOnly) }
+            let seconds = Date().timeIntervalSince(held)
+            return .success(text: "done: \(steps); host writes were held for \(String(format: "%.2f", seconds)) s",
+                            json: ["plan": steps, "done": "true", "heldSeconds": String(format: "%.3f", seconds)])
         case "async.delete-group":
             let name = try arg(r, "name")
             guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }
@@ -115,6 +158,17 @@ extension CommandHandler {
 }
 
 extension CommandHandler {
+    /// Waits until group `name`'s destination confirmed a PiT taken at or after `date`; its name.
+    fileprivate func waitForCycle(_ name: String, takenAfter date: Date, seconds: Double) async throws(DomainError) -> String {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' is gone") }
+            if let pit = g.confirmedPiT, (g.confirmedAt ?? 0) >= date.timeIntervalSince1970 { return pit }
+            try? await Task.sleep(nanoseconds: 50_000_000)
+        }
+        throw DomainError("no cycle taken after the hold completed within \(Int(seconds)) s (\(domain.metadata.asyncGroup(named: name)?.lastError ?? "no error reported"))")
+    }
+
     /// The vdisks `async create-group` mirrors: `source` (a vdisk), `source_snapshot` (a
     /// snapshot vdisk) or `source_vdg` (every member of the VDG, in its order).
     fileprivate func asyncSources(_ r: MgmtRequest) throws(DomainError) -> ([VDiskRecord], String?) {

@@ -107,6 +107,9 @@ public struct AsyncRequest: Codable, Sendable {
         /// that peer's destination from PiT `base`, which both hold (rolled back to it first
         /// with `rollback`; refused when changed since without). `dryRun`: only say what it would do.
         case reverse
+        /// Asked of a destination by its source in a hand-over (both identical at PiT `base`):
+        /// become the source of the group from `base`, and export the members read-write.
+        case becomeSource = "become-source"
     }
 
     /// A destination vdisk to make (or adopt): `create-destination` lists one per member.

@@ -32,6 +32,10 @@ final class AsyncSource: @unchecked Sendable {
 
     var current: AsyncTaskProgress { lock.withLock { progress } }
 
+    /// The next cycle PiT is due now.
+    func captureNow() { lock.withLock { captureAsap = true } }
+    private var captureAsap = false
+
     /// Runs until cancelled or the group is gone.
     func run() async {
         while !Task.isCancelled {
@@ -81,7 +85,9 @@ final class AsyncSource: @unchecked Sendable {
         guard g.state != .paused, g.state != .suspended else { return }
         let now = DispatchTime.now().uptimeNanoseconds
         let initial = g.confirmedPiT == nil && g.pendingList.isEmpty
-        guard initial || now >= lastCaptureNs + link.pitCycleNs else { return }
+        let asked = lock.withLock { captureAsap }
+        guard initial || asked || now >= lastCaptureNs + link.pitCycleNs else { return }
+        lock.withLock { captureAsap = false }
         let held = g.pendingList.count + (g.confirmedPiT == nil ? 0 : 1)
         let limit = max(link.retention, 2)
         if held >= limit {

@@ -185,6 +185,39 @@ extension Domain {
         return answer
     }
 
+    /// `become-source` (a hand-over): this destination, whose last complete PiT is `base`
+    /// and which the source says is identical to it, becomes the group's source from `base`
+    /// and exports its members read-write. The source turns itself into the destination.
+    func becomeSource(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
+        guard let base = r.base, let specs = r.members else { throw DomainError("become-source: the common PiT and the peer's members are required") }
+        let (g, _) = try asyncVDisk(r.group, role: .destination)
+        guard g.peer == peer, g.isFed else { throw DomainError("async group '\(r.group)' is not fed by peer '\(peer)' here") }
+        guard g.confirmedPiT == base else {
+            throw DomainError("async group '\(r.group)': the last complete PiT here is \(g.confirmedPiT ?? "none"), not '\(base)': the sides are not identical")
+        }
+        guard specs.count == g.members.count else { throw DomainError("async group '\(r.group)' has \(g.members.count) member(s) here, \(specs.count) at peer '\(peer)'") }
+        let vdisks = g.members.map { m in metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+        // What a cut cycle applied goes: the members become exactly `base`.
+        for (i, vdisk) in vdisks.enumerated() {
+            if metadata.vdisk(named: vdisk)?.export != nil { try await setExport(vdisk: vdisk, mode: nil) }
+            if try differences(from: g.memberPiT(base, i), to: nil).changedBytes > 0 { try await rollback(vdisk: vdisk, to: g.memberPiT(base, i)) }
+        }
+        try await holdPiT(named: base, for: r.group)
+        try await updateAsyncGroup(r.group) {
+            $0.role = .source
+            $0.state = .normal
+            $0.pitsTaken = max($0.pitsTaken ?? 0, $0.cycle)
+            $0.pending = nil
+            $0.resumeAt = nil
+            $0.previousPiT = nil
+            $0.lastError = nil
+            $0.remoteVDisk = specs[0].vdisk
+            $0.moreMembers = specs.count > 1 ? zip($0.members.dropFirst(), specs.dropFirst()).map { .init(vdiskId: $0.0.vdiskId, remoteVDisk: $0.1.vdisk) } : nil
+        }
+        for vdisk in vdisks { try await setExport(vdisk: vdisk, mode: .readWrite) }
+        return AsyncResponse(vdisks: vdisks)
+    }
+
     /// `async recover`, at the side that failed over (group detached here): the other side
     /// (the old source) becomes this side's destination from the common PiT, rolled back to
     /// it; this side becomes the source and ships only what changed here since.

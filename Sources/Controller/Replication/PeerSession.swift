@@ -285,6 +285,9 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
                         case .reverse:
                             outcome = .success(try await domain.reverseToDestination(r, peer: name))
                             service.reconcileAsync() // its source task stops
+                        case .becomeSource:
+                            outcome = .success(try await domain.becomeSource(r, peer: name))
+                            service.reconcileAsync() // its source task starts
                         }
                     } catch { outcome = .failure(error) }
                 case .blocks(let h, let crcs, let data):

@@ -100,6 +100,9 @@ public final class ReplicationService: @unchecked Sendable {
         }
     }
 
+    /// Makes group `name`'s source task take its next cycle PiT now (a hand-over waits for it).
+    public func captureNow(group name: String) { lock.withLock { sources[name]?.source }?.captureNow() }
+
     /// What group `name`'s source task is doing now (nil: none runs here).
     public func progress(ofGroup name: String) -> AsyncTaskProgress? { lock.withLock { sources[name]?.source.current } }
 

@@ -4,7 +4,7 @@ import Foundation
 struct AsyncCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "async", abstract: "Async mirror groups: a vdisk mirrored to a peer domain in write-order consistent cycles.",
-        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, Recover.self, DeleteGroup.self])
+        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, Recover.self, TransferProduction.self, DeleteGroup.self])
 
     struct CreateGroup: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -79,6 +79,17 @@ struct AsyncCommand: ParsableCommand {
         @Flag(help: "Do it (without: print what would be done).") var yes = false
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("async.recover", ["name": name, "yes": yes ? "true" : "false"]) }
+    }
+
+    struct TransferProduction: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "transfer-production",
+            abstract: "At the source, both sites up: hold host writes, ship a last cycle, swap the roles, export at the peer (prints the plan; --yes does it).")
+        @Argument var name: String
+        @Flag(help: "Do it (without: print what would be done).") var yes = false
+        @Option(help: "How long to wait for the last cycle, in seconds (host writes are held meanwhile).") var seconds: Int = 120
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.transfer-production", ["name": name, "yes": yes ? "true" : "false", "seconds": String(seconds)]) }
     }
 
     struct DeleteGroup: ParsableCommand {
