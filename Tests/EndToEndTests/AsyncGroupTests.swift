@@ -195,7 +195,9 @@ final class AsyncGroupTests: TwoSitesTestCase {
             let t = Date().timeIntervalSince(started)
             let shipping = try asyncGroup("site-a", "g")["progress"] as? [String: Any] ?? [:]
             let sent = shipping["bytesSent"] as? Int ?? 0, total = shipping["bytesToSend"] as? Int ?? 0
-            if (kills == 0 && t > 3) || (kills == 1 && t > 7), sent > 0, sent + (512 << 10) < total { // mid-cycle
+            let midCycle = sent > 0 && sent + (512 << 10) < total
+            // Mid-cycle when one is seen (each poll takes a while: the second kill goes at 10 s regardless).
+            if (kills == 0 && t > 3 && midCycle) || (kills == 1 && ((t > 7 && midCycle) || t > 10)) {
                 try restart("site-b", kill: SIGKILL, port: destPort)
                 kills += 1
             }
