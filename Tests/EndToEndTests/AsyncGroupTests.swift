@@ -75,23 +75,17 @@ final class AsyncGroupTests: TwoSitesTestCase {
 
         // The stream runs for 8 s while cycles complete every second; each PiT the
         // destination completes meanwhile is kept (a snapshot of each member's PiT).
-        let writer = Process(), out = Pipe()
-        writer.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-        writer.arguments = [dependentWrites, "write", "--socket", dir.file("site-a") + "/nbd.sock", "--data", "data", "--log", "log",
-                            "--seconds", "8", "--rate", "300"]
-        writer.standardOutput = out
-        try writer.run()
+        let writer = try Stream(script: dependentWrites, socket: dir.file("site-a") + "/nbd.sock", seconds: 8, rate: 300)
         var kept: [(data: String, log: String)] = []
         var seen = Set<String>()
-        while writer.isRunning {
+        while writer.process.isRunning {
             if let pit = try asyncGroup("site-b", "g")["confirmedPiT"] as? String, seen.insert(pit).inserted, let pair = keep(pit) {
                 kept.append(pair)
             }
             usleep(100_000)
         }
-        let written = Int(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            .trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
-        XCTAssertEqual(writer.terminationStatus, 0)
+        let written = writer.written()
+        XCTAssertEqual(writer.process.terminationStatus, 0)
         XCTAssertGreaterThan(written, 500, "the stream ran")
         let last = try nextCycle(after: 0, since: Date())
         let final = try XCTUnwrap(keep(last), "the newest PiT is there to keep")
@@ -170,11 +164,7 @@ final class AsyncGroupTests: TwoSitesTestCase {
     /// link, so cycles are long) while the stream runs. Polled all along, whatever PiT the
     /// destination names as complete is one cut of the stream; afterwards it reaches the end.
     func testTheDestinationIsOneCutOfTheStreamAtEveryMomentThroughKillsMidApply() throws {
-        try "bandwidth: 16Mbit/s\nrtt: 1ms\npit_cycle: 1s\nretention: 3\n".write(toFile: dir.file("profiles") + "/links/test-fast.yaml", atomically: true, encoding: .utf8)
-        let destPort = try address("site-b"), sourcePort = try address("site-a")
-        try restart("site-a", kill: SIGTERM, port: sourcePort)
-        try restart("site-b", kill: SIGTERM, port: destPort)
-        try waitFor("site-a", "site-b", "the link up again") { $0["outbound"] as? String == "connected" }
+        let (_, destPort) = try relink("bandwidth: 16Mbit/s\nrtt: 1ms\npit_cycle: 1s\nretention: 3\n")
         for v in ["data", "log"] {
             try ok("site-a", ["vdisk", "create", v, "--pool", "p", "--size", "16M", "--thin"])
             try ok("site-a", ["vdisk", "export", v])
@@ -182,16 +172,11 @@ final class AsyncGroupTests: TwoSitesTestCase {
         try ok("site-a", ["vdg", "create", "db", "--vdisk", "data", "--vdisk", "log"])
         try ok("site-a", ["async", "create-group", "g", "--source-vdg", "db", "--peer", "site-b"])
 
-        let writer = Process(), out = Pipe()
-        writer.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-        writer.arguments = [dependentWrites, "write", "--socket", dir.file("site-a") + "/nbd.sock", "--data", "data", "--log", "log",
-                            "--seconds", "12", "--rate", "250"]
-        writer.standardOutput = out
-        try writer.run()
+        let writer = try Stream(script: dependentWrites, socket: dir.file("site-a") + "/nbd.sock", seconds: 12, rate: 250)
         let started = Date()
         var kills = 0, checked = 0
         var seen = Set<String>()
-        while writer.isRunning {
+        while writer.process.isRunning {
             let t = Date().timeIntervalSince(started)
             let shipping = try asyncGroup("site-a", "g")["progress"] as? [String: Any] ?? [:]
             let sent = shipping["bytesSent"] as? Int ?? 0, total = shipping["bytesToSend"] as? Int ?? 0
@@ -215,8 +200,7 @@ final class AsyncGroupTests: TwoSitesTestCase {
         XCTAssertEqual(kills, 2)
         XCTAssertGreaterThanOrEqual(checked, 3, "distinct complete PiTs read during the stream")
         XCTAssertTrue(log("site-a").contains("resumed at"), "a kill cut a cycle mid-apply:\n\(log("site-a"))")
-        let written = Int(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            .trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        let written = writer.written()
         let last = try nextCycle(after: 0, since: Date(), seconds: 60)
         XCTAssertEqual(try cut(try XCTUnwrap(keep(last))), written, "the newest PiT holds every write")
     }
@@ -245,15 +229,10 @@ final class AsyncGroupTests: TwoSitesTestCase {
         try ok("site-a", ["vdg", "create", "db", "--vdisk", "data", "--vdisk", "log"])
         try ok("site-a", ["async", "create-group", "g", "--source-vdg", "db", "--peer", "site-b", "--dest-pool", "q"])
 
-        let writer = Process(), out = Pipe()
-        writer.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
-        writer.arguments = [dependentWrites, "write", "--socket", dir.file("site-a") + "/nbd.sock", "--data", "data", "--log", "log",
-                            "--seconds", "12", "--rate", "250"]
-        writer.standardOutput = out
-        try writer.run()
+        let writer = try Stream(script: dependentWrites, socket: dir.file("site-a") + "/nbd.sock", seconds: 12, rate: 250)
         let started = Date()
         var readOnly = false, sawFailure = false, checked = 0
-        while writer.isRunning {
+        while writer.process.isRunning {
             let t = Date().timeIntervalSince(started)
             if !readOnly && t > 3 {
                 XCTAssertEqual(shell(["blockdev", "--setro", loop]).0, 0)
@@ -276,10 +255,29 @@ final class AsyncGroupTests: TwoSitesTestCase {
         }
         XCTAssertTrue(sawFailure, "the source reported the failing cycles: \(log("site-a"))")
         XCTAssertGreaterThan(checked, 5)
-        let written = Int(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            .trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        let written = writer.written()
         let last = try nextCycle(after: 0, since: Date(), seconds: 60)
         XCTAssertEqual(try cut(try XCTUnwrap(keep(last))), written, "the newest PiT holds every write")
         XCTAssertEqual(try asyncGroup("site-a", "g")["lastError"] as? String, nil)
+    }
+}
+
+/// `scripts/dependent-writes write` on the data and log vdisks of site-a, in the background.
+private struct Stream {
+    let process = Process()
+    private let out = Pipe()
+
+    init(script: String, socket: String, seconds: Int, rate: Int) throws {
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        process.arguments = [script, "write", "--socket", socket, "--data", "data", "--log", "log", "--seconds", String(seconds), "--rate", String(rate)]
+        process.standardOutput = out
+        try process.run()
+    }
+
+    /// Waits for the end; the number of the last data write (0 if it failed).
+    func written() -> Int {
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        return Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
     }
 }

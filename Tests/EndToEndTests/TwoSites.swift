@@ -112,8 +112,9 @@ class TwoSitesTestCase: XCTestCase {
     func uri(_ site: String, _ export: String) -> String { "nbd+unix:///\(export)?socket=\(dir.file(site))/nbd.sock" }
 
     /// Waits for a cycle after `after` of group `group` to complete at both sides, taken
-    /// at the source no earlier than `since` (when given), pauses the task, returns its PiT.
-    func nextCycle(after: Int, group: String = "g", since: Date? = nil, seconds: Int = 30, source: String = "site-a", file: StaticString = #filePath,
+    /// at the source no earlier than `since` (by default: the call; a PiT queued before
+    /// may complete first, without the writes just made), pauses the task, returns its PiT.
+    func nextCycle(after: Int, group: String = "g", since: Date? = Date(), seconds: Int = 30, source: String = "site-a", file: StaticString = #filePath,
                    line: UInt = #line) throws -> String {
         for _ in 0..<(seconds * 10) {
             let g = try asyncGroup(source, group)
@@ -128,6 +129,18 @@ class TwoSitesTestCase: XCTestCase {
         }
         XCTFail("no cycle after \(after) completed: \(try asyncGroup(source, group))", file: file, line: line)
         return ""
+    }
+
+    /// Writes link profile `test-fast` anew and restarts both daemons (same ports) to load it;
+    /// returns their replication addresses.
+    @discardableResult
+    func relink(_ profile: String) throws -> (source: String, destination: String) {
+        try profile.write(toFile: dir.file("profiles") + "/links/test-fast.yaml", atomically: true, encoding: .utf8)
+        let ports = (source: try address("site-a"), destination: try address("site-b"))
+        try restart("site-a", kill: SIGTERM, port: ports.source)
+        try restart("site-b", kill: SIGTERM, port: ports.destination)
+        try waitFor("site-a", "site-b", "the link up again") { $0["outbound"] as? String == "connected" }
+        return ports
     }
 
     /// Restarts `site`'s daemon (after a SIGKILL or not) on the port it listened on.

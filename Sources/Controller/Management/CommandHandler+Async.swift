@@ -214,6 +214,11 @@ struct AsyncGroupView: Codable {
     var cycle: UInt64
     var lastError: String?
     var progress: AsyncTaskProgress?
+    /// Source: the blocks read and shipped per second by the cycle running (or the last that
+    /// shipped any), and bytes
+    /// of blocks per byte on the wire since the daemon started (1 without compression).
+    var throughputBytesPerSecond: Double?
+    var compressionRatio: Double?
 
     init(_ g: AsyncGroupRecord, domain: Domain, progress: AsyncTaskProgress?) {
         name = g.name
@@ -231,15 +236,26 @@ struct AsyncGroupView: Codable {
         cycle = g.cycle
         lastError = g.lastError
         self.progress = progress
+        if let p = progress {
+            // The cycle running now, once it shipped something; else the last that did.
+            let shipped = p.bytesSent - min(p.resumedAt ?? 0, p.bytesSent)
+            if p.finishedAt == nil, shipped > 0, let started = p.startedAt, Date().timeIntervalSince1970 > started {
+                throughputBytesPerSecond = (Double(shipped) / (Date().timeIntervalSince1970 - started)).rounded()
+            } else {
+                throughputBytesPerSecond = p.lastThroughput
+            }
+        }
+        if let p = progress, p.wireBytes > 0 { compressionRatio = (Double(p.dataBytes) / Double(p.wireBytes) * 1000).rounded() / 1000 }
     }
 
     static func table(_ views: [AsyncGroupView]) -> String {
         guard !views.isEmpty else { return "no async groups" }
-        return Table.render(["GROUP", "ROLE", "VDISK", "PEER", "STATE", "LAST COMPLETE PIT", "AGE", "CYCLE", "WAITING", "TO SEND", "LAST ERROR"], views.map { v in
+        return Table.render(["GROUP", "ROLE", "VDISK", "PEER", "STATE", "LAST COMPLETE PIT", "AGE", "CYCLE", "WAITING", "TO SEND", "RATE", "LAST ERROR"], views.map { v in
             let toSend = v.progress.map { ByteSize.format($0.bytesToSend - min($0.bytesSent, $0.bytesToSend)) } ?? "-"
             let vdisk = v.sourceVDG.map { "vdg \($0) (\(v.members.count))" } ?? (v.members.count > 1 ? "\(v.members.count) vdisks" : v.vdisk)
             return [v.name, v.role, vdisk, v.peer, v.state, v.confirmedPiT ?? "none yet",
                     v.recoveryPointAgeSeconds.map { String(format: "%.1f s", $0) } ?? "-", String(v.cycle), v.role == "source" ? String(v.pendingPiTs.count) : "-", toSend,
+                    v.throughputBytesPerSecond.map { ByteSize.format(UInt64($0)) + "/s" } ?? "-",
                     v.lastError.map { String($0.prefix(80)) } ?? "-"]
         })
     }

@@ -171,7 +171,7 @@ final class AsyncSource: @unchecked Sendable {
         lock.withLock {
             progress = AsyncTaskProgress(cycle: number, pit: pit, bytesToSend: total, bytesSent: from, startedAt: Date().timeIntervalSince1970,
                                          lastError: progress.lastError, wireBytes: progress.wireBytes, dataBytes: progress.dataBytes,
-                                         resumedAt: from > 0 ? from : nil, pendingPiTs: g.pendingList.count)
+                                         resumedAt: from > 0 ? from : nil, pendingPiTs: g.pendingList.count, lastThroughput: progress.lastThroughput)
         }
         _ = try await service.call(g.peer, AsyncRequest(op: .cycleBegin, group: g.name, cycle: number, pit: pit))
         if from > 0 { service.log("replication: group '\(g.name)' cycle \(number) resumed at \(ByteSize.format(from)) of \(ByteSize.format(total))") }
@@ -199,6 +199,10 @@ final class AsyncSource: @unchecked Sendable {
         lock.withLock {
             resume = nil
             progress.lastError = nil
+            let now = Date().timeIntervalSince1970
+            progress.finishedAt = now
+            let shipped = progress.bytesSent - min(progress.resumedAt ?? 0, progress.bytesSent)
+            if shipped > 0, let started = progress.startedAt, now > started { progress.lastThroughput = (Double(shipped) / (now - started)).rounded() }
         }
         if let previous, previous != pit, domain.metadata.hasPiT(orGroup: previous) {
             try? await domain.holdPiT(named: previous, for: nil)
@@ -391,4 +395,8 @@ public struct AsyncTaskProgress: Codable, Sendable {
     public var resumedAt: UInt64?
     /// Cycle PiTs waiting to be shipped (this one included).
     public var pendingPiTs: Int = 0
+    /// When the cycle was confirmed (nil while it runs).
+    public var finishedAt: Double?
+    /// The blocks per second of the last cycle that shipped any.
+    public var lastThroughput: Double?
 }

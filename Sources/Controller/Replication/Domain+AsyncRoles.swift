@@ -1,0 +1,152 @@
+import Foundation
+
+/// The operations that change which side of an async group is which: fail over (detach at
+/// the destination), recover (the old source becomes the destination), and the hand-over
+/// (`transfer-production`: the destination becomes the source). Each starts from a common
+/// PiT, a PiT both sides hold with the same image, and rolls back what differs from it.
+extension Domain {
+    /// What `async failover` (or `detach-task` at the destination) will do: the members, the
+    /// PiT they go back to, and when the source took it; or why it cannot.
+    public struct DetachPlan: Codable, Sendable {
+        public var group: String
+        public var peer: String
+        public var vdisks: [String]
+        public var pit: String
+        public var takenAt: Double?
+    }
+
+    func detachPlan(_ name: String) throws(DomainError) -> DetachPlan {
+        let (g, _) = try asyncVDisk(name, role: .destination)
+        guard g.state != .detached else { throw DomainError("async group '\(name)' is already detached here; `async recover \(name)` mirrors back to peer '\(g.peer)'") }
+        guard let base = g.confirmedPiT else {
+            throw DomainError("async group '\(name)': no cycle completed here yet, so its vdisks hold no consistent image to fail over to")
+        }
+        let vdisks = g.members.map { m in metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+        return DetachPlan(group: name, peer: g.peer, vdisks: vdisks, pit: base, takenAt: g.confirmedAt)
+    }
+
+    /// Ends group `name` here, at the destination, without the source: nothing more is
+    /// applied (state `detaching`, committed first), every member is rolled back to its last
+    /// complete PiT (what was applied of a cut cycle goes), then the group is `detached` and
+    /// the members are ordinary writable vdisks. The PiTs stay (the last complete one is the
+    /// common PiT `async recover` starts from). Run again after a crash.
+    func detachAsyncDestination(_ name: String) async throws(DomainError) -> DetachPlan {
+        let plan = try detachPlan(name)
+        let g = try asyncVDisk(name, role: .destination).0
+        try await updateAsyncGroup(name) { $0.state = .detaching }
+        for (i, vdisk) in plan.vdisks.enumerated() {
+            if metadata.vdisk(named: vdisk)?.export != nil { try await setExport(vdisk: vdisk, mode: nil) }
+            try await rollback(vdisk: vdisk, to: g.memberPiT(plan.pit, i))
+        }
+        try await updateAsyncGroup(name) {
+            $0.state = .detached
+            $0.previousPiT = nil
+        }
+        return plan
+    }
+
+    /// `reverse`, at the side that was the source: group `r.group` becomes a destination fed
+    /// by `peer` from PiT `r.base`, which both sides hold. Members that changed since (their
+    /// host writes after it, never shipped) are refused, or rolled back with `r.rollback`.
+    /// The waiting cycle PiTs go; the common PiT stays (no longer held).
+    func reverseToDestination(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
+        guard let base = r.base, let specs = r.members else { throw DomainError("reverse: the common PiT and the peer's members are required") }
+        let (g, _) = try asyncVDisk(r.group, role: .source)
+        guard g.peer == peer else { throw DomainError("async group '\(r.group)' mirrors to peer '\(g.peer)', not '\(peer)'") }
+        guard specs.count == g.members.count else { throw DomainError("async group '\(r.group)' has \(g.members.count) member(s) here, \(specs.count) at peer '\(peer)'") }
+        let vdisks = g.members.map { m in metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+        var changed: UInt64 = 0
+        for i in vdisks.indices {
+            guard metadata.pit(named: g.memberPiT(base, i)) != nil else {
+                throw DomainError("async group '\(r.group)': PiT '\(g.memberPiT(base, i))' is not here, so the two sides share no PiT to start from")
+            }
+            changed += try differences(from: g.memberPiT(base, i), to: nil).changedBytes
+        }
+        if changed > 0, r.rollback != true {
+            throw DomainError("vdisk(s) \(vdisks.joined(separator: ", ")) at peer-side '\(r.group)' changed since PiT '\(base)' (\(ByteSize.format(changed)) in changed extents): "
+                + "mirroring onto them would overwrite that; add --rollback to discard it")
+        }
+        let answer = AsyncResponse(vdisks: vdisks, changedBytes: changed)
+        if r.dryRun == true { return answer }
+        try await updateAsyncGroup(r.group) { $0.state = .detaching } // the source task stops shipping
+        var exported: [String] = []
+        for (i, vdisk) in vdisks.enumerated() {
+            if metadata.vdisk(named: vdisk)?.export != nil {
+                try await setExport(vdisk: vdisk, mode: nil)
+                exported.append(vdisk)
+            }
+            if changed > 0 { try await rollback(vdisk: vdisk, to: g.memberPiT(base, i)) }
+        }
+        for pit in g.pendingList where pit != base && metadata.hasPiT(orGroup: pit) {
+            try await holdPiT(named: pit, for: nil)
+            try await deletePiT(named: pit)
+        }
+        try await turnGroup(r.group, into: .destination, from: base, remote: specs.map(\.vdisk))
+        // Hosts that read them keep reading, now the last complete PiT (read-only).
+        for vdisk in exported { try await setExport(vdisk: vdisk, mode: .readOnly) }
+        return answer
+    }
+
+    /// `become-source` (a hand-over): this destination, whose last complete PiT is `base`
+    /// and which the source says is identical to it, becomes the group's source from `base`
+    /// and exports its members read-write. The source turns itself into the destination.
+    func becomeSource(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
+        guard let base = r.base, let specs = r.members else { throw DomainError("become-source: the common PiT and the peer's members are required") }
+        let (g, _) = try asyncVDisk(r.group, role: .destination)
+        guard g.peer == peer, g.isFed else { throw DomainError("async group '\(r.group)' is not fed by peer '\(peer)' here") }
+        guard g.confirmedPiT == base else {
+            throw DomainError("async group '\(r.group)': the last complete PiT here is \(g.confirmedPiT ?? "none"), not '\(base)': the sides are not identical")
+        }
+        guard specs.count == g.members.count else { throw DomainError("async group '\(r.group)' has \(g.members.count) member(s) here, \(specs.count) at peer '\(peer)'") }
+        let vdisks = g.members.map { m in metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+        // What a cut cycle applied goes: the members become exactly `base`.
+        for (i, vdisk) in vdisks.enumerated() {
+            if metadata.vdisk(named: vdisk)?.export != nil { try await setExport(vdisk: vdisk, mode: nil) }
+            if try differences(from: g.memberPiT(base, i), to: nil).changedBytes > 0 { try await rollback(vdisk: vdisk, to: g.memberPiT(base, i)) }
+        }
+        try await turnGroup(r.group, into: .source, from: base, remote: specs.map(\.vdisk))
+        for vdisk in vdisks { try await setExport(vdisk: vdisk, mode: .readWrite) }
+        return AsyncResponse(vdisks: vdisks)
+    }
+
+    /// `async recover`, at the side that failed over (group detached here): the other side
+    /// (the old source) becomes this side's destination from the common PiT, rolled back to
+    /// it; this side becomes the source and ships only what changed here since.
+    func recoverAsSource(_ name: String, call: (AsyncRequest) async throws(DomainError) -> AsyncResponse) async throws(DomainError) -> AsyncResponse {
+        let (g, _) = try asyncVDisk(name, role: .destination)
+        guard g.state == .detached, let base = g.confirmedPiT else {
+            throw DomainError("async group '\(name)' is not detached here: `async recover` runs at the site that failed over")
+        }
+        let vdisks = g.members.map { m in metadata.vdisks.first { $0.id == m.vdiskId } }
+        let specs = try vdisks.map { v throws(DomainError) -> AsyncRequest.MemberSpec in
+            guard let v else { throw DomainError("async group '\(name)': a member vdisk is gone") }
+            return AsyncRequest.MemberSpec(vdisk: v.name, sizeBytes: v.sizeBytes, blockSize: v.blockSize)
+        }
+        var request = AsyncRequest(op: .reverse, group: name, members: specs)
+        request.base = base
+        request.rollback = true
+        let answer = try await call(request)
+        guard let theirs = answer.vdisks, theirs.count == specs.count else { throw DomainError("peer '\(g.peer)' answered without its members") }
+        try await turnGroup(name, into: .source, from: base, remote: theirs)
+        return answer
+    }
+
+    /// Rewrites group `name` for its new role, starting from common PiT `base` (nothing
+    /// waiting, nothing half-shipped); `remote`: the peer's member vdisks, in member order. A
+    /// source holds `base` (its next cycle ships the difference from it); a destination does not.
+    private func turnGroup(_ name: String, into role: AsyncGroupRecord.Role, from base: String, remote: [String]) async throws(DomainError) {
+        try await holdPiT(named: base, for: role == .source ? name : nil)
+        try await updateAsyncGroup(name) {
+            $0.role = role
+            $0.state = .normal
+            $0.confirmedPiT = base
+            if role == .source { $0.pitsTaken = max($0.pitsTaken ?? 0, $0.cycle) }
+            $0.pending = nil
+            $0.resumeAt = nil
+            $0.previousPiT = nil
+            $0.lastError = nil
+            $0.remoteVDisk = remote[0]
+            $0.moreMembers = remote.count > 1 ? zip($0.members.dropFirst(), remote.dropFirst()).map { .init(vdiskId: $0.0.vdiskId, remoteVDisk: $0.1) } : nil
+        }
+    }
+}
