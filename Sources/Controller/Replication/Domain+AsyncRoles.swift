@@ -63,8 +63,8 @@ extension Domain {
             changed += try differences(from: g.memberPiT(base, i), to: nil).changedBytes
         }
         if changed > 0, r.rollback != true {
-            throw DomainError("vdisk(s) \(vdisks.joined(separator: ", ")) at peer-side '\(r.group)' changed since PiT '\(base)' (\(ByteSize.format(changed)) in changed extents): "
-                + "mirroring onto them would overwrite that; add --rollback to discard it")
+            throw DomainError("vdisk(s) \(vdisks.joined(separator: ", ")) of async group '\(r.group)' changed at this site since PiT '\(base)' "
+                + "(\(ByteSize.format(changed)) in changed extents): mirroring onto them would overwrite that; only a rollback to the PiT can discard it")
         }
         let answer = AsyncResponse(vdisks: vdisks, changedBytes: changed)
         if r.dryRun == true { return answer }
