@@ -15,13 +15,7 @@ final class AsyncGroupTests: TwoSitesTestCase {
               FileManager.default.isExecutableFile(atPath: "/usr/bin/python3")
         else { throw XCTSkip("needs nbdcopy (libnbd-bin), qemu-io (qemu-utils) and python3") }
         try super.setUpWithError()
-        try startSites(profiles: try customProfiles(in: dir, ["links/test-fast.yaml": "bandwidth: 1Gbit/s\nrtt: 1ms\npit_cycle: 1s\nretention: 3\n"]))
-        for site in ["site-a", "site-b"] {
-            try ok(site, ["pool", "create", "p", "--array-profile", "file-backed", "--lun", dir.file(site + ".img"), "--create-size", "160M"])
-        }
-        try addPeer(on: "site-a", "site-b", linkProfile: "test-fast")
-        try addPeer(on: "site-b", "site-a", linkProfile: "test-fast")
-        try waitFor("site-a", "site-b", "the link up") { $0["outbound"] as? String == "connected" }
+        try startLinkedSites(linkProfile: "bandwidth: 1Gbit/s\nrtt: 1ms\npit_cycle: 1s\nretention: 3\n")
     }
 
     private func python(_ args: [String]) throws -> (status: Int32, out: String) {

@@ -12,13 +12,7 @@ final class AsyncMirrorTests: TwoSitesTestCase {
             throw XCTSkip("needs nbdcopy (libnbd-bin) and qemu-io (qemu-utils)")
         }
         try super.setUpWithError()
-        try startSites(profiles: try customProfiles(in: dir, ["links/test-fast.yaml": "bandwidth: 1Gbit/s\nrtt: 1ms\npit_cycle: 1s\ncompression: 1\n"]))
-        for site in ["site-a", "site-b"] {
-            try ok(site, ["pool", "create", "p", "--array-profile", "file-backed", "--lun", dir.file(site + ".img"), "--create-size", "160M"])
-        }
-        try addPeer(on: "site-a", "site-b", linkProfile: "test-fast")
-        try addPeer(on: "site-b", "site-a", linkProfile: "test-fast")
-        try waitFor("site-a", "site-b", "the link up") { $0["outbound"] as? String == "connected" }
+        try startLinkedSites(linkProfile: "bandwidth: 1Gbit/s\nrtt: 1ms\npit_cycle: 1s\ncompression: 1\n")
     }
 
     func testCyclesMakeTheDestinationEqualToASourcePiTByteForByte() throws {

@@ -20,6 +20,18 @@ class TwoSitesTestCase: XCTestCase {
         try "0123456789abcdef0123456789abcdef\n".write(toFile: dir.file("secret"), atomically: true, encoding: .utf8)
     }
 
+    /// Both daemons with link profile `test-fast` (YAML text), a 160 MiB file pool `p` each,
+    /// each the other's peer, and the link up.
+    func startLinkedSites(linkProfile: String) throws {
+        try startSites(profiles: try customProfiles(in: dir, ["links/test-fast.yaml": linkProfile]))
+        for site in ["site-a", "site-b"] {
+            try ok(site, ["pool", "create", "p", "--array-profile", "file-backed", "--lun", dir.file(site + ".img"), "--create-size", "160M"])
+        }
+        try addPeer(on: "site-a", "site-b", linkProfile: "test-fast")
+        try addPeer(on: "site-b", "site-a", linkProfile: "test-fast")
+        try waitFor("site-a", "site-b", "the link up") { $0["outbound"] as? String == "connected" }
+    }
+
     override func setUpWithError() throws { dir = TempDir() }
 
     override func tearDown() {

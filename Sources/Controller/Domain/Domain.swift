@@ -216,32 +216,28 @@ public final class Domain: @unchecked Sendable {
         try await commit(next)
     }
 
-    /// The vdisk's data port (created on first use, shared by every user of the vdisk).
     /// The port NBD serves export `name` through: for a vdisk an async group feeds, one
     /// that reads its last complete PiT; otherwise the vdisk's own port.
     public func exportPort(for name: String) throws(DomainError) -> VDiskPort {
         guard let v = metadata.vdisk(named: name), let g = metadata.asyncGroup(of: v), g.isFed else { return try port(for: name) }
-        let key = name + "@last-complete-pit" // not a vdisk name (those have no '@')
+        // The key is not a vdisk name (those have no '@').
+        return try cachedPort(name + "@last-complete-pit") { () throws(DomainError) in try VDiskPort(domain: self, vdisk: name, lastCompletePiT: true) }
+    }
+
+    /// The vdisk's data port (created on first use, shared by every user of the vdisk).
+    public func port(for name: String) throws(DomainError) -> VDiskPort {
+        try cachedPort(name) { () throws(DomainError) in try VDiskPort(domain: self, vdisk: name) }
+    }
+
+    /// The port stored under `key`, made by `make` on first use (one wins a race).
+    private func cachedPort(_ key: String, make: () throws(DomainError) -> VDiskPort) throws(DomainError) -> VDiskPort {
         if let existing = stateLock.withLock({ storedPorts[key] }) { return existing }
-        let port = try VDiskPort(domain: self, vdisk: name, lastCompletePiT: true)
+        let port = try make()
         return stateLock.withLock {
             if let raced = storedPorts[key] { return raced }
             storedPorts[key] = port
             return port
         }
-    }
-
-    public func port(for name: String) throws(DomainError) -> VDiskPort {
-        stateLock.lock()
-        let existing = storedPorts[name]
-        stateLock.unlock()
-        if let existing { return existing }
-        let port = try VDiskPort(domain: self, vdisk: name)
-        stateLock.lock()
-        defer { stateLock.unlock() }
-        if let raced = storedPorts[name] { return raced }
-        storedPorts[name] = port
-        return port
     }
 
     // MARK: LUNs

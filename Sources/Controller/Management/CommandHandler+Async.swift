@@ -60,9 +60,7 @@ extension CommandHandler {
             let steps = "async group '\(name)' (fed by peer '\(plan.peer)') ends here: nothing more is applied; vdisk(s) \(plan.vdisks.joined(separator: ", ")) "
                 + "go back to their last complete PiT \(plan.pit) (taken at the source \(age); writes made there since are not here) and become writable"
                 + (failover ? ", exported read-write over NBD" : "") + "; the PiTs stay; the source's task fails until it is deleted there"
-            guard r.args["yes"] == "true" else {
-                return .success(text: "plan: \(steps).\nnothing was done: run again with --yes to do it", json: ["plan": steps, "done": "false"])
-            }
+            guard r.args["yes"] == "true" else { return planOnly(steps) }
             let done = try await domain.detachAsyncDestination(name)
             if failover { for v in done.vdisks { try await domain.setExport(vdisk: v, mode: .readWrite) } }
             return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
@@ -75,8 +73,8 @@ extension CommandHandler {
             guard g.state == .detached, let base = g.confirmedPiT else {
                 throw DomainError("async group '\(name)' is not detached here: `async recover` runs at the site that failed over")
             }
-            let vdisks = g.members.map { m in domain.metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
-            var probe = AsyncRequest(op: .reverse, group: name, members: vdisks.map { .init(vdisk: $0, sizeBytes: 0, blockSize: 0) })
+            let vdisks = domain.metadata.memberNames(of: g)
+            var probe = AsyncRequest(op: .reverse, group: name, members: vdisks.map(AsyncRequest.MemberSpec.named))
             probe.base = base
             probe.rollback = true
             probe.dryRun = true
@@ -85,9 +83,7 @@ extension CommandHandler {
             let steps = "peer '\(g.peer)' rolls vdisk(s) \(theirs) back to the common PiT \(base) (discarding \(ByteSize.format(seen.changedBytes ?? 0)) "
                 + "in extents changed there since) and becomes this group's destination (read-only there); vdisk(s) \(vdisks.joined(separator: ", ")) "
                 + "here stay in production and become the source; the first cycle ships only what changed here since \(base)"
-            guard r.args["yes"] == "true" else {
-                return .success(text: "plan: \(steps).\nnothing was done: run again with --yes to do it", json: ["plan": steps, "done": "false"])
-            }
+            guard r.args["yes"] == "true" else { return planOnly(steps) }
             _ = try await domain.recoverAsSource(name) { (request: AsyncRequest) async throws(DomainError) -> AsyncResponse in
                 try await replication.call(g.peer, request)
             }
@@ -102,14 +98,12 @@ extension CommandHandler {
             guard replication.isConnected(g.peer) else {
                 throw DomainError("peer '\(g.peer)' is not connected: a hand-over needs both sites (`async failover \(name)` at the destination is for a lost source)")
             }
-            let vdisks = g.members.map { m in domain.metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+            let vdisks = domain.metadata.memberNames(of: g)
             let remote = g.members.map(\.remoteVDisk)
             let steps = "host writes to vdisk(s) \(vdisks.joined(separator: ", ")) are held (unexported here) while a last cycle ships; once peer '\(g.peer)' "
                 + "holds that PiT, identical to them, it becomes the source and exports \(remote.joined(separator: ", ")) read-write, and this site becomes "
                 + "its destination (read-only exports of the last complete PiT); hosts move to peer '\(g.peer)'"
-            guard r.args["yes"] == "true" else {
-                return .success(text: "plan: \(steps).\nnothing was done: run again with --yes to do it", json: ["plan": steps, "done": "false"])
-            }
+            guard r.args["yes"] == "true" else { return planOnly(steps) }
             let held = Date()
             let exported = vdisks.filter { domain.metadata.vdisk(named: $0)?.export != nil }
             for v in exported { try await domain.setExport(vdisk: v, mode: nil) }
@@ -120,10 +114,10 @@ extension CommandHandler {
                 for (i, v) in vdisks.enumerated() where try domain.differences(from: g.memberPiT(base, i), to: nil).changedBytes > 0 {
                     throw DomainError("vdisk '\(v)' changed after PiT '\(base)' although its writes were held")
                 }
-                var ask = AsyncRequest(op: .becomeSource, group: name, members: vdisks.map { .init(vdisk: $0, sizeBytes: 0, blockSize: 0) })
+                var ask = AsyncRequest(op: .becomeSource, group: name, members: vdisks.map(AsyncRequest.MemberSpec.named))
                 ask.base = base
                 let answer = try await replication.call(g.peer, ask)
-                var turn = AsyncRequest(op: .reverse, group: name, members: (answer.vdisks ?? remote).map { .init(vdisk: $0, sizeBytes: 0, blockSize: 0) })
+                var turn = AsyncRequest(op: .reverse, group: name, members: (answer.vdisks ?? remote).map(AsyncRequest.MemberSpec.named))
                 turn.base = base
                 _ = try await domain.reverseToDestination(turn, peer: g.peer)
                 replication.reconcileAsync()
@@ -158,6 +152,11 @@ extension CommandHandler {
 }
 
 extension CommandHandler {
+    /// The answer of an operation asked for without --yes: what it would do, nothing done.
+    fileprivate func planOnly(_ steps: String) -> MgmtResponse {
+        .success(text: "plan: \(steps).\nnothing was done: run again with --yes to do it", json: ["plan": steps, "done": "false"])
+    }
+
     /// Waits until group `name`'s destination confirmed a PiT taken at or after `date`; its name.
     fileprivate func waitForCycle(_ name: String, takenAfter date: Date, seconds: Double) async throws(DomainError) -> String {
         let deadline = Date().addingTimeInterval(seconds)
@@ -215,8 +214,8 @@ struct AsyncGroupView: Codable {
     var lastError: String?
     var progress: AsyncTaskProgress?
     /// Source: the blocks read and shipped per second by the cycle running (or the last that
-    /// shipped any), and bytes
-    /// of blocks per byte on the wire since the daemon started (1 without compression).
+    /// shipped any), and bytes of blocks per byte on the wire since the daemon started (1
+    /// without compression).
     var throughputBytesPerSecond: Double?
     var compressionRatio: Double?
 
@@ -226,7 +225,7 @@ struct AsyncGroupView: Codable {
         vdisk = domain.metadata.vdisks.first { $0.id == g.vdiskId }?.name ?? "?"
         peer = g.peer
         remoteVDisk = g.remoteVDisk
-        members = g.members.map { m in ["vdisk": domain.metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?", "remote": m.remoteVDisk] }
+        members = zip(domain.metadata.memberNames(of: g), g.members).map { ["vdisk": $0.0, "remote": $0.1.remoteVDisk] }
         sourceVDG = g.sourceVDG
         pendingPiTs = g.pendingList
         state = g.state.rawValue

@@ -90,6 +90,8 @@ extension DomainMetadata {
     }
 
     public func asyncGroup(named name: String) -> AsyncGroupRecord? { asyncGroupList.first { $0.name == name } }
+    /// The names of group `g`'s member vdisks on this side, in member order ("?" for one gone).
+    public func memberNames(of g: AsyncGroupRecord) -> [String] { g.members.map { m in vdisks.first { $0.id == m.vdiskId }?.name ?? "?" } }
     public func asyncGroup(of vdisk: VDiskRecord) -> AsyncGroupRecord? { asyncGroupList.first { $0.members.contains { $0.vdiskId == vdisk.id } } }
 }
 
@@ -117,6 +119,9 @@ public struct AsyncRequest: Codable, Sendable {
         public var vdisk: String
         public var sizeBytes: UInt64
         public var blockSize: Int
+
+        /// A member named only (requests that change roles carry no geometry).
+        public static func named(_ vdisk: String) -> MemberSpec { MemberSpec(vdisk: vdisk, sizeBytes: 0, blockSize: 0) }
     }
 
     public var op: Op

@@ -21,7 +21,7 @@ extension Domain {
         guard let base = g.confirmedPiT else {
             throw DomainError("async group '\(name)': no cycle completed here yet, so its vdisks hold no consistent image to fail over to")
         }
-        let vdisks = g.members.map { m in metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+        let vdisks = metadata.memberNames(of: g)
         return DetachPlan(group: name, peer: g.peer, vdisks: vdisks, pit: base, takenAt: g.confirmedAt)
     }
 
@@ -54,7 +54,7 @@ extension Domain {
         let (g, _) = try asyncVDisk(r.group, role: .source)
         guard g.peer == peer else { throw DomainError("async group '\(r.group)' mirrors to peer '\(g.peer)', not '\(peer)'") }
         guard specs.count == g.members.count else { throw DomainError("async group '\(r.group)' has \(g.members.count) member(s) here, \(specs.count) at peer '\(peer)'") }
-        let vdisks = g.members.map { m in metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+        let vdisks = metadata.memberNames(of: g)
         var changed: UInt64 = 0
         for i in vdisks.indices {
             guard metadata.pit(named: g.memberPiT(base, i)) != nil else {
@@ -98,7 +98,7 @@ extension Domain {
             throw DomainError("async group '\(r.group)': the last complete PiT here is \(g.confirmedPiT ?? "none"), not '\(base)': the sides are not identical")
         }
         guard specs.count == g.members.count else { throw DomainError("async group '\(r.group)' has \(g.members.count) member(s) here, \(specs.count) at peer '\(peer)'") }
-        let vdisks = g.members.map { m in metadata.vdisks.first { $0.id == m.vdiskId }?.name ?? "?" }
+        let vdisks = metadata.memberNames(of: g)
         // What a cut cycle applied goes: the members become exactly `base`.
         for (i, vdisk) in vdisks.enumerated() {
             if metadata.vdisk(named: vdisk)?.export != nil { try await setExport(vdisk: vdisk, mode: nil) }

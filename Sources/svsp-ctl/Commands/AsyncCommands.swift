@@ -57,39 +57,35 @@ struct AsyncCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "detach-task",
             abstract: "At the destination: end the group here; its vdisks go back to their last complete PiT and become writable (prints the plan; --yes does it).")
-        @Argument var name: String
-        @Flag(help: "Do it (without: print what would be done).") var yes = false
+        @OptionGroup var operation: PlannedOperation
         @OptionGroup var options: DomainOptions
-        func run() throws { try options.send("async.detach-task", ["name": name, "yes": yes ? "true" : "false"]) }
+        func run() throws { try options.send("async.detach-task", operation.args) }
     }
 
     struct Failover: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "At the destination, the source site lost: detach, and export the vdisks read-write at their last complete PiT (prints the plan; --yes does it).")
-        @Argument var name: String
-        @Flag(help: "Do it (without: print what would be done).") var yes = false
+        @OptionGroup var operation: PlannedOperation
         @OptionGroup var options: DomainOptions
-        func run() throws { try options.send("async.failover", ["name": name, "yes": yes ? "true" : "false"]) }
+        func run() throws { try options.send("async.failover", operation.args) }
     }
 
     struct Recover: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "At the site that failed over, the old source back: mirror back to it from the common PiT, rolling back its writes since (prints the plan; --yes does it).")
-        @Argument var name: String
-        @Flag(help: "Do it (without: print what would be done).") var yes = false
+        @OptionGroup var operation: PlannedOperation
         @OptionGroup var options: DomainOptions
-        func run() throws { try options.send("async.recover", ["name": name, "yes": yes ? "true" : "false"]) }
+        func run() throws { try options.send("async.recover", operation.args) }
     }
 
     struct TransferProduction: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "transfer-production",
             abstract: "At the source, both sites up: hold host writes, ship a last cycle, swap the roles, export at the peer (prints the plan; --yes does it).")
-        @Argument var name: String
-        @Flag(help: "Do it (without: print what would be done).") var yes = false
+        @OptionGroup var operation: PlannedOperation
         @Option(help: "How long to wait for the last cycle, in seconds (host writes are held meanwhile).") var seconds: Int = 120
         @OptionGroup var options: DomainOptions
-        func run() throws { try options.send("async.transfer-production", ["name": name, "yes": yes ? "true" : "false", "seconds": String(seconds)]) }
+        func run() throws { try options.send("async.transfer-production", operation.args.merging(["seconds": String(seconds)]) { $1 }) }
     }
 
     struct DeleteGroup: ParsableCommand {
@@ -98,4 +94,12 @@ struct AsyncCommand: ParsableCommand {
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("async.delete-group", ["name": name]) }
     }
+}
+
+/// The group an operation that prints its plan acts on, and whether to do it.
+struct PlannedOperation: ParsableArguments {
+    @Argument var name: String
+    @Flag(help: "Do it (without: print what would be done).") var yes = false
+
+    var args: [String: String] { ["name": name, "yes": yes ? "true" : "false"] }
 }
