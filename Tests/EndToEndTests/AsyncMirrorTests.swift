@@ -155,7 +155,8 @@ final class AsyncMirrorTests: TwoSitesTestCase {
     /// A destination vdisk is exported read-only while it is fed, and hosts read its last
     /// complete PiT: polled while a 12 MiB cycle is applied over a 16 Mbit/s link, every
     /// read of the export is the previous PiT's image or (once the cycle completed) the new
-    /// one's, never the mix being applied; read-write is refused.
+    /// one's, never the mix being applied; a host connected before the cycle completed reads
+    /// the old image to the end of its connection; read-write is refused.
     func testAFedDestinationIsExportedReadOnlyAsItsLastCompletePiT() throws {
         try relink("bandwidth: 16Mbit/s\nrtt: 1ms\npit_cycle: 1s\n")
         try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
@@ -172,6 +173,12 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x32 2M 12M", uri("site-a", "v")])
         let written = Date()
         let cycle = try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int)
+        // A host connected before the cycle completes reads its old image to the end.
+        let host = Process(), hostOut = Pipe()
+        host.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-io")
+        host.arguments = ["-r", "-f", "raw", "-c", "read -P 0x31 2M 64k", "-c", "sleep 15000", "-c", "read -P 0x31 2M 64k", uri("site-b", "v")]
+        host.standardOutput = hostOut
+        try host.run()
         try ok("site-a", ["async", "continue-task", "g"])
         var reads = 0, sawOld = 0
         var images = Set<String>()
@@ -189,6 +196,11 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         XCTAssertEqual(new, try pitMD5("site-a", newest), "after the cycle the export reads as the new PiT")
         XCTAssertGreaterThanOrEqual(sawOld, 3, "reads while the cycle was applied: \(reads)")
         XCTAssertTrue(images.isSubset(of: [old, new]), "every read was one complete PiT's image: \(images.count) distinct images")
+        XCTAssertTrue(host.isRunning, "the host's connection outlasted the cycle")
+        let hostSaw = String(decoding: hostOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        host.waitUntilExit()
+        XCTAssertEqual(hostSaw.components(separatedBy: "read 65536/65536 bytes").count, 3, hostSaw)
+        XCTAssertFalse(hostSaw.contains("verification failed"), "a connection reads one image to its end: \(hostSaw)")
     }
 
     /// The source site is lost in the middle of a cycle (SIGKILL, part of the cycle applied

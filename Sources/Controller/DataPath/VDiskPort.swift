@@ -130,16 +130,18 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     var repairs = 0
     var repairsRunning: Int { lock.withLock { repairs } }
 
-    /// An async destination's port for hosts: it serves the vdisk's last complete PiT (read
-    /// only), never the cycle being applied; the live vdisk again once no group feeds it.
-    let servesLastCompletePiT: Bool
+    /// An async destination's port for one host connection: it serves (read only) the PiT
+    /// that was last complete when the host connected, never the cycle being applied.
+    let reading: PiTReaderPin?
 
-    public init(domain: Domain, vdisk name: String, capacity: Int = 256, lastCompletePiT: Bool = false) throws(DomainError) {
+    public init(domain: Domain, vdisk name: String, capacity: Int = 256, reading pin: PiTReaderPin? = nil) throws(DomainError) {
         self.domain = domain
         vdiskName = name
         self.capacity = capacity
-        servesLastCompletePiT = lastCompletePiT
-        guard let m = Self.makeMapping(domain, name, lastCompletePiT: lastCompletePiT) else { throw DomainError("vdisk '\(name)' not found") }
+        reading = pin
+        guard let m = Self.makeMapping(domain, name, pit: pin?.pit) else {
+            throw DomainError(pin.map { "PiT '\($0.pit)' of vdisk '\(name)' not found" } ?? "vdisk '\(name)' not found")
+        }
         mapping = m
         ranges = RangeLock(slots: capacity)
         granted.reserveCapacity(capacity)
@@ -148,7 +150,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         for i in 0..<capacity { slots[i].nextFree = i + 1 < capacity ? Int32(i + 1) : -1 }
         readSeries = domain.metrics.vdiskSeries(name, op: "read")
         writeSeries = domain.metrics.vdiskSeries(name, op: "write")
-        log = lastCompletePiT ? nil : Self.makeLog(domain, name)
+        log = pin == nil ? Self.makeLog(domain, name) : nil
     }
 
     /// Picks up metadata changes now (instead of at the next request).
@@ -191,16 +193,14 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         return mapping.deallocationUnit
     }
 
-    private static func makeMapping(_ domain: Domain, _ name: String, lastCompletePiT: Bool) -> Mapping? {
+    private static func makeMapping(_ domain: Domain, _ name: String, pit pitName: String?) -> Mapping? {
         let m = domain.metadata
         guard let v = m.vdisk(named: name) else { return nil }
-        // (leg, its state, pool, the block map read): the vdisk's legs, or its last complete PiT's maps.
+        // (leg, its state, pool, the block map read): the vdisk's legs, or the PiT's maps.
         var sources = v.legs.map { (id: $0.id, state: $0.state, poolId: $0.poolId, map: $0.id) }
         var readOnly = v.refusesHostWrites
-        if lastCompletePiT, let g = m.asyncGroup(of: v), g.isFed {
-            guard let base = g.confirmedPiT, let i = g.members.firstIndex(where: { $0.vdiskId == v.id }),
-                  let pit = m.pit(named: g.memberPiT(base, i))
-            else { return nil } // nothing complete yet: no image to serve
+        if let pitName {
+            guard let pit = m.pit(named: pitName), pit.vdiskId == v.id else { return nil }
             sources = pit.maps.filter(\.complete).map { (id: $0.legId, state: LegState.inSync, poolId: $0.poolId, map: $0.mapId) }
             readOnly = true
         }
@@ -226,7 +226,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     /// Re-reads the mapping when the metadata moved on (grow, thin allocation, leg states). Caller holds the lock.
     func refreshIfNeeded() -> Bool {
         if domain.generation == mapping.generation { return true }
-        guard let m = Self.makeMapping(domain, vdiskName, lastCompletePiT: servesLastCompletePiT) else { return false }
+        guard let m = Self.makeMapping(domain, vdiskName, pit: reading?.pit) else { return false }
         mapping = m
         if log == nil, m.legs.count > 1 { log = Self.makeLog(domain, vdiskName) } // it just became a mirror
         return true
@@ -621,7 +621,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
             if r.op == .read { readSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }
             if r.op == .write { writeSeries.record(bytes: r.length, latencyNs: now &- r.startNs) }
         }
-        if repairLegs != 0, !servesLastCompletePiT { // a PiT's legs are not the vdisk's to repair
+        if repairLegs != 0, reading == nil { // a PiT's legs are not the vdisk's to repair
             let bad = r.legIds.named(by: repairLegs), good = r.legIds[r.readLeg], offset = r.offset, length = r.length
             Task { await self.repair(legs: bad, from: good, offset: offset, length: length) }
         }

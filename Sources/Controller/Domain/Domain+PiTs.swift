@@ -157,12 +157,12 @@ extension Domain {
             let existing = metadata.pits(of: v)
             let excess = existing.count + 1 - limit
             guard excess > 0 else { continue }
-            let candidates = existing.filter { $0.heldBy == nil }.sorted {
+            let candidates = existing.filter { $0.heldBy == nil && readers(of: $0.name) == 0 }.sorted {
                 ($0.kind == .standard ? 0 : 1, $0.createdAt) < ($1.kind == .standard ? 0 : 1, $1.createdAt)
             }
             guard candidates.count >= excess else {
                 throw DomainError("vdisk '\(v.name)' has \(existing.count) PiT(s), pool profile '\(pool.poolProfile)' keeps \(limit) (pit_retention), "
-                    + "and \(existing.count - candidates.count) of them are held by mirror tasks: delete a PiT or raise pit_retention", code: ENOSPC)
+                    + "and \(existing.count - candidates.count) of them are held by mirror tasks or read by hosts: delete a PiT or raise pit_retention", code: ENOSPC)
             }
             victims += candidates.prefix(excess)
         }
@@ -205,6 +205,9 @@ extension Domain {
         guard !doomed.isEmpty else { throw DomainError("PiT '\(pitName)' not found") }
         if let held = doomed.first(where: { $0.heldBy != nil }) {
             throw DomainError("PiT '\(held.name)' is held by mirror task '\(held.heldBy!)'; it is released when the task no longer needs it", code: EBUSY)
+        }
+        if let read = doomed.first(where: { readers(of: $0.name) > 0 }) {
+            throw DomainError("PiT '\(read.name)' is read by \(readers(of: read.name)) host connection(s) of a read-only export; it can go once they disconnect", code: EBUSY)
         }
         var next = metadata
         next.pitList.removeAll { p in doomed.contains { $0.id == p.id } }

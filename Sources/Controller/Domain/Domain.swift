@@ -216,13 +216,30 @@ public final class Domain: @unchecked Sendable {
         try await commit(next)
     }
 
-    /// The port NBD serves export `name` through: for a vdisk an async group feeds, one
-    /// that reads its last complete PiT; otherwise the vdisk's own port.
+    /// The port NBD serves export `name` through: for a vdisk an async group feeds, a port
+    /// of the connection's own that reads the PiT last complete when it connected, pinned
+    /// until the port goes (a host reads one image from start to end, never one that
+    /// changes under it when the next cycle completes); otherwise the vdisk's own port.
     public func exportPort(for name: String) throws(DomainError) -> VDiskPort {
-        guard let v = metadata.vdisk(named: name), let g = metadata.asyncGroup(of: v), g.isFed else { return try port(for: name) }
-        // The key is not a vdisk name (those have no '@').
-        return try cachedPort(name + "@last-complete-pit") { () throws(DomainError) in try VDiskPort(domain: self, vdisk: name, lastCompletePiT: true) }
+        let m = metadata
+        guard let v = m.vdisk(named: name), let g = m.asyncGroup(of: v), g.isFed else { return try port(for: name) }
+        guard let base = g.confirmedPiT, let i = g.members.firstIndex(where: { $0.vdiskId == v.id }) else {
+            throw DomainError("vdisk '\(name)' has no complete PiT yet: there is no image to serve")
+        }
+        return try VDiskPort(domain: self, vdisk: name, reading: PiTReaderPin(domain: self, pit: g.memberPiT(base, i)))
     }
+
+    /// Host connections reading each PiT (by name): a pinned PiT is not retired.
+    private var storedReaderPins: [String: Int] = [:]
+    func pinForReaders(_ pit: String) { stateLock.withLock { storedReaderPins[pit, default: 0] += 1 } }
+    func unpinForReaders(_ pit: String) {
+        stateLock.withLock {
+            storedReaderPins[pit, default: 1] -= 1
+            if storedReaderPins[pit] == 0 { storedReaderPins.removeValue(forKey: pit) }
+        }
+    }
+    /// How many host connections read PiT `pit` now.
+    public func readers(of pit: String) -> Int { stateLock.withLock { storedReaderPins[pit] ?? 0 } }
 
     /// The vdisk's data port (created on first use, shared by every user of the vdisk).
     public func port(for name: String) throws(DomainError) -> VDiskPort {
@@ -636,7 +653,6 @@ public final class Domain: @unchecked Sendable {
         try await commit(next)
         updateSharing()
         let port = stateLock.withLock {
-            storedPorts.removeValue(forKey: name + "@last-complete-pit")
             return storedPorts.removeValue(forKey: name)
         }
         releaseLegMaps(v.legs, after: port)

@@ -105,19 +105,31 @@ extension Domain {
             let names = g.members.indices.map { g.memberPiT(pit, $0) }
             _ = try await createPiTs(of: g.members.map(\.vdiskId), names: names, group: g.members.count > 1 ? pit : nil, kind: .standard)
         }
-        let retired = g.previousPiT
         try await updateAsyncGroup(r.group) {
             $0.previousPiT = $0.confirmedPiT
             $0.confirmedPiT = pit
             $0.cycle = cycle
             $0.confirmedAt = r.takenAt ?? Date().timeIntervalSince1970
         }
-        // The image before the previous one goes (unless a user took it): the export's port
-        // moved to the new PiT at this commit, and reads still on the old one had a cycle.
-        if let retired, retired != pit, metadata.pitList.contains(where: { ($0.name == retired || $0.group == retired) && $0.kind == .standard }) {
-            try? await deletePiT(named: retired)
-        }
+        await retireCyclePiTs(of: r.group)
         return AsyncResponse(lastComplete: pit)
+    }
+
+    /// The destination keeps its last complete PiT and the one before; older cycle PiTs go,
+    /// except those a user holds or a host connection still reads (they go at a later
+    /// cycle, once the host disconnected). New connections read the newest from its commit.
+    private func retireCyclePiTs(of group: String) async {
+        guard let g = metadata.asyncGroup(named: group), let kept = g.confirmedPiT else { return }
+        let members = Set(g.members.map(\.vdiskId))
+        let keep = [kept, g.previousPiT].compactMap { $0 }
+        guard let floor = metadata.pitList.filter({ keep.contains($0.group ?? $0.name) }).map(\.createdAt).min() else { return }
+        let old = metadata.pitList.filter { members.contains($0.vdiskId) && $0.kind == .standard && $0.heldBy == nil && $0.createdAt < floor }
+        let bases = Set(old.map { $0.group ?? $0.name }).subtracting(keep)
+        for base in bases.sorted() {
+            let pits = metadata.pitList.filter { ($0.group ?? $0.name) == base }
+            guard pits.allSatisfy({ readers(of: $0.name) == 0 }) else { continue }
+            try? await deletePiT(named: base)
+        }
     }
 
     /// A `blocks` frame: each block's crc32c checked, then written into the destination vdisk
