@@ -89,6 +89,35 @@ extension CommandHandler {
             }
             replication.reconcileAsync()
             return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
+        case "async.merge":
+            // After a fail over, the sites reconnected (a split brain): mirror again from the
+            // common PiT, in the direction the admin picks; the loser is rolled back to it.
+            guard let replication else { throw DomainError("this daemon does not run replication") }
+            let name = try arg(r, "name"), from = try arg(r, "from")
+            guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }
+            let me = domain.metadata.name
+            guard from == "here" || from == me || from == g.peer else {
+                throw DomainError("--from '\(from)': name the side that wins: 'here' (or '\(me)') or the peer '\(g.peer)'")
+            }
+            guard replication.isConnected(g.peer) else { throw DomainError("peer '\(g.peer)' is not connected: a merge needs both sites") }
+            let call = { (request: AsyncRequest) async throws(DomainError) -> AsyncResponse in try await replication.call(g.peer, request) }
+            let plan = try await domain.mergePlan(name, winnerIsHere: from != g.peer, call: call)
+            let rollback = r.args["rollback"] == "true"
+            let (winner, loser) = plan.winnerIsHere ? ("here", "peer '\(g.peer)'") : ("peer '\(g.peer)'", "here")
+            let (winners, losers) = plan.winnerIsHere ? (plan.here, plan.there) : (plan.there, plan.here)
+            let lost = plan.discardedBytes == 0 ? "are unchanged since it"
+                : "go back to it (discarding \(ByteSize.format(plan.discardedBytes)) in extents changed there since)"
+            let steps = "vdisk(s) \(winners.joined(separator: ", ")) \(winner) win and are the source from the common PiT \(plan.base); "
+                + "vdisk(s) \(losers.joined(separator: ", ")) \(loser) \(lost) and become the destination (read-only); "
+                + "the first cycle ships only what changed \(winner) since \(plan.base)"
+            if plan.discardedBytes > 0, !rollback {
+                throw DomainError("vdisk(s) \(losers.joined(separator: ", ")) \(loser) changed since the common PiT \(plan.base) (\(ByteSize.format(plan.discardedBytes)) in changed extents): "
+                    + "merging onto them would overwrite that; add --rollback to discard it")
+            }
+            guard r.args["yes"] == "true" else { return planOnly(steps) }
+            try await domain.merge(name, plan: plan, rollback: rollback, call: call)
+            replication.reconcileAsync()
+            return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
         case "async.transfer-production":
             // Planned hand-over, both sites up: hold host writes here, ship a last cycle, and
             // swap the roles once the peer holds an image identical to these vdisks.

@@ -24,6 +24,10 @@ public struct AsyncGroupRecord: Codable, Equatable, Sendable {
         /// Destination: detached (failed over): its vdisks are ordinary writable vdisks at the
         /// last complete PiT; kept so `async recover` knows the peer and the common PiT.
         case detached
+        /// Source: the destination failed over (detached) while this side went on as the
+        /// source: both may have written since their common PiT. Nothing is shipped and no
+        /// PiT taken until an admin picks the side that wins (`async merge --from`).
+        case splitBrain = "split-brain"
     }
 
     /// A destination a task feeds now (its vdisks read-only to hosts, at their last complete PiT).
@@ -111,7 +115,16 @@ public struct AsyncRequest: Codable, Sendable {
         case reverse
         /// Asked of a destination by its source in a hand-over (both identical at PiT `base`):
         /// become the source of the group from `base`, and export the members read-write.
+        /// Asked of a detached destination by a merge it wins: become the source from `base`
+        /// (its own last complete PiT), its vdisks as they are.
         case becomeSource = "become-source"
+        /// Asked of a detached destination by a merge its source wins: be fed again from its
+        /// last complete PiT `base` (rolled back to it with `rollback`; refused when changed
+        /// since without). `dryRun`: only say what it would do (and which PiT `base` is).
+        case rejoin
+        /// Asked of a source by a merge it wins, run at the destination: ship from `base`
+        /// (which both hold) again, the cycle PiTs taken since dropped.
+        case resumeFrom = "resume-from"
     }
 
     /// A destination vdisk to make (or adopt): `create-destination` lists one per member.
@@ -141,6 +154,11 @@ public struct AsyncRequest: Codable, Sendable {
 
 public struct AsyncResponse: Codable, Sendable {
     public var reason: String?
+    /// With a refusal: its errno-like code, so the asking side can tell kinds apart
+    /// (`ESTALE`: the group was failed over there, a split brain).
+    public var code: Int32?
+    /// `rejoin` (dry run): the last complete PiT there, the common PiT of a merge.
+    public var base: String?
     /// The destination's last complete PiT (after `cycleEnd`, the one just taken).
     public var lastComplete: String?
     /// `reverse`: the answering side's member vdisks, and the bytes (in changed extents)

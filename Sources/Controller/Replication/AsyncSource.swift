@@ -40,7 +40,7 @@ final class AsyncSource: @unchecked Sendable {
     func run() async {
         while !Task.isCancelled {
             guard let g = domain.metadata.asyncGroup(named: group), g.role == .source else { return }
-            if g.state == .detaching { // turning into a destination (`reverse`)
+            if g.state == .detaching || g.state == .splitBrain { // turning into a destination, or waiting for a merge
                 try? await Task.sleep(nanoseconds: 200_000_000)
                 continue
             }
@@ -62,6 +62,10 @@ final class AsyncSource: @unchecked Sendable {
                         continue
                     }
                 }
+            } catch where error.code == ESTALE {
+                await splitBrain(error.message)
+                try? await Task.sleep(nanoseconds: 1_000_000_000)
+                continue
             } catch {
                 await note(error: error.message)
                 try? await Task.sleep(nanoseconds: 1_000_000_000)
@@ -82,7 +86,7 @@ final class AsyncSource: @unchecked Sendable {
     /// Takes the next cycle's PiT when one is due (at once before the initial copy), unless
     /// the task is paused or suspended; at the retention limit, suspends the group instead.
     private func capture(_ g: AsyncGroupRecord, link: LinkProfile) async throws(DomainError) {
-        guard g.state != .paused, g.state != .suspended else { return }
+        guard g.state != .paused, g.state != .suspended, g.state != .splitBrain else { return }
         let now = DispatchTime.now().uptimeNanoseconds
         let initial = g.confirmedPiT == nil && g.pendingList.isEmpty
         let asked = lock.withLock { captureAsap }
@@ -99,6 +103,16 @@ final class AsyncSource: @unchecked Sendable {
             lastCaptureNs = now
         } catch where error.code == ENOSPC {
             try await suspend(error.message) // the pool's pit_retention, with every PiT held
+        }
+    }
+
+    /// The destination failed over: this side stops (no PiTs, nothing shipped) until a merge.
+    private func splitBrain(_ why: String) async {
+        service.log("replication: group '\(group)': split brain: \(why)")
+        lock.withLock { progress.lastError = why }
+        try? await domain.updateAsyncGroup(group) {
+            $0.state = .splitBrain
+            $0.lastError = why
         }
     }
 

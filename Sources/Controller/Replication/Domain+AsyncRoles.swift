@@ -93,12 +93,16 @@ extension Domain {
     func becomeSource(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
         guard let base = r.base, let specs = r.members else { throw DomainError("become-source: the common PiT and the peer's members are required") }
         let (g, _) = try asyncVDisk(r.group, role: .destination)
-        guard g.peer == peer, g.isFed else { throw DomainError("async group '\(r.group)' is not fed by peer '\(peer)' here") }
+        guard g.peer == peer, g.isFed || g.state == .detached else { throw DomainError("async group '\(r.group)' is not fed by peer '\(peer)' here") }
         guard g.confirmedPiT == base else {
             throw DomainError("async group '\(r.group)': the last complete PiT here is \(g.confirmedPiT ?? "none"), not '\(base)': the sides are not identical")
         }
         guard specs.count == g.members.count else { throw DomainError("async group '\(r.group)' has \(g.members.count) member(s) here, \(specs.count) at peer '\(peer)'") }
         let vdisks = metadata.memberNames(of: g)
+        guard g.isFed else { // detached (a merge it wins): production goes on as it is
+            try await turnGroup(r.group, into: .source, from: base, remote: specs.map(\.vdisk))
+            return AsyncResponse(vdisks: vdisks)
+        }
         // What a cut cycle applied goes: the members become exactly `base`.
         for (i, vdisk) in vdisks.enumerated() {
             if metadata.vdisk(named: vdisk)?.export != nil { try await setExport(vdisk: vdisk, mode: nil) }
@@ -112,7 +116,7 @@ extension Domain {
     /// `async recover`, at the side that failed over (group detached here): the other side
     /// (the old source) becomes this side's destination from the common PiT, rolled back to
     /// it; this side becomes the source and ships only what changed here since.
-    func recoverAsSource(_ name: String, call: (AsyncRequest) async throws(DomainError) -> AsyncResponse) async throws(DomainError) -> AsyncResponse {
+    func recoverAsSource(_ name: String, rollback: Bool = true, call: (AsyncRequest) async throws(DomainError) -> AsyncResponse) async throws(DomainError) -> AsyncResponse {
         let (g, _) = try asyncVDisk(name, role: .destination)
         guard g.state == .detached, let base = g.confirmedPiT else {
             throw DomainError("async group '\(name)' is not detached here: `async recover` runs at the site that failed over")
@@ -124,7 +128,7 @@ extension Domain {
         }
         var request = AsyncRequest(op: .reverse, group: name, members: specs)
         request.base = base
-        request.rollback = true
+        request.rollback = rollback
         let answer = try await call(request)
         guard let theirs = answer.vdisks, theirs.count == specs.count else { throw DomainError("peer '\(g.peer)' answered without its members") }
         try await turnGroup(name, into: .source, from: base, remote: theirs)
@@ -134,7 +138,7 @@ extension Domain {
     /// Rewrites group `name` for its new role, starting from common PiT `base` (nothing
     /// waiting, nothing half-shipped); `remote`: the peer's member vdisks, in member order. A
     /// source holds `base` (its next cycle ships the difference from it); a destination does not.
-    private func turnGroup(_ name: String, into role: AsyncGroupRecord.Role, from base: String, remote: [String]) async throws(DomainError) {
+    func turnGroup(_ name: String, into role: AsyncGroupRecord.Role, from base: String, remote: [String]) async throws(DomainError) {
         try await holdPiT(named: base, for: role == .source ? name : nil)
         try await updateAsyncGroup(name) {
             $0.role = role

@@ -275,6 +275,11 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
                         case .createDestination: outcome = .success(try await domain.createAsyncDestination(r, peer: name))
                         case .cycleBegin:
                             let (g, _) = try domain.asyncVDisk(r.group, role: .destination)
+                            if g.state == .detached {
+                                throw DomainError("async group '\(r.group)' was failed over at peer '\(domain.metadata.name)' (detached there at PiT \(g.confirmedPiT ?? "none")): "
+                                    + "both sides may have written since, so nothing is shipped until an admin picks the side that wins with `async merge \(r.group) --from SIDE`",
+                                    code: ESTALE)
+                            }
                             guard g.isFed else { throw DomainError("async group '\(r.group)' is \(g.state.rawValue) here: it takes no cycles") }
                             group = r.group
                             outcome = .success(AsyncResponse())
@@ -288,6 +293,8 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
                         case .becomeSource:
                             outcome = .success(try await domain.becomeSource(r, peer: name))
                             service.reconcileAsync() // its source task starts
+                        case .rejoin: outcome = .success(try await domain.rejoinAsDestination(r, peer: name))
+                        case .resumeFrom: outcome = .success(try await domain.resumeSource(r, peer: name))
                         }
                     } catch { outcome = .failure(error) }
                 case .blocks(let h, let crcs, let data):
@@ -305,7 +312,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
                 }
                 let answer: ReplicationMessage = switch outcome {
                 case .success(let r): .response(id: id, ok: true, body: Array((try? JSONEncoder().encode(r)) ?? Data()))
-                case .failure(let e): .response(id: id, ok: false, body: Array((try? JSONEncoder().encode(AsyncResponse(reason: e.message))) ?? Data()))
+                case .failure(let e): .response(id: id, ok: false, body: Array((try? JSONEncoder().encode(AsyncResponse(reason: e.message, code: e.code))) ?? Data()))
                 }
                 channel.writeAndFlush(channel.allocator.buffer(bytes: ReplicationFrame.encode(answer, version: version)), promise: nil)
             }

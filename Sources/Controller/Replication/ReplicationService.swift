@@ -156,7 +156,9 @@ public final class ReplicationService: @unchecked Sendable {
         guard let body = try? JSONEncoder().encode(request) else { throw DomainError("cannot encode the request") }
         let (ok, answer) = try await send(peer) { id in .request(id: id, body: Array(body)) }
         let r = (try? JSONDecoder().decode(AsyncResponse.self, from: Data(answer))) ?? AsyncResponse()
-        guard ok else { throw DomainError("peer '\(peer)' refused \(request.op.rawValue) of group '\(request.group)': \(r.reason ?? "no reason given")") }
+        guard ok else {
+            throw DomainError("peer '\(peer)' refused \(request.op.rawValue) of group '\(request.group)': \(r.reason ?? "no reason given")", code: r.code ?? EIO)
+        }
         return r
     }
 

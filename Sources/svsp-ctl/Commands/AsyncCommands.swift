@@ -4,7 +4,7 @@ import Foundation
 struct AsyncCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "async", abstract: "Async mirror groups: a vdisk mirrored to a peer domain in write-order consistent cycles.",
-        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, Recover.self, TransferProduction.self, DeleteGroup.self])
+        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, Recover.self, Merge.self, TransferProduction.self, DeleteGroup.self])
 
     struct CreateGroup: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -76,6 +76,16 @@ struct AsyncCommand: ParsableCommand {
         @OptionGroup var operation: PlannedOperation
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("async.recover", operation.args) }
+    }
+
+    struct Merge: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "After a fail over (a split brain once the sites reconnect): mirror again from the common PiT, the side --from names winning (prints the plan; --yes does it).")
+        @OptionGroup var operation: PlannedOperation
+        @Option(help: "The side whose data wins: 'here', this domain's name, or the peer's name.") var from: String
+        @Flag(help: "Roll the losing side back to the common PiT (without it, a loser that changed since is refused).") var rollback = false
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.merge", operation.args.merging(["from": from, "rollback": String(rollback)]) { $1 }) }
     }
 
     struct TransferProduction: ParsableCommand {

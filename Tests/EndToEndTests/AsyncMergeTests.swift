@@ -1,0 +1,116 @@
+import Foundation
+import XCTest
+
+/// Split brain and `async merge`, between two daemons over real TCP: after a fail over
+/// both sides are written; once they reconnect nothing is shipped until an admin picks the
+/// side that wins, and then the chosen side wins exactly, shipping only its difference.
+final class AsyncMergeTests: TwoSitesTestCase {
+    override func setUpWithError() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdcopy"), FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-io") else {
+            throw XCTSkip("needs nbdcopy (libnbd-bin) and qemu-io (qemu-utils)")
+        }
+        try super.setUpWithError()
+        try startLinkedSites(linkProfile: "bandwidth: 1Gbit/s\nrtt: 1ms\npit_cycle: 1s\n")
+    }
+
+    /// site-b fails over while site-a goes on as the source; both write. site-a's next cycle
+    /// is refused (split brain: state `split-brain`, site-b unchanged). A merge onto a side
+    /// that changed is refused without --rollback; `merge --from site-a --rollback`, run at
+    /// site-b, makes site-b exactly site-a's image again (site-b's write gone), shipping
+    /// only site-a's 1 MiB written since the common PiT.
+    func testASplitBrainShipsNothingUntilAMergeAndTheChosenSideWins() throws {
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x61 0 4M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        let base = try nextCycle(after: 0)
+        try ok("site-b", ["async", "failover", "g", "--yes"])
+        try ok("site-a", ["async", "continue-task", "g"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x62 6M 1M", uri("site-a", "v")])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x63 10M 512k", uri("site-b", "v")])
+        var state = ""
+        for _ in 0..<100 where state != "split-brain" {
+            usleep(100_000)
+            state = try asyncGroup("site-a", "g")["state"] as? String ?? ""
+        }
+        let refused = try asyncGroup("site-a", "g")
+        XCTAssertEqual(state, "split-brain", "\(refused)")
+        XCTAssertTrue((try asyncGroup("site-a", "g")["lastError"] as? String ?? "").contains("async merge g --from"))
+        let production = try md5("site-b", "v")
+        usleep(2_000_000)
+        XCTAssertEqual(try md5("site-b", "v"), production, "nothing was shipped onto site-b")
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "read -P 0x63 10M 512k", "-c", "read -P 0x61 0 4M", uri("site-b", "v")])
+
+        let unchosen = try CLI.run(["async", "merge", "g", "--from", "site-c", "--dir", dir.file("site-b")])
+        XCTAssertTrue(unchosen.status != 0 && unchosen.stderr.contains("--from 'site-c'"), unchosen.stderr)
+        let unrolled = try CLI.run(["async", "merge", "g", "--from", "site-a", "--yes", "--dir", dir.file("site-b")])
+        XCTAssertTrue(unrolled.status != 0 && unrolled.stderr.contains("changed since the common PiT \(base)") && unrolled.stderr.contains("--rollback"),
+                      unrolled.stderr)
+        let plan = try ok("site-b", ["async", "merge", "g", "--from", "site-a", "--rollback"])
+        XCTAssertTrue(plan.contains("nothing was done") && plan.contains("discarding"), plan)
+        XCTAssertEqual(try md5("site-b", "v"), production, "the plan changed nothing")
+        let sentBefore = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        XCTAssertTrue(try ok("site-b", ["async", "merge", "g", "--from", "site-a", "--rollback", "--yes"]).hasPrefix("done:"))
+
+        let cycle = try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int)
+        let newest = try nextCycle(after: cycle)
+        XCTAssertNotEqual(try asyncGroup("site-a", "g")["state"] as? String, "split-brain")
+        XCTAssertEqual(try asyncGroup("site-b", "g")["role"] as? String, "destination")
+        XCTAssertEqual(try pitMD5("site-b", newest), try pitMD5("site-a", newest))
+        XCTAssertEqual(try md5("site-b", "v"), try md5("site-a", "v"), "site-b reads (read-only) exactly site-a's image")
+        try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x62 6M 1M", "-c", "read -P 0 10M 512k", uri("site-b", "v")])
+        let shipped = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        XCTAssertEqual(shipped - sentBefore, 1 << 20, "only site-a's writes since the common PiT travelled")
+        for site in ["site-a", "site-b"] {
+            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
+            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
+        }
+    }
+
+    /// A merge run at the old source, both ways: first the failed-over site-b wins (site-a
+    /// rolls back and becomes its destination; site-b's write reaches site-a, site-a's is
+    /// gone), then site-a fails over in turn and site-b, the source, wins (`--from here`).
+    func testAMergeRunAtTheSourceGoesEitherWay() throws {
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x71 0 4M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        _ = try nextCycle(after: 0)
+
+        // Round 1: site-b fails over; both write; at site-a, site-b wins.
+        try splitBrain(failingOver: "site-b", source: "site-a", writes: [("site-a", "write -P 0x72 6M 1M"), ("site-b", "write -P 0x73 10M 512k")])
+        XCTAssertTrue(try ok("site-a", ["async", "merge", "g", "--from", "site-b", "--rollback", "--yes"]).hasPrefix("done:"))
+        XCTAssertEqual(try asyncGroup("site-a", "g")["role"] as? String, "destination")
+        let first = try nextCycle(after: try XCTUnwrap(try asyncGroup("site-b", "g")["cycle"] as? Int), source: "site-b")
+        XCTAssertEqual(try pitMD5("site-a", first), try md5("site-b", "v"))
+        XCTAssertEqual(try md5("site-a", "v"), try md5("site-b", "v"))
+        try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x73 10M 512k", "-c", "read -P 0 6M 1M", uri("site-a", "v")])
+
+        // Round 2: site-a fails over; both write; at site-b, the source, site-b wins.
+        try ok("site-b", ["async", "continue-task", "g"])
+        try splitBrain(failingOver: "site-a", source: "site-b", writes: [("site-a", "write -P 0x74 2M 256k"), ("site-b", "write -P 0x75 12M 256k")])
+        XCTAssertTrue(try ok("site-b", ["async", "merge", "g", "--from", "here", "--rollback", "--yes"]).hasPrefix("done:"))
+        let second = try nextCycle(after: try XCTUnwrap(try asyncGroup("site-b", "g")["cycle"] as? Int), source: "site-b")
+        XCTAssertEqual(try pitMD5("site-a", second), try md5("site-b", "v"))
+        XCTAssertEqual(try md5("site-a", "v"), try md5("site-b", "v"))
+        try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x75 12M 256k", "-c", "read -P 0x71 2M 256k", uri("site-a", "v")])
+        for site in ["site-a", "site-b"] {
+            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
+            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
+        }
+    }
+
+    /// `destination` fails over (exported read-write), `writes` are made, and the source
+    /// (its task continued) goes to `split-brain` at its next cycle.
+    private func splitBrain(failingOver destination: String, source: String, writes: [(site: String, command: String)]) throws {
+        try ok(destination, ["async", "failover", "g", "--yes"])
+        try ok(source, ["async", "continue-task", "g"])
+        for w in writes { try run("/usr/bin/qemu-io", ["-f", "raw", "-c", w.command, uri(w.site, "v")]) }
+        var state = ""
+        for _ in 0..<100 where state != "split-brain" {
+            usleep(100_000)
+            state = try asyncGroup(source, "g")["state"] as? String ?? ""
+        }
+        XCTAssertEqual(state, "split-brain")
+    }
+}
