@@ -100,6 +100,46 @@ final class AsyncMergeTests: TwoSitesTestCase {
         }
     }
 
+    /// `split-task` at the source: a write acknowledged before it reaches the peer, both
+    /// sides part identical (both detached, the source exported again); a merge restarts
+    /// mirroring shipping only what was written since; `detach-task` at the source ends the
+    /// task on both sides, and a detached task cannot merely be continued.
+    func testASplitPartsIdenticalSidesAndAMergeRestartsMirroringFromThere() throws {
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x81 0 4M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        _ = try nextCycle(after: 0)
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x82 6M 1M", uri("site-a", "v")]) // not shipped: the task is paused
+        let plan = try ok("site-a", ["async", "split-task", "g"])
+        XCTAssertTrue(plan.contains("nothing was done"), plan)
+        XCTAssertEqual(try asyncGroup("site-b", "g")["state"] as? String, "normal")
+        let done = try ok("site-a", ["async", "split-task", "g", "--yes"])
+        XCTAssertTrue(done.hasPrefix("done:") && done.contains("held for"), done)
+        XCTAssertEqual(try asyncGroup("site-a", "g")["state"] as? String, "detached")
+        XCTAssertEqual(try asyncGroup("site-b", "g")["state"] as? String, "detached")
+        try ok("site-b", ["vdisk", "export", "v"]) // writable now
+        XCTAssertEqual(try md5("site-b", "v"), try md5("site-a", "v"), "the sides parted identical")
+        let continued = try CLI.run(["async", "continue-task", "g", "--dir", dir.file("site-a")])
+        XCTAssertTrue(continued.status != 0 && continued.stderr.contains("async merge"), continued.stderr)
+
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x83 8M 1M", uri("site-a", "v")])
+        let sentBefore = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        XCTAssertTrue(try ok("site-a", ["async", "merge", "g", "--from", "here", "--yes"]).hasPrefix("done:"), "site-b unchanged: no rollback needed")
+        let cycle = try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int)
+        _ = try nextCycle(after: cycle)
+        XCTAssertEqual(try md5("site-b", "v"), try md5("site-a", "v"))
+        let sent = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        XCTAssertEqual(sent - sentBefore, 1 << 20, "only the write made after the split travelled")
+
+        XCTAssertTrue(try ok("site-a", ["async", "detach-task", "g", "--yes"]).hasPrefix("done:"))
+        XCTAssertEqual(try asyncGroup("site-a", "g")["state"] as? String, "detached")
+        XCTAssertEqual(try asyncGroup("site-b", "g")["state"] as? String, "detached")
+        try ok("site-b", ["vdisk", "unexport", "v"])
+        try ok("site-b", ["vdisk", "export", "v"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x84 12M 64k", "-c", "read -P 0x83 8M 1M", uri("site-b", "v")])
+    }
+
     /// `destination` fails over (exported read-write), `writes` are made, and the source
     /// (its task continued) goes to `split-brain` at its next cycle.
     private func splitBrain(failingOver destination: String, source: String, writes: [(site: String, command: String)]) throws {

@@ -42,123 +42,13 @@ extension CommandHandler {
             return .success(text: AsyncGroupView.table(views), json: views)
         case "async.pause-task", "async.continue-task":
             let name = try arg(r, "name")
-            _ = try domain.asyncVDisk(name, role: .source)
+            let (g, _) = try domain.asyncVDisk(name, role: .source)
+            if [.detached, .splitBrain, .detaching].contains(g.state) {
+                throw DomainError("async group '\(name)' is \(g.state.rawValue) here: `async merge \(name) --from SIDE` restarts mirroring")
+            }
             let pause = r.command == "async.pause-task"
             try await domain.updateAsyncGroup(name) { $0.state = pause ? .paused : .normal }
             return .success(text: "async group '\(name)': task \(pause ? "paused (the cycle in flight finishes first)" : "continues")", json: ["group": name])
-        case "async.failover", "async.detach-task":
-            // At the destination, the source site lost (or not): the group ends here and its
-            // vdisks become writable at their last complete PiT; failover also exports them.
-            let name = try arg(r, "name")
-            let failover = r.command == "async.failover"
-            guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }
-            guard g.role == .destination else {
-                throw DomainError("async group '\(name)' is a source here: run `async \(failover ? "failover" : "detach-task")` at the destination (peer '\(g.peer)')")
-            }
-            let plan = try domain.detachPlan(name)
-            let age = plan.takenAt.map { String(format: "%.1f s ago", Date().timeIntervalSince1970 - $0) } ?? "time unknown"
-            let steps = "async group '\(name)' (fed by peer '\(plan.peer)') ends here: nothing more is applied; vdisk(s) \(plan.vdisks.joined(separator: ", ")) "
-                + "go back to their last complete PiT \(plan.pit) (taken at the source \(age); writes made there since are not here) and become writable"
-                + (failover ? ", exported read-write over NBD" : "") + "; the PiTs stay; the source's task fails until it is deleted there"
-            guard r.args["yes"] == "true" else { return planOnly(steps) }
-            let done = try await domain.detachAsyncDestination(name)
-            if failover { for v in done.vdisks { try await domain.setExport(vdisk: v, mode: .readWrite) } }
-            return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
-        case "async.recover":
-            // At the site that failed over, the old source back: mirror back to it from the
-            // common PiT, its writes since rolled back; this site stays in production.
-            guard let replication else { throw DomainError("this daemon does not run replication") }
-            let name = try arg(r, "name")
-            let (g, _) = try domain.asyncVDisk(name, role: .destination)
-            guard g.state == .detached, let base = g.confirmedPiT else {
-                throw DomainError("async group '\(name)' is not detached here: `async recover` runs at the site that failed over")
-            }
-            let vdisks = domain.metadata.memberNames(of: g)
-            var probe = AsyncRequest(op: .reverse, group: name, members: vdisks.map(AsyncRequest.MemberSpec.named))
-            probe.base = base
-            probe.rollback = true
-            probe.dryRun = true
-            let seen = try await replication.call(g.peer, probe)
-            let theirs = (seen.vdisks ?? []).joined(separator: ", ")
-            let steps = "peer '\(g.peer)' rolls vdisk(s) \(theirs) back to the common PiT \(base) (discarding \(ByteSize.format(seen.changedBytes ?? 0)) "
-                + "in extents changed there since) and becomes this group's destination (read-only there); vdisk(s) \(vdisks.joined(separator: ", ")) "
-                + "here stay in production and become the source; the first cycle ships only what changed here since \(base)"
-            guard r.args["yes"] == "true" else { return planOnly(steps) }
-            _ = try await domain.recoverAsSource(name) { (request: AsyncRequest) async throws(DomainError) -> AsyncResponse in
-                try await replication.call(g.peer, request)
-            }
-            replication.reconcileAsync()
-            return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
-        case "async.merge":
-            // After a fail over, the sites reconnected (a split brain): mirror again from the
-            // common PiT, in the direction the admin picks; the loser is rolled back to it.
-            guard let replication else { throw DomainError("this daemon does not run replication") }
-            let name = try arg(r, "name"), from = try arg(r, "from")
-            guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }
-            let me = domain.metadata.name
-            guard from == "here" || from == me || from == g.peer else {
-                throw DomainError("--from '\(from)': name the side that wins: 'here' (or '\(me)') or the peer '\(g.peer)'")
-            }
-            guard replication.isConnected(g.peer) else { throw DomainError("peer '\(g.peer)' is not connected: a merge needs both sites") }
-            let call = { (request: AsyncRequest) async throws(DomainError) -> AsyncResponse in try await replication.call(g.peer, request) }
-            let plan = try await domain.mergePlan(name, winnerIsHere: from != g.peer, call: call)
-            let rollback = r.args["rollback"] == "true"
-            let (winner, loser) = plan.winnerIsHere ? ("here", "peer '\(g.peer)'") : ("peer '\(g.peer)'", "here")
-            let (winners, losers) = plan.winnerIsHere ? (plan.here, plan.there) : (plan.there, plan.here)
-            let lost = plan.discardedBytes == 0 ? "are unchanged since it"
-                : "go back to it (discarding \(ByteSize.format(plan.discardedBytes)) in extents changed there since)"
-            let steps = "vdisk(s) \(winners.joined(separator: ", ")) \(winner) win and are the source from the common PiT \(plan.base); "
-                + "vdisk(s) \(losers.joined(separator: ", ")) \(loser) \(lost) and become the destination (read-only); "
-                + "the first cycle ships only what changed \(winner) since \(plan.base)"
-            if plan.discardedBytes > 0, !rollback {
-                throw DomainError("vdisk(s) \(losers.joined(separator: ", ")) \(loser) changed since the common PiT \(plan.base) (\(ByteSize.format(plan.discardedBytes)) in changed extents): "
-                    + "merging onto them would overwrite that; add --rollback to discard it")
-            }
-            guard r.args["yes"] == "true" else { return planOnly(steps) }
-            try await domain.merge(name, plan: plan, rollback: rollback, call: call)
-            replication.reconcileAsync()
-            return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
-        case "async.transfer-production":
-            // Planned hand-over, both sites up: hold host writes here, ship a last cycle, and
-            // swap the roles once the peer holds an image identical to these vdisks.
-            guard let replication else { throw DomainError("this daemon does not run replication") }
-            let name = try arg(r, "name")
-            let (g, _) = try domain.asyncVDisk(name, role: .source)
-            guard replication.isConnected(g.peer) else {
-                throw DomainError("peer '\(g.peer)' is not connected: a hand-over needs both sites (`async failover \(name)` at the destination is for a lost source)")
-            }
-            let vdisks = domain.metadata.memberNames(of: g)
-            let remote = g.members.map(\.remoteVDisk)
-            let steps = "host writes to vdisk(s) \(vdisks.joined(separator: ", ")) are held (unexported here) while a last cycle ships; once peer '\(g.peer)' "
-                + "holds that PiT, identical to them, it becomes the source and exports \(remote.joined(separator: ", ")) read-write, and this site becomes "
-                + "its destination (read-only exports of the last complete PiT); hosts move to peer '\(g.peer)'"
-            guard r.args["yes"] == "true" else { return planOnly(steps) }
-            let held = Date()
-            let exported = vdisks.filter { domain.metadata.vdisk(named: $0)?.export != nil }
-            for v in exported { try await domain.setExport(vdisk: v, mode: nil) }
-            do throws(DomainError) {
-                if g.state == .paused || g.state == .suspended { try await domain.updateAsyncGroup(name) { $0.state = .normal } }
-                replication.captureNow(group: name)
-                let base = try await waitForCycle(name, takenAfter: held, seconds: Double(r.args["seconds"] ?? "") ?? 120)
-                for (i, v) in vdisks.enumerated() where try domain.differences(from: g.memberPiT(base, i), to: nil).changedBytes > 0 {
-                    throw DomainError("vdisk '\(v)' changed after PiT '\(base)' although its writes were held")
-                }
-                var ask = AsyncRequest(op: .becomeSource, group: name, members: vdisks.map(AsyncRequest.MemberSpec.named))
-                ask.base = base
-                let answer = try await replication.call(g.peer, ask)
-                var turn = AsyncRequest(op: .reverse, group: name, members: (answer.vdisks ?? remote).map(AsyncRequest.MemberSpec.named))
-                turn.base = base
-                _ = try await domain.reverseToDestination(turn, peer: g.peer)
-                replication.reconcileAsync()
-            } catch {
-                // Not handed over: hosts get their vdisks back here (unless this side already turned).
-                if domain.metadata.asyncGroup(named: name)?.role == .source { for v in exported { _ = try? await domain.setExport(vdisk: v, mode: .readWrite) } }
-                throw DomainError("transfer-production of '\(name)' stopped: \(error.message)")
-            }
-            for v in exported { try await domain.setExport(vdisk: v, mode: .readOnly) }
-            let seconds = Date().timeIntervalSince(held)
-            return .success(text: "done: \(steps); host writes were held for \(String(format: "%.2f", seconds)) s",
-                            json: ["plan": steps, "done": "true", "heldSeconds": String(format: "%.3f", seconds)])
         case "async.delete-group":
             let name = try arg(r, "name")
             guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }
@@ -175,28 +65,12 @@ extension CommandHandler {
             replication?.reconcileAsync()
             return .success(text: "async group '\(name)' deleted (its vdisk and PiTs stay)\(remote)", json: ["deleted": name])
         default:
-            return nil
+            return try await asyncRoleCommand(r)
         }
     }
 }
 
 extension CommandHandler {
-    /// The answer of an operation asked for without --yes: what it would do, nothing done.
-    fileprivate func planOnly(_ steps: String) -> MgmtResponse {
-        .success(text: "plan: \(steps).\nnothing was done: run again with --yes to do it", json: ["plan": steps, "done": "false"])
-    }
-
-    /// Waits until group `name`'s destination confirmed a PiT taken at or after `date`; its name.
-    fileprivate func waitForCycle(_ name: String, takenAfter date: Date, seconds: Double) async throws(DomainError) -> String {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' is gone") }
-            if let pit = g.confirmedPiT, (g.confirmedAt ?? 0) >= date.timeIntervalSince1970 { return pit }
-            try? await Task.sleep(nanoseconds: 50_000_000)
-        }
-        throw DomainError("no cycle taken after the hold completed within \(Int(seconds)) s (\(domain.metadata.asyncGroup(named: name)?.lastError ?? "no error reported"))")
-    }
-
     /// The vdisks `async create-group` mirrors: `source` (a vdisk), `source_snapshot` (a
     /// snapshot vdisk) or `source_vdg` (every member of the VDG, in its order).
     fileprivate func asyncSources(_ r: MgmtRequest) throws(DomainError) -> ([VDiskRecord], String?) {

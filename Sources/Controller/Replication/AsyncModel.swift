@@ -21,8 +21,10 @@ public struct AsyncGroupRecord: Codable, Equatable, Sendable {
         /// rolled back to the last complete PiT, then the group goes. A crash part-way leaves
         /// it so, and `async detach-task` or `async failover` runs it again.
         case detaching
-        /// Destination: detached (failed over): its vdisks are ordinary writable vdisks at the
-        /// last complete PiT; kept so `async recover` knows the peer and the common PiT.
+        /// Destination: detached (failed over, split or detached): its vdisks are ordinary
+        /// writable vdisks at the last complete PiT; kept so `async recover` and `async merge`
+        /// know the peer and the common PiT. Source: its task ended (split, detach-task):
+        /// nothing is captured or shipped; the confirmed PiT stays for a merge.
         case detached
         /// Source: the destination failed over (detached) while this side went on as the
         /// source: both may have written since their common PiT. Nothing is shipped and no
@@ -125,6 +127,9 @@ public struct AsyncRequest: Codable, Sendable {
         /// Asked of a source by a merge it wins, run at the destination: ship from `base`
         /// (which both hold) again, the cycle PiTs taken since dropped.
         case resumeFrom = "resume-from"
+        /// Asked of a destination by its source (`split-task`, `detach-task` there): end the
+        /// task here, the vdisks writable at the last complete PiT (for a split, `base`).
+        case detach
     }
 
     /// A destination vdisk to make (or adopt): `create-destination` lists one per member.

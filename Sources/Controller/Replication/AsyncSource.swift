@@ -40,7 +40,7 @@ final class AsyncSource: @unchecked Sendable {
     func run() async {
         while !Task.isCancelled {
             guard let g = domain.metadata.asyncGroup(named: group), g.role == .source else { return }
-            if g.state == .detaching || g.state == .splitBrain { // turning into a destination, or waiting for a merge
+            if [.detaching, .detached, .splitBrain].contains(g.state) { // turning into a destination, ended, or waiting for a merge
                 try? await Task.sleep(nanoseconds: 200_000_000)
                 continue
             }

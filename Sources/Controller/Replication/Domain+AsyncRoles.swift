@@ -45,6 +45,35 @@ extension Domain {
         return plan
     }
 
+    /// `detach`, asked by the source (`split-task`, or `detach-task` there): as
+    /// `detachAsyncDestination`; for a split (`r.base` given) only when the last complete
+    /// PiT here is that PiT. A retried request answers as done.
+    func detachForPeer(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
+        let (g, _) = try asyncVDisk(r.group, role: .destination)
+        guard g.peer == peer else { throw DomainError("async group '\(r.group)' is fed by peer '\(g.peer)', not '\(peer)'") }
+        if g.state == .detached { return AsyncResponse(vdisks: metadata.memberNames(of: g)) }
+        if let base = r.base, g.confirmedPiT != base {
+            throw DomainError("async group '\(r.group)': the last complete PiT here is \(g.confirmedPiT ?? "none"), not '\(base)': the sides are not identical")
+        }
+        return AsyncResponse(vdisks: try await detachAsyncDestination(r.group).vdisks)
+    }
+
+    /// The task ends at the source (`split-task`, `detach-task`): nothing more is captured or
+    /// shipped (state `detached`, committed first); the cycle PiTs waiting go; the confirmed
+    /// PiT stays, held: the common PiT a later `async merge` starts from.
+    func detachAsyncSource(_ name: String) async throws(DomainError) {
+        let (g, _) = try asyncVDisk(name, role: .source)
+        try await updateAsyncGroup(name) {
+            $0.state = .detached
+            $0.resumeAt = nil
+        }
+        for pit in g.pendingList where pit != g.confirmedPiT && metadata.hasPiT(orGroup: pit) {
+            try await holdPiT(named: pit, for: nil)
+            try await deletePiT(named: pit)
+        }
+        try await updateAsyncGroup(name) { $0.pending = nil }
+    }
+
     /// `reverse`, at the side that was the source: group `r.group` becomes a destination fed
     /// by `peer` from PiT `r.base`, which both sides hold. Members that changed since (their
     /// host writes after it, never shipped) are refused, or rolled back with `r.rollback`.

@@ -295,6 +295,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
                             service.reconcileAsync() // its source task starts
                         case .rejoin: outcome = .success(try await domain.rejoinAsDestination(r, peer: name))
                         case .resumeFrom: outcome = .success(try await domain.resumeSource(r, peer: name))
+                        case .detach: outcome = .success(try await domain.detachForPeer(r, peer: name))
                         }
                     } catch { outcome = .failure(error) }
                 case .blocks(let h, let crcs, let data):

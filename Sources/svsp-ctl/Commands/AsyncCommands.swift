@@ -4,7 +4,7 @@ import Foundation
 struct AsyncCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "async", abstract: "Async mirror groups: a vdisk mirrored to a peer domain in write-order consistent cycles.",
-        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, Recover.self, Merge.self, TransferProduction.self, DeleteGroup.self])
+        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, Recover.self, Merge.self, TransferProduction.self, SplitTask.self, DeleteGroup.self])
 
     struct CreateGroup: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -56,7 +56,7 @@ struct AsyncCommand: ParsableCommand {
     struct DetachTask: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "detach-task",
-            abstract: "At the destination: end the group here; its vdisks go back to their last complete PiT and become writable (prints the plan; --yes does it).")
+            abstract: "End the task: at the destination, its vdisks go back to their last complete PiT and become writable; at the source, shipping stops here and at the peer when reachable (prints the plan; --yes does it).")
         @OptionGroup var operation: PlannedOperation
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("async.detach-task", operation.args) }
@@ -86,6 +86,16 @@ struct AsyncCommand: ParsableCommand {
         @Flag(help: "Roll the losing side back to the common PiT (without it, a loser that changed since is refused).") var rollback = false
         @OptionGroup var options: DomainOptions
         func run() throws { try options.send("async.merge", operation.args.merging(["from": from, "rollback": String(rollback)]) { $1 }) }
+    }
+
+    struct SplitTask: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "split-task",
+            abstract: "At the source, both sites up: hold host writes, ship a last cycle, check both sides are identical, then part (prints the plan; --yes does it).")
+        @OptionGroup var operation: PlannedOperation
+        @Option(help: "How long to wait for the last cycle, in seconds (host writes are held meanwhile).") var seconds: Int = 120
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.split-task", operation.args.merging(["seconds": String(seconds)]) { $1 }) }
     }
 
     struct TransferProduction: ParsableCommand {
