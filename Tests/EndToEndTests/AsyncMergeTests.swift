@@ -87,7 +87,6 @@ final class AsyncMergeTests: TwoSitesTestCase {
         try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x73 10M 512k", "-c", "read -P 0 6M 1M", uri("site-a", "v")])
 
         // Round 2: site-a fails over; both write; at site-b, the source, site-b wins.
-        try ok("site-b", ["async", "continue-task", "g"])
         try splitBrain(failingOver: "site-a", source: "site-b", writes: [("site-a", "write -P 0x74 2M 256k"), ("site-b", "write -P 0x75 12M 256k")])
         XCTAssertTrue(try ok("site-b", ["async", "merge", "g", "--from", "here", "--rollback", "--yes"]).hasPrefix("done:"))
         let second = try nextCycle(after: try XCTUnwrap(try asyncGroup("site-b", "g")["cycle"] as? Int), source: "site-b")
@@ -140,11 +139,52 @@ final class AsyncMergeTests: TwoSitesTestCase {
         try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x84 12M 64k", "-c", "read -P 0x83 8M 1M", uri("site-b", "v")])
     }
 
-    /// `destination` fails over (exported read-write), `writes` are made, and the source
-    /// (its task continued) goes to `split-brain` at its next cycle.
+    /// A fail over cut by a SIGKILL after the rollback (`SVSP_CRASH_AT`), and a recover
+    /// whose reverse at the old source is cut the same way: each restart finishes the
+    /// operation (logged), running the command again completes it, and the sides end equal.
+    func testAFailoverAndARecoverCutBySIGKILLAreFinishedAtRestart() throws {
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x91 0 4M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        _ = try nextCycle(after: 0)
+        let ports = (a: try address("site-a"), b: try address("site-b"))
+
+        try restart("site-b", kill: SIGTERM, port: ports.b, environment: ["SVSP_CRASH_AT": "async-detach-rolled-back"])
+        try waitFor("site-a", "site-b", "the link up") { $0["outbound"] as? String == "connected" }
+        XCTAssertNotEqual(try CLI.run(["async", "failover", "g", "--yes", "--dir", dir.file("site-b")]).status, 0, "the daemon died mid-command")
+        try restart("site-b", kill: SIGKILL, port: ports.b)
+        XCTAssertTrue(log("site-b").contains("the detach a crash cut short is finished"), log("site-b"))
+        XCTAssertEqual(try asyncGroup("site-b", "g")["state"] as? String, "detached")
+        XCTAssertTrue(try ok("site-b", ["async", "failover", "g", "--yes"]).contains("already detached"))
+        XCTAssertEqual(try md5("site-b", "v"), try md5("site-a", "v"), "site-b is the last complete PiT")
+
+        try ok("site-a", ["async", "continue-task", "g"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x92 6M 1M", uri("site-a", "v")])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x93 10M 512k", uri("site-b", "v")])
+        try restart("site-a", kill: SIGTERM, port: ports.a, environment: ["SVSP_CRASH_AT": "async-reverse-rolled-back"])
+        try waitFor("site-b", "site-a", "the link up") { $0["outbound"] as? String == "connected" }
+        XCTAssertNotEqual(try CLI.run(["async", "recover", "g", "--yes", "--dir", dir.file("site-b")]).status, 0, "site-a died mid-reverse")
+        try restart("site-a", kill: SIGKILL, port: ports.a)
+        XCTAssertTrue(log("site-a").contains("the reverse a crash cut short is finished"), log("site-a"))
+        XCTAssertEqual(try asyncGroup("site-a", "g")["role"] as? String, "destination")
+        try waitFor("site-b", "site-a", "the link up") { $0["outbound"] as? String == "connected" }
+        XCTAssertTrue(try ok("site-b", ["async", "recover", "g", "--yes"]).hasPrefix("done:"), "run again, it completes")
+        _ = try nextCycle(after: try XCTUnwrap(try asyncGroup("site-b", "g")["cycle"] as? Int), source: "site-b")
+        try ok("site-a", ["vdisk", "export", "v", "--read-only"])
+        XCTAssertEqual(try md5("site-a", "v"), try md5("site-b", "v"))
+        try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x93 10M 512k", "-c", "read -P 0 6M 1M", uri("site-a", "v")])
+        for site in ["site-a", "site-b"] {
+            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
+            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
+        }
+    }
+
+    /// The source's task (paused) continues, `destination` fails over (exported read-write),
+    /// `writes` are made, and the source goes to `split-brain` at its next cycle.
     private func splitBrain(failingOver destination: String, source: String, writes: [(site: String, command: String)]) throws {
-        try ok(destination, ["async", "failover", "g", "--yes"])
         try ok(source, ["async", "continue-task", "g"])
+        try ok(destination, ["async", "failover", "g", "--yes"])
         for w in writes { try run("/usr/bin/qemu-io", ["-f", "raw", "-c", w.command, uri(w.site, "v")]) }
         var state = ""
         for _ in 0..<100 where state != "split-brain" {

@@ -18,6 +18,12 @@ extension CommandHandler {
             // At the destination, the source site lost (or not): the group ends here and its
             // vdisks become writable at their last complete PiT; failover also exports them.
             let failover = r.command == "async.failover"
+            if failover, g.state == .detached, r.args["yes"] == "true" { // run again after a crash: the export is what may be missing
+                let vdisks = domain.metadata.memberNames(of: g)
+                for v in vdisks { try await domain.setExport(vdisk: v, mode: .readWrite) }
+                return .success(text: "done: async group '\(name)' was already detached here; vdisk(s) \(vdisks.joined(separator: ", ")) are exported read-write",
+                                json: ["done": "true"])
+            }
             let plan = try domain.detachPlan(name)
             let age = plan.takenAt.map { String(format: "%.1f s ago", Date().timeIntervalSince1970 - $0) } ?? "time unknown"
             let steps = "async group '\(name)' (fed by peer '\(plan.peer)') ends here: nothing more is applied; vdisk(s) \(plan.vdisks.joined(separator: ", ")) "

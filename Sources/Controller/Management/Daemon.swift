@@ -68,6 +68,8 @@ public final class Daemon: @unchecked Sendable {
         domain.mirrors.log = { [logger] in logger.warning("\($0)") }
         // Mirrors written when the daemon last stopped: level their dirty regions first.
         await domain.mirrors.recoverAfterRestart { [logger] in logger.notice("\($0)") }
+        // Async role changes a crash cut short, finished before hosts or the peer are served.
+        for line in await domain.finishAsyncTransitions() { logger.notice("\(line)") }
         let upkeep = Task { await domain.mirrors.runUpkeep() }
         // Freed extents are zeroed in the background before they can be handed out again.
         let zeroer = Task { [logger] in await domain.runZeroer { logger.warning("\($0)") } }

@@ -78,6 +78,9 @@ public struct AsyncGroupRecord: Codable, Equatable, Sendable {
     /// Destination: the complete PiT before the last, kept one cycle longer (a host reading
     /// the read-only export as the cycle switched finishes its reads on it).
     public var previousPiT: String?
+    /// Source `detaching`: the common PiT of the reverse under way (it becomes the peer's
+    /// destination from it); a restart after a crash part-way finishes the reverse.
+    public var reversingFrom: String?
 
     public var members: [Member] { [Member(vdiskId: vdiskId, remoteVDisk: remoteVDisk)] + (moreMembers ?? []) }
     public var pendingList: [String] {

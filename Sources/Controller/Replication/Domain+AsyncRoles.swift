@@ -38,6 +38,7 @@ extension Domain {
             if metadata.vdisk(named: vdisk)?.export != nil { try await setExport(vdisk: vdisk, mode: nil) }
             try await rollback(vdisk: vdisk, to: g.memberPiT(plan.pit, i))
         }
+        CrashPoint.hit("async-detach-rolled-back")
         try await updateAsyncGroup(name) {
             $0.state = .detached
             $0.previousPiT = nil
@@ -80,40 +81,75 @@ extension Domain {
     /// The waiting cycle PiTs go; the common PiT stays (no longer held).
     func reverseToDestination(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
         guard let base = r.base, let specs = r.members else { throw DomainError("reverse: the common PiT and the peer's members are required") }
+        if let done = metadata.asyncGroup(named: r.group), done.role == .destination, done.peer == peer, done.isFed, done.confirmedPiT == base {
+            return AsyncResponse(vdisks: metadata.memberNames(of: done), changedBytes: 0) // a retried request (the answer was lost)
+        }
         let (g, _) = try asyncVDisk(r.group, role: .source)
         guard g.peer == peer else { throw DomainError("async group '\(r.group)' mirrors to peer '\(g.peer)', not '\(peer)'") }
         guard specs.count == g.members.count else { throw DomainError("async group '\(r.group)' has \(g.members.count) member(s) here, \(specs.count) at peer '\(peer)'") }
         let vdisks = metadata.memberNames(of: g)
-        var changed: UInt64 = 0
-        for i in vdisks.indices {
-            guard metadata.pit(named: g.memberPiT(base, i)) != nil else {
-                throw DomainError("async group '\(r.group)': PiT '\(g.memberPiT(base, i))' is not here, so the two sides share no PiT to start from")
-            }
-            changed += try differences(from: g.memberPiT(base, i), to: nil).changedBytes
-        }
+        let changed = try changedBytes(of: g, since: base)
         if changed > 0, r.rollback != true {
             throw DomainError("vdisk(s) \(vdisks.joined(separator: ", ")) of async group '\(r.group)' changed at this site since PiT '\(base)' "
                 + "(\(ByteSize.format(changed)) in changed extents): mirroring onto them would overwrite that; only a rollback to the PiT can discard it")
         }
         let answer = AsyncResponse(vdisks: vdisks, changedBytes: changed)
         if r.dryRun == true { return answer }
-        try await updateAsyncGroup(r.group) { $0.state = .detaching } // the source task stops shipping
+        // Committed first: the source task stops shipping, and a restart finishes the reverse.
+        try await updateAsyncGroup(r.group) {
+            $0.state = .detaching
+            $0.reversingFrom = base
+            $0.remoteVDisk = specs[0].vdisk
+            $0.moreMembers = specs.count > 1 ? zip($0.members.dropFirst(), specs.dropFirst()).map { .init(vdiskId: $0.0.vdiskId, remoteVDisk: $0.1.vdisk) } : nil
+        }
         var exported: [String] = []
-        for (i, vdisk) in vdisks.enumerated() {
-            if metadata.vdisk(named: vdisk)?.export != nil {
-                try await setExport(vdisk: vdisk, mode: nil)
-                exported.append(vdisk)
-            }
-            if changed > 0 { try await rollback(vdisk: vdisk, to: g.memberPiT(base, i)) }
+        for vdisk in vdisks where metadata.vdisk(named: vdisk)?.export != nil {
+            try await setExport(vdisk: vdisk, mode: nil)
+            exported.append(vdisk)
         }
-        for pit in g.pendingList where pit != base && metadata.hasPiT(orGroup: pit) {
-            try await holdPiT(named: pit, for: nil)
-            try await deletePiT(named: pit)
-        }
-        try await turnGroup(r.group, into: .destination, from: base, remote: specs.map(\.vdisk))
+        try await finishReverse(r.group, from: base)
         // Hosts that read them keep reading, now the last complete PiT (read-only).
         for vdisk in exported { try await setExport(vdisk: vdisk, mode: .readOnly) }
         return answer
+    }
+
+    /// The rest of a reverse (state `detaching`, `reversingFrom` recorded, members not
+    /// exported): members rolled back to `base` where they changed (what a cut cycle applied
+    /// goes), the waiting cycle PiTs dropped, the group turned into the destination.
+    /// Each step can run again: a restart after a crash part-way finishes it.
+    func finishReverse(_ name: String, from base: String) async throws(DomainError) {
+        guard let g = metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }
+        for (i, vdisk) in metadata.memberNames(of: g).enumerated() where try differences(from: g.memberPiT(base, i), to: nil).changedBytes > 0 {
+            try await rollback(vdisk: vdisk, to: g.memberPiT(base, i))
+        }
+        CrashPoint.hit("async-reverse-rolled-back")
+        for pit in g.pendingList + [g.confirmedPiT].compactMap({ $0 }) where pit != base && metadata.hasPiT(orGroup: pit) {
+            try await holdPiT(named: pit, for: nil)
+            try await deletePiT(named: pit)
+        }
+        try await turnGroup(name, into: .destination, from: base, remote: g.members.map(\.remoteVDisk))
+    }
+
+    /// At start, before hosts or the peer are served: the role changes a crash cut short are
+    /// finished. A destination `detaching` is detached (its vdisks at the last complete PiT,
+    /// writable, not exported); a source `detaching` from a reverse becomes the destination
+    /// from the common PiT it recorded. Returns what was done, one line each.
+    public func finishAsyncTransitions() async -> [String] {
+        var lines: [String] = []
+        for g in metadata.asyncGroupList where g.state == .detaching {
+            do throws(DomainError) {
+                if g.role == .destination {
+                    let plan = try await detachAsyncDestination(g.name)
+                    lines.append("async group '\(g.name)': the detach a crash cut short is finished: vdisk(s) \(plan.vdisks.joined(separator: ", ")) are at PiT \(plan.pit), writable, not exported")
+                } else if let base = g.reversingFrom {
+                    try await finishReverse(g.name, from: base)
+                    lines.append("async group '\(g.name)': the reverse a crash cut short is finished: this side is peer '\(g.peer)''s destination from PiT \(base) (export its vdisks read-only again)")
+                }
+            } catch {
+                report("async group '\(g.name)': the \(g.role == .destination ? "detach" : "reverse") a crash cut short cannot be finished: \(error.message)")
+            }
+        }
+        return lines
     }
 
     /// `become-source` (a hand-over): this destination, whose last complete PiT is `base`
@@ -177,6 +213,7 @@ extension Domain {
             $0.pending = nil
             $0.resumeAt = nil
             $0.previousPiT = nil
+            $0.reversingFrom = nil
             $0.lastError = nil
             $0.remoteVDisk = remote[0]
             $0.moreMembers = remote.count > 1 ? zip($0.members.dropFirst(), remote.dropFirst()).map { .init(vdiskId: $0.0.vdiskId, remoteVDisk: $0.1) } : nil
