@@ -77,6 +77,9 @@ public final class Domain: @unchecked Sendable {
     let engineBox: EngineBox
     var engine: EngineHandle { engineBox.engine.handle }
     private var storedPorts: [String: VDiskPort] = [:]
+    /// Drops the NBD clients of an export and waits until nothing of theirs is in flight
+    /// (set by the daemon once its NBD server runs); how many there were.
+    public var exportClosed: (@Sendable (String) async -> Int)?
     private var storedPools: [UUID: PoolRuntime] = [:]
 
     /// The open pool's LUNs and scheduler (nil for a pool not open).

@@ -133,6 +133,7 @@ extension CommandHandler {
         let start = Date()
         let exported = vdisks.filter { domain.metadata.vdisk(named: $0)?.export != nil }
         for v in exported { try await domain.setExport(vdisk: v, mode: nil) }
+        var shipped: UInt64 = 0 // block bytes this site shipped as the source, the last cycle included
         do throws(DomainError) {
             if g.state == .paused || g.state == .suspended { try await domain.updateAsyncGroup(name) { $0.state = .normal } }
             replication.captureNow(group: name)
@@ -140,6 +141,7 @@ extension CommandHandler {
             for (i, v) in vdisks.enumerated() where try domain.differences(from: g.memberPiT(base, i), to: nil).changedBytes > 0 {
                 throw DomainError("vdisk '\(v)' changed after PiT '\(base)' although its writes were held")
             }
+            shipped = replication.progress(ofGroup: name)?.dataBytes ?? 0
             if split {
                 var detach = AsyncRequest(op: .detach, group: name)
                 detach.base = base
@@ -161,8 +163,9 @@ extension CommandHandler {
         }
         for v in exported { try await domain.setExport(vdisk: v, mode: split ? .readWrite : .readOnly) }
         let seconds = Date().timeIntervalSince(start)
-        return .success(text: "done: \(steps); host writes were held for \(String(format: "%.2f", seconds)) s",
-                        json: ["plan": steps, "done": "true", "heldSeconds": String(format: "%.3f", seconds)])
+        return .success(text: "done: \(steps); host writes were held for \(String(format: "%.2f", seconds)) s; "
+                            + "this site shipped \(ByteSize.format(shipped)) of blocks as the source (since it became the source or started)",
+                        json: ["plan": steps, "done": "true", "heldSeconds": String(format: "%.3f", seconds), "shippedBytes": String(shipped)])
     }
 
     /// The answer of an operation asked for without --yes: what it would do, nothing done.

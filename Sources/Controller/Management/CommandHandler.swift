@@ -100,17 +100,15 @@ public actor CommandHandler {
         case "vdisk.export":
             let name = try arg(r, "name")
             let mode: ExportMode = r.args["read_only"] == "true" ? .readOnly : .readWrite
-            let previous = try await domain.setExport(vdisk: name, mode: mode)
-            // Clients negotiated the old mode's flags: they reconnect and see the new one.
-            let dropped = previous != nil && previous != mode ? nbd?.closeConnections(export: name) ?? 0 : 0
+            // Clients of another mode are dropped: they reconnect and negotiate the new one.
+            let (previous, dropped) = try await domain.setExport(vdisk: name, mode: mode)
             let v = domain.metadata.vdisk(named: name)!
             let changed = previous == nil ? "exported" : previous == mode ? "already exported" : "now exported"
             return .success(text: "vdisk '\(name)' \(changed) \(mode.rawValue) as NBD export '\(name)'"
                 + (dropped > 0 ? " (\(dropped) connection(s) closed to renegotiate)" : ""), json: VDiskView(v, domain: domain))
         case "vdisk.unexport":
             let name = try arg(r, "name")
-            let previous = try await domain.setExport(vdisk: name, mode: nil)
-            let dropped = nbd?.closeConnections(export: name) ?? 0
+            let (previous, dropped) = try await domain.setExport(vdisk: name, mode: nil)
             let v = domain.metadata.vdisk(named: name)!
             return .success(text: previous == nil ? "vdisk '\(name)' was not exported"
                 : "vdisk '\(name)' unexported" + (dropped > 0 ? " (\(dropped) connection(s) closed)" : ""),

@@ -78,6 +78,7 @@ public final class Daemon: @unchecked Sendable {
                                 maxConnections: options.nbdMaxConnections) { [logger] in
             logger.notice("\($0)")
         }
+        domain.exportClosed = { [nbd] name in await nbd.dropConnections(export: name) }
         let replication = ReplicationService(domain: domain) { [logger] in logger.notice("\($0)") }
         try replication.start(listen: options.replListen)
         let handler = CommandHandler(domain: domain, nbd: nbd, replication: replication)

@@ -79,9 +79,15 @@ public final class NBDServer: @unchecked Sendable {
         return (host, port)
     }
 
-    /// Drops every client of `export` (it was unexported or its mode changed).
-    @discardableResult
-    public func closeConnections(export: String) -> Int { registry.closeConnections(export: export) }
+    /// Drops every client of `export` (it was unexported or its mode changed) and returns
+    /// once they are gone with nothing in flight, so nothing more of theirs reaches the
+    /// vdisk (at most `seconds`: a stuck request is not waited for longer); how many there were.
+    public func dropConnections(export: String, seconds: Double = 10) async -> Int {
+        let dropped = registry.closeConnections(export: export)
+        let deadline = Date().addingTimeInterval(seconds)
+        while registry.hasConnections(export: export), Date() < deadline { try? await Task.sleep(nanoseconds: 2_000_000) }
+        return dropped
+    }
 
     public func stop() {
         for c in channels { try? c.close().wait() }

@@ -108,6 +108,8 @@ final class NBDRegistry: Sendable {
         return channels.count
     }
 
+    func hasConnections(export: String) -> Bool { state.withLock { s in s.live.values.contains { $0.export == export } } }
+
     func closeAll() {
         let channels = state.withLock { s in s.live.values.map(\.channel) }
         for c in channels { c.close(promise: nil) }
