@@ -6,37 +6,18 @@ extension CommandHandler {
     func asyncCommand(_ r: MgmtRequest) async throws(DomainError) -> MgmtResponse? {
         switch r.command {
         case "async.create-group":
-            guard let replication else { throw DomainError("this daemon does not run replication") }
-            let name = try arg(r, "name"), peerName = try arg(r, "peer")
+            let name = try arg(r, "name")
             guard Parse.name(name) != nil else { throw DomainError("group name '\(name)': use letters, digits, - _ . (at most 64)") }
-            guard domain.metadata.asyncGroup(named: name) == nil else { throw DomainError("async group '\(name)' already exists") }
             let (sources, vdg) = try asyncSources(r)
             for v in sources {
                 if let other = domain.metadata.asyncGroup(of: v) { throw DomainError("vdisk '\(v.name)' is already in async group '\(other.name)'") }
             }
-            guard domain.metadata.peer(named: peerName) != nil else { throw DomainError("peer '\(peerName)' not found (add it with `svsp-ctl peer add`)") }
-            let dests = r.args["dest"].map { $0.split(separator: ",").map(String.init) } ?? sources.map(\.name)
-            guard dests.count == sources.count else {
-                throw DomainError("--dest is given \(dests.count) time(s) for \(sources.count) source vdisk(s): name every destination, in member order, or none")
-            }
-            let specs = zip(sources, dests).map { AsyncRequest.MemberSpec(vdisk: $0.1, sizeBytes: $0.0.sizeBytes, blockSize: $0.0.blockSize) }
-            var request = AsyncRequest(op: .createDestination, group: name, members: specs)
-            request.pool = r.args["dest_pool"]
-            request.existing = r.args["dest_existing"] == "true"
-            _ = try await replication.call(peerName, request)
-            var g = AsyncGroupRecord(name: name, role: .source, vdiskId: sources[0].id, peer: peerName, remoteVDisk: dests[0])
-            if sources.count > 1 { g.moreMembers = zip(sources, dests).dropFirst().map { .init(vdiskId: $0.0.id, remoteVDisk: $0.1) } }
-            g.sourceVDG = vdg
-            try await domain.addAsyncGroup(g)
-            replication.reconcileAsync()
-            let pairs = zip(sources, dests).map { "'\($0.0.name)' -> '\($0.1)'" }.joined(separator: ", ")
-            return .success(text: "async group '\(name)': \(pairs) at peer '\(peerName)'; the initial copy (allocated extents only) starts now, then a cycle every pit_cycle of the link profile",
-                            json: AsyncGroupView(domain.metadata.asyncGroup(named: name)!, domain: domain, progress: nil))
+            return try await createSourceTask(name, taskOf: nil, sources: sources, vdg: vdg, r)
         case "async.status":
             var groups = domain.metadata.asyncGroupList
             if let name = r.args["name"] {
                 guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }
-                groups = [g]
+                groups = [g] + groups.filter { $0.taskOf == name } // and its further tasks
             }
             let views = groups.map { AsyncGroupView($0, domain: domain, progress: replication?.progress(ofGroup: $0.name)) }
             return .success(text: AsyncGroupView.table(views), json: views)
@@ -52,18 +33,13 @@ extension CommandHandler {
         case "async.delete-group":
             let name = try arg(r, "name")
             guard let g = domain.metadata.asyncGroup(named: name) else { throw DomainError("async group '\(name)' not found") }
-            var remote = ""
-            if g.role == .source, let replication {
-                do throws(DomainError) {
-                    _ = try await replication.call(g.peer, AsyncRequest(op: .deleteGroup, group: name))
-                    remote = "; the destination forgot it too"
-                } catch {
-                    remote = "; the destination could not be told (\(error.message)): delete the group there as well"
-                }
-            }
-            try await domain.removeAsyncGroup(name)
-            replication?.reconcileAsync()
-            return .success(text: "async group '\(name)' deleted (its vdisk and PiTs stay)\(remote)", json: ["deleted": name])
+            guard g.taskOf == nil else { throw DomainError("'\(name)' is a task of async group '\(g.taskOf!)': delete it with `async delete-task`") }
+            var lines: [String] = []
+            for task in domain.metadata.asyncGroupList where task.taskOf == name { lines.append(try await deleteSourceRecord(task.name)) }
+            lines.insert(try await deleteSourceRecord(name), at: 0)
+            return .success(text: lines.joined(separator: "\n"), json: ["deleted": name])
+        case "async.add-task", "async.delete-task":
+            return try await taskCommand(r)
         default:
             return try await asyncRoleCommand(r)
         }
@@ -105,6 +81,8 @@ struct AsyncGroupView: Codable {
     /// Every member (a VDG source has several): local vdisk -> the peer's vdisk.
     var members: [[String: String]]
     var sourceVDG: String?
+    /// Source: the group this record is a further task of (`async add-task`).
+    var taskOf: String?
     /// Source: cycle PiTs taken and not yet confirmed by the destination.
     var pendingPiTs: [String]
     var state: String
@@ -125,6 +103,7 @@ struct AsyncGroupView: Codable {
     init(_ g: AsyncGroupRecord, domain: Domain, progress: AsyncTaskProgress?) {
         name = g.name
         role = g.role.rawValue
+        taskOf = g.taskOf
         vdisk = domain.metadata.vdisks.first { $0.id == g.vdiskId }?.name ?? "?"
         peer = g.peer
         remoteVDisk = g.remoteVDisk

@@ -123,6 +123,7 @@ extension CommandHandler {
         guard replication.isConnected(g.peer) else {
             throw DomainError("peer '\(g.peer)' is not connected: \(split ? "a split" : "a hand-over") needs both sites (`async failover \(name)` at the destination is for a lost source)")
         }
+        if !split { try domain.refuseTurningWithOtherTasks(g) } // before the peer is asked to become the source
         let vdisks = domain.metadata.memberNames(of: g)
         let remote = g.members.map(\.remoteVDisk)
         let held = "host writes to vdisk(s) \(vdisks.joined(separator: ", ")) are held (unexported here) while a last cycle ships; once peer '\(g.peer)' holds that PiT, identical to them, "

@@ -60,6 +60,9 @@ public struct AsyncGroupRecord: Codable, Equatable, Sendable {
     public var moreMembers: [Member]?
     /// Source: the VDG it mirrors, when it mirrors one (its members at creation).
     public var sourceVDG: String?
+    /// Source: this record is a further task of group `taskOf` (`async add-task`), named
+    /// `<taskOf>.<task>`: the same vdisks to another destination, with PiTs and cycles of its own.
+    public var taskOf: String?
     public var state: State = .normal
     /// The last cycle the destination made complete (its PiT exists at both sides), or nil
     /// before the initial copy completed.

@@ -14,7 +14,10 @@ extension Domain {
         guard Parse.name(g.name) != nil else { throw DomainError("group name '\(g.name)': use letters, digits, - _ . (at most 64)") }
         guard metadata.asyncGroup(named: g.name) == nil else { throw DomainError("async group '\(g.name)' already exists") }
         guard let v = metadata.vdisks.first(where: { $0.id == g.vdiskId }) else { throw DomainError("the group's vdisk is gone") }
-        if let other = metadata.asyncGroup(of: v) { throw DomainError("vdisk '\(v.name)' is already in async group '\(other.name)'") }
+        // A further task shares its group's vdisks; any other group may not.
+        if let other = metadata.asyncGroup(of: v), g.taskOf == nil || (other.name != g.taskOf && other.taskOf != g.taskOf) {
+            throw DomainError("vdisk '\(v.name)' is already in async group '\(other.name)'")
+        }
         var next = metadata
         next.asyncGroupList.append(g)
         try await commit(next)

@@ -19,6 +19,22 @@ extension Domain {
         public var discardedBytes: UInt64
     }
 
+    /// The other source records (tasks) mirroring any of `g`'s vdisks: while there are any,
+    /// those vdisks cannot turn into a destination (the other tasks would ship a cycle being
+    /// applied), so a reverse or a hand-over is refused.
+    func otherTasks(sharingVDisksOf g: AsyncGroupRecord) -> [String] {
+        let mine = Set(g.members.map(\.vdiskId))
+        return metadata.asyncGroupList.filter { $0.name != g.name && $0.role == .source && $0.members.contains { mine.contains($0.vdiskId) } }.map(\.name)
+    }
+
+    func refuseTurningWithOtherTasks(_ g: AsyncGroupRecord) throws(DomainError) {
+        let others = otherTasks(sharingVDisksOf: g)
+        guard others.isEmpty else {
+            throw DomainError("the vdisks of async group '\(g.name)' are also mirrored by task(s) \(others.joined(separator: ", ")): "
+                + "they cannot become a destination while those ship them (delete them first: `async delete-task`)")
+        }
+    }
+
     /// Bytes (in changed extents) the members of `g` here changed since its cycle PiT `base`.
     func changedBytes(of g: AsyncGroupRecord, since base: String) throws(DomainError) -> UInt64 {
         var changed: UInt64 = 0

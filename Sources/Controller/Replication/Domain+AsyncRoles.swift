@@ -87,6 +87,7 @@ extension Domain {
         let (g, _) = try asyncVDisk(r.group, role: .source)
         guard g.peer == peer else { throw DomainError("async group '\(r.group)' mirrors to peer '\(g.peer)', not '\(peer)'") }
         guard specs.count == g.members.count else { throw DomainError("async group '\(r.group)' has \(g.members.count) member(s) here, \(specs.count) at peer '\(peer)'") }
+        try refuseTurningWithOtherTasks(g)
         let vdisks = metadata.memberNames(of: g)
         let changed = try changedBytes(of: g, since: base)
         if changed > 0, r.rollback != true {

@@ -4,7 +4,7 @@ import Foundation
 struct AsyncCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "async", abstract: "Async mirror groups: a vdisk mirrored to a peer domain in write-order consistent cycles.",
-        subcommands: [CreateGroup.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, Recover.self, Merge.self, TransferProduction.self, SplitTask.self, DeleteGroup.self])
+        subcommands: [CreateGroup.self, AddTask.self, DeleteTask.self, Status.self, PauseTask.self, ContinueTask.self, DetachTask.self, Failover.self, Recover.self, Merge.self, TransferProduction.self, SplitTask.self, DeleteGroup.self])
 
     struct CreateGroup: ParsableCommand {
         static let configuration = CommandConfiguration(
@@ -30,6 +30,36 @@ struct AsyncCommand: ParsableCommand {
             if let destPool { args["dest_pool"] = destPool }
             try options.send("async.create-group", args)
         }
+    }
+
+    struct AddTask: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "add-task", abstract: "Mirror a group's vdisks to one more destination: a task named GROUP.TASK with PiTs and cycles of its own.")
+        @Argument var name: String
+        @Option(help: "The peer domain to mirror to.") var peer: String
+        @Option(help: "The task's name (default: the peer's name); its record and its group at the peer are GROUP.TASK.") var task: String?
+        @Option(help: "A destination vdisk's name at the peer, once per source vdisk in member order (default: the sources' names).")
+        var dest: [String] = []
+        @Option(name: .customLong("dest-pool"), help: "The peer's pool for a new destination vdisk (default: its first).") var destPool: String?
+        @Flag(name: .customLong("dest-existing"), help: "Mirror onto an existing vdisk at the peer (same size and block size; overwritten).")
+        var destExisting = false
+        @OptionGroup var options: DomainOptions
+        func run() throws {
+            var args = ["name": name, "peer": peer, "dest_existing": destExisting ? "true" : "false"]
+            if let task { args["task"] = task }
+            if !dest.isEmpty { args["dest"] = dest.joined(separator: ",") }
+            if let destPool { args["dest_pool"] = destPool }
+            try options.send("async.add-task", args)
+        }
+    }
+
+    struct DeleteTask: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "delete-task", abstract: "End a further task of a group (its destination forgets it; vdisks and PiTs stay).")
+        @Argument var name: String
+        @Option(help: "The task's name (as `async status GROUP` lists it: GROUP.TASK).") var task: String
+        @OptionGroup var options: DomainOptions
+        func run() throws { try options.send("async.delete-task", ["name": name, "task": task]) }
     }
 
     struct Status: ParsableCommand {
