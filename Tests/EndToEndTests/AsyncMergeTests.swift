@@ -180,6 +180,35 @@ final class AsyncMergeTests: TwoSitesTestCase {
         }
     }
 
+    /// A split brain whose common PiT was deleted at site-b: a merge is refused naming
+    /// --full; with it site-b is wiped (its own write gone) and takes everything site-a has
+    /// allocated (5 MiB of extents), and reads exactly as site-a.
+    func testAMergeWithoutACommonPiTNeedsFullAndCopiesEverything() throws {
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0xb1 0 4M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        _ = try nextCycle(after: 0)
+        try splitBrain(failingOver: "site-b", source: "site-a", writes: [("site-a", "write -P 0xb2 6M 1M"), ("site-b", "write -P 0xb3 10M 512k")])
+        let common = try XCTUnwrap(try asyncGroup("site-b", "g")["confirmedPiT"] as? String)
+        try ok("site-b", ["pit", "delete", common])
+        let refused = try CLI.run(["async", "merge", "g", "--from", "site-a", "--rollback", "--yes", "--dir", dir.file("site-b")])
+        XCTAssertTrue(refused.status != 0 && refused.stderr.contains("--full"), refused.stderr)
+        let plan = try ok("site-b", ["async", "merge", "g", "--from", "site-a", "--full"])
+        XCTAssertTrue(plan.contains("nothing was done") && plan.contains("wiped"), plan)
+        let sentBefore = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        XCTAssertTrue(try ok("site-b", ["async", "merge", "g", "--from", "site-a", "--full", "--yes"]).hasPrefix("done:"))
+        _ = try nextCycle(after: try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int))
+        XCTAssertEqual(try md5("site-b", "v"), try md5("site-a", "v"), "site-b reads (read-only) exactly site-a's image")
+        try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0 10M 512k", "-c", "read -P 0xb2 6M 1M", uri("site-b", "v")])
+        let sent = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
+        XCTAssertEqual(sent - sentBefore, 5 << 20, "everything site-a has allocated travelled, once")
+        for site in ["site-a", "site-b"] {
+            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
+            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
+        }
+    }
+
     /// The source's task (paused) continues, `destination` fails over (exported read-write),
     /// `writes` are made, and the source goes to `split-brain` at its next cycle.
     private func splitBrain(failingOver destination: String, source: String, writes: [(site: String, command: String)]) throws {

@@ -93,6 +93,16 @@ extension CommandHandler {
         }
         guard replication.isConnected(g.peer) else { throw DomainError("peer '\(g.peer)' is not connected: a merge needs both sites") }
         let call = { (request: AsyncRequest) async throws(DomainError) -> AsyncResponse in try await replication.call(g.peer, request) }
+        if r.args["full"] == "true" { // no common PiT: the loser is wiped and takes everything
+            let winnerIsHere = from != g.peer
+            let steps = "no common PiT is used (--full): the vdisks \(winnerIsHere ? "at peer '\(g.peer)'" : "here") are wiped (every block of them lost) "
+                + "and become the destination, fed from nothing; the vdisks \(winnerIsHere ? "here" : "at peer '\(g.peer)'") are the source and its next cycle "
+                + "ships everything they have allocated"
+            guard r.args["yes"] == "true" else { return planOnly(steps) }
+            try await domain.mergeFull(name, winnerIsHere: winnerIsHere, call: call)
+            replication.reconcileAsync()
+            return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
+        }
         let plan = try await domain.mergePlan(name, winnerIsHere: from != g.peer, call: call)
         let rollback = r.args["rollback"] == "true"
         let (winner, loser) = plan.winnerIsHere ? ("here", "peer '\(g.peer)'") : ("peer '\(g.peer)'", "here")

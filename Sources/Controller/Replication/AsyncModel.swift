@@ -161,6 +161,9 @@ public struct AsyncRequest: Codable, Sendable {
     public var base: String?
     public var rollback: Bool?
     public var dryRun: Bool?
+    /// A merge with no common PiT (`--full`): the loser is wiped and fed from nothing, the
+    /// winner ships everything it has allocated.
+    public var full: Bool?
 }
 
 public struct AsyncResponse: Codable, Sendable {

@@ -40,7 +40,7 @@ extension Domain {
         var changed: UInt64 = 0
         for i in g.members.indices {
             guard metadata.pit(named: g.memberPiT(base, i)) != nil else {
-                throw DomainError("async group '\(g.name)': PiT '\(g.memberPiT(base, i))' is not here, so the two sides share no PiT to start from (a full copy is not built yet: delete the group and create it anew)")
+                throw DomainError("async group '\(g.name)': PiT '\(g.memberPiT(base, i))' is not here, so the two sides share no PiT to start from (merge with --full: the losing side is wiped and takes a full copy)")
             }
             changed += try differences(from: g.memberPiT(base, i), to: nil).changedBytes
         }
@@ -116,6 +116,7 @@ extension Domain {
     /// PiT, rolled back to it first (only with `r.rollback` when it changed since); exports
     /// turn read-only. Answers as done when it is fed from `r.base` already.
     func rejoinAsDestination(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
+        if r.full == true { return try await wipeAsLoser(r, peer: peer, role: .destination) }
         let (g, _) = try asyncVDisk(r.group, role: .destination)
         guard g.peer == peer else { throw DomainError("async group '\(r.group)' is fed by peer '\(g.peer)', not '\(peer)'") }
         let vdisks = metadata.memberNames(of: g)
@@ -152,6 +153,7 @@ extension Domain {
     /// both sides hold, again; the cycle PiTs taken since go (the next cycle's PiT carries
     /// every write since `base`). `dryRun`: only check this side holds `base`.
     func resumeSource(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
+        if r.full == true { return try await resumeFromNothing(r, peer: peer) }
         guard let base = r.base else { throw DomainError("resume-from: the common PiT is required") }
         let (g, _) = try asyncVDisk(r.group, role: .source)
         guard g.peer == peer else { throw DomainError("async group '\(r.group)' mirrors to peer '\(g.peer)', not '\(peer)'") }

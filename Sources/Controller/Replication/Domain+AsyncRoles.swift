@@ -80,6 +80,7 @@ extension Domain {
     /// host writes after it, never shipped) are refused, or rolled back with `r.rollback`.
     /// The waiting cycle PiTs go; the common PiT stays (no longer held).
     func reverseToDestination(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
+        if r.full == true { return try await wipeAsLoser(r, peer: peer, role: .source) }
         guard let base = r.base, let specs = r.members else { throw DomainError("reverse: the common PiT and the peer's members are required") }
         if let done = metadata.asyncGroup(named: r.group), done.role == .destination, done.peer == peer, done.isFed, done.confirmedPiT == base {
             return AsyncResponse(vdisks: metadata.memberNames(of: done), changedBytes: 0) // a retried request (the answer was lost)
@@ -157,6 +158,7 @@ extension Domain {
     /// and which the source says is identical to it, becomes the group's source from `base`
     /// and exports its members read-write. The source turns itself into the destination.
     func becomeSource(_ r: AsyncRequest, peer: String) async throws(DomainError) -> AsyncResponse {
+        if r.full == true { return try await becomeSourceFromNothing(r, peer: peer) }
         guard let base = r.base, let specs = r.members else { throw DomainError("become-source: the common PiT and the peer's members are required") }
         let (g, _) = try asyncVDisk(r.group, role: .destination)
         guard g.peer == peer, g.isFed || g.state == .detached else { throw DomainError("async group '\(r.group)' is not fed by peer '\(peer)' here") }
@@ -204,12 +206,13 @@ extension Domain {
     /// Rewrites group `name` for its new role, starting from common PiT `base` (nothing
     /// waiting, nothing half-shipped); `remote`: the peer's member vdisks, in member order. A
     /// source holds `base` (its next cycle ships the difference from it); a destination does not.
-    func turnGroup(_ name: String, into role: AsyncGroupRecord.Role, from base: String, remote: [String]) async throws(DomainError) {
-        try await holdPiT(named: base, for: role == .source ? name : nil)
+    func turnGroup(_ name: String, into role: AsyncGroupRecord.Role, from base: String?, remote: [String]) async throws(DomainError) {
+        if let base { try await holdPiT(named: base, for: role == .source ? name : nil) }
         try await updateAsyncGroup(name) {
             $0.role = role
             $0.state = .normal
             $0.confirmedPiT = base
+            if base == nil { $0.confirmedAt = nil } // nothing in common: the next cycle is a full copy
             if role == .source { $0.pitsTaken = max($0.pitsTaken ?? 0, $0.cycle) }
             $0.pending = nil
             $0.resumeAt = nil

@@ -114,8 +114,11 @@ struct AsyncCommand: ParsableCommand {
         @OptionGroup var operation: PlannedOperation
         @Option(help: "The side whose data wins: 'here', this domain's name, or the peer's name.") var from: String
         @Flag(help: "Roll the losing side back to the common PiT (without it, a loser that changed since is refused).") var rollback = false
+        @Flag(help: "No common PiT: wipe the losing side and copy everything the winner has allocated.") var full = false
         @OptionGroup var options: DomainOptions
-        func run() throws { try options.send("async.merge", operation.args.merging(["from": from, "rollback": String(rollback)]) { $1 }) }
+        func run() throws {
+            try options.send("async.merge", operation.args.merging(["from": from, "rollback": String(rollback), "full": String(full)]) { $1 })
+        }
     }
 
     struct SplitTask: ParsableCommand {
