@@ -6,10 +6,8 @@ import XCTest
 /// side that wins, and then the chosen side wins exactly, shipping only its difference.
 final class AsyncMergeTests: TwoSitesTestCase {
     override func setUpWithError() throws {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdcopy"), FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-io") else {
-            throw XCTSkip("needs nbdcopy (libnbd-bin) and qemu-io (qemu-utils)")
-        }
         try super.setUpWithError()
+        try requireNBDClients()
         try startLinkedSites(linkProfile: "bandwidth: 1Gbit/s\nrtt: 1ms\npit_cycle: 1s\n")
     }
 
@@ -19,22 +17,9 @@ final class AsyncMergeTests: TwoSitesTestCase {
     /// site-b, makes site-b exactly site-a's image again (site-b's write gone), shipping
     /// only site-a's 1 MiB written since the common PiT.
     func testASplitBrainShipsNothingUntilAMergeAndTheChosenSideWins() throws {
-        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
-        try ok("site-a", ["vdisk", "export", "v"])
-        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x61 0 4M", uri("site-a", "v")])
-        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
-        let base = try nextCycle(after: 0)
-        try ok("site-b", ["async", "failover", "g", "--yes"])
-        try ok("site-a", ["async", "continue-task", "g"])
-        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x62 6M 1M", uri("site-a", "v")])
-        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x63 10M 512k", uri("site-b", "v")])
-        var state = ""
-        for _ in 0..<100 where state != "split-brain" {
-            usleep(100_000)
-            state = try asyncGroup("site-a", "g")["state"] as? String ?? ""
-        }
-        let refused = try asyncGroup("site-a", "g")
-        XCTAssertEqual(state, "split-brain", "\(refused)")
+        try mirroredVDisk(pattern: 0x61)
+        try splitBrain(failingOver: "site-b", source: "site-a", writes: [("site-a", "write -P 0x62 6M 1M"), ("site-b", "write -P 0x63 10M 512k")])
+        let base = try XCTUnwrap(try asyncGroup("site-b", "g")["confirmedPiT"] as? String) // the common PiT
         XCTAssertTrue((try asyncGroup("site-a", "g")["lastError"] as? String ?? "").contains("async merge g --from"))
         let production = try md5("site-b", "v")
         usleep(2_000_000)
@@ -61,21 +46,14 @@ final class AsyncMergeTests: TwoSitesTestCase {
         try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x62 6M 1M", "-c", "read -P 0 10M 512k", uri("site-b", "v")])
         let shipped = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
         XCTAssertEqual(shipped - sentBefore, 1 << 20, "only site-a's writes since the common PiT travelled")
-        for site in ["site-a", "site-b"] {
-            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
-            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
-        }
+        assertPoolsClean()
     }
 
     /// A merge run at the old source, both ways: first the failed-over site-b wins (site-a
     /// rolls back and becomes its destination; site-b's write reaches site-a, site-a's is
     /// gone), then site-a fails over in turn and site-b, the source, wins (`--from here`).
     func testAMergeRunAtTheSourceGoesEitherWay() throws {
-        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
-        try ok("site-a", ["vdisk", "export", "v"])
-        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x71 0 4M", uri("site-a", "v")])
-        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
-        _ = try nextCycle(after: 0)
+        try mirroredVDisk(pattern: 0x71)
 
         // Round 1: site-b fails over; both write; at site-a, site-b wins.
         try splitBrain(failingOver: "site-b", source: "site-a", writes: [("site-a", "write -P 0x72 6M 1M"), ("site-b", "write -P 0x73 10M 512k")])
@@ -93,10 +71,7 @@ final class AsyncMergeTests: TwoSitesTestCase {
         XCTAssertEqual(try pitMD5("site-a", second), try md5("site-b", "v"))
         XCTAssertEqual(try md5("site-a", "v"), try md5("site-b", "v"))
         try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x75 12M 256k", "-c", "read -P 0x71 2M 256k", uri("site-a", "v")])
-        for site in ["site-a", "site-b"] {
-            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
-            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
-        }
+        assertPoolsClean()
     }
 
     /// `split-task` at the source: a write acknowledged before it reaches the peer, both
@@ -104,11 +79,7 @@ final class AsyncMergeTests: TwoSitesTestCase {
     /// mirroring shipping only what was written since; `detach-task` at the source ends the
     /// task on both sides, and a detached task cannot merely be continued.
     func testASplitPartsIdenticalSidesAndAMergeRestartsMirroringFromThere() throws {
-        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
-        try ok("site-a", ["vdisk", "export", "v"])
-        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x81 0 4M", uri("site-a", "v")])
-        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
-        _ = try nextCycle(after: 0)
+        try mirroredVDisk(pattern: 0x81)
         try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x82 6M 1M", uri("site-a", "v")]) // not shipped: the task is paused
         let plan = try ok("site-a", ["async", "split-task", "g"])
         XCTAssertTrue(plan.contains("nothing was done"), plan)
@@ -143,11 +114,7 @@ final class AsyncMergeTests: TwoSitesTestCase {
     /// whose reverse at the old source is cut the same way: each restart finishes the
     /// operation (logged), running the command again completes it, and the sides end equal.
     func testAFailoverAndARecoverCutBySIGKILLAreFinishedAtRestart() throws {
-        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
-        try ok("site-a", ["vdisk", "export", "v"])
-        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x91 0 4M", uri("site-a", "v")])
-        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
-        _ = try nextCycle(after: 0)
+        try mirroredVDisk(pattern: 0x91)
         let ports = (a: try address("site-a"), b: try address("site-b"))
 
         try restart("site-b", kill: SIGTERM, port: ports.b, environment: ["SVSP_CRASH_AT": "async-detach-rolled-back"])
@@ -174,21 +141,76 @@ final class AsyncMergeTests: TwoSitesTestCase {
         try ok("site-a", ["vdisk", "export", "v", "--read-only"])
         XCTAssertEqual(try md5("site-a", "v"), try md5("site-b", "v"))
         try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x93 10M 512k", "-c", "read -P 0 6M 1M", uri("site-a", "v")])
-        for site in ["site-a", "site-b"] {
-            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
-            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
+        assertPoolsClean()
+    }
+
+    /// A split cut by a SIGKILL of the source right after it committed its own detach
+    /// (`SVSP_CRASH_AT=async-source-detached`), before the peer heard of it: the peer stays
+    /// fed meanwhile, and the restarted source asks it for its detach; both end detached
+    /// and identical. A detach-task at the source while the peer is away is owed the same way.
+    func testASplitCutBySIGKILLIsFinishedWhenTheSourceIsBack() throws {
+        try mirroredVDisk(pattern: 0xc1)
+        let ports = (a: try address("site-a"), b: try address("site-b"))
+        try restart("site-a", kill: SIGTERM, port: ports.a, environment: ["SVSP_CRASH_AT": "async-source-detached"])
+        try waitFor("site-a", "site-b", "the link up") { $0["outbound"] as? String == "connected" }
+        XCTAssertNotEqual(try CLI.run(["async", "split-task", "g", "--yes", "--dir", dir.file("site-a")]).status, 0, "the daemon died mid-split")
+        XCTAssertEqual(try asyncGroup("site-b", "g")["state"] as? String, "normal", "the peer did not hear of it")
+        try restart("site-a", kill: SIGKILL, port: ports.a)
+        var state = ""
+        for _ in 0..<100 where state != "detached" {
+            usleep(100_000)
+            state = try asyncGroup("site-b", "g")["state"] as? String ?? ""
         }
+        XCTAssertEqual(state, "detached", "the restarted source had the peer detach")
+        XCTAssertEqual(try asyncGroup("site-a", "g")["state"] as? String, "detached")
+        XCTAssertTrue(log("site-a").contains("peer 'site-b' detached its side"), log("site-a"))
+        try ok("site-a", ["vdisk", "export", "v"]) // the crash came during the hold: hosts get it back by hand
+        try ok("site-b", ["vdisk", "export", "v"])
+        XCTAssertEqual(try md5("site-b", "v"), try md5("site-a", "v"))
+
+        // detach-task at the source with the peer away: owed, then done when it is back.
+        try ok("site-a", ["async", "merge", "g", "--from", "here", "--yes"])
+        _ = try nextCycle(after: try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int))
+        daemons["site-b"]?.stop(signal: SIGKILL)
+        let owed = try ok("site-a", ["async", "detach-task", "g", "--yes"])
+        XCTAssertTrue(owed.contains("asked to detach when the link is back"), owed)
+        XCTAssertEqual(try asyncGroup("site-a", "g")["peerDetachOwed"] as? Bool, true)
+        try start("site-b", port: ports.b)
+        state = ""
+        for _ in 0..<100 where state != "detached" {
+            usleep(100_000)
+            state = try asyncGroup("site-b", "g")["state"] as? String ?? ""
+        }
+        XCTAssertEqual(state, "detached")
+        assertPoolsClean()
+    }
+
+    /// A merge cut by a SIGKILL of the losing side after its rollback
+    /// (`SVSP_CRASH_AT=async-rejoin-rolled-back`): after the restart it is still detached, at
+    /// the common PiT; the merge run again completes and the chosen side wins exactly.
+    func testAMergeCutBySIGKILLCompletesWhenRunAgain() throws {
+        try mirroredVDisk(pattern: 0xd1)
+        try splitBrain(failingOver: "site-b", source: "site-a", writes: [("site-a", "write -P 0xd2 6M 1M"), ("site-b", "write -P 0xd3 10M 512k")])
+        let port = try address("site-b")
+        try restart("site-b", kill: SIGTERM, port: port, environment: ["SVSP_CRASH_AT": "async-rejoin-rolled-back"])
+        try waitFor("site-b", "site-a", "the link up") { $0["outbound"] as? String == "connected" }
+        XCTAssertNotEqual(try CLI.run(["async", "merge", "g", "--from", "site-a", "--rollback", "--yes", "--dir", dir.file("site-b")]).status, 0)
+        try restart("site-b", kill: SIGKILL, port: port)
+        XCTAssertEqual(try asyncGroup("site-b", "g")["state"] as? String, "detached")
+        try waitFor("site-b", "site-a", "the link up") { $0["outbound"] as? String == "connected" }
+        XCTAssertTrue(try ok("site-b", ["async", "merge", "g", "--from", "site-a", "--rollback", "--yes"]).hasPrefix("done:"))
+        _ = try nextCycle(after: try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int))
+        try ok("site-b", ["vdisk", "export", "v", "--read-only"]) // the crash took its export away
+        XCTAssertEqual(try md5("site-b", "v"), try md5("site-a", "v"))
+        try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0 10M 512k", "-c", "read -P 0xd2 6M 1M", uri("site-b", "v")])
+        assertPoolsClean()
     }
 
     /// A split brain whose common PiT was deleted at site-b: a merge is refused naming
     /// --full; with it site-b is wiped (its own write gone) and takes everything site-a has
     /// allocated (5 MiB of extents), and reads exactly as site-a.
     func testAMergeWithoutACommonPiTNeedsFullAndCopiesEverything() throws {
-        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
-        try ok("site-a", ["vdisk", "export", "v"])
-        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0xb1 0 4M", uri("site-a", "v")])
-        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
-        _ = try nextCycle(after: 0)
+        try mirroredVDisk(pattern: 0xb1)
         try splitBrain(failingOver: "site-b", source: "site-a", writes: [("site-a", "write -P 0xb2 6M 1M"), ("site-b", "write -P 0xb3 10M 512k")])
         let common = try XCTUnwrap(try asyncGroup("site-b", "g")["confirmedPiT"] as? String)
         try ok("site-b", ["pit", "delete", common])
@@ -203,10 +225,7 @@ final class AsyncMergeTests: TwoSitesTestCase {
         try run("/usr/bin/qemu-io", ["-r", "-f", "raw", "-c", "read -P 0 10M 512k", "-c", "read -P 0xb2 6M 1M", uri("site-b", "v")])
         let sent = try XCTUnwrap((try asyncGroup("site-a", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
         XCTAssertEqual(sent - sentBefore, 5 << 20, "everything site-a has allocated travelled, once")
-        for site in ["site-a", "site-b"] {
-            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
-            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
-        }
+        assertPoolsClean()
     }
 
     /// The source's task (paused) continues, `destination` fails over (exported read-write),

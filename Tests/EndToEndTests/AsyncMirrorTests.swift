@@ -8,10 +8,8 @@ import XCTest
 /// exported while it is fed; deleting the group keeps the vdisks and PiTs on both sides.
 final class AsyncMirrorTests: TwoSitesTestCase {
     override func setUpWithError() throws {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdcopy"), FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-io") else {
-            throw XCTSkip("needs nbdcopy (libnbd-bin) and qemu-io (qemu-utils)")
-        }
         try super.setUpWithError()
+        try requireNBDClients()
         try startLinkedSites(linkProfile: "bandwidth: 1Gbit/s\nrtt: 1ms\npit_cycle: 1s\ncompression: 1\n")
     }
 
@@ -266,10 +264,7 @@ final class AsyncMirrorTests: TwoSitesTestCase {
         let shipped = try XCTUnwrap((try asyncGroup("site-b", "g")["progress"] as? [String: Any])?["dataBytes"] as? Int)
         XCTAssertEqual(shipped, 64 << 10, "only what changed at site-b since the common PiT travelled")
         XCTAssertEqual(try md5("site-a", "v"), try md5("site-b", "v"), "site-a's hosts read the last complete PiT, read-only")
-        for site in ["site-a", "site-b"] {
-            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
-            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
-        }
+        assertPoolsClean()
     }
 
     /// A planned hand-over, both sites up: the plan changes nothing; with --yes host writes

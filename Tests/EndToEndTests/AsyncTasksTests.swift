@@ -6,10 +6,8 @@ import XCTest
 /// catches up alone when the link is back.
 final class AsyncTasksTests: TwoSitesTestCase {
     override func setUpWithError() throws {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdcopy"), FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-io") else {
-            throw XCTSkip("needs nbdcopy (libnbd-bin) and qemu-io (qemu-utils)")
-        }
         try super.setUpWithError()
+        try requireNBDClients()
         try startLinkedSites(linkProfile: "bandwidth: 1Gbit/s\nrtt: 1ms\npit_cycle: 1s\n")
         XCTAssertEqual(try CLI.run(["domain", "init", "--dir", dir.file("site-c"), "--name", "site-c"]).status, 0)
         try start("site-c", port: "127.0.0.1:0")
@@ -73,9 +71,6 @@ final class AsyncTasksTests: TwoSitesTestCase {
         XCTAssertEqual(try CLI.run(["async", "status", "g.site-c", "--dir", dir.file("site-c")]).status, 1, "site-c forgot the task")
         let left = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try ok("site-a", ["async", "status", "g", "--json"]).utf8)) as? [[String: Any]])
         XCTAssertEqual(left.map { $0["name"] as? String ?? "" }, ["g"])
-        for site in ["site-a", "site-b", "site-c"] {
-            let c = try CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
-            XCTAssertEqual(c.status, 0, "\(site): " + c.stdout + c.stderr)
-        }
+        assertPoolsClean(["site-a", "site-b", "site-c"])
     }
 }

@@ -34,6 +34,33 @@ class TwoSitesTestCase: XCTestCase {
 
     override func setUpWithError() throws { dir = TempDir() }
 
+    /// Skips the test unless the NBD clients the async tests read and write with are here.
+    func requireNBDClients() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/nbdcopy"), FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-io") else {
+            throw XCTSkip("needs nbdcopy (libnbd-bin) and qemu-io (qemu-utils)")
+        }
+    }
+
+    /// A 16 MiB thin vdisk `v` at site-a, exported, its first 4 MiB written with `pattern`,
+    /// in async group `g` to site-b; returns once the initial copy completed (the task then
+    /// paused, see `nextCycle`), with the PiT it made.
+    @discardableResult
+    func mirroredVDisk(pattern: UInt8) throws -> String {
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "16M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P \(pattern) 0 4M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        return try nextCycle(after: 0)
+    }
+
+    /// `pool check p` is clean at each of `sites`.
+    func assertPoolsClean(_ sites: [String] = ["site-a", "site-b"], file: StaticString = #filePath, line: UInt = #line) {
+        for site in sites {
+            let c = try? CLI.run(["pool", "check", "p", "--dir", dir.file(site)])
+            XCTAssertEqual(c?.status, 0, "\(site): " + (c.map { $0.stdout + $0.stderr } ?? "pool check did not run"), file: file, line: line)
+        }
+    }
+
     override func tearDown() {
         for d in daemons.values { d.stop() }
         dir = nil

@@ -83,6 +83,8 @@ struct AsyncGroupView: Codable {
     var sourceVDG: String?
     /// Source: the group this record is a further task of (`async add-task`).
     var taskOf: String?
+    /// Source: a split or detach-task here whose peer has not detached its side yet (asked again when the link is up).
+    var peerDetachOwed: Bool?
     /// Source: cycle PiTs taken and not yet confirmed by the destination.
     var pendingPiTs: [String]
     var state: String
@@ -104,6 +106,7 @@ struct AsyncGroupView: Codable {
         name = g.name
         role = g.role.rawValue
         taskOf = g.taskOf
+        peerDetachOwed = g.peerDetach != nil ? true : nil
         vdisk = domain.metadata.vdisks.first { $0.id == g.vdiskId }?.name ?? "?"
         peer = g.peer
         remoteVDisk = g.remoteVDisk

@@ -74,10 +74,12 @@ extension CommandHandler {
         let reachable = replication?.isConnected(g.peer) == true
         let steps = "async group '\(name)' stops shipping here (the cycle PiTs waiting go; the last confirmed PiT \(g.confirmedPiT ?? "none") stays); "
             + (reachable ? "peer '\(g.peer)' detaches its vdisk(s) \(g.members.map(\.remoteVDisk).joined(separator: ", ")) at their last complete PiT (writable, not exported)"
-                : "peer '\(g.peer)' is not connected: run `async detach-task \(name)` there as well")
+                : "peer '\(g.peer)' is not connected: it is asked to detach when the link is back")
         guard r.args["yes"] == "true" else { return planOnly(steps) }
-        if reachable, let replication { _ = try await replication.call(g.peer, AsyncRequest(op: .detach, group: name)) }
-        try await domain.detachAsyncSource(name)
+        try await domain.detachAsyncSource(name, peerDetach: .init(splitAt: nil))
+        if reachable, let replication {
+            try await domain.detachPeer(name) { (request: AsyncRequest) async throws(DomainError) -> AsyncResponse in try await replication.call(g.peer, request) }
+        }
         replication?.reconcileAsync()
         return .success(text: "done: \(steps)", json: ["plan": steps, "done": "true"])
     }
@@ -154,10 +156,12 @@ extension CommandHandler {
             }
             shipped = replication.progress(ofGroup: name)?.dataBytes ?? 0
             if split {
-                var detach = AsyncRequest(op: .detach, group: name)
-                detach.base = base
-                _ = try await replication.call(g.peer, detach)
-                try await domain.detachAsyncSource(name)
+                // Committed here first: a crash from now on leaves the peer's detach owed, and
+                // the source task asks for it when the daemon is back.
+                try await domain.detachAsyncSource(name, peerDetach: .init(splitAt: base))
+                try await domain.detachPeer(name) { (request: AsyncRequest) async throws(DomainError) -> AsyncResponse in
+                    try await replication.call(g.peer, request)
+                }
             } else {
                 var ask = AsyncRequest(op: .becomeSource, group: name, members: vdisks.map(AsyncRequest.MemberSpec.named))
                 ask.base = base

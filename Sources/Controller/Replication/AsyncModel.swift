@@ -81,6 +81,13 @@ public struct AsyncGroupRecord: Codable, Equatable, Sendable {
     /// Destination: the complete PiT before the last, kept one cycle longer (a host reading
     /// the read-only export as the cycle switched finishes its reads on it).
     public var previousPiT: String?
+    /// Source `detached` by `split-task` or `detach-task` whose peer has not answered its own
+    /// detach yet: the source task asks it again whenever the link is up (for a split, only
+    /// if its last complete PiT is `splitAt`, the PiT both sides hold identical).
+    public struct PeerDetach: Codable, Equatable, Sendable {
+        public var splitAt: String?
+    }
+    public var peerDetach: PeerDetach?
     /// Source `detaching`: the common PiT of the reverse under way (it becomes the peer's
     /// destination from it); a restart after a crash part-way finishes the reverse.
     public var reversingFrom: String?

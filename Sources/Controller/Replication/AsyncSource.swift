@@ -41,6 +41,18 @@ final class AsyncSource: @unchecked Sendable {
         while !Task.isCancelled {
             guard let g = domain.metadata.asyncGroup(named: group), g.role == .source else { return }
             if [.detaching, .detached, .splitBrain].contains(g.state) { // turning into a destination, ended, or waiting for a merge
+                if g.peerDetach != nil, service.isConnected(g.peer) { // a split or detach-task the peer has not answered yet
+                    do throws(DomainError) {
+                        try await domain.detachPeer(group) { (request: AsyncRequest) async throws(DomainError) -> AsyncResponse in
+                            try await service.call(g.peer, request)
+                        }
+                        service.log("replication: group '\(group)': peer '\(g.peer)' detached its side (owed by a split or detach-task here)")
+                    } catch {
+                        await note(error: "peer '\(g.peer)' did not detach its side: \(error.message)")
+                        try? await Task.sleep(nanoseconds: 1_000_000_000)
+                    }
+                    continue
+                }
                 try? await Task.sleep(nanoseconds: 200_000_000)
                 continue
             }

@@ -140,6 +140,7 @@ extension Domain {
             }
             if changed > 0 { try await rollback(vdisk: vdisk, to: g.memberPiT(base, i)) }
         }
+        CrashPoint.hit("async-rejoin-rolled-back") // still detached: the merge run again completes
         try await updateAsyncGroup(r.group) {
             $0.state = .normal
             $0.previousPiT = nil

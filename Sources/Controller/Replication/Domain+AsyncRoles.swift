@@ -60,19 +60,33 @@ extension Domain {
     }
 
     /// The task ends at the source (`split-task`, `detach-task`): nothing more is captured or
-    /// shipped (state `detached`, committed first); the cycle PiTs waiting go; the confirmed
-    /// PiT stays, held: the common PiT a later `async merge` starts from.
-    func detachAsyncSource(_ name: String) async throws(DomainError) {
+    /// shipped (state `detached`, committed first, with the peer's detach still owed: the
+    /// source task asks the peer for it until it answers, after a crash too, see
+    /// `AsyncGroupRecord.peerDetach`); the cycle PiTs waiting go; the confirmed PiT stays,
+    /// held: the common PiT a later `async merge` starts from.
+    func detachAsyncSource(_ name: String, peerDetach: AsyncGroupRecord.PeerDetach) async throws(DomainError) {
         let (g, _) = try asyncVDisk(name, role: .source)
         try await updateAsyncGroup(name) {
             $0.state = .detached
             $0.resumeAt = nil
+            $0.peerDetach = peerDetach
         }
+        CrashPoint.hit("async-source-detached")
         for pit in g.pendingList where pit != g.confirmedPiT && metadata.hasPiT(orGroup: pit) {
             try await holdPiT(named: pit, for: nil)
             try await deletePiT(named: pit)
         }
         try await updateAsyncGroup(name) { $0.pending = nil }
+    }
+
+    /// Asks the peer for the detach a split or `detach-task` here still owes it (`peerDetach`),
+    /// then records that it is done.
+    func detachPeer(_ name: String, call: (AsyncRequest) async throws(DomainError) -> AsyncResponse) async throws(DomainError) {
+        guard let g = metadata.asyncGroup(named: name), g.role == .source, let owed = g.peerDetach else { return }
+        var detach = AsyncRequest(op: .detach, group: name)
+        detach.base = owed.splitAt
+        _ = try await call(detach)
+        try await updateAsyncGroup(name) { $0.peerDetach = nil }
     }
 
     /// `reverse`, at the side that was the source: group `r.group` becomes a destination fed

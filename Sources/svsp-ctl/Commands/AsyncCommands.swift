@@ -14,20 +14,13 @@ struct AsyncCommand: ParsableCommand {
         @Option(name: .customLong("source-snapshot"), help: "A snapshot to mirror (instead of --source).") var sourceSnapshot: String?
         @Option(name: .customLong("source-vdg"), help: "A virtual disk group to mirror, every member at one instant (instead of --source).")
         var sourceVDG: String?
-        @Option(help: "The peer domain to mirror to.") var peer: String
-        @Option(help: "A destination vdisk's name at the peer, once per source vdisk in member order (default: the sources' names).")
-        var dest: [String] = []
-        @Option(name: .customLong("dest-pool"), help: "The peer's pool for a new destination vdisk (default: its first).") var destPool: String?
-        @Flag(name: .customLong("dest-existing"), help: "Mirror onto an existing vdisk at the peer (same size and block size; overwritten).")
-        var destExisting = false
+        @OptionGroup var destination: DestinationOptions
         @OptionGroup var options: DomainOptions
         func run() throws {
-            var args = ["name": name, "peer": peer, "dest_existing": destExisting ? "true" : "false"]
+            var args = destination.args.merging(["name": name]) { $1 }
             if let source { args["source"] = source }
             if let sourceSnapshot { args["source_snapshot"] = sourceSnapshot }
             if let sourceVDG { args["source_vdg"] = sourceVDG }
-            if !dest.isEmpty { args["dest"] = dest.joined(separator: ",") }
-            if let destPool { args["dest_pool"] = destPool }
             try options.send("async.create-group", args)
         }
     }
@@ -36,19 +29,12 @@ struct AsyncCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "add-task", abstract: "Mirror a group's vdisks to one more destination: a task named GROUP.TASK with PiTs and cycles of its own.")
         @Argument var name: String
-        @Option(help: "The peer domain to mirror to.") var peer: String
         @Option(help: "The task's name (default: the peer's name); its record and its group at the peer are GROUP.TASK.") var task: String?
-        @Option(help: "A destination vdisk's name at the peer, once per source vdisk in member order (default: the sources' names).")
-        var dest: [String] = []
-        @Option(name: .customLong("dest-pool"), help: "The peer's pool for a new destination vdisk (default: its first).") var destPool: String?
-        @Flag(name: .customLong("dest-existing"), help: "Mirror onto an existing vdisk at the peer (same size and block size; overwritten).")
-        var destExisting = false
+        @OptionGroup var destination: DestinationOptions
         @OptionGroup var options: DomainOptions
         func run() throws {
-            var args = ["name": name, "peer": peer, "dest_existing": destExisting ? "true" : "false"]
+            var args = destination.args.merging(["name": name]) { $1 }
             if let task { args["task"] = task }
-            if !dest.isEmpty { args["dest"] = dest.joined(separator: ",") }
-            if let destPool { args["dest_pool"] = destPool }
             try options.send("async.add-task", args)
         }
     }
@@ -150,6 +136,23 @@ struct AsyncCommand: ParsableCommand {
 }
 
 /// The group an operation that prints its plan acts on, and whether to do it.
+/// Where a task mirrors to: the peer and the destination vdisks there (`create-group`, `add-task`).
+struct DestinationOptions: ParsableArguments {
+    @Option(help: "The peer domain to mirror to.") var peer: String
+    @Option(help: "A destination vdisk's name at the peer, once per source vdisk in member order (default: the sources' names).")
+    var dest: [String] = []
+    @Option(name: .customLong("dest-pool"), help: "The peer's pool for a new destination vdisk (default: its first).") var destPool: String?
+    @Flag(name: .customLong("dest-existing"), help: "Mirror onto an existing vdisk at the peer (same size and block size; overwritten).")
+    var destExisting = false
+
+    var args: [String: String] {
+        var args = ["peer": peer, "dest_existing": destExisting ? "true" : "false"]
+        if !dest.isEmpty { args["dest"] = dest.joined(separator: ",") }
+        if let destPool { args["dest_pool"] = destPool }
+        return args
+    }
+}
+
 struct PlannedOperation: ParsableArguments {
     @Argument var name: String
     @Flag(help: "Do it (without: print what would be done).") var yes = false
