@@ -166,7 +166,9 @@ final class AsyncGroupTests: TwoSitesTestCase {
         try ok("site-a", ["vdg", "create", "db", "--vdisk", "data", "--vdisk", "log"])
         try ok("site-a", ["async", "create-group", "g", "--source-vdg", "db", "--peer", "site-b"])
 
-        let writer = try Stream(script: dependentWrites, socket: dir.file("site-a") + "/nbd.sock", seconds: 12, rate: 250)
+        // 16 s of writes: the second kill (at 10 s at the latest) has 6 s of polls to land in,
+        // each slow (a snapshot made, exported and read); 12 s once left it none on a loaded run.
+        let writer = try Stream(script: dependentWrites, socket: dir.file("site-a") + "/nbd.sock", seconds: 16, rate: 250)
         let started = Date()
         var kills = 0, checked = 0
         var seen = Set<String>()
