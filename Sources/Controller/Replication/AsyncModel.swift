@@ -175,9 +175,11 @@ public struct AsyncRequest: Codable, Sendable {
 
 public struct AsyncResponse: Codable, Sendable {
     public var reason: String?
-    /// With a refusal: its errno-like code, so the asking side can tell kinds apart
-    /// (`ESTALE`: the group was failed over there, a split brain).
+    /// With a refusal: its code (an errno, or `splitBrain`), so the asking side can tell kinds apart.
     public var code: Int32?
+    /// The refusal of a cycle by a destination that was failed over (detached): a split
+    /// brain. Not an errno, so no local failure can be taken for it.
+    public static let splitBrain: Int32 = 1_000_001
     /// `rejoin` (dry run): the last complete PiT there, the common PiT of a merge.
     public var base: String?
     /// The destination's last complete PiT (after `cycleEnd`, the one just taken).

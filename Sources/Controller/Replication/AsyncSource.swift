@@ -74,7 +74,7 @@ final class AsyncSource: @unchecked Sendable {
                         continue
                     }
                 }
-            } catch where error.code == ESTALE {
+            } catch where error.code == AsyncResponse.splitBrain {
                 await splitBrain(error.message)
                 try? await Task.sleep(nanoseconds: 1_000_000_000)
                 continue

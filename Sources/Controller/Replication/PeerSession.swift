@@ -278,7 +278,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
                             if g.state == .detached {
                                 throw DomainError("async group '\(r.group)' was failed over at peer '\(domain.metadata.name)' (detached there at PiT \(g.confirmedPiT ?? "none")): "
                                     + "both sides may have written since, so nothing is shipped until an admin picks the side that wins with `async merge \(r.group) --from SIDE`",
-                                    code: ESTALE)
+                                    code: AsyncResponse.splitBrain)
                             }
                             guard g.isFed else { throw DomainError("async group '\(r.group)' is \(g.state.rawValue) here: it takes no cycles") }
                             group = r.group
