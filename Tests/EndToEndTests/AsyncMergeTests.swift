@@ -156,12 +156,7 @@ final class AsyncMergeTests: TwoSitesTestCase {
         XCTAssertNotEqual(try CLI.run(["async", "split-task", "g", "--yes", "--dir", dir.file("site-a")]).status, 0, "the daemon died mid-split")
         XCTAssertEqual(try asyncGroup("site-b", "g")["state"] as? String, "normal", "the peer did not hear of it")
         try restart("site-a", kill: SIGKILL, port: ports.a)
-        var state = ""
-        for _ in 0..<100 where state != "detached" {
-            usleep(100_000)
-            state = try asyncGroup("site-b", "g")["state"] as? String ?? ""
-        }
-        XCTAssertEqual(state, "detached", "the restarted source had the peer detach")
+        XCTAssertEqual(try waitForState("site-b", "detached"), "detached", "the restarted source had the peer detach")
         XCTAssertEqual(try asyncGroup("site-a", "g")["state"] as? String, "detached")
         XCTAssertTrue(log("site-a").contains("peer 'site-b' detached its side"), log("site-a"))
         try ok("site-a", ["vdisk", "export", "v"]) // the crash came during the hold: hosts get it back by hand
@@ -176,12 +171,7 @@ final class AsyncMergeTests: TwoSitesTestCase {
         XCTAssertTrue(owed.contains("asked to detach when the link is back"), owed)
         XCTAssertEqual(try asyncGroup("site-a", "g")["peerDetachOwed"] as? Bool, true)
         try start("site-b", port: ports.b)
-        state = ""
-        for _ in 0..<100 where state != "detached" {
-            usleep(100_000)
-            state = try asyncGroup("site-b", "g")["state"] as? String ?? ""
-        }
-        XCTAssertEqual(state, "detached")
+        XCTAssertEqual(try waitForState("site-b", "detached"), "detached")
         assertPoolsClean()
     }
 
@@ -234,11 +224,16 @@ final class AsyncMergeTests: TwoSitesTestCase {
         try ok(source, ["async", "continue-task", "g"])
         try ok(destination, ["async", "failover", "g", "--yes"])
         for w in writes { try run("/usr/bin/qemu-io", ["-f", "raw", "-c", w.command, uri(w.site, "v")]) }
+        XCTAssertEqual(try waitForState(source, "split-brain"), "split-brain")
+    }
+
+    /// Polls group g's state at `site` until it is `wanted` (10 s at most); the last seen.
+    private func waitForState(_ site: String, _ wanted: String) throws -> String {
         var state = ""
-        for _ in 0..<100 where state != "split-brain" {
+        for _ in 0..<100 where state != wanted {
             usleep(100_000)
-            state = try asyncGroup(source, "g")["state"] as? String ?? ""
+            state = try asyncGroup(site, "g")["state"] as? String ?? ""
         }
-        XCTAssertEqual(state, "split-brain")
+        return state
     }
 }

@@ -244,18 +244,14 @@ public final class Domain: @unchecked Sendable {
     /// How many host connections read PiT `pit` now.
     public func readers(of pit: String) -> Int { stateLock.withLock { storedReaderPins[pit] ?? 0 } }
 
-    /// The vdisk's data port (created on first use, shared by every user of the vdisk).
+    /// The vdisk's data port (created on first use, shared by every user of the vdisk; one
+    /// wins a race).
     public func port(for name: String) throws(DomainError) -> VDiskPort {
-        try cachedPort(name) { () throws(DomainError) in try VDiskPort(domain: self, vdisk: name) }
-    }
-
-    /// The port stored under `key`, made by `make` on first use (one wins a race).
-    private func cachedPort(_ key: String, make: () throws(DomainError) -> VDiskPort) throws(DomainError) -> VDiskPort {
-        if let existing = stateLock.withLock({ storedPorts[key] }) { return existing }
-        let port = try make()
+        if let existing = stateLock.withLock({ storedPorts[name] }) { return existing }
+        let port = try VDiskPort(domain: self, vdisk: name)
         return stateLock.withLock {
-            if let raced = storedPorts[key] { return raced }
-            storedPorts[key] = port
+            if let raced = storedPorts[name] { return raced }
+            storedPorts[name] = port
             return port
         }
     }
@@ -655,9 +651,7 @@ public final class Domain: @unchecked Sendable {
         next.vdisks.removeAll { $0.name == name }
         try await commit(next)
         updateSharing()
-        let port = stateLock.withLock {
-            return storedPorts.removeValue(forKey: name)
-        }
+        let port = stateLock.withLock { storedPorts.removeValue(forKey: name) }
         releaseLegMaps(v.legs, after: port)
     }
 

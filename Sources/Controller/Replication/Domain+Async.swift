@@ -34,6 +34,25 @@ extension Domain {
         try await commit(next)
     }
 
+    /// Releases and deletes those of a group's cycle PiTs `names` that exist here, all but
+    /// `keep`; one a host connection still reads stays (a later retirement takes it).
+    func dropCyclePiTs(_ names: [String], keeping keep: String? = nil) async throws(DomainError) {
+        for pit in names where pit != keep && metadata.hasPiT(orGroup: pit) {
+            let members = metadata.pitList.filter { $0.name == pit || $0.group == pit }
+            guard members.allSatisfy({ readers(of: $0.name) == 0 }) else { continue }
+            try await holdPiT(named: pit, for: nil)
+            try await deletePiT(named: pit)
+        }
+    }
+
+    /// Unexports each of `vdisks` (their clients dropped, see `setExport`); returns the ones
+    /// that were exported, for a role change to export again in their new mode.
+    func unexport(_ vdisks: [String]) async throws(DomainError) -> [String] {
+        var were: [String] = []
+        for vdisk in vdisks where try await setExport(vdisk: vdisk, mode: nil).previous != nil { were.append(vdisk) }
+        return were
+    }
+
     /// Removes group `name`; its vdisk and PiTs stay (their holds are released).
     func removeAsyncGroup(_ name: String) async throws(DomainError) {
         try await beginChange()
@@ -127,12 +146,8 @@ extension Domain {
         let keep = [kept, g.previousPiT].compactMap { $0 }
         guard let floor = metadata.pitList.filter({ keep.contains($0.group ?? $0.name) }).map(\.createdAt).min() else { return }
         let old = metadata.pitList.filter { members.contains($0.vdiskId) && $0.kind == .standard && $0.heldBy == nil && $0.createdAt < floor }
-        let bases = Set(old.map { $0.group ?? $0.name }).subtracting(keep)
-        for base in bases.sorted() {
-            let pits = metadata.pitList.filter { ($0.group ?? $0.name) == base }
-            guard pits.allSatisfy({ readers(of: $0.name) == 0 }) else { continue }
-            try? await deletePiT(named: base)
-        }
+        // (`pit delete` refuses a PiT a host connection reads: it stays for a later cycle.)
+        for base in Set(old.map { $0.group ?? $0.name }).subtracting(keep).sorted() { try? await deletePiT(named: base) }
     }
 
     /// A `blocks` frame: each block's crc32c checked, then written into the destination vdisk

@@ -54,14 +54,8 @@ extension Domain {
             guard g.state == .detached else { throw DomainError("async group '\(r.group)' is \(g.state.rawValue) here, not detached: there is nothing to merge") }
         }
         let vdisks = metadata.memberNames(of: g)
-        var exported: [String] = []
-        for vdisk in vdisks {
-            if metadata.vdisk(named: vdisk)?.export != nil {
-                try await setExport(vdisk: vdisk, mode: nil)
-                exported.append(vdisk)
-            }
-            try await trimWhole(vdisk)
-        }
+        let exported = try await unexport(vdisks)
+        for vdisk in vdisks { try await trimWhole(vdisk) }
         try await dropCyclePiTs(of: r.group)
         try await turnGroup(r.group, into: .destination, from: nil, remote: r.members?.map(\.vdisk) ?? g.members.map(\.remoteVDisk))
         for vdisk in exported { try await setExport(vdisk: vdisk, mode: .readOnly) }
@@ -90,14 +84,10 @@ extension Domain {
         return AsyncResponse(vdisks: metadata.memberNames(of: g))
     }
 
-    /// The group's cycle PiTs (waiting, confirmed, previous) released and deleted; one that a
-    /// host still reads stays (it goes with later retirements).
+    /// All of the group's cycle PiTs (waiting, confirmed, previous) go: nothing is in common.
     private func dropCyclePiTs(of name: String) async throws(DomainError) {
         guard let g = metadata.asyncGroup(named: name) else { return }
-        for pit in g.pendingList + [g.confirmedPiT, g.previousPiT].compactMap({ $0 }) where metadata.hasPiT(orGroup: pit) {
-            try await holdPiT(named: pit, for: nil)
-            try? await deletePiT(named: pit)
-        }
+        try await dropCyclePiTs(g.pendingList + [g.confirmedPiT, g.previousPiT].compactMap { $0 })
     }
 
     /// Trims all of vdisk `name` (thin: its extents freed; thick: zeroed), 1 GiB at a time.

@@ -132,14 +132,8 @@ extension Domain {
             throw DomainError("vdisk(s) \(vdisks.joined(separator: ", ")) of async group '\(r.group)' changed at this site since PiT '\(base)' "
                 + "(\(ByteSize.format(changed)) in changed extents): mirroring onto them would overwrite that; only a rollback to the PiT (--rollback) can discard it")
         }
-        var exported: [String] = []
-        for (i, vdisk) in vdisks.enumerated() {
-            if metadata.vdisk(named: vdisk)?.export != nil {
-                try await setExport(vdisk: vdisk, mode: nil)
-                exported.append(vdisk)
-            }
-            if changed > 0 { try await rollback(vdisk: vdisk, to: g.memberPiT(base, i)) }
-        }
+        let exported = try await unexport(vdisks)
+        for (i, vdisk) in vdisks.enumerated() where changed > 0 { try await rollback(vdisk: vdisk, to: g.memberPiT(base, i)) }
         CrashPoint.hit("async-rejoin-rolled-back") // still detached: the merge run again completes
         try await updateAsyncGroup(r.group) {
             $0.state = .normal
@@ -161,10 +155,7 @@ extension Domain {
         let vdisks = metadata.memberNames(of: g)
         let changed = try changedBytes(of: g, since: base)
         if r.dryRun == true { return AsyncResponse(vdisks: vdisks, changedBytes: changed) }
-        for pit in g.pendingList + [g.confirmedPiT].compactMap({ $0 }) where pit != base && metadata.hasPiT(orGroup: pit) {
-            try await holdPiT(named: pit, for: nil)
-            try await deletePiT(named: pit)
-        }
+        try await dropCyclePiTs(g.pendingList + [g.confirmedPiT].compactMap { $0 }, keeping: base)
         try await turnGroup(r.group, into: .source, from: base, remote: g.members.map(\.remoteVDisk))
         return AsyncResponse(vdisks: vdisks, changedBytes: changed)
     }

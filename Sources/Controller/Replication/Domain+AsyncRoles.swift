@@ -34,10 +34,8 @@ extension Domain {
         let plan = try detachPlan(name)
         let g = try asyncVDisk(name, role: .destination).0
         try await updateAsyncGroup(name) { $0.state = .detaching }
-        for (i, vdisk) in plan.vdisks.enumerated() {
-            if metadata.vdisk(named: vdisk)?.export != nil { try await setExport(vdisk: vdisk, mode: nil) }
-            try await rollback(vdisk: vdisk, to: g.memberPiT(plan.pit, i))
-        }
+        _ = try await unexport(plan.vdisks)
+        for (i, vdisk) in plan.vdisks.enumerated() { try await rollback(vdisk: vdisk, to: g.memberPiT(plan.pit, i)) }
         CrashPoint.hit("async-detach-rolled-back")
         try await updateAsyncGroup(name) {
             $0.state = .detached
@@ -72,10 +70,7 @@ extension Domain {
             $0.peerDetach = peerDetach
         }
         CrashPoint.hit("async-source-detached")
-        for pit in g.pendingList where pit != g.confirmedPiT && metadata.hasPiT(orGroup: pit) {
-            try await holdPiT(named: pit, for: nil)
-            try await deletePiT(named: pit)
-        }
+        try await dropCyclePiTs(g.pendingList, keeping: g.confirmedPiT)
         try await updateAsyncGroup(name) { $0.pending = nil }
     }
 
@@ -118,11 +113,7 @@ extension Domain {
             $0.remoteVDisk = specs[0].vdisk
             $0.moreMembers = specs.count > 1 ? zip($0.members.dropFirst(), specs.dropFirst()).map { .init(vdiskId: $0.0.vdiskId, remoteVDisk: $0.1.vdisk) } : nil
         }
-        var exported: [String] = []
-        for vdisk in vdisks where metadata.vdisk(named: vdisk)?.export != nil {
-            try await setExport(vdisk: vdisk, mode: nil)
-            exported.append(vdisk)
-        }
+        let exported = try await unexport(vdisks)
         try await finishReverse(r.group, from: base)
         // Hosts that read them keep reading, now the last complete PiT (read-only).
         for vdisk in exported { try await setExport(vdisk: vdisk, mode: .readOnly) }
@@ -139,10 +130,7 @@ extension Domain {
             try await rollback(vdisk: vdisk, to: g.memberPiT(base, i))
         }
         CrashPoint.hit("async-reverse-rolled-back")
-        for pit in g.pendingList + [g.confirmedPiT].compactMap({ $0 }) where pit != base && metadata.hasPiT(orGroup: pit) {
-            try await holdPiT(named: pit, for: nil)
-            try await deletePiT(named: pit)
-        }
+        try await dropCyclePiTs(g.pendingList + [g.confirmedPiT].compactMap { $0 }, keeping: base)
         try await turnGroup(name, into: .destination, from: base, remote: g.members.map(\.remoteVDisk))
     }
 
@@ -186,9 +174,9 @@ extension Domain {
             return AsyncResponse(vdisks: vdisks)
         }
         // What a cut cycle applied goes: the members become exactly `base`.
-        for (i, vdisk) in vdisks.enumerated() {
-            if metadata.vdisk(named: vdisk)?.export != nil { try await setExport(vdisk: vdisk, mode: nil) }
-            if try differences(from: g.memberPiT(base, i), to: nil).changedBytes > 0 { try await rollback(vdisk: vdisk, to: g.memberPiT(base, i)) }
+        _ = try await unexport(vdisks)
+        for (i, vdisk) in vdisks.enumerated() where try differences(from: g.memberPiT(base, i), to: nil).changedBytes > 0 {
+            try await rollback(vdisk: vdisk, to: g.memberPiT(base, i))
         }
         try await turnGroup(r.group, into: .source, from: base, remote: specs.map(\.vdisk))
         for vdisk in vdisks { try await setExport(vdisk: vdisk, mode: .readWrite) }

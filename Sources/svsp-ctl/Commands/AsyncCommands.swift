@@ -111,20 +111,18 @@ struct AsyncCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "split-task",
             abstract: "At the source, both sites up: hold host writes, ship a last cycle, check both sides are identical, then part (prints the plan; --yes does it).")
-        @OptionGroup var operation: PlannedOperation
-        @Option(help: "How long to wait for the last cycle, in seconds (host writes are held meanwhile).") var seconds: Int = 120
+        @OptionGroup var handOver: HandOverOperation
         @OptionGroup var options: DomainOptions
-        func run() throws { try options.send("async.split-task", operation.args.merging(["seconds": String(seconds)]) { $1 }) }
+        func run() throws { try options.send("async.split-task", handOver.args) }
     }
 
     struct TransferProduction: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "transfer-production",
             abstract: "At the source, both sites up: hold host writes, ship a last cycle, swap the roles, export at the peer (prints the plan; --yes does it).")
-        @OptionGroup var operation: PlannedOperation
-        @Option(help: "How long to wait for the last cycle, in seconds (host writes are held meanwhile).") var seconds: Int = 120
+        @OptionGroup var handOver: HandOverOperation
         @OptionGroup var options: DomainOptions
-        func run() throws { try options.send("async.transfer-production", operation.args.merging(["seconds": String(seconds)]) { $1 }) }
+        func run() throws { try options.send("async.transfer-production", handOver.args) }
     }
 
     struct DeleteGroup: ParsableCommand {
@@ -135,7 +133,6 @@ struct AsyncCommand: ParsableCommand {
     }
 }
 
-/// The group an operation that prints its plan acts on, and whether to do it.
 /// Where a task mirrors to: the peer and the destination vdisks there (`create-group`, `add-task`).
 struct DestinationOptions: ParsableArguments {
     @Option(help: "The peer domain to mirror to.") var peer: String
@@ -153,9 +150,19 @@ struct DestinationOptions: ParsableArguments {
     }
 }
 
+/// The group an operation that prints its plan acts on, and whether to do it.
 struct PlannedOperation: ParsableArguments {
     @Argument var name: String
     @Flag(help: "Do it (without: print what would be done).") var yes = false
 
     var args: [String: String] { ["name": name, "yes": yes ? "true" : "false"] }
+}
+
+/// A planned operation that holds host writes while a last cycle ships (`split-task`,
+/// `transfer-production`), and how long it may wait for that cycle.
+struct HandOverOperation: ParsableArguments {
+    @OptionGroup var operation: PlannedOperation
+    @Option(help: "How long to wait for the last cycle, in seconds (host writes are held meanwhile).") var seconds: Int = 120
+
+    var args: [String: String] { operation.args.merging(["seconds": String(seconds)]) { $1 } }
 }
