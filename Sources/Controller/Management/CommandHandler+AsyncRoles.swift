@@ -144,13 +144,18 @@ extension CommandHandler {
             : held + "it becomes the source and exports \(remote.joined(separator: ", ")) read-write, and this site becomes its destination (read-only exports of the last complete PiT); hosts move to peer '\(g.peer)'"
         guard r.args["yes"] == "true" else { return planOnly(steps) }
         let start = Date()
-        let exported = vdisks.filter { domain.metadata.vdisk(named: $0)?.export != nil }
-        for v in exported { try await domain.setExport(vdisk: v, mode: nil) }
+        let exported = try await domain.unexport(vdisks)
         var shipped: UInt64 = 0 // block bytes this site shipped as the source, the last cycle included
         do throws(DomainError) {
             if g.state == .paused || g.state == .suspended { try await domain.updateAsyncGroup(name) { $0.state = .normal } }
             replication.captureNow(group: name)
-            let base = try await waitForCycle(name, takenAfter: start, seconds: Double(r.args["seconds"] ?? "") ?? 120)
+            _ = try await waitForCycle(name, takenAfter: start, seconds: Double(r.args["seconds"] ?? "") ?? 120)
+            // No cycle starts from here on and one under way finishes: the base is the newest
+            // confirmed PiT, which the peer holds as its last complete one (later cycle PiTs
+            // of the hold, empty, would otherwise move the peer on after this side chose).
+            try await domain.updateAsyncGroup(name) { $0.state = .paused }
+            await replication.waitIdle(group: name)
+            guard let base = domain.metadata.asyncGroup(named: name)?.confirmedPiT else { throw DomainError("async group '\(name)' lost its confirmed PiT") }
             for (i, v) in vdisks.enumerated() where try domain.differences(from: g.memberPiT(base, i), to: nil).changedBytes > 0 {
                 throw DomainError("vdisk '\(v)' changed after PiT '\(base)' although its writes were held")
             }
@@ -172,8 +177,11 @@ extension CommandHandler {
             }
             replication.reconcileAsync()
         } catch {
-            // Not handed over: hosts get their vdisks back here (unless this side already turned).
-            if domain.metadata.asyncGroup(named: name)?.role == .source { for v in exported { _ = try? await domain.setExport(vdisk: v, mode: .readWrite) } }
+            // Not handed over: hosts get their vdisks back here, and cycles go on (unless this side already turned).
+            if let now = domain.metadata.asyncGroup(named: name), now.role == .source {
+                if now.state == .paused { try? await domain.updateAsyncGroup(name) { $0.state = .normal } }
+                for v in exported { _ = try? await domain.setExport(vdisk: v, mode: .readWrite) }
+            }
             throw DomainError("\(split ? "split-task" : "transfer-production") of '\(name)' stopped: \(error.message)")
         }
         for v in exported { try await domain.setExport(vdisk: v, mode: split ? .readWrite : .readOnly) }

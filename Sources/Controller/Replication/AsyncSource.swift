@@ -24,6 +24,8 @@ final class AsyncSource: @unchecked Sendable {
     /// When the newest cycle PiT was taken (uptime ns): the next is due a cycle later.
     private var lastCaptureNs = DispatchTime.now().uptimeNanoseconds
     private var lastResumeSaveNs: UInt64 = 0
+    /// Held while the task decides on and runs a capture or a cycle (see `waitIdle`).
+    private let shipping = AsyncSemaphore(permits: 1)
 
     init(group: String, service: ReplicationService) {
         self.group = group
@@ -31,6 +33,13 @@ final class AsyncSource: @unchecked Sendable {
     }
 
     var current: AsyncTaskProgress { lock.withLock { progress } }
+
+    /// Returns once no capture or cycle begun before the call is under way: after the group
+    /// was paused, none starts again, so the confirmed PiT stays as it is then.
+    func waitIdle() async {
+        await shipping.acquire()
+        shipping.release()
+    }
 
     /// The next cycle PiT is due now.
     func captureNow() { lock.withLock { captureAsap = true } }
@@ -62,6 +71,8 @@ final class AsyncSource: @unchecked Sendable {
                 continue
             }
             do throws(DomainError) {
+                await shipping.acquire()
+                defer { shipping.release() }
                 try await capture(g, link: link)
                 guard let g = domain.metadata.asyncGroup(named: group) else { return }
                 if g.state != .paused, service.isConnected(g.peer) {
@@ -158,10 +169,7 @@ final class AsyncSource: @unchecked Sendable {
     /// in the destination's pending layer, and only its own PiT accounts for them.
     private func coalesce(_ g: AsyncGroupRecord) async throws(DomainError) {
         let dropped = g.pendingList
-        for pit in dropped where domain.metadata.hasPiT(orGroup: pit) {
-            try await domain.holdPiT(named: pit, for: nil)
-            try await domain.deletePiT(named: pit)
-        }
+        try await domain.dropCyclePiTs(dropped)
         try await domain.updateAsyncGroup(g.name) {
             $0.pendingList = []
             $0.state = .normal

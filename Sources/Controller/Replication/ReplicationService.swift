@@ -103,6 +103,10 @@ public final class ReplicationService: @unchecked Sendable {
     /// Makes group `name`'s source task take its next cycle PiT now (a hand-over waits for it).
     public func captureNow(group name: String) { lock.withLock { sources[name]?.source }?.captureNow() }
 
+    /// Returns once group `name`'s source task has no capture or cycle under way that began
+    /// before the call (a hand-over pauses the group first, so none begins after).
+    public func waitIdle(group name: String) async { await lock.withLock { sources[name]?.source }?.waitIdle() }
+
     /// What group `name`'s source task is doing now (nil: none runs here).
     public func progress(ofGroup name: String) -> AsyncTaskProgress? { lock.withLock { sources[name]?.source.current } }
 
