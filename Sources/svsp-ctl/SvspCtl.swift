@@ -6,6 +6,7 @@ struct SvspCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "svsp-ctl",
         abstract: "svsp storage virtualization controller: benchmarks, profiles, domains, pools, vdisks.",
+        version: BuildIdentity.description,
         subcommands: [DomainCommand.self, ServeCommand.self, StatusCommand.self, PoolCommand.self, VDiskCommand.self, MirrorCommand.self,
                       PiTCommand.self, SnapshotCommand.self, VDGCommand.self, PeerCommand.self, AsyncCommand.self,
                       BenchCommand.self, ProfileCommand.self]

@@ -198,6 +198,12 @@ int cio_compress(int level, const void *in, uint64_t in_len, void *out, uint64_t
  *          -ENOSPC when out_cap is too small. */
 int cio_decompress(const void *in, uint64_t in_len, void *out, uint64_t out_cap, uint64_t *out_len);
 
+/* ---- build identity ---- */
+
+/* The git commit a release build was made from (scripts/build-release passes it as
+ * -DSVSP_BUILD_COMMIT); "unknown" in a development build. */
+const char *cio_build_commit(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -70,6 +70,8 @@ public final class Domain: @unchecked Sendable {
     /// schedulers, so their LUNs stay open (a regained quorum reopens a setup pool).
     private var retiredRuntimes: [PoolRuntime] = []
     public let metrics = DomainMetrics()
+    /// Long operations' progress for the CLI's bars (mirror copies and async cycles keep their own).
+    public let progressBoard = ProgressBoard()
     let mutation = AsyncSemaphore(permits: 1)
     public private(set) lazy var mirrors = MirrorService(domain: self)
 

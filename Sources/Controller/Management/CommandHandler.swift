@@ -35,6 +35,10 @@ public actor CommandHandler {
         switch r.command {
         case "status":
             return status()
+        case "progress":
+            let entries = progressEntries()
+            return .success(text: entries.map { "\($0.key): \($0.operation) \($0.doneBytes)/\($0.totalBytes)" }.joined(separator: "\n"),
+                            json: entries)
         case "pool.create":
             let luns = try arg(r, "luns").split(separator: "\n").map(String.init)
             let createBytes = try r.args["create_size"].map { t throws(DomainError) in try size(t, "--create-size") }

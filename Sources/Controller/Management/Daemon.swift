@@ -125,10 +125,12 @@ public final class Daemon: @unchecked Sendable {
         }
 
         let signals = installSignalHandlers()
+        ServiceManagerNotify.send("READY=1\nSTATUS=serving domain '\(domain.metadata.name)', health \(domain.health)")
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             DispatchQueue.global().async { self.stopping.wait(); c.resume() }
         }
         log("signal received: stopping")
+        ServiceManagerNotify.send("STOPPING=1")
         mgmt.stopAccepting()
         metricsServer?.stop()
         replication.stop()

@@ -36,6 +36,11 @@ struct VDiskVerifier {
                 words[i] = x ^ (x >> 29)
             }
         }
+        // The CLI's progress bar: both phases count, the write first.
+        let board = domain.progressBoard, key = "vdisk.verify:\(name)"
+        let passes: UInt64 = phase == "both" ? 2 : 1
+        board.begin(key, operation: phase == "read" ? "read back" : "write", totalBytes: total * passes)
+        defer { board.end(key) }
         let t0 = DispatchTime.now().uptimeNanoseconds
         var offset: UInt64 = 0
         if phase != "read" {
@@ -44,11 +49,14 @@ struct VDiskVerifier {
                 fill(buffer.pointer, offset, n)
                 try await domain.write(vdisk: name, offset: offset, length: n, from: buffer.pointer)
                 offset += UInt64(n)
+                board.update(key, doneBytes: offset)
             }
             try await domain.flush(vdisk: name)
         }
         let t1 = DispatchTime.now().uptimeNanoseconds
         offset = 0
+        let readBase = phase == "both" ? total : 0
+        if phase == "both" { board.update(key, doneBytes: total, operation: "read back") }
         while phase != "write" && offset < total {
             let n = Int(min(UInt64(chunk), total - offset))
             memset(buffer.pointer, 0, n)
@@ -61,6 +69,7 @@ struct VDiskVerifier {
                 throw DomainError("vdisk '\(name)': verify failed at offset \(offset + UInt64(at)): expected 0x\(String(want, radix: 16)) got 0x\(String(got, radix: 16))")
             }
             offset += UInt64(n)
+            board.update(key, doneBytes: readBase + offset)
         }
         let t2 = DispatchTime.now().uptimeNanoseconds
         let mib = Double(total) / 1_048_576

@@ -102,7 +102,9 @@ public struct ProfileCatalog: Sendable {
         if let env = ProcessInfo.processInfo.environment["SVSP_PROFILES"] { return env }
         let fm = FileManager.default
         if fm.fileExists(atPath: "hardware-profiles/arrays") { return "hardware-profiles" }
-        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        // The running binary's own path (argv[0] is a bare name when found through $PATH).
+        let executable = (try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var dir = URL(fileURLWithPath: executable).resolvingSymlinksInPath().deletingLastPathComponent()
         let installed = dir.deletingLastPathComponent().appendingPathComponent("share/svsp/hardware-profiles").path
         if fm.fileExists(atPath: installed + "/arrays") { return installed }
         for _ in 0..<5 {

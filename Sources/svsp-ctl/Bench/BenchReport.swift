@@ -1,3 +1,4 @@
+import Controller
 import Foundation
 
 /// What `bench raw` prints: a table for people, or JSON for scripts.
@@ -47,6 +48,20 @@ struct BenchReport: Codable {
                 + Self.padL(String(format: "%.1f", d.mibPerSecond), 10)
                 + ["p50", "p99", "p99.9", "max"].map { Self.padL(String(format: "%.1f", d.latencyUs[$0] ?? 0), 10) }.joined()
         }
+    }
+
+    static func sweepHeader() -> String {
+        pad("bs", 8) + padL("qd", 6) + pad("  op", 8) + padL("IOPS", 10) + padL("MiB/s", 10) + padL("p50 us", 10) + padL("p99 us", 10)
+    }
+
+    /// One point of a sweep: the direction that ran (both for randrw).
+    func sweepRow() -> String {
+        [("read", read), ("write", write)].compactMap { name, d in
+            guard let d else { return nil }
+            return Self.pad(ByteSize.format(UInt64(blockBytes)), 8) + Self.padL("\(queueDepth)", 6) + Self.pad("  " + name, 8)
+                + Self.padL(String(format: "%.0f", d.iops), 10) + Self.padL(String(format: "%.1f", d.mibPerSecond), 10)
+                + Self.padL(String(format: "%.1f", d.latencyUs["p50"] ?? 0), 10) + Self.padL(String(format: "%.1f", d.latencyUs["p99"] ?? 0), 10)
+        }.joined(separator: "\n")
     }
 
     private static func pad(_ s: String, _ n: Int) -> String { s.padding(toLength: max(n, s.count + 1), withPad: " ", startingAt: 0) }

@@ -79,6 +79,8 @@ final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendabl
     private var stopping = false
     private(set) var elapsedNs: UInt64 = 0
     private var startNs: UInt64 = 0
+    /// Bytes completed so far, for a progress display on another thread.
+    let completed = CompletedBytes()
     private let finished = DispatchSemaphore(value: 0)
     /// The engine may submit staged requests (and deliver their completions) while
     /// `run` is still staging the first ones: completions that arrive before `run`
@@ -223,6 +225,7 @@ final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendabl
             writes.ios += 1
             writes.bytes += UInt64(result)
         }
+        completed.bytes.store(reads.bytes &+ writes.bytes, ordering: .relaxed)
         if now >= deadlineNs { stopping = true }
         if !issue(slot: slot) {
             outstanding -= 1
@@ -250,4 +253,10 @@ final class RawWorkload<Target: BenchTarget>: CompletionSink, @unchecked Sendabl
         fail(VerifyFailure(offset: offset + UInt64(diff?.index ?? 0), expected: diff?.expected ?? 0,
                            got: diff?.got ?? 0, expectedCRC: crcs?.expected, gotCRC: crcs?.got ?? 0))
     }
+}
+
+/// A counter the reaper thread stores into (a plain store per completion, no read-modify-write)
+/// and a progress display reads.
+final class CompletedBytes: Sendable {
+    let bytes = Atomic<UInt64>(0)
 }

@@ -16,12 +16,14 @@ struct AsyncCommand: ParsableCommand {
         var sourceVDG: String?
         @OptionGroup var destination: DestinationOptions
         @OptionGroup var options: DomainOptions
+        @Flag(help: "Wait until the initial copy is complete at the destination, showing its progress.") var wait = false
         func run() throws {
             var args = destination.args.merging(["name": name]) { $1 }
             if let source { args["source"] = source }
             if let sourceSnapshot { args["source_snapshot"] = sourceSnapshot }
             if let sourceVDG { args["source_vdg"] = sourceVDG }
             try options.send("async.create-group", args)
+            if wait { try options.waitForInitialCopy(group: name) }
         }
     }
 

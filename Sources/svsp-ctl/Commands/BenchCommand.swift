@@ -35,10 +35,17 @@ struct RawBench: ParsableCommand {
             help: "Send I/O through the scheduler driven by this array profile (a name or a .yaml path).")
     var arrayProfile: String?
     @Option(help: "Hardware profiles folder (default: $SVSP_PROFILES or ./hardware-profiles).") var profiles: String?
+    @Option(help: "A curve instead of one point: qd=1,2,4,...,128 runs each queue depth for --seconds (--bs may be a list).")
+    var sweep: String?
 
     mutating func run() throws {
         do {
-            try execute()
+            if let sweep {
+                try runSweep(sweep)
+            } else {
+                let (reports, info, areaBytes) = try measure()
+                print(render(reports, info: info, areaBytes: areaBytes))
+            }
         } catch let error as VerifyFailure {
             throw CommandFailure("\(target): \(error)")
         } catch let error as IOError {
@@ -50,7 +57,44 @@ struct RawBench: ParsableCommand {
         }
     }
 
-    private func execute() throws {
+    /// One timed run per (block size, queue depth): the curve that `benchmarks/report` plots.
+    private func runSweep(_ text: String) throws {
+        guard text.hasPrefix("qd="), !verify else {
+            throw CommandFailure("--sweep '\(text)': must be qd=LIST (e.g. qd=1,2,4,8,16,32,64,128), without --verify")
+        }
+        let depths = text.dropFirst(3).split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard !depths.isEmpty, depths.allSatisfy({ $0 != nil && (1...65536).contains($0!) }) else {
+            throw CommandFailure("--sweep '\(text)': every depth must be a number in 1..65536")
+        }
+        let sizes = bs.split(separator: ",").map(String.init)
+        var points: [BenchReport] = []
+        var info: LUNInfo?
+        for size in sizes {
+            for depth in depths.compactMap({ $0 }) {
+                var point = self
+                point.sweep = nil
+                point.bs = size
+                point.qd = depth
+                let (reports, lunInfo, _) = try point.measure()
+                info = lunInfo
+                points += reports
+                if !json {
+                    FileHandle.standardError.write(Data("  \(rw) bs=\(size) qd=\(depth) done\n".utf8))
+                }
+            }
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+            print(String(decoding: try encoder.encode(points), as: UTF8.self))
+            return
+        }
+        print("svsp bench raw --sweep: \(target) (\(info?.isBlockDevice == true ? "block device" : "file")) rw=\(rw), \(seconds)s per point")
+        print(BenchReport.sweepHeader())
+        for point in points { print(point.sweepRow()) }
+    }
+
+    private func measure() throws -> ([BenchReport], LUNInfo, UInt64) {
         guard let pattern = AccessPattern(rawValue: rw) else {
             throw CommandFailure("--rw '\(rw)': must be one of \(AccessPattern.allCases.map(\.rawValue).joined(separator: "|"))")
         }
@@ -95,7 +139,27 @@ struct RawBench: ParsableCommand {
         } else {
             reports = try runPhases(target: EngineTarget(engine: engine.handle, lun: lun.handle), config: config, pool: pool.handle)
         }
-        print(render(reports, info: info, areaBytes: config.areaBytes))
+        return (reports, info, config.areaBytes)
+    }
+
+    /// Runs `workload` with a progress display: bytes of a verify pass, or the time of a timed run.
+    private func runShowingProgress<T: BenchTarget>(_ workload: RawWorkload<T>, label: String, totalBytes: UInt64 = 0,
+                                                    seconds: Double? = nil) throws {
+        let display = ProgressDisplay(label: label, unit: seconds == nil ? .bytes : .milliseconds, json: json)
+        let started = Date()
+        let completed = workload.completed
+        do {
+            let poller = ProgressPoller(every: display.pollSeconds) {
+                let bytes = completed.bytes.load(ordering: .relaxed)
+                guard let seconds else { return display.update(done: bytes, total: totalBytes) }
+                let elapsed = Date().timeIntervalSince(started)
+                display.update(done: UInt64(elapsed * 1000), total: UInt64(seconds * 1000),
+                               note: ProgressDisplay.bytes(Double(bytes) / max(elapsed, 0.001)) + "/s")
+            }
+            defer { poller.stop() }
+            try workload.run()
+        }
+        display.finishIfShown()
     }
 
     /// Runs the verify passes or the timed run against `target`.
@@ -118,7 +182,7 @@ struct RawBench: ParsableCommand {
             if verifyPhase != "read" {
                 config.verifyWrite = true
                 let writer = RawWorkload(config: config, target: target, lunPath: self.target, buffers: pool, blockCRCs: crcs)
-                try writer.run()
+                try runShowingProgress(writer, label: "verify write", totalBytes: config.areaBytes)
                 reports.append(report(writer, phase: "verify-w"))
                 config.verifyWrite = false
             }
@@ -126,13 +190,13 @@ struct RawBench: ParsableCommand {
                 config.verifyRead = true
                 let reader = RawWorkload(config: config, target: target, lunPath: self.target, buffers: pool,
                                          blockCRCs: verifyPhase == "read" ? nil : crcs)
-                try reader.run()
+                try runShowingProgress(reader, label: "verify read", totalBytes: config.areaBytes)
                 reports.append(report(reader, phase: "verify-r"))
             }
         } else {
             config.seconds = seconds
             let workload = RawWorkload(config: config, target: target, lunPath: self.target, buffers: pool)
-            try workload.run()
+            try runShowingProgress(workload, label: "\(rw) \(bs) qd=\(qd)", seconds: seconds)
             reports.append(report(workload, phase: "timed"))
         }
         return reports

@@ -17,10 +17,15 @@ struct DomainOptions: ParsableArguments {
         throw CommandFailure("no domain given: use --dir STATE or set SVSP_DIR")
     }
 
-    /// Sends one request to the daemon and prints its answer (table or JSON); failures are one line.
-    /// Sends one command and prints its answer. With `failOnWarning` (checks), a warning
-    /// is the verdict: the answer is printed, then the warning is the one-line failure.
+    /// Sends one command and prints its answer (table or JSON); failures are one line. With
+    /// `failOnWarning` (checks), a warning is the verdict: the answer is printed, then the
+    /// warning is the one-line failure.
     func send(_ command: String, _ args: [String: String] = [:], failOnWarning: Bool = false) throws {
+        try present(try exchange(command, args), failOnWarning: failOnWarning)
+    }
+
+    /// One request and its successful answer; a failure is a CommandFailure.
+    func exchange(_ command: String, _ args: [String: String] = [:]) throws -> MgmtResponse {
         let response: MgmtResponse
         do {
             response = try MgmtClient.send(MgmtRequest(command: command, args: args), directory: try directory())
@@ -28,6 +33,10 @@ struct DomainOptions: ParsableArguments {
             throw CommandFailure(error.message)
         }
         guard response.ok else { throw CommandFailure(response.error ?? "failed") }
+        return response
+    }
+
+    func present(_ response: MgmtResponse, failOnWarning: Bool = false) throws {
         if failOnWarning, let verdict = response.warnings.first {
             print(json ? response.json : response.text)
             throw CommandFailure(verdict)
@@ -242,7 +251,7 @@ struct VDiskCommand: ParsableCommand {
             var args = ["name": name, "phase": phase]
             args["size"] = size
             args["seed"] = seed.map(String.init)
-            try options.send("vdisk.verify", args)
+            try options.sendShowingProgress("vdisk.verify", args, key: "vdisk.verify:\(name)", label: "verify \(name)")
         }
     }
 }
@@ -296,7 +305,11 @@ struct MirrorCommand: ParsableCommand {
         func run() throws {
             var args = ["name": name, "background": background ? "true" : "false"]
             args["force_from"] = forceFrom.map(String.init)
-            try options.send("mirror.resync", args)
+            if background {
+                try options.send("mirror.resync", args)
+            } else {
+                try options.sendShowingProgress("mirror.resync", args, key: "mirror:\(name)", label: "resync \(name)")
+            }
         }
     }
 
@@ -305,7 +318,10 @@ struct MirrorCommand: ParsableCommand {
         @Argument var name: String
         @OptionGroup var options: DomainOptions
         @Flag(help: "Copy differing blocks from the first in-sync leg.") var repair = false
-        func run() throws { try options.send("mirror.verify", ["name": name, "repair": repair ? "true" : "false"]) }
+        func run() throws {
+            try options.sendShowingProgress("mirror.verify", ["name": name, "repair": repair ? "true" : "false"],
+                                            key: "mirror:\(name)", label: "verify \(name)")
+        }
     }
 
     struct SetRate: ParsableCommand {

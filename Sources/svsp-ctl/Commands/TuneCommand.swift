@@ -24,7 +24,7 @@ struct TuneCommand: ParsableCommand {
     @Option(help: "Queue depths to sweep (comma separated).") var depths: String = "1,2,4,8,16,32,64,128,256"
     @Option(help: "Block sizes to sweep (comma separated).") var sizes: String = "4k,16k,64k,256k,1M"
 
-    struct Step: Sendable {
+    struct Step: Sendable, Encodable {
         let write: Bool
         let blockBytes: Int
         let depth: Int
@@ -55,6 +55,8 @@ struct TuneCommand: ParsableCommand {
         let passes: [Bool] = allowWrite ? [false, true] : [false]
         let total = passes.count * depthList.count * sizeList.count
         var steps: [Step] = []
+        // A bar on a terminal; in a log the line per step below is the progress.
+        let display = ProgressDisplay(label: "profile tune", unit: .steps, json: false)
         for write in passes {
             for size in sizeList {
                 for depth in depthList {
@@ -70,13 +72,18 @@ struct TuneCommand: ParsableCommand {
                                     mibPerSecond: Double(stats.bytes) / seconds / 1_048_576,
                                     p99Us: Double(stats.latency.valueAtPercentile(99)) / 1000)
                     steps.append(step)
-                    FileHandle.standardError.write(Data(String(
-                        format: "[%d/%d] %@ bs=%@ qd=%d: %.0f IOPS %.1f MiB/s p99 %.0f us\n", steps.count, total,
-                        write ? "randwrite" : "randread", ByteSize.format(UInt64(size)), depth, step.iops,
-                        step.mibPerSecond, step.p99Us).utf8))
+                    let line = String(format: "%@ bs=%@ qd=%d: %.0f IOPS %.1f MiB/s p99 %.0f us",
+                                      write ? "randwrite" : "randread", ByteSize.format(UInt64(size)), depth, step.iops,
+                                      step.mibPerSecond, step.p99Us)
+                    if display.isTerminal {
+                        display.update(done: UInt64(steps.count), total: UInt64(total), note: line)
+                    } else {
+                        FileHandle.standardError.write(Data("[\(steps.count)/\(total)] \(line)\n".utf8))
+                    }
                 }
             }
         }
+        display.finishIfShown()
         let yaml = render(name: name, info: info, steps: steps, sizes: sizeList)
         // What we write must load: check it before it replaces anything.
         let (profile, problems) = ArrayProfile.parse(name: name, file: out, yaml: yaml)
@@ -88,7 +95,18 @@ struct TuneCommand: ParsableCommand {
         } catch {
             throw CommandFailure("\(out): cannot write: \(error.localizedDescription)")
         }
-        print("wrote \(out)")
+        // The sweep beside the profile, for a plot (`benchmarks/report --from NAME.sweep.json`).
+        let sweepPath = String(out.dropLast(".yaml".count)) + ".sweep.json"
+        let sweep = TuneSweep(lun: lun, date: ISO8601DateFormatter().string(from: Date()), secondsPerStep: secondsPerStep,
+                              queueDepthPerLUN: profile!.queueDepthPerLUN, optimalIOBytes: profile!.optimalIOBytes, steps: steps)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        do {
+            try encoder.encode(sweep).write(to: URL(fileURLWithPath: sweepPath))
+        } catch {
+            throw CommandFailure("\(sweepPath): cannot write: \(error.localizedDescription)")
+        }
+        print("wrote \(out) and its sweep \(sweepPath)")
         print(yaml, terminator: "")
     }
 
@@ -123,7 +141,7 @@ struct TuneCommand: ParsableCommand {
         let smallKnee = Self.knee(reads.filter { $0.blockBytes == smallest })!
         let bestBandwidth = reads.map(\.mibPerSecond).max() ?? 0
         let optimal = sizes.sorted().first { size in
-            (reads.filter { $0.blockBytes == size }.map(\.mibPerSecond).max() ?? 0) >= bestBandwidth * 0.9
+            (reads.filter { $0.blockBytes == size }.map(\.mibPerSecond).max() ?? 0) >= bestBandwidth * 0.95
         } ?? sizes.max()!
         var profile = ArrayProfile(name: name)
         profile.description = "tuned on \(lun) by svsp-ctl profile tune"
@@ -143,7 +161,7 @@ struct TuneCommand: ParsableCommand {
             "# (\(info.isBlockDevice ? "block device" : "file"), \(ByteSize.format(info.sizeBytes)), "
                 + "logical block \(info.logicalBlockSize), physical \(info.physicalBlockSize)), \(secondsPerStep)s per step.",
             "# queue_depth_per_lun = knee of \(ByteSize.format(UInt64(smallest))) random reads (smallest depth within 5% of the best);",
-            "# optimal_io_size = smallest size reaching 90% of the best bandwidth; queue_depth_per_array = 4 LUNs at that depth.",
+            "# optimal_io_size = smallest size reaching 95% of the best bandwidth; queue_depth_per_array = 4 LUNs at that depth.",
             "#",
             "# op         bs       qd        IOPS     MiB/s   p99 us   knee",
         ]
@@ -171,4 +189,15 @@ struct TuneCommand: ParsableCommand {
         guard let text = candidates.lazy.compactMap({ try? String(contentsOfFile: $0, encoding: .utf8) }).first else { return true }
         return !text.contains("write through")
     }
+}
+
+/// What `profile tune` measured, written beside the profile as NAME.sweep.json.
+struct TuneSweep: Encodable {
+    let benchmark = "profile-tune"
+    let lun: String
+    let date: String
+    let secondsPerStep: Double
+    let queueDepthPerLUN: Int
+    let optimalIOBytes: UInt64
+    let steps: [TuneCommand.Step]
 }
