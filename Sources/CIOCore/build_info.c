@@ -1,6 +1,11 @@
-/* The build's identity, set by scripts/build-release (-Xcc -DSVSP_BUILD_COMMIT=...). */
+/* The build's identity. scripts/build-release writes svsp_build_commit.h into a folder it puts on
+ * the include path (a constant flag, so a new commit recompiles this file alone); a development
+ * build has no such header. */
 #include "cio.h"
 
+#if __has_include("svsp_build_commit.h")
+#include "svsp_build_commit.h"
+#endif
 #ifndef SVSP_BUILD_COMMIT
 #define SVSP_BUILD_COMMIT "unknown"
 #endif

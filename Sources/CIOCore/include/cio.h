@@ -200,8 +200,8 @@ int cio_decompress(const void *in, uint64_t in_len, void *out, uint64_t out_cap,
 
 /* ---- build identity ---- */
 
-/* The git commit a release build was made from (scripts/build-release passes it as
- * -DSVSP_BUILD_COMMIT); "unknown" in a development build. */
+/* The git commit a release build was made from (scripts/build-release provides it);
+ * "unknown" in a development build. */
 const char *cio_build_commit(void);
 
 #ifdef __cplusplus
