@@ -103,7 +103,12 @@ final class AsyncGroupTests: TwoSitesTestCase {
         try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "32M", "--thin"])
         try ok("site-a", ["vdisk", "export", "v"])
         try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x11 0 2M", uri("site-a", "v")])
-        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        // --wait follows the initial copy (progress lines on stderr) and returns once it is complete.
+        let created = try CLI.run(["async", "create-group", "g", "--source", "v", "--peer", "site-b", "--wait", "--dir", dir.file("site-a")],
+                                  environment: ["SVSP_PROGRESS": "plain", "SVSP_PROGRESS_INTERVAL": "0"])
+        XCTAssertEqual(created.status, 0, created.stderr)
+        XCTAssertTrue(created.stdout.hasSuffix("async group 'g': initial copy complete at the destination\n"), created.stdout)
+        XCTAssertNotNil(try asyncGroup("site-a", "g")["confirmedPiT"] as? String, "--wait returned before the first PiT was confirmed")
         let first = try nextCycle(after: 0, since: Date())
         XCTAssertEqual(try pitMD5("site-b", first), try pitMD5("site-a", first))
         let cycle = try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int)
