@@ -15,16 +15,8 @@ final class InstallTests: XCTestCase {
                 throw XCTSkip("\(tool) is missing: scripts/install-deps.sh installs it")
             }
         }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.repository + "/scripts/test-install")
-        p.currentDirectoryURL = URL(fileURLWithPath: Self.repository)
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        XCTAssertEqual(p.terminationStatus, 0, "scripts/test-install failed:\n\(text.suffix(4000))")
+        let (status, text) = try runCapturing(Self.repository + "/scripts/test-install", [])
+        XCTAssertEqual(status, 0, "scripts/test-install failed:\n\(text.suffix(4000))")
         // What the root ran: the release binary names its commit; the daemon served NBD there.
         XCTAssertTrue(text.range(of: #"svsp-ctl \d+\.\d+\.\d+ \(commit [0-9a-f]{12}"#, options: .regularExpression) != nil,
                       "no release version line:\n\(text.suffix(4000))")

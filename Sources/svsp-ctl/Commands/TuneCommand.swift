@@ -86,8 +86,8 @@ struct TuneCommand: ParsableCommand {
         display.finishIfShown()
         let yaml = render(name: name, info: info, steps: steps, sizes: sizeList)
         // What we write must load: check it before it replaces anything.
-        let (profile, problems) = ArrayProfile.parse(name: name, file: out, yaml: yaml)
-        guard profile != nil else {
+        let (parsed, problems) = ArrayProfile.parse(name: name, file: out, yaml: yaml)
+        guard let profile = parsed else {
             throw CommandFailure("internal: tuned profile does not validate: \(problems.map(\.description).joined(separator: "; "))")
         }
         do {
@@ -98,7 +98,7 @@ struct TuneCommand: ParsableCommand {
         // The sweep beside the profile, for a plot (`benchmarks/report --from NAME.sweep.json`).
         let sweepPath = String(out.dropLast(".yaml".count)) + ".sweep.json"
         let sweep = TuneSweep(lun: lun, date: ISO8601DateFormatter().string(from: Date()), secondsPerStep: secondsPerStep,
-                              queueDepthPerLUN: profile!.queueDepthPerLUN, optimalIOBytes: profile!.optimalIOBytes, steps: steps)
+                              queueDepthPerLUN: profile.queueDepthPerLUN, optimalIOBytes: profile.optimalIOBytes, steps: steps)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         do {
