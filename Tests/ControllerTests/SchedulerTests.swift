@@ -135,18 +135,56 @@ final class SchedulerTests: XCTestCase {
         XCTAssertEqual(sink.completionOrder, [0, 1, 100, 101, 102], "queued host I/O overtakes background work")
     }
 
-    func testBackgroundKeepsToItsShareOfDepth() throws {
+    func testBackgroundKeepsToItsShareOfWhatIsInFlightWhileHostsAreActive() throws {
         let lun = try LUN(path: path, readWrite: true)
         let engine = try Engine(queueDepth: 64)
-        let scheduler = IOScheduler(engine: engine.handle, profile: profile(lunDepth: 32, arrayDepth: 20), backgroundSharePercent: 10)
+        let clock = ManualClock()
+        let scheduler = IOScheduler(engine: engine.handle, profile: profile(lunDepth: 32, arrayDepth: 40), backgroundSharePercent: 10,
+                                    clock: clock)
         let index = scheduler.addLUN(lun.handle)
         let buffer = try AlignedBuffer(count: 4096)
         let sink = OrderSink()
+        // 18 host reads in flight (staged, not yet kicked): 10 % of what is in flight is 2 background chunks.
+        for i in 0..<18 {
+            try scheduler.submit(.read, lun: index, buffer: buffer.pointer, length: 4096, offset: 0, sink: sink, cookie: UInt64(100 + i))
+        }
         for i in 0..<6 {
             try scheduler.submit(.read, lun: index, buffer: buffer.pointer, length: 4096, offset: 0, ioClass: .background,
                                  sink: sink, cookie: UInt64(i))
         }
-        XCTAssertEqual(scheduler.currentStats.backgroundChunks, 2, "10% of depth 20")
+        XCTAssertEqual(scheduler.currentStats.backgroundChunks, 2, "18 host + 2 background in flight")
+        scheduler.kick()
+        XCTAssertTrue(sink.wait(24))
+        // Hosts sent I/O just under the idle time ago, none in flight now: one background chunk at a time.
+        clock.advance(byNs: IOScheduler.hostIdleNs - 1)
+        let before = scheduler.currentStats.backgroundChunks
+        for i in 0..<3 {
+            try scheduler.submit(.read, lun: index, buffer: buffer.pointer, length: 4096, offset: 0, ioClass: .background,
+                                 sink: sink, cookie: UInt64(10 + i))
+        }
+        XCTAssertEqual(scheduler.currentStats.backgroundChunks - before, 1, "at least one, so the copy moves on")
+        scheduler.kick()
+        XCTAssertTrue(sink.wait(3))
+    }
+
+    func testBackgroundUsesTheWholeDepthWhenHostIOIsIdle() throws {
+        let lun = try LUN(path: path, readWrite: true)
+        let engine = try Engine(queueDepth: 64)
+        let clock = ManualClock()
+        let scheduler = IOScheduler(engine: engine.handle, profile: profile(lunDepth: 32, arrayDepth: 20), backgroundSharePercent: 10,
+                                    clock: clock)
+        let index = scheduler.addLUN(lun.handle)
+        let buffer = try AlignedBuffer(count: 4096)
+        let sink = OrderSink()
+        try scheduler.submit(.read, lun: index, buffer: buffer.pointer, length: 4096, offset: 0, sink: sink, cookie: 100)
+        scheduler.kick()
+        XCTAssertTrue(sink.wait(1))
+        clock.advance(byNs: IOScheduler.hostIdleNs) // nothing from hosts for the idle time: work-conserving
+        for i in 0..<6 {
+            try scheduler.submit(.read, lun: index, buffer: buffer.pointer, length: 4096, offset: 0, ioClass: .background,
+                                 sink: sink, cookie: UInt64(i))
+        }
+        XCTAssertEqual(scheduler.currentStats.backgroundChunks, 6, "an idle array's whole depth, not the 10% share")
         scheduler.kick()
         XCTAssertTrue(sink.wait(6))
     }

@@ -334,6 +334,24 @@ final class DaemonTests: XCTestCase {
         XCTAssertTrue(try ok(["mirror", "verify", "g"]).contains(" 0 differ"), "the legs hold the same blocks")
     }
 
+    /// add-leg's first copy does not read the new leg (it reads as zeros) and skips the
+    /// source's zero blocks: the new leg still ends up byte for byte the source, written
+    /// blocks and zeros alike, and a write during the copy reaches both.
+    func testAddLegsFirstCopySkipsZerosYetTheNewLegEqualsTheSource() throws {
+        try startDaemon()
+        try makeThreePools()
+        _ = try ok(["vdisk", "create", "t", "--pool", "a", "--size", "40M"])
+        _ = try ok(["vdisk", "verify", "t", "--size", "3M", "--phase", "write"]) // the rest stays zeros
+        _ = try ok(["mirror", "add-leg", "t", "--pool", "b"])
+        _ = try ok(["vdisk", "verify", "t", "--size", "1M", "--phase", "write"]) // during (or after) the copy
+        var tries = 0
+        while try mirror("t")["state"] as? String != "normal", tries < 200 { usleep(50_000); tries += 1 }
+        XCTAssertEqual(try mirror("t")["state"] as? String, "normal")
+        XCTAssertTrue(try ok(["mirror", "verify", "t"]).contains(" 0 differ"), "the legs hold the same blocks")
+        // Both pools put the vdisk's extents right after their reserve: compare the LUNs themselves.
+        XCTAssertTrue(try legDataAreas(dir.file("a.img"), dir.file("b.img"), bytes: 40 << 20), "leg data areas differ")
+    }
+
     func testAnInterruptedCopyResumesWhereItStopped() throws {
         try startDaemon()
         try makeThreePools()

@@ -247,6 +247,8 @@ struct MirrorView: Codable {
     var copy: MirrorService.Progress?
     var percent: Double?
     var rateMiBPerSecond: Double?
+    /// While a copy runs: what the background class of the copy's pools may use now.
+    var copyAllowance: String?
     var dirtyRegionCount: Int?
     /// Regions whose legs may differ until a copy levels them (crash, failed reconcile, partial write).
     var unreconciledRegionCount: Int?
@@ -286,6 +288,9 @@ struct MirrorView: Codable {
             percent = (Double(c.doneBytes) / Double(c.totalBytes) * 1000).rounded() / 10
             let elapsed = max(Date().timeIntervalSince(c.startedAt), 0.001)
             rateMiBPerSecond = (Double(c.doneBytes) / 1_048_576 / elapsed * 10).rounded() / 10
+            // The pool the copy writes to (a leg behind), else the vdisk's own.
+            let target = v.legs.first { $0.state != .inSync }?.poolId ?? v.poolId
+            copyAllowance = domain.runtime(of: target)?.scheduler?.backgroundAllowance
         }
     }
 }
@@ -426,7 +431,8 @@ enum Table {
             [m.vdisk, m.state + (m.percent.map { " \($0)%" } ?? ""), m.mode,
              m.legs.map { "\($0.leg):\($0.pool)=\($0.state)" }.joined(separator: " "),
              m.dirtyRegionCount.map { "\($0)/\(m.regionCount ?? 0)" } ?? "off",
-             m.copy.map { "\($0.operation) \(ByteSize.format($0.doneBytes))/\(ByteSize.format($0.totalBytes))" + (m.rateMiBPerSecond.map { " at \($0) MiB/s" } ?? "") } ?? "-"]
+             m.copy.map { "\($0.operation) \(ByteSize.format($0.doneBytes))/\(ByteSize.format($0.totalBytes))" + (m.rateMiBPerSecond.map { " at \($0) MiB/s" } ?? "")
+                 + (m.copyAllowance.map { ", background: \($0)" } ?? "") } ?? "-"]
         })
     }
 

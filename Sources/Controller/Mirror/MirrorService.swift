@@ -58,7 +58,7 @@ public final class MirrorService: @unchecked Sendable {
             }
             try await domain.clearCopyAll(vdisk: name, legs: [legId])
         }
-        resyncInBackground(vdisk: name, why: "add-leg copy")
+        resyncInBackground(vdisk: name, why: "add-leg copy", freshLeg: legId)
         return leg
     }
 
@@ -80,10 +80,13 @@ public final class MirrorService: @unchecked Sendable {
     /// (refused while the copy runs, but a copy may start behind such a change) stops the
     /// copy instead of letting an index name another leg.
     ///
+    /// `freshLeg`: the leg add-leg has just made (nothing copied into it yet).
+    ///
     /// `--force-from LEG` declares that leg the truth: it becomes in-sync at once (so it
     /// takes every host write during the copy and serves reads), and every other leg
     /// becomes a copying target that receives the whole vdisk from it.
-    public func resync(vdisk name: String, forceFrom: Int? = nil, afterCrash: Bool = false) async throws(DomainError) -> Report {
+    public func resync(vdisk name: String, forceFrom: Int? = nil, afterCrash: Bool = false,
+                       freshLeg: UUID? = nil) async throws(DomainError) -> Report {
         // One copy per vdisk at a time: wait for a running one (an automatic retry, say) first.
         while progress(name) != nil { try? await Task.sleep(nanoseconds: 50_000_000) }
         guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
@@ -123,6 +126,11 @@ public final class MirrorService: @unchecked Sendable {
         // A whole-leg copy (forced, or a new leg whose bitmap does not carry it yet): with a
         // bitmap, every region is set durably first, so a copy cut short resumes region by region.
         let wholeLeg = forceFrom != nil || targets.contains { v.legs[$0].copyAll == true }
+        // The leg add-leg has just made reads as zeros wherever nothing was written to it: no
+        // compare-read (what a host wrote to it meanwhile is in the source too). Known only to
+        // this first copy: one resumed after a crash or a failure (which may have left a write
+        // on the target alone) compares.
+        let freshTargets = forceFrom == nil && freshLeg != nil && targetIds == [freshLeg!]
         if wholeLeg, let log {
             guard log.markAll(sizeBytes: v.sizeBytes) else {
                 throw DomainError("vdisk '\(name)': cannot write the dirty-region bitmap; nothing copied")
@@ -142,7 +150,7 @@ public final class MirrorService: @unchecked Sendable {
                     .map { r in UInt64(r) * log!.regionBytes..<min(UInt64(r + 1) * log!.regionBytes, v.sizeBytes) }
             }
             report = try await walk(name, source: sourceId, targets: targetIds, repair: true, operation: "resync", ranges: ranges,
-                                    regionDone: { [domain] range in
+                                    targetsHoldNothing: freshTargets, regionDone: { [domain] range in
                                         // Every leg that takes writes now has this region: its bit may go,
                                         // so an interrupted copy resumes after it (not when a target
                                         // failed meanwhile: it may have missed a write here).
@@ -215,10 +223,11 @@ public final class MirrorService: @unchecked Sendable {
 
     /// Runs a resync nobody waits for (add-leg, an automatic retry, `--background`): its
     /// error is never dropped but logged and kept for `mirror status`.
-    public func resyncInBackground(vdisk name: String, forceFrom: Int? = nil, afterCrash: Bool = false, why: String) {
+    public func resyncInBackground(vdisk name: String, forceFrom: Int? = nil, afterCrash: Bool = false, why: String,
+                                   freshLeg: UUID? = nil) {
         Task {
             do throws(DomainError) {
-                _ = try await self.resync(vdisk: name, forceFrom: forceFrom, afterCrash: afterCrash)
+                _ = try await self.resync(vdisk: name, forceFrom: forceFrom, afterCrash: afterCrash, freshLeg: freshLeg)
                 _ = self.lock.withLock { self.backgroundErrors.removeValue(forKey: name) }
             } catch {
                 let line = "\(why) of '\(name)' failed: \(error)"
@@ -292,84 +301,120 @@ public final class MirrorService: @unchecked Sendable {
 
     private func end(_ name: String) { lock.withLock { running[name] = nil } }
 
-    /// Compares (and with `repair` copies) `ranges` of the vdisk, or all of it.
+    /// Compares (and with `repair` copies) `ranges` of the vdisk, or all of it, `copyWidth`
+    /// chunks at a time. `targetsHoldNothing` (a whole-leg copy onto legs that read as zeros
+    /// where nothing was written): no compare-read of the targets; every non-zero block of
+    /// the source is written (zero blocks are skipped, so a thin leg stays thin).
+    ///
+    /// Copy writes go without FUA; the vdisk's legs are flushed before a region is reported
+    /// done (its dirty bit may then go) and before returning (the legs may then be marked in
+    /// sync), so a crash loses nothing that was declared copied.
     private func walk(_ name: String, source: UUID, targets: [UUID], repair: Bool, operation: String,
-                      ranges: [Range<UInt64>]?, regionDone: ((Range<UInt64>) -> Void)?) async throws(DomainError) -> Report {
+                      ranges: [Range<UInt64>]?, targetsHoldNothing: Bool = false,
+                      regionDone: ((Range<UInt64>) -> Void)?) async throws(DomainError) -> Report {
         let port = try domain.port(for: name)
         guard let v = domain.metadata.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
-        let chunk = Self.chunkBytes
-        guard let src = try? AlignedBuffer(count: chunk), let dst = try? AlignedBuffer(count: chunk) else {
-            throw DomainError("out of memory for copy buffers")
+        let spans = ranges ?? [0..<v.sizeBytes]
+        var slots: [CopySlot] = []
+        for _ in 0..<Self.copyWidth {
+            guard let slot = CopySlot(chunkBytes: Self.chunkBytes, compareBlock: Self.compareBlock) else {
+                throw DomainError("out of memory for copy buffers")
+            }
+            slots.append(slot)
         }
-        let blocksPerChunk = chunk / Self.compareBlock
-        var srcCRC = [UInt32](repeating: 0, count: blocksPerChunk), dstCRC = srcCRC
-        var compared: UInt64 = 0, mismatched: UInt64 = 0, copied: UInt64 = 0
+        var totals = ChunkOutcome()
         let started = Date()
         var walked: UInt64 = 0
-        for span in ranges ?? [0..<v.sizeBytes] {
-        var offset = span.lowerBound
-        while offset < span.upperBound {
-            let n = Int(min(UInt64(chunk), span.upperBound - offset))
-            let blocks = (n + Self.compareBlock - 1) / Self.compareBlock
-            let range = offset..<(offset + UInt64(n))
-            if repair { await port.closeGate(range) }
-            do throws(DomainError) {
-                try await domain.legIO(.read, vdisk: name, leg: source, offset: offset, length: n, buffer: src.pointer)
-                fillCRCs(src.pointer, n, &srcCRC)
-                for t in targets {
-                    try await domain.legIO(.read, vdisk: name, leg: t, offset: offset, length: n, buffer: dst.pointer)
-                    fillCRCs(dst.pointer, n, &dstCRC)
-                    compared += UInt64(blocks)
-                    var b = 0
-                    while b < blocks {
-                        guard srcCRC[b] != dstCRC[b] else { b += 1; continue }
-                        var e = b
-                        while e < blocks && srcCRC[e] != dstCRC[e] { e += 1 }
-                        mismatched += UInt64(e - b)
-                        if repair {
-                            let at = b * Self.compareBlock, len = min(e * Self.compareBlock, n) - at
-                            try await domain.legIO(.write, vdisk: name, leg: t, offset: offset + UInt64(at), length: len, buffer: src.pointer + at)
-                            copied += UInt64(e - b)
-                        }
-                        b = e
+        // Regions whose chunks are all copied, waiting for the flush that lets their bits go.
+        var finishedSpans: [Range<UInt64>] = []
+        var chunksLeft = [Int](repeating: 0, count: spans.count)
+        var issuedAll = [Bool](repeating: false, count: spans.count)
+        var copiedAtFlush: UInt64 = 0
+        var lastSettled = Date()
+        var failure: DomainError?
+        let job = ChunkJob(domain: domain, port: port, vdisk: name, source: source, targets: targets, repair: repair,
+                           targetsHoldNothing: targetsHoldNothing)
+
+        let schedulers = Set(([source] + targets).compactMap { id in v.legs.first { $0.id == id }?.poolId })
+            .compactMap { domain.runtime(of: $0)?.scheduler }
+        func hostsIdle() -> Bool { schedulers.allSatisfy(\.hostsIdle) }
+
+        func settle() async throws(DomainError) {
+            if totals.copied > copiedAtFlush {
+                try await domain.flushLegs(vdisk: name, legs: targets)
+                copiedAtFlush = totals.copied
+            }
+            if let regionDone { for span in finishedSpans { regionDone(span) } }
+            finishedSpans.removeAll(keepingCapacity: true)
+            lastSettled = Date()
+        }
+
+        await withTaskGroup(of: (slot: Int, span: Int, bytes: Int, outcome: ChunkOutcome).self) { group in
+            var free = Array(slots.indices)
+            var spanIndex = 0
+            var offset = spans.first?.lowerBound ?? 0
+            while true {
+                // Keep `copyWidth` chunks going while there is work and nothing failed; one
+                // while hosts use the pools (each chunk holds host writes to it until copied,
+                // and the scheduler gives the copy a small share then anyway).
+                let width = hostsIdle() ? slots.count : 1
+                while failure == nil, spanIndex < spans.count, slots.count - free.count < width, let slot = free.popLast() {
+                    let span = spanIndex, end = min(offset + UInt64(Self.chunkBytes), spans[span].upperBound)
+                    let range = offset..<end
+                    chunksLeft[span] += 1
+                    if end == spans[span].upperBound {
+                        issuedAll[span] = true
+                        spanIndex += 1
+                        if spanIndex < spans.count { offset = spans[spanIndex].lowerBound }
+                    } else {
+                        offset = end
                     }
+                    let buffers = slots[slot]
+                    group.addTask { (slot, span, range.count, await job.run(range, buffers)) }
                 }
-            } catch {
-                if repair { port.openGate(range) }
-                throw error
-            }
-            if repair { port.openGate(range) }
-            offset += UInt64(n)
-            walked += UInt64(n)
-            let done = walked, c = copied, m = mismatched
-            lock.withLock {
-                running[name]?.doneBytes = done
-                running[name]?.copiedBlocks = c
-                running[name]?.mismatchedBlocks = m
+                guard let done = await group.next() else { break }
+                free.append(done.slot)
+                totals.add(done.outcome)
+                if let error = done.outcome.error, failure == nil { failure = error }
+                walked += UInt64(done.bytes)
+                chunksLeft[done.span] -= 1
+                if chunksLeft[done.span] == 0 && issuedAll[done.span] { finishedSpans.append(spans[done.span]) }
+                let w = walked, t = totals
+                lock.withLock {
+                    running[name]?.doneBytes = w
+                    running[name]?.copiedBlocks = t.copied
+                    running[name]?.mismatchedBlocks = t.mismatched
+                }
+                if failure == nil, !finishedSpans.isEmpty,
+                   finishedSpans.count >= Self.regionsPerFlush || Date().timeIntervalSince(lastSettled) >= Self.settleSeconds {
+                    do throws(DomainError) { try await settle() } catch { failure = error }
+                }
             }
         }
-        regionDone?(span)
-        }
-        return Report(vdisk: name, operation: operation, source: -1, targets: [], blocksCompared: compared,
-                      mismatchedBlocks: mismatched, copiedBlocks: copied, seconds: (Date().timeIntervalSince(started) * 100).rounded() / 100)
+        if let failure { throw failure }
+        try await settle()
+        return Report(vdisk: name, operation: operation, source: -1, targets: [], blocksCompared: totals.compared,
+                      mismatchedBlocks: totals.mismatched, copiedBlocks: totals.copied,
+                      seconds: (Date().timeIntervalSince(started) * 100).rounded() / 100)
     }
 
-    private func fillCRCs(_ p: UnsafeMutableRawPointer, _ n: Int, _ out: inout [UInt32]) {
-        var b = 0
-        while b * Self.compareBlock < n {
-            let len = min(Self.compareBlock, n - b * Self.compareBlock)
-            out[b] = Checksum.crc32c(UnsafeRawBufferPointer(start: p + b * Self.compareBlock, count: len))
-            b += 1
-        }
-    }
+    /// Chunks a copy keeps in flight (each a read of the source, maybe of the targets, and writes).
+    static let copyWidth = 4
+    /// Regions copied between two flushes of the target legs (each flush lets their bits go),
+    /// or fewer when a slow copy reaches `settleSeconds`: a copy cut short then repeats at most
+    /// that much.
+    static let regionsPerFlush = 64
+    static let settleSeconds = 0.5
+
 }
 
 /// Leg-level I/O in the background class, for copiers: one leg, bypassing the port's fan-out.
 extension Domain {
     /// Reads or writes one leg, named by its id (resolved now: a leg removed or split off
     /// since the caller looked is an error, never another leg that took its index).
+    /// `fua: false` for copies that flush before they declare anything copied.
     func legIO(_ op: IOScheduler.Operation, vdisk name: String, leg id: UUID, offset: UInt64, length: Int,
-               buffer: UnsafeMutableRawPointer) async throws(DomainError)
+               buffer: UnsafeMutableRawPointer, fua: Bool = true) async throws(DomainError)
     {
         guard let v = metadata.vdisk(named: name), let l = v.legIndex(id) else {
             throw DomainError("vdisk '\(name)': a leg of the copy was removed or split off meanwhile; the copy stops")
@@ -406,7 +451,7 @@ extension Domain {
                 let result = await withCheckedContinuation { (c: CheckedContinuation<Int64, Never>) in
                     do throws(IOError) {
                         try scheduler.submit(op, lun: slot, buffer: buffer + done, length: piece, offset: lunOffset,
-                                             fua: op == .write, ioClass: .background, sink: ContinuationSink(c), cookie: 0)
+                                             fua: fua && op == .write, ioClass: .background, sink: ContinuationSink(c), cookie: 0)
                         scheduler.kick()
                     } catch {
                         refused = error
@@ -423,6 +468,45 @@ extension Domain {
                 break
             }
             done += piece
+        }
+    }
+
+    /// Makes the copies written to legs `ids` durable: a flush of every LUN of their pools,
+    /// in the background class (a copy's flush must not count as host I/O, which would hold
+    /// the copy to its share for a while after each flush).
+    func flushLegs(vdisk name: String, legs ids: [UUID]) async throws(DomainError) {
+        let m = metadata
+        guard let v = m.vdisk(named: name) else { throw DomainError("vdisk '\(name)' not found") }
+        let pools = Set(ids.compactMap { id in v.legs.first { $0.id == id }?.poolId })
+        for poolId in pools {
+            guard let pool = m.pool(id: poolId), let runtime = runtime(of: poolId), let scheduler = runtime.scheduler else {
+                throw DomainError("vdisk '\(name)': a pool of the copy is not available")
+            }
+            for (lun, slot) in runtime.slots.enumerated() {
+                guard let slot else { throw DomainError("vdisk '\(name)': pool '\(pool.name)' LUN \(lun) is missing") }
+                while true {
+                    var refused: IOError?
+                    let result = await withCheckedContinuation { (c: CheckedContinuation<Int64, Never>) in
+                        do throws(IOError) {
+                            try scheduler.submit(.flush, lun: slot, buffer: nil, length: 0, offset: 0, ioClass: .background,
+                                                 sink: ContinuationSink(c), cookie: 0)
+                            scheduler.kick()
+                        } catch {
+                            refused = error
+                            c.resume(returning: -Int64(error.code))
+                        }
+                    }
+                    if refused?.code == EBUSY {
+                        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in scheduler.whenRoom { c.resume() } }
+                        continue
+                    }
+                    if result < 0 {
+                        throw DomainError("vdisk '\(name)': flushing pool '\(pool.name)' LUN \(lun) after a copy: "
+                            + "\(IOError(result: result, operation: .flush, lun: pool.luns[lun].path, offset: 0))")
+                    }
+                    break
+                }
+            }
         }
     }
 }

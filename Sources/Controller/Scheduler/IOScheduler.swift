@@ -56,6 +56,10 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     public let profile: ArrayProfile
     private let maxChunkBytes: Int
     private let backgroundDepth: Int
+    private let backgroundSharePercent: Int
+    /// Background chunks while hosts are active: at most the optimal I/O size, so a host
+    /// request queued behind one waits for a small transfer, not a max_io_size one.
+    private let backgroundActiveChunkBytes: Int
     private let lock = DataPathMutex(())
     private let slots: UnsafeMutablePointer<Slot>
     private let capacity: Int
@@ -67,6 +71,10 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     private var arrayInFlight = 0
     private var backgroundInFlight = 0
     private var queuedHost = 0
+    /// When a host chunk last went to a LUN: background work takes the whole depth only
+    /// after host I/O has been idle for `hostIdleNs` (work-conserving, yet host first).
+    private var lastHostDispatchNs: UInt64 = 0
+    public static let hostIdleNs: UInt64 = 50_000_000
     /// Callers waiting for a free slot (`whenRoom`), first come first served.
     private var roomWaiters: [@Sendable () -> Void] = []
     private var iopsBucket: TokenBucket?
@@ -92,6 +100,8 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         self.capacity = capacity
         maxChunkBytes = Int(profile.maxIOBytes)
         backgroundDepth = max(1, profile.queueDepthPerArray * backgroundSharePercent / 100)
+        self.backgroundSharePercent = backgroundSharePercent
+        backgroundActiveChunkBytes = Int(min(profile.maxIOBytes, max(profile.optimalIOBytes, 4096)))
         slots = .allocate(capacity: capacity)
         slots.initialize(repeating: Slot(), count: capacity)
         for i in 0..<capacity { slots[i].nextFree = i + 1 < capacity ? Int32(i + 1) : -1 }
@@ -145,6 +155,23 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     }
 
     public var currentStats: Stats { lock.withLock { _ in stats } }
+
+    /// No host I/O in flight and none sent for `hostIdleNs`: background work may use the whole depth.
+    public var hostsIdle: Bool {
+        let now = clock.nowNs()
+        return lock.withLock { _ in arrayInFlight == backgroundInFlight && now &- lastHostDispatchNs >= Self.hostIdleNs }
+    }
+
+    /// What background work may use now: the whole queue depth (no host I/O in flight or
+    /// sent for `hostIdleNs`) or its `background_share`; for `mirror status`.
+    public var backgroundAllowance: String {
+        let now = clock.nowNs()
+        return lock.withLock { _ in
+            let idle = arrayInFlight == backgroundInFlight && now &- lastHostDispatchNs >= Self.hostIdleNs
+            return idle ? "whole queue depth (hosts idle)"
+                : "\(backgroundSharePercent)% of what is in flight, chunks of \(backgroundActiveChunkBytes >> 10) KiB (hosts active)"
+        }
+    }
 
     /// Queues a request. Throws EINVAL/ERANGE for bad requests (checked here, before
     /// anything is queued) and EBUSY when `capacity` requests are outstanding.
@@ -222,18 +249,26 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         guard luns[l].inFlight < profile.queueDepthPerLUN else { return false }
         var ioClass = IOClass.host
         var head = luns[l].host.peek()
+        let now = clock.nowNs()
+        var chunkLimit = maxChunkBytes
         if head == nil {
-            // Background waits while host I/O is queued anywhere, and keeps to its share of depth.
-            guard queuedHost == 0, backgroundInFlight < backgroundDepth, let bg = luns[l].background.peek() else {
+            // Background waits while host I/O is queued anywhere and keeps to its share of
+            // depth, unless no host I/O is in flight or was sent for `hostIdleNs`: then it may
+            // use the whole depth (an idle array copies at full speed).
+            let hostIdle = arrayInFlight == backgroundInFlight && now &- lastHostDispatchNs >= Self.hostIdleNs
+            guard queuedHost == 0, backgroundInFlight < (hostIdle ? profile.queueDepthPerArray : activeBackgroundLimit()),
+                  let bg = luns[l].background.peek() else {
                 return false
             }
             head = bg
             ioClass = .background
+            if !hostIdle { chunkLimit = backgroundActiveChunkBytes }
+        } else {
+            lastHostDispatchNs = now
         }
         let index = Int(head!)
         let slot = slots[index]
-        let chunk = slot.op == .flush ? 0 : min(maxChunkBytes, slot.length - slot.dispatchedBytes)
-        let now = clock.nowNs()
+        let chunk = slot.op == .flush ? 0 : min(chunkLimit, slot.length - slot.dispatchedBytes)
         if !takeTokens(bytes: chunk, ioClass: ioClass, now: now) { return false }
 
         let offset = slot.offset + UInt64(slot.dispatchedBytes)
@@ -276,6 +311,15 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         }
         if slot.op == .flush || slots[index].dispatchedBytes >= slot.length { popHead(lun: l, ioClass: ioClass) }
         return true
+    }
+
+    /// Background chunks in flight while hosts are active: the share of what is in flight,
+    /// `background_share` of the whole (at least one, so copies always move on; at most the
+    /// share of the array's depth). With 4 host requests in flight and a 20 % share: one.
+    private func activeBackgroundLimit() -> Int {
+        guard backgroundSharePercent < 100 else { return backgroundDepth }
+        let hostInFlight = arrayInFlight - backgroundInFlight
+        return min(backgroundDepth, max(1, hostInFlight * backgroundSharePercent / (100 - backgroundSharePercent)))
     }
 
     private func popHead(lun l: Int, ioClass: IOClass) {
