@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef RWF_DSYNC
@@ -27,6 +28,8 @@ enum cio_op { CIO_OP_READ, CIO_OP_WRITE, CIO_OP_FLUSH };
  * -EAGAIN and nothing is in flight) before they fail: 5000 × 1 ms. */
 #define CIO_MAX_STALLED_ROUNDS 5000
 #define CIO_STALL_POLL_MS 1
+/* The reaper polls before sleeping only with this many requests in the kernel or fewer. */
+#define CIO_POLL_MAX_IN_KERNEL 4
 
 struct cio_req {
     /* iocb must stay first: reaped events carry its address (container_of at offset 0). */
@@ -62,6 +65,9 @@ struct cio_engine {
     int efd;
     uint32_t depth;
     uint32_t reap_batch; /* completions handled before submitting again */
+    uint64_t poll_max_ns; /* polling before sleeping, per wait (0: never poll) */
+    bool ring_usable;     /* the kernel's completion ring can be read from user space */
+    _Atomic uint64_t polls_hit, polls_missed; /* counted without e->lock: a lock per wait would cost */
     pthread_t reaper;
     bool reaper_started;
     /* A one-shot IOCB_CMD_POLL on efd kept in the AIO context: writing efd completes
@@ -127,6 +133,7 @@ void cio_engine_opts_init(struct cio_engine_opts *opts) {
     opts->size = sizeof *opts;
     opts->queue_depth = 128;
     opts->reap_batch = 8;
+    opts->poll_max_us = CIO_POLL_DEFAULT_US;
 }
 
 /* ---------------------------------------------------------------- prep */
@@ -429,6 +436,47 @@ static void reap_kernel_events(struct cio_engine *e, bool block, const struct ti
     }
 }
 
+/* Polling before sleeping (QEMU's AioContext polling, Linux's hybrid io_poll and
+ * SPDK's pollers do the same): before the reaper sleeps in io_getevents it watches
+ * the completion ring for up to poll_max_ns. At low depth the next completion is
+ * often microseconds away (the one in the kernel, or the one the host sends as soon
+ * as it has its reply), while a sleep costs a thread wake-up, and on a virtual
+ * machine waking a halted vCPU costs more than a fast device's I/O: 4k QD1 through
+ * NBD on a RAM-backed loop device measured 8.8k IOPS sleeping and 19k polling, with
+ * no more CPU per I/O. At depth it only takes CPU the submitting threads need (4k
+ * QD32 through NBD on 2 cores: fewer IOPS, more CPU per I/O), and completions keep
+ * coming anyway, so the reaper polls only with CIO_POLL_MAX_IN_KERNEL requests or
+ * fewer in the kernel. Polling that adapts (polls less after polls in vain, or only
+ * while completions keep coming) measured no better than sleeping: a round trip is
+ * short because the CPUs are kept awake, so once polling stops the misses that
+ * stopped it continue. An idle daemon polls once per wake-up, which is rare. */
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static bool ring_has_events(struct cio_engine *e) {
+    struct cio_aio_ring *ring = (struct cio_aio_ring *)e->aio;
+    return ring->head != __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
+}
+
+/* True when the ring has events within the budget (the reaper then reaps without sleeping). */
+static bool poll_ring(struct cio_engine *e, uint32_t in_kernel) {
+    if (e->poll_max_ns == 0 || !e->ring_usable || in_kernel > CIO_POLL_MAX_IN_KERNEL) return false;
+    uint64_t deadline = now_ns() + e->poll_max_ns;
+    bool hit = false;
+    do {
+        if (ring_has_events(e)) {
+            hit = true;
+            break;
+        }
+        __builtin_ia32_pause();
+    } while (now_ns() < deadline);
+    atomic_fetch_add_explicit(hit ? &e->polls_hit : &e->polls_missed, 1, memory_order_relaxed);
+    return hit;
+}
+
 /* Free every done request first (copying what the callback needs), then call
  * out: a callback may prep into the slots just freed. */
 static uint32_t deliver_completions(struct cio_engine *e) {
@@ -472,6 +520,7 @@ static void *reaper_main(void *arg) {
         bool have_staged = e->staged.count > 0;
         bool have_done = e->done.count > 0;
         bool exit_now = e->stopping && e->inflight == 0;
+        uint32_t in_kernel = e->in_kernel;
         pthread_mutex_unlock(&e->lock);
         if (exit_now) break;
 
@@ -480,7 +529,9 @@ static void *reaper_main(void *arg) {
          * kernel, and 10 ms when there is no wake iocb to rely on. */
         struct timespec stall = {0, CIO_STALL_POLL_MS * 1000000L}, fallback = {0, 10000000L};
         const struct timespec *timeout = have_staged ? &stall : (e->wake_armed ? NULL : &fallback);
-        reap_kernel_events(e, !have_done, timeout);
+        /* Done requests are delivered without waiting; else a moment's polling, then sleep. */
+        bool block = !have_done && (have_staged || !poll_ring(e, in_kernel));
+        reap_kernel_events(e, block, timeout);
         uint32_t delivered = deliver_completions(e);
         bool deferred = false;
         int submitted = engine_submit(e, &deferred);
@@ -526,6 +577,7 @@ int cio_engine_create(const struct cio_engine_opts *opts, struct cio_engine **ou
     e->efd = -1;
     e->depth = opts->queue_depth;
     e->reap_batch = opts->reap_batch == 0 || opts->reap_batch > e->depth ? e->depth : opts->reap_batch;
+    e->poll_max_ns = (uint64_t)opts->poll_max_us * 1000u;
     e->batch_end = opts->batch_end;
     e->batch_end_ctx = opts->batch_end_ctx;
     e->reqs = calloc(e->depth, sizeof *e->reqs);
@@ -551,6 +603,8 @@ int cio_engine_create(const struct cio_engine_opts *opts, struct cio_engine **ou
         engine_free(e);
         return rc;
     }
+    struct cio_aio_ring *ring = (struct cio_aio_ring *)e->aio;
+    e->ring_usable = ring->magic == CIO_AIO_RING_MAGIC && ring->incompat_features == 0;
     pthread_mutex_init(&e->lock, NULL);
     pthread_mutex_init(&e->submit_lock, NULL);
     rc = pthread_create(&e->reaper, NULL, reaper_main, e);
@@ -591,6 +645,8 @@ void cio_engine_get_stats(struct cio_engine *e, struct cio_engine_stats *stats) 
     pthread_mutex_lock(&e->lock);
     *stats = e->stats;
     pthread_mutex_unlock(&e->lock);
+    stats->polls_hit = atomic_load_explicit(&e->polls_hit, memory_order_relaxed);
+    stats->polls_missed = atomic_load_explicit(&e->polls_missed, memory_order_relaxed);
 }
 
 _Static_assert(offsetof(struct cio_req, iocb) == 0, "events are mapped back to requests by address");

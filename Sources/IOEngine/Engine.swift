@@ -17,6 +17,9 @@ private let completionTrampoline: cio_completion_fn = { ctx, cookie, result in
     sink.ioCompleted(cookie: cookie, result: result)
 }
 
+/// The reaper's polling budget when none is given (CIOCore's CIO_POLL_DEFAULT_US).
+public let defaultPollMicroseconds = Int(CIO_POLL_DEFAULT_US)
+
 /// Owner of a Linux AIO engine (io_setup context, eventfd, reaper thread).
 /// `deinit` stops new requests, delivers every completion of those in flight,
 /// then releases the context.
@@ -24,11 +27,14 @@ public struct Engine: ~Copyable, @unchecked Sendable {
     public let handle: EngineHandle
 
     /// - Parameter reapBatch: completions handled before the reaper submits again (nil: CIOCore's default, 8).
-    public init(queueDepth: Int, reapBatch: Int? = nil) throws(IOError) {
+    /// - Parameter pollMaxMicroseconds: how long the reaper polls for a completion at low depth before it
+    ///   sleeps (nil: CIOCore's default, `defaultPollMicroseconds`; 0: never poll).
+    public init(queueDepth: Int, reapBatch: Int? = nil, pollMaxMicroseconds: Int? = nil) throws(IOError) {
         var opts = cio_engine_opts()
         cio_engine_opts_init(&opts)
         opts.queue_depth = UInt32(clamping: queueDepth)
         if let reapBatch { opts.reap_batch = UInt32(clamping: reapBatch) }
+        if let pollMaxMicroseconds { opts.poll_max_us = UInt32(clamping: pollMaxMicroseconds) }
         var raw: OpaquePointer?
         let rc = cio_engine_create(&opts, &raw)
         guard rc == 0, let raw else { throw IOError(result: rc, operation: .engineCreate) }

@@ -177,7 +177,8 @@ final class NBDTests: XCTestCase {
     }
 
     func testConnectionsBeyondTheLimitAreTurnedAwayAndIdleOnesTimeOut() throws {
-        try restart(extra: ["--nbd-max-connections", "2"])
+        // With the engine polling before it sleeps, so the data checks below run through that path too.
+        try restart(extra: ["--nbd-max-connections", "2", "--reap-poll-us", "50"])
         // One connection that never negotiates, one that does: the limit is reached.
         let idle = try NBDRawClient(socket: socket)
         let connectedAt = Date()
@@ -220,6 +221,9 @@ final class NBDTests: XCTestCase {
         let bad = try CLI.run(["serve", "--dir", state, "--profiles", ServeProcess.profiles, "--nbd-max-connections", "0"])
         XCTAssertEqual(bad.status, 1)
         XCTAssertEqual(bad.stderr, "svsp-ctl: --nbd-max-connections 0: must be at least 1\n", "refused before anything starts")
+        let badPoll = try CLI.run(["serve", "--dir", state, "--profiles", ServeProcess.profiles, "--reap-poll-us", "20000"])
+        XCTAssertEqual(badPoll.status, 1)
+        XCTAssertEqual(badPoll.stderr, "svsp-ctl: --reap-poll-us 20000: must be 0 to 10000 (microseconds)\n")
     }
 
     func testStructuredRepliesAndBlockStatusMapAThinVDisk() throws {

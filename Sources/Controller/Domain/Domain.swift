@@ -135,10 +135,11 @@ public final class Domain: @unchecked Sendable {
 
     /// Opens the domain in `directory`: bootstrap file, LUNs (recognized by their labels),
     /// the setup vdisk when there is one. Missing or foreign LUNs leave the domain degraded.
-    public static func open(directory: String, profiles: ProfileCatalog, faultPlan: FaultPlan? = nil) async throws(DomainError) -> Domain {
+    public static func open(directory: String, profiles: ProfileCatalog, faultPlan: FaultPlan? = nil,
+                            reapPollMicroseconds: Int? = nil) async throws(DomainError) -> Domain {
         let boot = try BootstrapStore(directory: directory).load()
         let engine: Engine
-        do { engine = try Engine(queueDepth: 1024) } catch { throw DomainError("\(error)") }
+        do { engine = try Engine(queueDepth: 1024, pollMaxMicroseconds: reapPollMicroseconds) } catch { throw DomainError("\(error)") }
         let domain = Domain(directory: directory, profiles: profiles, metadata: boot, engine: engine)
         domain.faultPlan = faultPlan
         for pool in boot.pools where boot.setupPools.contains(pool.id) { domain.openLUNs(of: pool) }

@@ -16,10 +16,13 @@ public final class Daemon: @unchecked Sendable {
         public var faultPlan: String?
         /// HOST:PORT for replication connections from peer domains (nil: none accepted).
         public var replListen: String?
+        /// The engine's polling budget at low depth (nil: the engine's default).
+        public var reapPollMicroseconds: Int?
         public init(directory: String, mgmtSocket: String? = nil, profilesRoot: String? = nil, metricsListen: String? = nil,
                     nbdListen: String? = nil, nbdMaxConnections: Int = NBDServer.defaultMaxConnections, faultPlan: String? = nil,
-                    replListen: String? = nil)
+                    replListen: String? = nil, reapPollMicroseconds: Int? = nil)
         {
+            self.reapPollMicroseconds = reapPollMicroseconds
             self.replListen = replListen
             self.faultPlan = faultPlan
             self.nbdMaxConnections = nbdMaxConnections
@@ -49,6 +52,9 @@ public final class Daemon: @unchecked Sendable {
     public func run() async throws(DomainError) {
         let dir = options.directory
         try NBDServer.validate(maxConnections: options.nbdMaxConnections)
+        if let us = options.reapPollMicroseconds, !(0...10_000).contains(us) {
+            throw DomainError("--reap-poll-us \(us): must be 0 to 10000 (microseconds)")
+        }
         if let listen = options.replListen { _ = try HostPort.parse(listen, option: "--repl-listen", listening: true) }
         let faultPlan = try options.faultPlan.map { path throws(DomainError) in try FaultPlan.load(path) }
         guard BootstrapStore(directory: dir).exists else {
@@ -61,7 +67,8 @@ public final class Daemon: @unchecked Sendable {
         } catch {
             throw DomainError("hardware profiles: \(error.problems.first?.description ?? "\(error)")")
         }
-        let domain = try await Domain.open(directory: dir, profiles: catalog, faultPlan: faultPlan)
+        let domain = try await Domain.open(directory: dir, profiles: catalog, faultPlan: faultPlan,
+                                           reapPollMicroseconds: options.reapPollMicroseconds)
         if let path = options.faultPlan, let plan = faultPlan {
             logger.critical("FAULT PLAN ACTIVE (\(path)): \(plan.rules.count) rule(s) fail LUN I/O on purpose; never use this in production")
         }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Controller
 import Foundation
+import IOEngine
 import Logging
 
 /// --dir / $SVSP_DIR and --json, shared by every command that talks to a daemon.
@@ -99,13 +100,16 @@ struct ServeCommand: ParsableCommand {
     var faultPlan: String?
     @Option(name: .customLong("repl-listen"), help: "Accept replication connections from peer domains on HOST:PORT (off unless given).")
     var replListen: String?
+    @Option(name: .customLong("reap-poll-us"),
+            help: "At low queue depth, poll for a completion up to this many microseconds before sleeping (0: never; default \(defaultPollMicroseconds)).")
+    var reapPollMicroseconds: Int = defaultPollMicroseconds
 
     func run() throws {
         let dir = try DomainOptions.resolveDirectory(dir)
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles, metricsListen: metricsListen,
                                            nbdListen: nbdListen, nbdMaxConnections: nbdMaxConnections, faultPlan: faultPlan,
-                                           replListen: replListen),
+                                           replListen: replListen, reapPollMicroseconds: reapPollMicroseconds),
                             logger: Logger(label: "svsp"))
         let outcome = RunOutcome()
         let done = DispatchSemaphore(value: 0)
