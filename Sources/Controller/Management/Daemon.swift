@@ -1,4 +1,5 @@
 import Foundation
+import IOEngine
 import Logging
 
 /// `svsp-ctl serve`: runs one domain in the foreground until SIGINT/SIGTERM.
@@ -52,8 +53,8 @@ public final class Daemon: @unchecked Sendable {
     public func run() async throws(DomainError) {
         let dir = options.directory
         try NBDServer.validate(maxConnections: options.nbdMaxConnections)
-        if let us = options.reapPollMicroseconds, !(0...10_000).contains(us) {
-            throw DomainError("--reap-poll-us \(us): must be 0 to 10000 (microseconds)")
+        if let us = options.reapPollMicroseconds, !(0...maxPollMicroseconds).contains(us) {
+            throw DomainError("--reap-poll-us \(us): must be 0 to \(maxPollMicroseconds) (microseconds)")
         }
         if let listen = options.replListen { _ = try HostPort.parse(listen, option: "--repl-listen", listening: true) }
         let faultPlan = try options.faultPlan.map { path throws(DomainError) in try FaultPlan.load(path) }
