@@ -3,7 +3,9 @@
  * eventfd poll iocb) that finishes short transfers, retries -EAGAIN, and runs the
  * callbacks after each reaped batch (never inside reaping, so a callback that
  * preps new I/O never recurses). Per-request state lives in a table sized by
- * the queue depth, allocated once. */
+ * the queue depth, allocated once. An engine created with caller_reaps has no
+ * reaper thread: every iocb signals an eventfd (IOCB_FLAG_RESFD) that the
+ * owner's event loop watches, and the loop reaps (cio_engine_reap). */
 #include "cio_internal.h"
 
 #include <errno.h>
@@ -67,6 +69,9 @@ struct cio_engine {
     uint32_t reap_batch; /* completions handled before submitting again */
     uint64_t poll_max_ns; /* polling before sleeping, per wait (0: never poll) */
     bool ring_usable;     /* the kernel's completion ring can be read from user space */
+    bool caller_reaps;    /* no reaper thread: efd is every iocb's RESFD, the owner reaps */
+    uint32_t stalled_rounds; /* caller_reaps: rounds in which staged work made no progress (under reap_lock) */
+    pthread_mutex_t reap_lock; /* caller_reaps: one reaping thread at a time (the owner, or destroy) */
     _Atomic uint64_t polls_hit, polls_missed; /* counted without e->lock: a lock per wait would cost */
     pthread_t reaper;
     bool reaper_started;
@@ -138,7 +143,7 @@ void cio_engine_opts_init(struct cio_engine_opts *opts) {
 
 /* ---------------------------------------------------------------- prep */
 
-static void fill_iocb(struct cio_req *r) {
+static void fill_iocb(const struct cio_engine *e, struct cio_req *r) {
     uint8_t *buf = r->buf + r->done_bytes;
     uint64_t len = r->len - r->done_bytes;
     long long off = (long long)(r->offset + r->done_bytes);
@@ -150,6 +155,7 @@ static void fill_iocb(struct cio_req *r) {
         break;
     default: io_prep_fdsync(&r->iocb, r->lun->fd); break;
     }
+    if (e->caller_reaps) io_set_eventfd(&r->iocb, e->efd);
 }
 
 static int check_io(const struct cio_lun *lun, const void *buf, uint64_t len, uint64_t offset) {
@@ -191,7 +197,7 @@ static int prep(struct cio_engine *e, struct cio_lun *lun, enum cio_op op, void 
     r->result = 0;
     r->op = (uint8_t)op;
     r->fua = fua;
-    fill_iocb(r);
+    fill_iocb(e, r);
     list_push(&e->staged, r);
     pthread_mutex_unlock(&e->lock);
     return 0;
@@ -325,7 +331,7 @@ static int engine_submit(struct cio_engine *e, bool *deferred) {
         atomic_thread_fence(memory_order_seq_cst);
         if (stalled) break;
     }
-    if (wake && !pthread_equal(pthread_self(), e->reaper)) wake_reaper(e);
+    if (wake && (e->caller_reaps || !pthread_equal(pthread_self(), e->reaper))) wake_reaper(e);
     return total > 0 ? total : result;
 }
 
@@ -337,7 +343,7 @@ int cio_engine_submit(struct cio_engine *e) { return engine_submit(e, NULL); }
 static void handle_event(struct cio_engine *e, struct cio_req *r, long res) {
     if (res == -EAGAIN) {
         e->stats.resubmits++;
-        fill_iocb(r);
+        fill_iocb(e, r);
         list_push(&e->staged, r);
         return;
     }
@@ -357,7 +363,7 @@ static void handle_event(struct cio_engine *e, struct cio_req *r, long res) {
     } else {
         r->done_bytes += (uint64_t)res;
         e->stats.resubmits++;
-        fill_iocb(r);
+        fill_iocb(e, r);
         list_push(&e->staged, r);
     }
 }
@@ -417,8 +423,10 @@ static void reap_kernel_events(struct cio_engine *e, bool block, const struct ti
     bool use_ring = e->ring_usable;
     int n = use_ring ? reap_ring(e, (struct cio_aio_ring *)e->aio) : 0;
     if (n == 0 && (block || !use_ring)) {
+        struct timespec now = {0, 0};
         do {
-            n = io_getevents(e->aio, block ? 1 : 0, (long)e->reap_batch, e->events, (struct timespec *)timeout);
+            n = io_getevents(e->aio, block ? 1 : 0, (long)e->reap_batch, e->events,
+                             (struct timespec *)(block ? timeout : &now));
         } while (n == -EINTR);
     }
     if (n <= 0) return;
@@ -521,6 +529,29 @@ static void fail_stalled(struct cio_engine *e) {
     pthread_mutex_unlock(&e->lock);
 }
 
+/* Staged requests that the kernel keeps refusing while nothing is in flight fail
+ * after CIO_MAX_STALLED_ROUNDS rounds in which nothing moved. Another thread inside
+ * io_submit (`deferred`) neither proves progress nor a stall: such a round leaves
+ * the count as it is. The lock is taken only when nothing moved. */
+static void count_stalls(struct cio_engine *e, uint32_t *stalled_rounds, uint32_t delivered, int submitted,
+                         bool deferred) {
+    if (deferred) return;
+    if (delivered > 0 || submitted > 0) {
+        *stalled_rounds = 0;
+        return;
+    }
+    pthread_mutex_lock(&e->lock);
+    bool stuck = e->staged.count > 0 && e->in_kernel == 0;
+    pthread_mutex_unlock(&e->lock);
+    if (!stuck) {
+        *stalled_rounds = 0;
+    } else if (++*stalled_rounds >= CIO_MAX_STALLED_ROUNDS) {
+        fail_stalled(e);
+        deliver_completions(e);
+        *stalled_rounds = 0;
+    }
+}
+
 static void *reaper_main(void *arg) {
     struct cio_engine *e = arg;
     uint32_t stalled_rounds = 0;
@@ -544,27 +575,70 @@ static void *reaper_main(void *arg) {
         uint32_t delivered = deliver_completions(e);
         bool deferred = false;
         int submitted = engine_submit(e, &deferred);
-
-        /* Another thread inside io_submit neither proves progress nor a stall: such a
-         * round leaves the count as it is. The lock is taken only when nothing moved. */
-        if (deferred) continue;
-        if (delivered > 0 || submitted > 0) {
-            stalled_rounds = 0;
-            continue;
-        }
-        pthread_mutex_lock(&e->lock);
-        bool stuck = e->staged.count > 0 && e->in_kernel == 0;
-        pthread_mutex_unlock(&e->lock);
-        if (!stuck) {
-            stalled_rounds = 0;
-        } else if (++stalled_rounds >= CIO_MAX_STALLED_ROUNDS) {
-            fail_stalled(e);
-            deliver_completions(e);
-            stalled_rounds = 0;
-        }
+        count_stalls(e, &stalled_rounds, delivered, submitted, deferred);
     }
     return NULL;
 }
+
+/* ------------------------------------------------ reaping by the owner */
+
+/* Rounds of reap, deliver, submit per cio_engine_reap call: enough for a deep
+ * queue's completions, few enough that an event loop gets back to its sockets. */
+#define CIO_CALLER_REAP_ROUNDS 16
+
+int cio_engine_notify_fd(const struct cio_engine *e) { return e->caller_reaps ? e->efd : -1; }
+
+int cio_engine_reap(struct cio_engine *e, bool *retry_soon) {
+    if (retry_soon) *retry_soon = false;
+    if (e == NULL || !e->caller_reaps) return -EINVAL;
+    if (pthread_mutex_trylock(&e->reap_lock) != 0) return 0; /* destroy is draining it */
+    int total = 0;
+    for (int round = 0; round < CIO_CALLER_REAP_ROUNDS; round++) {
+        reap_kernel_events(e, false, NULL);
+        uint32_t delivered = deliver_completions(e);
+        bool deferred = false;
+        int submitted = engine_submit(e, &deferred);
+        total += (int)delivered;
+        count_stalls(e, &e->stalled_rounds, delivered, submitted, deferred);
+        if (delivered == 0 && submitted <= 0) break;
+    }
+    pthread_mutex_lock(&e->lock);
+    bool staged = e->staged.count > 0;
+    bool done = e->done.count > 0;
+    pthread_mutex_unlock(&e->lock);
+    /* Completions left for lack of rounds signalled the fd already and were read
+     * with it: signal again so the owner comes back. */
+    if (done || (e->ring_usable && ring_has_events(e))) wake_reaper(e);
+    pthread_mutex_unlock(&e->reap_lock);
+    if (staged && retry_soon) *retry_soon = true;
+    return total;
+}
+
+/* Destroy of an engine its owner reaps: deliver what is in flight on this thread. */
+static void drain_on_caller(struct cio_engine *e) {
+    pthread_mutex_lock(&e->reap_lock);
+    uint32_t stalled_rounds = 0;
+    for (;;) {
+        pthread_mutex_lock(&e->lock);
+        bool have_staged = e->staged.count > 0;
+        bool have_done = e->done.count > 0;
+        bool finished = e->inflight == 0;
+        pthread_mutex_unlock(&e->lock);
+        if (finished) break;
+        struct timespec stall = {0, CIO_STALL_POLL_MS * 1000000L}, idle = {0, 10000000L};
+        reap_kernel_events(e, !have_done, have_staged ? &stall : &idle);
+        uint32_t delivered = deliver_completions(e);
+        int submitted = engine_submit(e, NULL);
+        count_stalls(e, &stalled_rounds, delivered, submitted, false);
+    }
+    pthread_mutex_unlock(&e->reap_lock);
+}
+
+static _Thread_local struct cio_engine *thread_engine;
+
+void cio_engine_set_thread_engine(struct cio_engine *e) { thread_engine = e; }
+
+struct cio_engine *cio_engine_thread_engine(void) { return thread_engine; }
 
 /* ----------------------------------------------------------- lifecycle */
 
@@ -587,6 +661,7 @@ int cio_engine_create(const struct cio_engine_opts *opts, struct cio_engine **ou
     e->depth = opts->queue_depth;
     e->reap_batch = opts->reap_batch == 0 || opts->reap_batch > e->depth ? e->depth : opts->reap_batch;
     e->poll_max_ns = (uint64_t)opts->poll_max_us * 1000u;
+    e->caller_reaps = opts->caller_reaps;
     e->batch_end = opts->batch_end;
     e->batch_end_ctx = opts->batch_end_ctx;
     e->reqs = calloc(e->depth, sizeof *e->reqs);
@@ -616,15 +691,19 @@ int cio_engine_create(const struct cio_engine_opts *opts, struct cio_engine **ou
     e->ring_usable = ring->magic == CIO_AIO_RING_MAGIC && ring->incompat_features == 0;
     pthread_mutex_init(&e->lock, NULL);
     pthread_mutex_init(&e->submit_lock, NULL);
-    rc = pthread_create(&e->reaper, NULL, reaper_main, e);
-    if (rc != 0) {
-        io_destroy(e->aio);
-        pthread_mutex_destroy(&e->lock);
-        pthread_mutex_destroy(&e->submit_lock);
-        engine_free(e);
-        return -rc;
+    pthread_mutex_init(&e->reap_lock, NULL);
+    if (!e->caller_reaps) {
+        rc = pthread_create(&e->reaper, NULL, reaper_main, e);
+        if (rc != 0) {
+            io_destroy(e->aio);
+            pthread_mutex_destroy(&e->lock);
+            pthread_mutex_destroy(&e->submit_lock);
+            pthread_mutex_destroy(&e->reap_lock);
+            engine_free(e);
+            return -rc;
+        }
+        e->reaper_started = true;
     }
-    e->reaper_started = true;
     *out = e;
     return 0;
 }
@@ -635,12 +714,24 @@ void cio_engine_destroy(struct cio_engine *e) {
     e->stopping = true;
     pthread_mutex_unlock(&e->lock);
     cio_engine_submit(e); /* anything staged but never submitted still completes */
-    wake_reaper(e);
-    if (e->reaper_started) pthread_join(e->reaper, NULL);
+    if (e->caller_reaps) {
+        drain_on_caller(e);
+    } else {
+        wake_reaper(e);
+        if (e->reaper_started) pthread_join(e->reaper, NULL);
+    }
+    if (thread_engine == e) thread_engine = NULL;
     io_destroy(e->aio);
     pthread_mutex_destroy(&e->lock);
     pthread_mutex_destroy(&e->submit_lock);
+    pthread_mutex_destroy(&e->reap_lock);
     engine_free(e);
+}
+
+uint32_t cio_engine_queue_depth(const struct cio_engine *e) { return e->depth; }
+
+bool cio_engine_is_reaper_thread(const struct cio_engine *e) {
+    return e->reaper_started && pthread_equal(pthread_self(), e->reaper);
 }
 
 uint32_t cio_engine_inflight(struct cio_engine *e) {

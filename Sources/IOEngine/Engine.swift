@@ -25,22 +25,30 @@ public let maxPollMicroseconds = Int(CIO_POLL_MAX_US)
 /// Owner of a Linux AIO engine (io_setup context, eventfd, reaper thread).
 /// `deinit` stops new requests, delivers every completion of those in flight,
 /// then releases the context.
+///
+/// An engine made with `callerReaps` has no reaper thread: its owner (an event
+/// loop) watches `notifyDescriptor` and calls `reap()` when it is readable, so
+/// the I/O the loop starts completes on the loop, one thread wake-up per request.
 public struct Engine: ~Copyable, @unchecked Sendable {
     public let handle: EngineHandle
 
     /// - Parameter reapBatch: completions handled before the reaper submits again (nil: CIOCore's default, 8).
     /// - Parameter pollMaxMicroseconds: how long the reaper polls for a completion at low depth before it
     ///   sleeps (nil: CIOCore's default, `defaultPollMicroseconds`; 0: never poll).
-    public init(queueDepth: Int, reapBatch: Int? = nil, pollMaxMicroseconds: Int? = nil) throws(IOError) {
+    /// - Parameter callerReaps: no reaper thread; the owner reaps (see above).
+    public init(queueDepth: Int, reapBatch: Int? = nil, pollMaxMicroseconds: Int? = nil, callerReaps: Bool = false)
+        throws(IOError)
+    {
         var opts = cio_engine_opts()
         cio_engine_opts_init(&opts)
         opts.queue_depth = UInt32(clamping: queueDepth)
+        opts.caller_reaps = callerReaps
         if let reapBatch { opts.reap_batch = UInt32(clamping: reapBatch) }
         if let pollMaxMicroseconds { opts.poll_max_us = UInt32(clamping: pollMaxMicroseconds) }
         var raw: OpaquePointer?
         let rc = cio_engine_create(&opts, &raw)
         guard rc == 0, let raw else { throw IOError(result: rc, operation: .engineCreate) }
-        handle = EngineHandle(raw: raw, queueDepth: queueDepth)
+        handle = EngineHandle(raw: raw)
     }
 
     deinit { cio_engine_destroy(handle.raw) }
@@ -48,9 +56,43 @@ public struct Engine: ~Copyable, @unchecked Sendable {
 
 /// A copyable view of an engine, valid while its `Engine` owner lives; safe to
 /// use from any thread, including completion callbacks.
-public struct EngineHandle: @unchecked Sendable {
+public struct EngineHandle: Equatable, @unchecked Sendable {
     let raw: OpaquePointer
-    public let queueDepth: Int
+
+    public var queueDepth: Int { Int(cio_engine_queue_depth(raw)) }
+
+    /// The engine this thread stages its I/O on, when it reaps one itself (an event
+    /// loop; see `Engine(callerReaps:)`), else nil. Set on the thread, before its first I/O.
+    public static var onThisThread: EngineHandle? {
+        cio_engine_thread_engine().map { EngineHandle(raw: $0) }
+    }
+
+    /// Where I/O staged on this thread goes: this thread's own engine (`onThisThread`), else this one.
+    @inline(__always)
+    public var forThisThread: EngineHandle { Self.onThisThread ?? self }
+
+    /// True on this engine's reaper thread, where the engine submits what callbacks stage.
+    public var isReaperThread: Bool { cio_engine_is_reaper_thread(raw) }
+
+    /// Makes `engine` (or none) this thread's engine for `onThisThread`.
+    public static func setOnThisThread(_ engine: EngineHandle?) { cio_engine_set_thread_engine(engine?.raw) }
+
+    /// For an engine its owner reaps: the descriptor that becomes readable when there is
+    /// something to reap (owned by the engine: watch a dup of it). nil for a reaper-thread engine.
+    public var notifyDescriptor: Int32? {
+        let fd = cio_engine_notify_fd(raw)
+        return fd >= 0 ? fd : nil
+    }
+
+    /// For an engine its owner reaps: runs what completed on this thread and submits what the
+    /// callbacks staged, without waiting. `retrySoon`: staged requests wait for room in the
+    /// kernel; call again in about a millisecond. Never from inside a completion.
+    @discardableResult
+    public func reap() -> (delivered: Int, retrySoon: Bool) {
+        var retry = false
+        let n = cio_engine_reap(raw, &retry)
+        return (max(0, Int(n)), retry)
+    }
 
     /// Stages a read into `buffer` (aligned memory you own until completion).
     /// On success the sink gets exactly one `ioCompleted`; on a thrown error never.

@@ -15,7 +15,9 @@ final class OrderSink: CompletionSink, @unchecked Sendable {
         arrived.signal()
     }
 
-    func wait(_ n: Int) -> Bool { (0..<n).allSatisfy { _ in arrived.wait(timeout: .now() + 20) == .success } }
+    func wait(_ n: Int, seconds: Double = 20) -> Bool {
+        (0..<n).allSatisfy { _ in arrived.wait(timeout: .now() + seconds) == .success }
+    }
     func result(_ c: UInt64) -> Int64? { lock.lock(); defer { lock.unlock() }; return results[c] }
     var completionOrder: [UInt64] { lock.lock(); defer { lock.unlock() }; return order }
 }

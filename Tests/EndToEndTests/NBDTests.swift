@@ -68,6 +68,11 @@ final class NBDTests: XCTestCase {
             XCTAssertFalse(out.contains("Pattern verification failed"), out)
         }
         XCTAssertTrue(try ok(["mirror", "verify", "m1"]).contains(" 0 differ"))
+        // By default the NBD event loop reaps the LUN I/O it starts (one wake-up per request): the
+        // 1 MiB writes and reads above went through its engine (16 chunks of 64 KiB at least, per leg).
+        let nbd = try XCTUnwrap(try json(["status"])["nbd"] as? [String: Any])
+        XCTAssertGreaterThanOrEqual(try XCTUnwrap(nbd["completedOnLoop"] as? Int), 4, "NBD I/O did not complete on the event loop")
+        XCTAssertTrue(try ok(["status"]).contains("completions reaped on the event loop"))
     }
 
     func testNBDCopyInAndOutComparesEqual() throws {
@@ -177,9 +182,10 @@ final class NBDTests: XCTestCase {
     }
 
     func testConnectionsBeyondTheLimitAreTurnedAwayAndIdleOnesTimeOut() throws {
-        // With the engine polling before it sleeps, so the requests below run through that path too
-        // (PollingTests checks that polling happens and keeps data intact).
-        try restart(extra: ["--nbd-max-connections", "2", "--reap-poll-us", "50"])
+        // With completions left to the domain engine's reaper thread, polling before it sleeps, so the
+        // requests below run through that path too (every other test here reaps on the NBD event loop;
+        // PollingTests checks that polling happens and keeps data intact).
+        try restart(extra: ["--nbd-max-connections", "2", "--nbd-completions", "thread", "--reap-poll-us", "50"])
         // One connection that never negotiates, one that does: the limit is reached.
         let idle = try NBDRawClient(socket: socket)
         let connectedAt = Date()
@@ -202,6 +208,8 @@ final class NBDTests: XCTestCase {
         XCTAssertEqual(nbd["maxConnections"] as? Int, 2)
         XCTAssertEqual(nbd["turnedAway"] as? Int, 2)
         XCTAssertTrue(try ok(["status"]).contains("at most 2 connections (2 turned away)"))
+        XCTAssertNil(nbd["completedOnLoop"], "--nbd-completions thread: nothing is reaped on the event loop")
+        XCTAssertTrue(try ok(["status"]).contains("completions reaped by the engine's thread"))
         var logText = try String(contentsOfFile: log, encoding: .utf8)
         XCTAssertEqual(logText.components(separatedBy: "connections open, closing new ones").count - 1, 1, "logged once: \(logText)")
 
@@ -225,6 +233,10 @@ final class NBDTests: XCTestCase {
         let badPoll = try CLI.run(["serve", "--dir", state, "--profiles", ServeProcess.profiles, "--reap-poll-us", "20000"])
         XCTAssertEqual(badPoll.status, 1)
         XCTAssertEqual(badPoll.stderr, "svsp-ctl: --reap-poll-us 20000: must be 0 to 10000 (microseconds)\n")
+        let badReaper = try CLI.run(["serve", "--dir", state, "--profiles", ServeProcess.profiles, "--nbd-completions", "fast"])
+        XCTAssertNotEqual(badReaper.status, 0)
+        XCTAssertEqual(badReaper.stderr.split(separator: "\n").first,
+                       "Error: The value 'fast' is invalid for '--nbd-completions <nbd-completions>'. Please provide one of 'loop' and 'thread'.")
     }
 
     func testStructuredRepliesAndBlockStatusMapAThinVDisk() throws {

@@ -8,9 +8,10 @@
  *   - option structs carry their own `size` so they can grow.
  *
  * Completion contract of the engine: a prep call (cio_engine_prep_*) that
- * returns 0 calls its callback exactly once, on the engine's reaper thread,
- * after the request finished, failed, or the engine shut down. A prep call
- * that returns a negative errno never calls it.
+ * returns 0 calls its callback exactly once, on the engine's reaper thread
+ * (or, for an engine its owner reaps, on the thread calling cio_engine_reap
+ * or cio_engine_destroy), after the request finished, failed, or the engine
+ * shut down. A prep call that returns a negative errno never calls it.
  */
 #ifndef CIO_H
 #define CIO_H
@@ -118,6 +119,9 @@ struct cio_engine_opts {
     uint32_t poll_max_us;        /**< polling: with few requests in the kernel the reaper polls the completion ring
                                       up to this long before it sleeps (default CIO_POLL_DEFAULT_US = 0: sleep at
                                       once; at most CIO_POLL_MAX_US, else -EINVAL). */
+    bool caller_reaps;           /**< no reaper thread: the owner watches cio_engine_notify_fd (an event loop's
+                                      poller) and calls cio_engine_reap when it is readable, so completions run
+                                      on the owner's thread without a second thread's wake-up per request. */
 };
 
 void cio_engine_opts_init(struct cio_engine_opts *opts);
@@ -153,6 +157,31 @@ int cio_engine_prep_flush(struct cio_engine *engine, struct cio_lun *lun, cio_co
  *  takes. Returns the number submitted (≥ 0) or -errno; requests the kernel
  *  could not take yet stay staged and are retried by the reaper. */
 int cio_engine_submit(struct cio_engine *engine);
+
+/** For an engine created with caller_reaps: the eventfd that becomes readable when
+ *  there is something to reap (every request signals it through IOCB_FLAG_RESFD).
+ *  Owned by the engine; watch a dup of it. -1 for an engine with a reaper thread. */
+int cio_engine_notify_fd(const struct cio_engine *engine);
+
+/** For an engine created with caller_reaps: reap what completed without waiting,
+ *  run the callbacks on this thread, submit what they staged; a bounded amount
+ *  of work per call (the notify fd is signalled again when more is left).
+ *  *retry_soon is set when staged requests wait for room in the kernel: call
+ *  again in about a millisecond. Returns the callbacks delivered, or -EINVAL
+ *  for an engine with a reaper thread. Not from inside a callback. */
+int cio_engine_reap(struct cio_engine *engine, bool *retry_soon);
+
+/** The engine requests staged on this thread should go to (NULL: the caller's
+ *  own choice): set once by a thread that reaps an engine itself (an event
+ *  loop), so the I/O it starts completes on it. */
+void cio_engine_set_thread_engine(struct cio_engine *engine);
+struct cio_engine *cio_engine_thread_engine(void);
+
+/** True on the engine's reaper thread (where what callbacks stage is submitted after the batch). */
+bool cio_engine_is_reaper_thread(const struct cio_engine *engine);
+
+/** The queue depth the engine was created with. */
+uint32_t cio_engine_queue_depth(const struct cio_engine *engine);
 
 /** Requests accepted and not yet completed. */
 uint32_t cio_engine_inflight(struct cio_engine *engine);

@@ -349,7 +349,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
     }
 
     /// Hands every staged LUN request to the kernel (after submits with `kick: false`).
-    public func kick() { domain.engine.submit() }
+    public func kick() { domain.engine.forThisThread.submit() }
 
     /// The leg a read goes to (`SyncMirror.readLeg`). Caller holds the lock.
     private func pickReadLeg(excluding tried: UInt8) -> Int? {
@@ -415,7 +415,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
         for l in m.legs.indices where legs & (1 << l) != 0 {
             if !dispatch(index, r, leg: l, m.legs[l]) { break }
         }
-        if kick { domain.engine.submit() } // every leg's pieces in one io_submit
+        if kick { domain.engine.forThisThread.submit() } // every leg's pieces in one io_submit
         pieceDone(index, leg: -1, lun: -1, result: 0) // drop the dispatching count
     }
 
@@ -451,7 +451,7 @@ public final class VDiskPort: CompletionSink, @unchecked Sendable {
                     lock.unlock()
                     scheduler.whenRoom { [self] in
                         dispatch(index, r, leg: l, leg, from: position)
-                        domain.engine.submit()
+                        domain.engine.forThisThread.submit()
                         pieceDone(index, leg: -1, lun: -1, result: 0) // the parked count
                     }
                     return false

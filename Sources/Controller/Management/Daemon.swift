@@ -19,10 +19,13 @@ public final class Daemon: @unchecked Sendable {
         public var replListen: String?
         /// The engine's polling budget at low depth (nil: the engine's default).
         public var reapPollMicroseconds: Int?
+        /// NBD completions reaped on the NBD event loop (its own engine), or by the domain engine's reaper thread.
+        public var nbdReapOnLoop: Bool
         public init(directory: String, mgmtSocket: String? = nil, profilesRoot: String? = nil, metricsListen: String? = nil,
                     nbdListen: String? = nil, nbdMaxConnections: Int = NBDServer.defaultMaxConnections, faultPlan: String? = nil,
-                    replListen: String? = nil, reapPollMicroseconds: Int? = nil)
+                    replListen: String? = nil, reapPollMicroseconds: Int? = nil, nbdReapOnLoop: Bool = true)
         {
+            self.nbdReapOnLoop = nbdReapOnLoop
             self.reapPollMicroseconds = reapPollMicroseconds
             self.replListen = replListen
             self.faultPlan = faultPlan
@@ -83,7 +86,7 @@ public final class Daemon: @unchecked Sendable {
         let zeroer = Task { [logger] in await domain.runZeroer { logger.warning("\($0)") } }
         let checkpointer = Task { [logger] in await domain.runCheckpointer { logger.warning("\($0)") } }
         let nbd = try NBDServer(domain: domain, socketPath: dir + "/nbd.sock", tcpListen: options.nbdListen,
-                                maxConnections: options.nbdMaxConnections) { [logger] in
+                                maxConnections: options.nbdMaxConnections, reapOnLoop: options.nbdReapOnLoop) { [logger] in
             logger.notice("\($0)")
         }
         domain.exportClosed = { [nbd] name in await nbd.dropConnections(export: name) }

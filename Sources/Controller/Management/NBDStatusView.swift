@@ -14,6 +14,8 @@ struct NBDStatusView: Codable {
     var tcp: String?
     var maxConnections: Int
     var turnedAway: UInt64
+    /// LUN requests completed on the NBD event loop (nil: left to the domain engine's reaper thread).
+    var completedOnLoop: UInt64?
     var exports: [Export]
     var connections: [NBDConnectionView]
 
@@ -22,6 +24,7 @@ struct NBDStatusView: Codable {
         tcp = server.tcpAddress
         maxConnections = server.registry.maxConnections
         turnedAway = server.registry.turnedAway
+        completedOnLoop = server.completedOnLoop
         let totals = server.registry.exportTotals()
         exports = domain.metadata.vdisks.compactMap { v in
             guard let mode = v.export else { return nil }
@@ -35,7 +38,8 @@ struct NBDStatusView: Codable {
 extension Table {
     static func nbd(_ n: NBDStatusView) -> String {
         var lines = ["NBD: unix socket \(n.unixSocket)" + (n.tcp.map { ", tcp \($0)" } ?? "")
-            + ", at most \(n.maxConnections) connections" + (n.turnedAway > 0 ? " (\(n.turnedAway) turned away)" : "")]
+            + ", at most \(n.maxConnections) connections" + (n.turnedAway > 0 ? " (\(n.turnedAway) turned away)" : "")
+            + (n.completedOnLoop.map { ", completions reaped on the event loop (\($0) so far)" } ?? ", completions reaped by the engine's thread")]
         if n.exports.isEmpty {
             lines.append("no exports (svsp-ctl vdisk export NAME)")
         } else {

@@ -7,6 +7,8 @@ import NIOPosix
 public final class NBDServer: @unchecked Sendable {
     private let group: MultiThreadedEventLoopGroup
     private var channels: [Channel] = []
+    /// The loop's own engine when completions are reaped on the loop (`reapOnLoop`).
+    private var loopReaper: NBDLoopReaper?
     let registry: NBDRegistry
     public let socketPath: String
     /// The TCP address actually bound (port 0 picks a free one), when listening on TCP.
@@ -14,13 +16,24 @@ public final class NBDServer: @unchecked Sendable {
 
     public static let defaultMaxConnections = 64
 
+    /// LUN requests the event loop has reaped itself (nil: completions go to the domain engine's reaper thread).
+    public var completedOnLoop: UInt64? { loopReaper?.completed }
+
+    /// - Parameter reapOnLoop: the event loop reaps the I/O it starts on an engine of its own
+    ///   (one wake-up per request); false leaves completions to the domain engine's reaper thread.
     public init(domain: Domain, socketPath: String, tcpListen: String? = nil, maxConnections: Int = defaultMaxConnections,
-                log: @escaping @Sendable (String) -> Void) throws(DomainError)
+                reapOnLoop: Bool = true, log: @escaping @Sendable (String) -> Void) throws(DomainError)
     {
         try Self.validate(maxConnections: maxConnections)
         self.socketPath = socketPath
         registry = NBDRegistry(maxConnections: maxConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        if reapOnLoop {
+            do { loopReaper = try NBDLoopReaper(loop: group.next()) } catch {
+                try? group.syncShutdownGracefully()
+                throw error
+            }
+        }
         let registry = registry
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 64)
@@ -47,7 +60,7 @@ public final class NBDServer: @unchecked Sendable {
         do {
             channels.append(try UnixSocket.withOwnerOnlyFiles { try bootstrap.bind(unixDomainSocketPath: socketPath).wait() })
         } catch {
-            try? group.syncShutdownGracefully()
+            stop()
             throw DomainError("NBD socket \(socketPath): \(error)")
         }
         if let tcpListen {
@@ -96,7 +109,9 @@ public final class NBDServer: @unchecked Sendable {
         // then stop the loop (a completion must never arrive at a loop that is gone).
         registry.closeAll()
         registry.waitUntilEmpty(timeoutSeconds: 10)
+        loopReaper?.stop()
         try? group.syncShutdownGracefully()
+        loopReaper = nil // its engine delivers what is left in flight, here
         unlink(socketPath)
     }
 }

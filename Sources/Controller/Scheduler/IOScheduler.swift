@@ -16,6 +16,10 @@ import Synchronization
 /// Request state lives in a slot table sized at init; steady state allocates nothing.
 /// Contract like the engine's: `submit` that returns normally calls the sink exactly
 /// once; staged chunks reach the kernel on `kick()` or after a completion batch.
+///
+/// Chunks go to the engine of the thread that dispatches them (`EngineHandle.forThisThread`):
+/// on an NBD event loop that reaps its own engine, the loop's, so their completions come
+/// back to that loop with no other thread woken; elsewhere the domain's.
 public final class IOScheduler: CompletionSink, @unchecked Sendable {
     public enum IOClass: UInt8, Sendable { case host, background }
     public enum Operation: UInt8, Sendable { case read, write, flush }
@@ -210,7 +214,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     }
 
     /// Hands staged chunks to the kernel (not needed inside completion callbacks).
-    public func kick() { engine.submit() }
+    public func kick() { engine.forThisThread.submit() }
 
     /// Calls `wake` once a request slot is free (now, if one is): a caller refused with
     /// EBUSY parks here instead of sleeping, and is woken by the completion that makes room.
@@ -225,27 +229,37 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
 
     /// Re-runs dispatch now (tests with a ManualClock call it after advancing time).
     public func pumpAndSubmit() {
-        lock.withLock { _ in pumpLocked() }
-        engine.submit()
+        _ = lock.withLock { _ in pumpLocked() }
+        engine.forThisThread.submit()
     }
 
     // MARK: dispatch
 
     /// Dispatches chunks while depth and tokens allow, round-robin over LUNs so one
     /// busy LUN cannot starve the others. Caller holds the lock.
-    private func pumpLocked() {
+    /// Returns true when it staged chunks on the domain's engine.
+    @discardableResult
+    private func pumpLocked() -> Bool {
         let count = luns.count
-        guard count > 0 else { return }
+        guard count > 0 else { return false }
+        let target = engine.forThisThread
         var idleRounds = 0
+        var staged = false
         while idleRounds < count, arrayInFlight < profile.queueDepthPerArray {
             let l = nextLUN
             nextLUN = (nextLUN + 1) % count
-            if dispatchOne(lun: l) { idleRounds = 0 } else { idleRounds += 1 }
+            if dispatchOne(lun: l, engine: target) {
+                idleRounds = 0
+                staged = true
+            } else {
+                idleRounds += 1
+            }
         }
+        return staged && target == engine
     }
 
     /// Dispatches the next chunk of this LUN's head request; false when nothing could go.
-    private func dispatchOne(lun l: Int) -> Bool {
+    private func dispatchOne(lun l: Int, engine: EngineHandle) -> Bool {
         guard luns[l].inFlight < profile.queueDepthPerLUN else { return false }
         var ioClass = IOClass.host
         var head = luns[l].host.peek()
@@ -363,7 +377,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
             timerArmedUntilNs = 0
             pumpLocked()
         }
-        engine.submit()
+        engine.forThisThread.submit()
     }
 
     // MARK: completion
@@ -372,7 +386,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         let index = Int(cookie)
         var done: (sink: Unmanaged<CompletionSink>, cookie: UInt64, result: Int64)?
         var room: (@Sendable () -> Void)?
-        lock.withLock { _ in
+        let stagedOnDomainEngine: Bool = lock.withLock { _ in
             let l = Int(slots[index].lun)
             luns[l].inFlight -= 1
             arrayInFlight -= 1
@@ -383,8 +397,12 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
                 done = finishLocked(index, deferred: false)
                 if !roomWaiters.isEmpty { room = roomWaiters.removeFirst() } // one slot freed: one waiter
             }
-            pumpLocked()
+            return pumpLocked()
         }
+        // The reaper submits what its callbacks staged after the batch, and so does an event
+        // loop reaping its own engine; a completion delivered elsewhere (an engine drained at
+        // shutdown) that staged on the domain's engine submits it here.
+        if stagedOnDomainEngine, !engine.isReaperThread { engine.submit() }
         if let done {
             let sink = done.sink.takeRetainedValue()
             sink.ioCompleted(cookie: done.cookie, result: done.result)

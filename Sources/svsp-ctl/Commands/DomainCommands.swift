@@ -103,13 +103,19 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .customLong("reap-poll-us"),
             help: "At low queue depth, poll for a completion up to this many microseconds before sleeping (0: never; default \(defaultPollMicroseconds)).")
     var reapPollMicroseconds: Int = defaultPollMicroseconds
+    @Option(name: .customLong("nbd-completions"),
+            help: "Who reaps NBD I/O: 'loop' (the NBD event loop, one wake-up per request) or 'thread' (the engine's reaper thread).")
+    var nbdCompletions: NBDCompletions = .loop
+
+    enum NBDCompletions: String, ExpressibleByArgument, CaseIterable { case loop, thread }
 
     func run() throws {
         let dir = try DomainOptions.resolveDirectory(dir)
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         let daemon = Daemon(options: .init(directory: dir, mgmtSocket: mgmtSocket, profilesRoot: profiles, metricsListen: metricsListen,
                                            nbdListen: nbdListen, nbdMaxConnections: nbdMaxConnections, faultPlan: faultPlan,
-                                           replListen: replListen, reapPollMicroseconds: reapPollMicroseconds),
+                                           replListen: replListen, reapPollMicroseconds: reapPollMicroseconds,
+                                           nbdReapOnLoop: nbdCompletions == .loop),
                             logger: Logger(label: "svsp"))
         let outcome = RunOutcome()
         let done = DispatchSemaphore(value: 0)
