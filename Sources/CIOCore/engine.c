@@ -137,7 +137,7 @@ void cio_engine_opts_init(struct cio_engine_opts *opts) {
     memset(opts, 0, sizeof *opts);
     opts->size = sizeof *opts;
     opts->queue_depth = 128;
-    opts->reap_batch = 8;
+    opts->reap_batch = 2;
     opts->poll_max_us = CIO_POLL_DEFAULT_US;
 }
 

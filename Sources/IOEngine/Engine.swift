@@ -32,7 +32,7 @@ public let maxPollMicroseconds = Int(CIO_POLL_MAX_US)
 public struct Engine: ~Copyable, @unchecked Sendable {
     public let handle: EngineHandle
 
-    /// - Parameter reapBatch: completions handled before the reaper submits again (nil: CIOCore's default, 8).
+    /// - Parameter reapBatch: completions handled before the reaper submits again (nil: CIOCore's default, 2).
     /// - Parameter pollMaxMicroseconds: how long the reaper polls for a completion at low depth before it
     ///   sleeps (nil: CIOCore's default, `defaultPollMicroseconds`; 0: never poll).
     /// - Parameter callerReaps: no reaper thread; the owner reaps (see above).
