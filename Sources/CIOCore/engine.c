@@ -125,6 +125,12 @@ static struct cio_req *list_pop(struct req_list *l) {
     return r;
 }
 
+/* True while this thread is inside cio_engine_reap: what the reap leaves (done
+ * requests, events beyond its rounds, staged requests the kernel refused) is
+ * handled once at its end, so submits inside it never signal the eventfd (that
+ * would spin the owner's loop while the kernel refuses requests). */
+static _Thread_local bool in_caller_reap;
+
 static void wake_reaper(struct cio_engine *e) {
     uint64_t one = 1;
     ssize_t rc;
@@ -331,7 +337,7 @@ static int engine_submit(struct cio_engine *e, bool *deferred) {
         atomic_thread_fence(memory_order_seq_cst);
         if (stalled) break;
     }
-    if (wake && (e->caller_reaps || !pthread_equal(pthread_self(), e->reaper))) wake_reaper(e);
+    if (wake && !in_caller_reap && (e->caller_reaps || !pthread_equal(pthread_self(), e->reaper))) wake_reaper(e);
     return total > 0 ? total : result;
 }
 
@@ -592,23 +598,31 @@ int cio_engine_reap(struct cio_engine *e, bool *retry_soon) {
     if (retry_soon) *retry_soon = false;
     if (e == NULL || !e->caller_reaps) return -EINVAL;
     if (pthread_mutex_trylock(&e->reap_lock) != 0) return 0; /* destroy is draining it */
+    in_caller_reap = true;
     int total = 0;
+    bool out_of_rounds = true;
     for (int round = 0; round < CIO_CALLER_REAP_ROUNDS; round++) {
         reap_kernel_events(e, false, NULL);
         uint32_t delivered = deliver_completions(e);
         bool deferred = false;
         int submitted = engine_submit(e, &deferred);
         total += (int)delivered;
-        count_stalls(e, &e->stalled_rounds, delivered, submitted, deferred);
-        if (delivered == 0 && submitted <= 0) break;
+        if (delivered == 0 && submitted <= 0) {
+            count_stalls(e, &e->stalled_rounds, delivered, submitted, deferred);
+            out_of_rounds = false;
+            break;
+        }
+        e->stalled_rounds = 0;
     }
+    in_caller_reap = false;
     pthread_mutex_lock(&e->lock);
     bool staged = e->staged.count > 0;
     bool done = e->done.count > 0;
     pthread_mutex_unlock(&e->lock);
     /* Completions left for lack of rounds signalled the fd already and were read
-     * with it: signal again so the owner comes back. */
-    if (done || (e->ring_usable && ring_has_events(e))) wake_reaper(e);
+     * with it: signal again so the owner comes back (without a readable ring we
+     * cannot see whether the kernel holds more, so running out of rounds is enough). */
+    if (done || out_of_rounds || (e->ring_usable && ring_has_events(e))) wake_reaper(e);
     pthread_mutex_unlock(&e->reap_lock);
     if (staged && retry_soon) *retry_soon = true;
     return total;

@@ -63,4 +63,36 @@ final class SchedulerThreadEngineTests: XCTestCase {
         XCTAssertEqual(domainEngine.handle.stats.submitted, 4, "a thread without an engine of its own uses the domain's")
         XCTAssertEqual(memcmp(data.pointer, back.pointer, data.count), 0, "what the loop's engine wrote reads back byte for byte")
     }
+
+    func testAChunkAnotherThreadsCompletionDispatchesOnTheDomainEngineIsSubmitted() throws {
+        // Array depth 1: B waits behind A. A goes to this thread's engine; this thread then gives its
+        // engine up (as the NBD loop does at shutdown) and reaps A, whose completion dispatches B on
+        // the domain engine from a thread that is not the domain engine's reaper: nobody else
+        // would submit it.
+        try LUN.createFile(path: dir + "/lun.img", sizeBytes: 1 << 20)
+        let lun = try LUN(path: dir + "/lun.img", readWrite: true)
+        let domainEngine = try Engine(queueDepth: 8)
+        let loopEngine = try Engine(queueDepth: 8, callerReaps: true)
+        var profile = ArrayProfile(name: "test")
+        profile.queueDepthPerArray = 1
+        let scheduler = IOScheduler(engine: domainEngine.handle, profile: profile)
+        let index = scheduler.addLUN(lun.handle)
+        let data = try AlignedBuffer(count: 8192)
+        let sink = OrderSink()
+        EngineHandle.setOnThisThread(loopEngine.handle)
+        try scheduler.submit(.write, lun: index, buffer: data.pointer, length: 4096, offset: 0, sink: sink, cookie: 1)
+        try scheduler.submit(.write, lun: index, buffer: data.pointer + 4096, length: 4096, offset: 4096, sink: sink, cookie: 2)
+        scheduler.kick()
+        EngineHandle.setOnThisThread(nil)
+        var fd = pollfd(fd: loopEngine.handle.notifyDescriptor!, events: Int16(POLLIN), revents: 0)
+        let deadline = Date().addingTimeInterval(20)
+        while sink.result(1) == nil, Date() < deadline {
+            _ = poll(&fd, 1, 100)
+            loopEngine.handle.reap()
+        }
+        XCTAssertEqual(sink.result(1), 4096)
+        XCTAssertTrue(sink.wait(2, seconds: 10), "B was staged on the domain engine and never submitted")
+        XCTAssertEqual(sink.result(2), 4096)
+        XCTAssertEqual(domainEngine.handle.stats.submitted, 1)
+    }
 }

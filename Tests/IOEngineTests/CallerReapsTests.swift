@@ -27,17 +27,43 @@ final class CallerReapsTests: XCTestCase {
         return poll(&p, 1, milliseconds) == 1
     }
 
-    /// Reaps until `sink` has `count` completions (waiting on the notify descriptor as an event loop does).
-    private func reapUntil(_ engine: EngineHandle, _ sink: ThreadRecordingSink, count: Int) {
+    /// Reaps until `sink` has `count` completions, only when the notify descriptor says so, as
+    /// an event loop does: a completion that does not signal it (or a reap that leaves work
+    /// without signalling again) fails here.
+    private func reapUntil(_ engine: EngineHandle, _ sink: ThreadRecordingSink, count: Int,
+                           file: StaticString = #filePath, line: UInt = #line) {
         let fd = engine.notifyDescriptor!
-        let deadline = Date().addingTimeInterval(30)
-        while sink.count < count, Date() < deadline {
-            if waitReadable(fd, milliseconds: 100) {
-                var counter: UInt64 = 0
-                _ = read(fd, &counter, 8) // as NIO's pipe channel does before the loop reaps
+        while sink.count < count {
+            guard waitReadable(fd, milliseconds: 10_000) else {
+                XCTFail("the notify descriptor stayed quiet with \(sink.count) of \(count) completions delivered",
+                        file: file, line: line)
+                return
             }
+            var counter: UInt64 = 0
+            _ = read(fd, &counter, 8) // as NIO's pipe channel does before the loop reaps
             engine.reap()
         }
+    }
+
+    func testMoreCompletionsThanOneReapTakesAreSignalledAgain() throws {
+        // 256 writes in flight at once: far more than one reap handles (16 rounds of 2), and
+        // they may all complete before the first read of the eventfd takes every signal.
+        let dir = TempDir()
+        let path = dir.file("lun.img")
+        try LUN.createFile(path: path, sizeBytes: 4 << 20)
+        let lun = try LUN(path: path, readWrite: true)
+        let engine = try Engine(queueDepth: 256, callerReaps: true)
+        let buffer = try AlignedBuffer(count: 256 * 4096)
+        let sink = ThreadRecordingSink()
+        for i in 0..<256 {
+            try engine.handle.prepWrite(lun: lun.handle, buffer: buffer.pointer + i * 4096, length: 4096,
+                                        offset: UInt64(i) * 4096, sink: sink, cookie: UInt64(i))
+        }
+        engine.handle.submit()
+        usleep(100_000) // let them all complete first
+        reapUntil(engine.handle, sink, count: 256)
+        XCTAssertEqual(sink.count, 256)
+        XCTAssertEqual(Set(sink.results.values), [4096])
     }
 
     func testWritesAndReadsCompleteOnTheReapingThreadWithTheDataIntact() throws {

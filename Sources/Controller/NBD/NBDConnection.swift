@@ -102,8 +102,10 @@ final class NBDConnection: ChannelDuplexHandler, @unchecked Sendable {
     var slots: [Slot]
     var freeSlots: [Int]
 
-    /// The engine's completion callback, on its reaper thread: records the result in a
-    /// preallocated queue and wakes the event loop once per batch. Holds the connection
+    /// The completion callback, on the event loop (its own engine, `NBDLoopReaper`) or on the
+    /// domain engine's reaper thread (chunks dispatched elsewhere, `--nbd-completions thread`):
+    /// records the result in a preallocated queue and schedules the loop once per batch (from
+    /// the loop itself that is a queued task, no wake-up). Holds the connection
     /// (and so its buffers) alive while the kernel may still use them; the link is cut
     /// once the channel is gone and nothing is in flight.
     final class Sink: CompletionSink, @unchecked Sendable {

@@ -8,7 +8,7 @@ public final class NBDServer: @unchecked Sendable {
     private let group: MultiThreadedEventLoopGroup
     private var channels: [Channel] = []
     /// The loop's own engine when completions are reaped on the loop (`reapOnLoop`).
-    private var loopReaper: NBDLoopReaper?
+    private let loopReaper: NBDLoopReaper?
     let registry: NBDRegistry
     public let socketPath: String
     /// The TCP address actually bound (port 0 picks a free one), when listening on TCP.
@@ -25,14 +25,17 @@ public final class NBDServer: @unchecked Sendable {
                 reapOnLoop: Bool = true, log: @escaping @Sendable (String) -> Void) throws(DomainError)
     {
         try Self.validate(maxConnections: maxConnections)
+        let listen = try tcpListen.map { text throws(DomainError) in (text, try Self.parseListen(text)) }
         self.socketPath = socketPath
         registry = NBDRegistry(maxConnections: maxConnections)
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         if reapOnLoop {
-            do { loopReaper = try NBDLoopReaper(loop: group.next()) } catch {
+            do { loopReaper = try NBDLoopReaper(loop: group.next(), log: log) } catch {
                 try? group.syncShutdownGracefully()
                 throw error
             }
+        } else {
+            loopReaper = nil
         }
         let registry = registry
         let bootstrap = ServerBootstrap(group: group)
@@ -63,8 +66,7 @@ public final class NBDServer: @unchecked Sendable {
             stop()
             throw DomainError("NBD socket \(socketPath): \(error)")
         }
-        if let tcpListen {
-            let (host, port) = try Self.parseListen(tcpListen)
+        if let (tcpListen, (host, port)) = listen {
             do {
                 let channel = try bootstrap.bind(host: host, port: port).wait()
                 channels.append(channel)
@@ -109,9 +111,8 @@ public final class NBDServer: @unchecked Sendable {
         // then stop the loop (a completion must never arrive at a loop that is gone).
         registry.closeAll()
         registry.waitUntilEmpty(timeoutSeconds: 10)
-        loopReaper?.stop()
+        loopReaper?.stop() // delivers what is left in flight, here, then releases the loop's engine
         try? group.syncShutdownGracefully()
-        loopReaper = nil // its engine delivers what is left in flight, here
         unlink(socketPath)
     }
 }
