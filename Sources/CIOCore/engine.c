@@ -131,6 +131,12 @@ static struct cio_req *list_pop(struct req_list *l) {
  * would spin the owner's loop while the kernel refuses requests). */
 static _Thread_local bool in_caller_reap;
 
+/* The engine's own reaper thread (never, for an engine its owner reaps): it
+ * submits what callbacks stage after each batch, so it need not be woken. */
+static bool on_reaper_thread(const struct cio_engine *e) {
+    return e->reaper_started && pthread_equal(pthread_self(), e->reaper);
+}
+
 static void wake_reaper(struct cio_engine *e) {
     uint64_t one = 1;
     ssize_t rc;
@@ -337,7 +343,7 @@ static int engine_submit(struct cio_engine *e, bool *deferred) {
         atomic_thread_fence(memory_order_seq_cst);
         if (stalled) break;
     }
-    if (wake && !in_caller_reap && (e->caller_reaps || !pthread_equal(pthread_self(), e->reaper))) wake_reaper(e);
+    if (wake && !in_caller_reap && !on_reaper_thread(e)) wake_reaper(e);
     return total > 0 ? total : result;
 }
 
@@ -744,9 +750,7 @@ void cio_engine_destroy(struct cio_engine *e) {
 
 uint32_t cio_engine_queue_depth(const struct cio_engine *e) { return e->depth; }
 
-bool cio_engine_is_reaper_thread(const struct cio_engine *e) {
-    return e->reaper_started && pthread_equal(pthread_self(), e->reaper);
-}
+bool cio_engine_is_reaper_thread(const struct cio_engine *e) { return on_reaper_thread(e); }
 
 uint32_t cio_engine_inflight(struct cio_engine *e) {
     pthread_mutex_lock(&e->lock);

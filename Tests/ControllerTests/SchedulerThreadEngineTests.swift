@@ -20,9 +20,23 @@ final class SchedulerThreadEngineTests: XCTestCase {
         try? FileManager.default.removeItem(atPath: dir)
     }
 
+    private func scratchLUN(bytes: UInt64) throws -> LUN {
+        try LUN.createFile(path: dir + "/lun.img", sizeBytes: bytes)
+        return try LUN(path: dir + "/lun.img", readWrite: true)
+    }
+
+    /// Reaps `engine` on this thread, as an event loop does, until `done` (at most 20 s).
+    private func reap(_ engine: EngineHandle, until done: () -> Bool) {
+        var fd = pollfd(fd: engine.notifyDescriptor!, events: Int16(POLLIN), revents: 0)
+        let deadline = Date().addingTimeInterval(20)
+        while !done(), Date() < deadline {
+            _ = poll(&fd, 1, 100)
+            engine.reap()
+        }
+    }
+
     func testAThreadWithItsOwnEngineGetsItsChunksBackOnlyWhenItReaps() throws {
-        try LUN.createFile(path: dir + "/lun.img", sizeBytes: 4 << 20)
-        let lun = try LUN(path: dir + "/lun.img", readWrite: true)
+        let lun = try scratchLUN(bytes: 4 << 20)
         let domainEngine = try Engine(queueDepth: 32)
         let loopEngine = try Engine(queueDepth: 32, callerReaps: true)
         var profile = ArrayProfile(name: "test")
@@ -37,12 +51,7 @@ final class SchedulerThreadEngineTests: XCTestCase {
         try scheduler.submit(.write, lun: index, buffer: data.pointer, length: data.count, offset: 1 << 20, sink: sink, cookie: 3)
         scheduler.kick()
         XCTAssertFalse(sink.wait(1, seconds: 0.3), "the write completed without this thread reaping: it went to the domain's engine")
-        var fd = pollfd(fd: loopEngine.handle.notifyDescriptor!, events: Int16(POLLIN), revents: 0)
-        let deadline = Date().addingTimeInterval(20)
-        while sink.result(3) == nil, Date() < deadline {
-            _ = poll(&fd, 1, 100)
-            loopEngine.handle.reap()
-        }
+        reap(loopEngine.handle) { sink.result(3) != nil }
         XCTAssertEqual(sink.result(3), Int64(data.count), "the caller hears once, for the whole request (4 chunks)")
         XCTAssertEqual(loopEngine.handle.stats.completed, 4)
         XCTAssertEqual(domainEngine.handle.stats.submitted, 0)
@@ -69,8 +78,7 @@ final class SchedulerThreadEngineTests: XCTestCase {
         // engine up (as the NBD loop does at shutdown) and reaps A, whose completion dispatches B on
         // the domain engine from a thread that is not the domain engine's reaper: nobody else
         // would submit it.
-        try LUN.createFile(path: dir + "/lun.img", sizeBytes: 1 << 20)
-        let lun = try LUN(path: dir + "/lun.img", readWrite: true)
+        let lun = try scratchLUN(bytes: 1 << 20)
         let domainEngine = try Engine(queueDepth: 8)
         let loopEngine = try Engine(queueDepth: 8, callerReaps: true)
         var profile = ArrayProfile(name: "test")
@@ -84,12 +92,7 @@ final class SchedulerThreadEngineTests: XCTestCase {
         try scheduler.submit(.write, lun: index, buffer: data.pointer + 4096, length: 4096, offset: 4096, sink: sink, cookie: 2)
         scheduler.kick()
         EngineHandle.setOnThisThread(nil)
-        var fd = pollfd(fd: loopEngine.handle.notifyDescriptor!, events: Int16(POLLIN), revents: 0)
-        let deadline = Date().addingTimeInterval(20)
-        while sink.result(1) == nil, Date() < deadline {
-            _ = poll(&fd, 1, 100)
-            loopEngine.handle.reap()
-        }
+        reap(loopEngine.handle) { sink.result(1) != nil }
         XCTAssertEqual(sink.result(1), 4096)
         XCTAssertTrue(sink.wait(2, seconds: 10), "B was staged on the domain engine and never submitted")
         XCTAssertEqual(sink.result(2), 4096)

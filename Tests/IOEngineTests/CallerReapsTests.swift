@@ -7,6 +7,8 @@ import XCTest
 /// An engine its owner reaps (`Engine(callerReaps:)`, the NBD event loop's): no reaper
 /// thread, completions run on the thread that calls `reap()` when the notify descriptor
 /// is readable, and destroy delivers what is still in flight.
+private func thisThread() -> UInt { UInt(pthread_self()) }
+
 final class CallerReapsTests: XCTestCase {
     /// Records the thread each completion ran on.
     private final class ThreadRecordingSink: CompletionSink, @unchecked Sendable {
@@ -16,10 +18,17 @@ final class CallerReapsTests: XCTestCase {
         override func ioCompleted(cookie: UInt64, result: Int64) {
             lock.lock()
             results[cookie] = result
-            threads.insert(UInt(bitPattern: Int(bitPattern: UInt(pthread_self()))))
+            threads.insert(thisThread())
             lock.unlock()
         }
         var count: Int { lock.lock(); defer { lock.unlock() }; return results.count }
+    }
+
+    /// A file LUN of `bytes` in `dir`, opened read-write.
+    private func scratchLUN(_ dir: TempDir, bytes: Int) throws -> LUN {
+        let path = dir.file("lun.img")
+        try LUN.createFile(path: path, sizeBytes: UInt64(bytes))
+        return try LUN(path: path, readWrite: true)
     }
 
     private func waitReadable(_ fd: Int32, milliseconds: Int32) -> Bool {
@@ -49,9 +58,7 @@ final class CallerReapsTests: XCTestCase {
         // 256 writes in flight at once: far more than one reap handles (16 rounds of 2), and
         // they may all complete before the first read of the eventfd takes every signal.
         let dir = TempDir()
-        let path = dir.file("lun.img")
-        try LUN.createFile(path: path, sizeBytes: 4 << 20)
-        let lun = try LUN(path: path, readWrite: true)
+        let lun = try scratchLUN(dir, bytes: 4 << 20)
         let engine = try Engine(queueDepth: 256, callerReaps: true)
         let buffer = try AlignedBuffer(count: 256 * 4096)
         let sink = ThreadRecordingSink()
@@ -68,14 +75,12 @@ final class CallerReapsTests: XCTestCase {
 
     func testWritesAndReadsCompleteOnTheReapingThreadWithTheDataIntact() throws {
         let dir = TempDir()
-        let path = dir.file("lun.img")
-        try LUN.createFile(path: path, sizeBytes: 4 << 20)
-        let lun = try LUN(path: path, readWrite: true)
+        let lun = try scratchLUN(dir, bytes: 4 << 20)
         let engine = try Engine(queueDepth: 16, callerReaps: true)
         XCTAssertNotNil(engine.handle.notifyDescriptor)
         let blocks = 64, depth = 8
         let pool = try BufferPool(bufferBytes: 4096, count: depth)
-        let me = UInt(bitPattern: Int(bitPattern: UInt(pthread_self())))
+        let me = thisThread()
 
         let writes = ThreadRecordingSink()
         for first in stride(from: 0, to: blocks, by: depth) {
@@ -110,9 +115,7 @@ final class CallerReapsTests: XCTestCase {
 
     func testNothingCompletesUntilTheOwnerReaps() throws {
         let dir = TempDir()
-        let path = dir.file("lun.img")
-        try LUN.createFile(path: path, sizeBytes: 1 << 20)
-        let lun = try LUN(path: path, readWrite: true)
+        let lun = try scratchLUN(dir, bytes: 1 << 20)
         let engine = try Engine(queueDepth: 4, callerReaps: true)
         let buffer = try AlignedBuffer(count: 4096)
         let sink = ThreadRecordingSink()
@@ -128,9 +131,7 @@ final class CallerReapsTests: XCTestCase {
 
     func testDestroyDeliversWhatIsInFlightOnTheDestroyingThread() throws {
         let dir = TempDir()
-        let path = dir.file("lun.img")
-        try LUN.createFile(path: path, sizeBytes: 1 << 20)
-        let lun = try LUN(path: path, readWrite: true)
+        let lun = try scratchLUN(dir, bytes: 1 << 20)
         let buffer = try AlignedBuffer(count: 16 * 4096)
         let sink = ThreadRecordingSink()
         do {
@@ -143,7 +144,7 @@ final class CallerReapsTests: XCTestCase {
             _ = consume engine
         }
         XCTAssertEqual(sink.count, 16, "destroy returned before every accepted request completed")
-        XCTAssertEqual(sink.threads, [UInt(bitPattern: Int(bitPattern: UInt(pthread_self())))])
+        XCTAssertEqual(sink.threads, [thisThread()])
     }
 
     func testAnEngineWithAReaperThreadHasNoNotifyDescriptorAndIsNotReapedByCallers() throws {
