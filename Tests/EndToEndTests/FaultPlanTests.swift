@@ -63,3 +63,49 @@ extension DaemonTests {
         XCTAssertEqual((try mirror("m")["legs"] as? [[String: Any]])?[1]["state"] as? String, "failed")
     }
 }
+
+extension DaemonTests {
+    /// A LUN that stops answering: after its array profile's `io_timeout` the hung write fails
+    /// with ETIMEDOUT, the mirror acknowledges from the surviving leg and fails the hung one
+    /// over, the daemon answers all the while, and a resync brings the leg back equal.
+    func testAHungLegTimesOutAndFailsOverWhileTheDaemonAnswers() throws {
+        let fileBacked = try String(contentsOfFile: ServeProcess.profiles + "/arrays/file-backed.yaml", encoding: .utf8)
+        let hangs = fileBacked.replacingOccurrences(of: "io_timeout: 30s", with: "io_timeout: 300ms")
+        XCTAssertNotEqual(hangs, fileBacked, "the shipped profile names its io_timeout")
+        let pool = try String(contentsOfFile: ServeProcess.profiles + "/pools/file-backed.yaml", encoding: .utf8)
+        let profiles = try customProfiles(in: dir, ["arrays/hangs.yaml": hangs, "pools/hangs.yaml": pool.replacingOccurrences(of: "array: file-backed", with: "array: hangs")])
+        let plan = dir.file("plan.json")
+        try #"{"seed": 5, "rules": [{"pool": "b", "op": "write", "class": "host", "action": "stuck", "count": 1}]}"#
+            .write(toFile: plan, atomically: true, encoding: .utf8)
+        let log = dir.file("serve.log")
+        daemon = try ServeProcess(state: state, extra: ["--fault-plan", plan], log: log, profiles: profiles)
+        _ = try ok(["pool", "create", "a", "--array-profile", "file-backed", "--lun", dir.file("a.img"), "--create-size", "48M"])
+        _ = try ok(["pool", "create", "b", "--array-profile", "hangs", "--lun", dir.file("b.img"), "--create-size", "48M"])
+        _ = try ok(["vdisk", "create", "m", "--pool", "a", "--mirror-pool", "b", "--size", "16M"])
+
+        let verify = ResultBox()
+        let writer = Thread { [state] in verify.result = try? CLI.run(["vdisk", "verify", "m", "--size", "2M", "--seed", "7", "--dir", state]) }
+        writer.start()
+        var answers = 0
+        let deadline = Date().addingTimeInterval(30)
+        while !writer.isFinished {
+            guard Date() < deadline else { return XCTFail("the write to the hung leg never answered: \(try String(contentsOfFile: log, encoding: .utf8))") }
+            let asked = Date()
+            XCTAssertEqual(try ctl(["status"]).status, 0)
+            XCTAssertLessThan(Date().timeIntervalSince(asked), 5, "the daemon answers while a leg hangs")
+            answers += 1
+            usleep(50_000)
+        }
+        let r = try XCTUnwrap(verify.result)
+        XCTAssertEqual(r.status, 0, "written and read back from the surviving leg: \(r.stderr)")
+        XCTAssertGreaterThan(answers, 0)
+        XCTAssertEqual((try mirror("m")["legs"] as? [[String: Any]])?[1]["state"] as? String, "failed", "the hung leg failed over")
+        let text = try String(contentsOfFile: log, encoding: .utf8)
+        XCTAssertTrue(text.contains("pool 'b': LUN \(dir.file("b.img")) did not answer a write within io_timeout 300ms (array profile hangs): declared stuck"), text)
+        XCTAssertTrue(text.contains("no longer stuck"), text)
+
+        _ = try ok(["mirror", "resync", "m"])
+        XCTAssertTrue(try ok(["mirror", "verify", "m"]).contains(" 0 differ"))
+        XCTAssertEqual(try ctl(["vdisk", "verify", "m", "--size", "2M", "--seed", "7", "--phase", "read"]).status, 0, "both legs hold what was written")
+    }
+}

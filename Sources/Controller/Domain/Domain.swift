@@ -102,6 +102,22 @@ public final class Domain: @unchecked Sendable {
     private var setupStore: SetupVDiskStore?
     /// Seeded LUN faults (`serve --fault-plan`), applied to the pools it names.
     private(set) var faultPlan: FaultPlan?
+    /// Where the data path reports what an admin must see (a LUN declared stuck); the
+    /// daemon points it at its log. Until then such lines go to standard error.
+    private var storedEventLog: (@Sendable (String) -> Void)?
+    public var eventLog: (@Sendable (String) -> Void)? {
+        get { stateLock.withLock { storedEventLog } }
+        set { stateLock.withLock { storedEventLog = newValue } }
+    }
+
+    func reportEvent(_ line: String) {
+        if let log = eventLog { log(line) } else { FileHandle.standardError.write(Data((line + "\n").utf8)) }
+    }
+
+    /// Reports a pool scheduler's LUN events, named by pool.
+    func lunEvents(pool name: String) -> @Sendable (String) -> Void {
+        { [weak self] line in self?.reportEvent("pool '\(name)': \(line)") }
+    }
     /// Wakes the zeroer (extents freed or let out of quarantine) and those waiting for it.
     let zeroingWork = WakeSignal()
     let zeroingProgress = WakeSignal()
@@ -284,9 +300,12 @@ public final class Domain: @unchecked Sendable {
         if array == nil { problems.append("pool '\(pool.name)': array profile '\(pool.arrayProfile)' not found") }
         setRuntime(PoolRuntime(luns: boxes, engine: engine, array: array,
                                backgroundSharePercent: profiles.pools[pool.poolProfile]?.backgroundSharePercent ?? 20,
-                               faults: faultPlan?.faults(forPool: pool.name)),
+                               faults: faultPlan?.faults(forPool: pool.name), onLUNEvent: lunEvents(pool: pool.name)),
                    of: pool.id)
     }
+
+    /// The paths of the pool's LUNs declared stuck (an I/O outlived `io_timeout`).
+    public func stuckLUNs(of pool: PoolRecord) -> [String] { runtime(of: pool.id)?.scheduler?.stuckLUNs ?? [] }
 
     /// Whether every LUN of the pool is present.
     public func isPoolHealthy(_ pool: PoolRecord) -> Bool { runtime(of: pool.id)?.isHealthy ?? false }
@@ -457,7 +476,7 @@ public final class Domain: @unchecked Sendable {
         }
         pool.metadataArea = area
         setRuntime(PoolRuntime(luns: boxes, engine: engine, array: array, backgroundSharePercent: profile.backgroundSharePercent,
-                               faults: faultPlan?.faults(forPool: name)),
+                               faults: faultPlan?.faults(forPool: name), onLUNEvent: lunEvents(pool: name)),
                    of: poolId)
         do {
             // LUNs svsp just made are sparse files, zeros throughout; any other may hold old data.

@@ -8,7 +8,9 @@ struct PoolRuntime: Sendable {
     /// The scheduler's index of each LUN, nil for a missing one (empty without a scheduler).
     let slots: [Int?]
 
-    init(luns: [LUNBox?], engine: EngineHandle, array: ArrayProfile?, backgroundSharePercent: Int, faults: SchedulerFaults? = nil) {
+    init(luns: [LUNBox?], engine: EngineHandle, array: ArrayProfile?, backgroundSharePercent: Int, faults: SchedulerFaults? = nil,
+         onLUNEvent: (@Sendable (String) -> Void)? = nil)
+    {
         self.luns = luns
         guard let array else {
             scheduler = nil
@@ -18,6 +20,7 @@ struct PoolRuntime: Sendable {
         let scheduler = IOScheduler(engine: engine, profile: array, backgroundSharePercent: backgroundSharePercent,
                                     capacity: TestKnobs.schedulerCapacity ?? 1024)
         scheduler.faults = faults
+        scheduler.onLUNEvent = onLUNEvent
         slots = luns.map { box in box.map { scheduler.addLUN($0.handle) } }
         faults?.lunIndexOfSlot = slots.enumerated().compactMap { $0.element == nil ? nil : $0.offset }
         self.scheduler = scheduler

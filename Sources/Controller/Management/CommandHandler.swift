@@ -316,6 +316,8 @@ struct PoolView: Codable {
         var sizeBytes: UInt64
         var extents: Int
         var present: Bool
+        /// An I/O outlived the array profile's `io_timeout`: requests to it fail until it answers.
+        var stuck: Bool
     }
 
     init(_ p: PoolRecord, domain: Domain) {
@@ -330,9 +332,10 @@ struct PoolView: Codable {
         zeroingBytes = UInt64(domain.zeroingExtents(of: p)) * p.extentBytes
         metadataBytes = UInt64(p.metadataArea?.extentCount ?? 0) * p.extentBytes
         usedBytes = p.capacityBytes - free - zeroingBytes
-        health = domain.isPoolHealthy(p) ? "normal" : "degraded"
+        let stuck = Set(domain.stuckLUNs(of: p))
+        health = !domain.isPoolHealthy(p) ? "degraded" : (stuck.isEmpty ? "normal" : "LUN stuck")
         luns = p.luns.map { LUNView(path: $0.path, sizeBytes: $0.sizeBytes, extents: $0.extentCount,
-                                    present: domain.lunHandle(pool: p.id, index: $0.index) != nil) }
+                                    present: domain.lunHandle(pool: p.id, index: $0.index) != nil, stuck: stuck.contains($0.path)) }
     }
 }
 
@@ -421,7 +424,7 @@ enum Table {
 
     static func poolDetail(_ p: PoolView) -> String {
         pools([p]) + "\n\n" + render(["LUN", "SIZE", "EXTENTS", "PRESENT"], p.luns.map {
-            [$0.path, ByteSize.format($0.sizeBytes), "\($0.extents)", $0.present ? "yes" : "MISSING"]
+            [$0.path, ByteSize.format($0.sizeBytes), "\($0.extents)", !$0.present ? "MISSING" : ($0.stuck ? "yes, STUCK (io_timeout)" : "yes")]
         })
     }
 

@@ -77,6 +77,7 @@ public final class Daemon: @unchecked Sendable {
             logger.critical("FAULT PLAN ACTIVE (\(path)): \(plan.rules.count) rule(s) fail LUN I/O on purpose; never use this in production")
         }
         domain.mirrors.log = { [logger] in logger.warning("\($0)") }
+        domain.eventLog = { [logger] in logger.error("\($0)") }
         // Mirrors written when the daemon last stopped: level their dirty regions first.
         await domain.mirrors.recoverAfterRestart { [logger] in logger.notice("\($0)") }
         // Async role changes a crash cut short, finished before hosts or the peer are served.

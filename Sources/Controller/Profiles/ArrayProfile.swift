@@ -12,12 +12,15 @@ public struct ArrayProfile: Equatable, Sendable {
     public var latencyTargetNs: UInt64 = 10_000_000
     public var volatileWriteCache: Bool = true
     public var rotational: Bool = false
+    /// A chunk in flight longer than this marks its LUN stuck (`IOScheduler`): what the
+    /// scheduler still holds for it, and what comes after, fails with ETIMEDOUT.
+    public var ioTimeoutNs: UInt64 = 30_000_000_000
 
     public init(name: String) { self.name = name }
 
     static let knownFields = ["description", "logical_block_size", "optimal_io_size", "max_io_size",
                               "queue_depth_per_lun", "queue_depth_per_array", "iops_limit", "bandwidth_limit",
-                              "latency_target", "volatile_write_cache", "rotational"]
+                              "latency_target", "volatile_write_cache", "rotational", "io_timeout"]
 
     /// Parses and validates; returns nil with the problems when anything is wrong.
     public static func parse(name: String, file: String, yaml: String) -> (ArrayProfile?, [ProfileProblem]) {
@@ -41,8 +44,10 @@ public struct ArrayProfile: Equatable, Sendable {
                              rule: "must be a duration 1us..60s (e.g. 2ms)")
         let vwc = r.optional("volatile_write_cache", default: true, Parse.bool, rule: "must be true or false")
         let rot = r.optional("rotational", default: false, Parse.bool, rule: "must be true or false")
+        let timeout = r.optional("io_timeout", default: p.ioTimeoutNs, Parse.duration(10_000_000...600_000_000_000),
+                                 rule: "must be a duration 10ms..600s (e.g. 30s)")
         let problems = sink + r.finish(known: knownFields)
-        guard let lbs, let opt, let max, let qLUN, let qArray, let iops, let bw, let lat, let vwc, let rot,
+        guard let lbs, let opt, let max, let qLUN, let qArray, let iops, let bw, let lat, let vwc, let rot, let timeout,
               problems.isEmpty
         else { return (nil, problems) }
 
@@ -74,6 +79,7 @@ public struct ArrayProfile: Equatable, Sendable {
         p.latencyTargetNs = lat
         p.volatileWriteCache = vwc
         p.rotational = rot
+        p.ioTimeoutNs = timeout
         return (p, [])
     }
 
@@ -92,6 +98,7 @@ public struct ArrayProfile: Equatable, Sendable {
             "latency_target: \(ProfileUnits.formatDuration(latencyTargetNs))",
             "volatile_write_cache: \(volatileWriteCache)",
             "rotational: \(rotational)",
+            "io_timeout: \(ProfileUnits.formatDuration(ioTimeoutNs))",
         ]
         return lines.joined(separator: "\n") + "\n"
     }

@@ -17,6 +17,13 @@ import Synchronization
 /// Contract like the engine's: `submit` that returns normally calls the sink exactly
 /// once; staged chunks reach the kernel on `kick()` or after a completion batch.
 ///
+/// A chunk in flight longer than the profile's `io_timeout` marks its LUN stuck: what the
+/// scheduler still holds for that LUN, and whatever comes for it until the device has
+/// answered everything it holds, fails with ETIMEDOUT, so a mirror fails the leg over and
+/// nothing else waits. Chunks already in the kernel are not abandoned: Linux AIO cannot
+/// take back O_DIRECT I/O, and the kernel may still read or fill their buffers, so their
+/// requests are answered when the device (or its driver's own timeout) answers them.
+///
 /// Chunks go to the engine of the thread that dispatches them (`EngineHandle.forThisThread`):
 /// on an NBD event loop that reaps its own engine, the loop's, so their completions come
 /// back to that loop with no other thread woken; elsewhere the domain's.
@@ -30,6 +37,8 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         public var completed: UInt64 = 0
         public var throttled: UInt64 = 0
         public var backgroundChunks: UInt64 = 0
+        /// Times a LUN was declared stuck (`io_timeout`).
+        public var timeouts: UInt64 = 0
     }
 
     private struct Slot {
@@ -40,6 +49,8 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         var offset: UInt64 = 0
         var dispatchedBytes: Int = 0
         var chunksInFlight: Int = 0
+        /// Since when a chunk of this request has been in flight with none answering (the watchdog's clock).
+        var inFlightSinceNs: UInt64 = 0
         var result: Int64 = 0
         var lun: Int32 = 0
         var op: Operation = .read
@@ -51,6 +62,8 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     private struct LUNState {
         let handle: LUNHandle
         var inFlight = 0
+        /// A chunk outlived `io_timeout`: requests fail with ETIMEDOUT until `inFlight` is 0.
+        var stuck = false
         var host: SlotRing
         var background: SlotRing
     }
@@ -91,6 +104,22 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     private let timerQueue = DispatchQueue(label: "svsp.scheduler.pacing")
     /// Seeded faults of a `--fault-plan` (tests and drills only; nil costs one branch per chunk).
     var faults: SchedulerFaults?
+    /// Chunks a fault plan delays or holds: counted in flight, not yet with the device.
+    private var parked: [ParkedChunk] = []
+    /// The request whose torn write kills the daemon when it lands (fault plans only).
+    private var tornSlot = -1
+    private let watchdog: DispatchSourceTimer
+    /// Told (off the lock) when a LUN is declared stuck or answers again; set before any I/O.
+    public var onLUNEvent: (@Sendable (String) -> Void)?
+
+    private struct ParkedChunk {
+        let index: Int
+        let lun: Int
+        let length: Int
+        let offset: UInt64
+        let bufferOffset: Int
+        var dueNs: UInt64? // nil: held until the LUN is declared stuck
+    }
 
     /// - Parameters:
     ///   - capacity: requests queued or in flight at most (submit beyond it throws EBUSY).
@@ -119,15 +148,27 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
             TokenBucket(ratePerSecond: $0, burstSeconds: 0.05, minimumBurst: Double(profile.maxIOBytes), nowNs: now)
         }
         timer = DispatchSource.makeTimerSource(queue: timerQueue)
+        watchdog = DispatchSource.makeTimerSource(queue: timerQueue)
         super.init()
         timer.setEventHandler { [weak self] in self?.timerFired() }
         timer.activate()
+        let period = Int(max(profile.ioTimeoutNs / 4, 5_000_000))
+        watchdog.schedule(deadline: .now() + .nanoseconds(period), repeating: .nanoseconds(period), leeway: .milliseconds(1))
+        watchdog.setEventHandler { [weak self] in self?.checkTimeouts() }
+        watchdog.activate()
     }
 
     deinit {
         timer.cancel()
+        watchdog.cancel()
         slots.deinitialize(count: capacity)
         slots.deallocate()
+    }
+
+    /// Arms the rules of `plan` that name `pool` (tests and drills; set before any I/O).
+    public func applyFaults(_ plan: FaultPlan, pool: String) {
+        faults = plan.faults(forPool: pool)
+        faults?.lunIndexOfSlot = Array(0..<handles.count)
     }
 
     /// Registers a LUN of this array; returns its index for `submit`. Setup time only.
@@ -159,6 +200,9 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     }
 
     public var currentStats: Stats { lock.withLock { _ in stats } }
+
+    /// The paths of the LUNs declared stuck now.
+    public var stuckLUNs: [String] { lock.withLock { _ in luns.filter(\.stuck).map(\.handle.path) } }
 
     /// No host I/O in flight and none sent for `hostIdleNs`: background work may use the whole depth.
     public var hostsIdle: Bool {
@@ -200,6 +244,13 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
             freeHead = slots[index].nextFree
             slots[index] = Slot(sink: Unmanaged.passRetained(sink), cookie: cookie, buffer: buffer, length: length,
                                 offset: offset, lun: Int32(lun), op: op, ioClass: ioClass, fua: fua)
+            if luns[lun].stuck { // answered at once, never queued behind what the LUN holds
+                slots[index].result = -Int64(ETIMEDOUT)
+                slots[index].dispatchedBytes = length
+                stats.requests += 1
+                finishLocked(index, deferred: true)
+                return true
+            }
             if ioClass == .host {
                 luns[lun].host.push(Int32(index))
                 queuedHost += 1
@@ -287,18 +338,26 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
 
         let offset = slot.offset + UInt64(slot.dispatchedBytes)
         do throws(IOError) {
-            if let faults, let code = faults.failure(lun: l, op: slot.op, ioClass: ioClass) {
-                throw IOError(code: code, operation: IOOperation(slot.op))
+            var length = chunk
+            var send = true
+            if let faults, let action = faults.action(lun: l, op: slot.op, ioClass: ioClass, length: chunk,
+                                                       whole: slot.dispatchedBytes == 0 && chunk == slot.length) {
+                switch action {
+                case .fail(let code): throw IOError(code: code, operation: IOOperation(slot.op))
+                case .delay, .stuck:
+                    var due: UInt64?
+                    if case .delay(let ns) = action { due = now &+ ns }
+                    parked.append(ParkedChunk(index: index, lun: l, length: chunk, offset: offset,
+                                              bufferOffset: slot.dispatchedBytes, dueNs: due))
+                    if let due { armTimer(at: due, now: now) }
+                    send = false
+                case .torn(let bytes):
+                    length = bytes
+                    tornSlot = index
+                }
             }
-            switch slot.op {
-            case .read:
-                try engine.prepRead(lun: luns[l].handle, buffer: slot.buffer! + slot.dispatchedBytes, length: chunk,
-                                    offset: offset, sink: self, cookie: UInt64(index))
-            case .write:
-                try engine.prepWrite(lun: luns[l].handle, buffer: slot.buffer! + slot.dispatchedBytes, length: chunk,
-                                     offset: offset, fua: slot.fua, sink: self, cookie: UInt64(index))
-            case .flush:
-                try engine.prepFlush(lun: luns[l].handle, sink: self, cookie: UInt64(index))
+            if send {
+                try prep(index, lun: l, length: length, offset: offset, bufferOffset: slot.dispatchedBytes, engine: engine)
             }
         } catch {
             if error.code == EBUSY {
@@ -314,6 +373,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
             if slots[index].chunksInFlight == 0 { finishLocked(index, deferred: true) }
             return true
         }
+        if slots[index].chunksInFlight == 0 { slots[index].inFlightSinceNs = now }
         slots[index].dispatchedBytes += chunk
         slots[index].chunksInFlight += 1
         luns[l].inFlight += 1
@@ -325,6 +385,22 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         }
         if slot.op == .flush || slots[index].dispatchedBytes >= slot.length { popHead(lun: l, ioClass: ioClass) }
         return true
+    }
+
+    private func prep(_ index: Int, lun l: Int, length: Int, offset: UInt64, bufferOffset: Int,
+                      engine: EngineHandle) throws(IOError)
+    {
+        let slot = slots[index]
+        switch slot.op {
+        case .read:
+            try engine.prepRead(lun: luns[l].handle, buffer: slot.buffer! + bufferOffset, length: length,
+                                offset: offset, sink: self, cookie: UInt64(index))
+        case .write:
+            try engine.prepWrite(lun: luns[l].handle, buffer: slot.buffer! + bufferOffset, length: length,
+                                 offset: offset, fua: slot.fua, sink: self, cookie: UInt64(index))
+        case .flush:
+            try engine.prepFlush(lun: luns[l].handle, sink: self, cookie: UInt64(index))
+        }
     }
 
     /// Background chunks in flight while hosts are active: the share of what is in flight,
@@ -373,11 +449,89 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     }
 
     private func timerFired() {
+        var failed: [(index: Int, result: Int64)] = []
         lock.withLock { _ in
             timerArmedUntilNs = 0
+            if !parked.isEmpty { releaseParkedLocked(failed: &failed) }
             pumpLocked()
         }
         engine.forThisThread.submit()
+        for f in failed { ioCompleted(cookie: UInt64(f.index), result: f.result) }
+    }
+
+    /// Sends the delayed chunks whose time has come (fault plans only).
+    private func releaseParkedLocked(failed: inout [(index: Int, result: Int64)]) {
+        let now = clock.nowNs()
+        let target = engine.forThisThread
+        var i = 0
+        while i < parked.count {
+            guard let due = parked[i].dueNs else { i += 1; continue }
+            if due > now {
+                armTimer(at: due, now: now)
+                i += 1
+                continue
+            }
+            let p = parked[i]
+            do throws(IOError) {
+                try prep(p.index, lun: p.lun, length: p.length, offset: p.offset, bufferOffset: p.bufferOffset, engine: target)
+                parked.remove(at: i)
+            } catch {
+                if error.code == EBUSY {
+                    parked[i].dueNs = now + 200_000
+                    armTimer(at: now + 200_000, now: now)
+                    i += 1
+                } else {
+                    failed.append((p.index, -Int64(error.code)))
+                    parked.remove(at: i)
+                }
+            }
+        }
+    }
+
+    // MARK: timeouts
+
+    /// The watchdog: a request with a chunk in flight longer than `io_timeout` marks its LUN
+    /// stuck. Its queued requests fail now; chunks a fault plan holds for it (`stuck`) fail
+    /// too, as a driver's own timeout would fail them; chunks in the kernel, and ones a plan
+    /// delays, are answered when they answer.
+    func checkTimeouts() {
+        let now = clock.nowNs()
+        var failed: [(index: Int, result: Int64)] = []
+        var events: [String] = []
+        lock.withLock { _ in
+            guard arrayInFlight > 0 else { return }
+            for i in 0..<capacity where slots[i].chunksInFlight > 0 && now &- slots[i].inFlightSinceNs > profile.ioTimeoutNs {
+                let l = Int(slots[i].lun)
+                guard !luns[l].stuck else { continue }
+                luns[l].stuck = true
+                stats.timeouts += 1
+                let op = slots[i].op == .read ? "read" : (slots[i].op == .write ? "write" : "flush")
+                events.append("LUN \(luns[l].handle.path) did not answer a \(op) within io_timeout "
+                    + "\(ProfileUnits.formatDuration(profile.ioTimeoutNs)) (array profile \(profile.name)): declared stuck; "
+                    + "its requests fail with ETIMEDOUT until it answers the \(luns[l].inFlight) it holds")
+                failQueuedLocked(lun: l, code: ETIMEDOUT)
+                parked.removeAll { p in // held ones never answer; delayed ones answer late, as a slow device does
+                    guard p.lun == l, p.dueNs == nil else { return false }
+                    failed.append((p.index, -Int64(ETIMEDOUT)))
+                    return true
+                }
+            }
+        }
+        for e in events { onLUNEvent?(e) }
+        for f in failed { ioCompleted(cookie: UInt64(f.index), result: f.result) }
+    }
+
+    /// Fails every request queued for LUN `l` (partly sent ones finish when their chunks return).
+    private func failQueuedLocked(lun l: Int, code: Int32) {
+        for ioClass in [IOClass.host, .background] {
+            while let head = ioClass == .host ? luns[l].host.peek() : luns[l].background.peek() {
+                let index = Int(head)
+                slots[index].result = -Int64(code)
+                slots[index].dispatchedBytes = slots[index].length
+                popHead(lun: l, ioClass: ioClass)
+                if slots[index].chunksInFlight == 0 { finishLocked(index, deferred: true) }
+            }
+        }
     }
 
     // MARK: completion
@@ -386,12 +540,19 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         let index = Int(cookie)
         var done: (sink: Unmanaged<CompletionSink>, cookie: UInt64, result: Int64)?
         var room: (@Sendable () -> Void)?
+        var answeredAgain: String?
         let stagedOnDomainEngine: Bool = lock.withLock { _ in
+            if index == tornSlot { kill(getpid(), SIGKILL) } // the torn part is on the device: crash now
             let l = Int(slots[index].lun)
             luns[l].inFlight -= 1
             arrayInFlight -= 1
             if slots[index].ioClass == .background { backgroundInFlight -= 1 }
             slots[index].chunksInFlight -= 1
+            if slots[index].chunksInFlight > 0 { slots[index].inFlightSinceNs = clock.nowNs() }
+            if luns[l].stuck, luns[l].inFlight == 0 {
+                luns[l].stuck = false
+                answeredAgain = "LUN \(luns[l].handle.path) answered everything it held: no longer stuck"
+            }
             if result < 0, slots[index].result >= 0 { slots[index].result = result }
             if slots[index].chunksInFlight == 0, slots[index].dispatchedBytes >= slots[index].length {
                 done = finishLocked(index, deferred: false)
@@ -403,6 +564,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         // loop reaping its own engine; a completion delivered elsewhere (an engine drained at
         // shutdown) that staged on the domain's engine submits it here.
         if stagedOnDomainEngine, !engine.isReaperThread { engine.submit() }
+        if let answeredAgain { onLUNEvent?(answeredAgain) }
         if let done {
             let sink = done.sink.takeRetainedValue()
             sink.ioCompleted(cookie: done.cookie, result: done.result)

@@ -13,6 +13,14 @@ import Foundation
 /// `seed`, so the same plan under the same I/O order fails the same chunks.
 /// `"class": "host"` makes writes fail for host I/O while a copier's succeed. (A chunk the
 /// engine had no room for is looked at again when it is retried, and counts again.)
+///
+/// `action` says what a chosen chunk does instead of failing (`fail`, the default):
+/// - `delay`: reaches the device `delay_ms` later (a latency spike);
+/// - `stuck`: never reaches the device nor answers, as a hung LUN; after the array
+///   profile's `io_timeout` the scheduler declares the LUN stuck and fails it with ETIMEDOUT;
+/// - `torn`: a write of more than `unit` bytes (default 4096) lands only partly, a seeded
+///   number of whole units from its start, and the daemon kills itself with SIGKILL the
+///   moment that part is on the device (a crash in the middle of a multi-block write).
 public struct FaultPlan: Decodable, Sendable {
     public var seed: UInt64 = 1
     public var rules: [Rule]
@@ -26,8 +34,13 @@ public struct FaultPlan: Decodable, Sendable {
         public var probability: Double = 1
         public var after: Int = 0
         public var count: Int?
+        public var action: String = "fail"
+        public var delayMs: Int?
+        public var unit: Int = 4096
 
-        enum CodingKeys: String, CodingKey { case pool, lun, op, ioClass = "class", errno, probability, after, count }
+        enum CodingKeys: String, CodingKey {
+            case pool, lun, op, ioClass = "class", errno, probability, after, count, action, delayMs = "delay_ms", unit
+        }
 
         public init(from decoder: Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
@@ -39,6 +52,9 @@ public struct FaultPlan: Decodable, Sendable {
             probability = try c.decodeIfPresent(Double.self, forKey: .probability) ?? 1
             after = try c.decodeIfPresent(Int.self, forKey: .after) ?? 0
             count = try c.decodeIfPresent(Int.self, forKey: .count)
+            action = try c.decodeIfPresent(String.self, forKey: .action) ?? "fail"
+            delayMs = try c.decodeIfPresent(Int.self, forKey: .delayMs)
+            unit = try c.decodeIfPresent(Int.self, forKey: .unit) ?? 4096
         }
     }
 
@@ -66,6 +82,18 @@ public struct FaultPlan: Decodable, Sendable {
             }
             guard (0...1).contains(r.probability) else { throw DomainError("\(at): probability \(r.probability) (0..1)") }
             guard r.after >= 0, (r.count ?? 0) >= 0, (r.lun ?? 0) >= 0 else { throw DomainError("\(at): after, count and lun are not negative") }
+            guard ["fail", "delay", "stuck", "torn"].contains(r.action) else {
+                throw DomainError("\(at): action '\(r.action)' (fail, delay, stuck, torn)")
+            }
+            if r.action == "delay" {
+                guard let ms = r.delayMs, (1...600_000).contains(ms) else { throw DomainError("\(at): delay needs delay_ms 1..600000") }
+            } else if r.delayMs != nil {
+                throw DomainError("\(at): delay_ms belongs to action delay, not '\(r.action)'")
+            }
+            if r.action == "torn" {
+                guard r.op == "write" else { throw DomainError("\(at): torn needs op write, not '\(r.op)'") }
+                guard r.unit >= 512, r.unit % 512 == 0, r.unit <= 1 << 20 else { throw DomainError("\(at): unit \(r.unit) (a multiple of 512 up to 1M)") }
+            }
         }
         return plan
     }
@@ -103,8 +131,19 @@ public final class SchedulerFaults: @unchecked Sendable {
 
     init(rules: [Armed]) { self.rules = rules }
 
-    /// The errno this chunk fails with, or nil to let it reach the device.
-    func failure(lun slot: Int, op: IOScheduler.Operation, ioClass: IOScheduler.IOClass) -> Int32? {
+    /// What a chosen chunk does instead of reaching the device as asked.
+    enum Action: Equatable {
+        case fail(Int32)
+        case delay(ns: UInt64)
+        case stuck
+        /// Write only the first `bytes`, then SIGKILL the daemon once they are on the device.
+        case torn(bytes: Int)
+    }
+
+    /// What this chunk (`length` bytes; the whole request: `whole`) does, or nil to let it
+    /// reach the device. A torn rule matches only a write that is a whole request of more
+    /// than one unit.
+    func action(lun slot: Int, op: IOScheduler.Operation, ioClass: IOScheduler.IOClass, length: Int, whole: Bool) -> Action? {
         let lun = slot < lunIndexOfSlot.count ? lunIndexOfSlot[slot] : slot
         let opName = op == .read ? "read" : (op == .write ? "write" : "flush")
         let className = ioClass == .host ? "host" : "background"
@@ -112,17 +151,27 @@ public final class SchedulerFaults: @unchecked Sendable {
             let r = rules[i].rule
             guard r.lun == nil || r.lun == lun, r.op == "any" || r.op == opName, r.ioClass == "any" || r.ioClass == className
             else { continue }
+            if r.action == "torn", !whole || length <= r.unit || length % r.unit != 0 { continue }
             rules[i].matched += 1
             guard rules[i].matched > r.after, r.count.map({ rules[i].failed < $0 }) ?? true else { continue }
-            rules[i].state &+= 0x9E37_79B9_7F4A_7C15
-            var z = rules[i].state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            z ^= z >> 31
-            guard Double(z >> 11) / Double(1 << 53) < r.probability else { continue }
+            guard Double(next(&rules[i].state) >> 11) / Double(1 << 53) < r.probability else { continue }
             rules[i].failed += 1
-            return r.errno
+            switch r.action {
+            case "delay": return .delay(ns: UInt64(r.delayMs ?? 0) * 1_000_000)
+            case "stuck": return .stuck
+            case "torn": return .torn(bytes: r.unit * (1 + Int(next(&rules[i].state) % UInt64(length / r.unit - 1))))
+            default: return .fail(r.errno)
+            }
         }
         return nil
+    }
+
+    /// splitmix64.
+    private func next(_ state: inout UInt64) -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 }
