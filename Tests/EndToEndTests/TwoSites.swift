@@ -183,13 +183,13 @@ class TwoSitesTestCase: XCTestCase {
     }
 
     /// Restarts `site`'s daemon (after a SIGKILL or not) on the port it listened on.
-    func restart(_ site: String, kill signal: Int32, port: String, environment: [String: String] = [:]) throws {
+    func restart(_ site: String, kill signal: Int32, port: String, environment: [String: String] = [:], extra: [String] = []) throws {
         daemons[site]?.stop(signal: signal)
-        try start(site, port: port, environment: environment)
+        try start(site, port: port, environment: environment, extra: extra)
     }
 
-    func start(_ site: String, port: String, environment: [String: String] = [:]) throws {
-        daemons[site] = try ServeProcess(state: dir.file(site), extra: ["--repl-listen", port], log: dir.file(site + ".log"),
+    func start(_ site: String, port: String, environment: [String: String] = [:], extra: [String] = []) throws {
+        daemons[site] = try ServeProcess(state: dir.file(site), extra: ["--repl-listen", port] + extra, log: dir.file(site + ".log"),
                                          profiles: dir.file("profiles"), environment: environment)
     }
 }

@@ -74,7 +74,7 @@ public final class Daemon: @unchecked Sendable {
         let domain = try await Domain.open(directory: dir, profiles: catalog, faultPlan: faultPlan,
                                            reapPollMicroseconds: options.reapPollMicroseconds)
         if let path = options.faultPlan, let plan = faultPlan {
-            logger.critical("FAULT PLAN ACTIVE (\(path)): \(plan.rules.count) rule(s) fail LUN I/O on purpose; never use this in production")
+            logger.critical("FAULT PLAN ACTIVE (\(path)): \(plan.rules.count) rule(s) for LUN I/O and \(plan.linkRules.count) for the replication link fail on purpose; never use this in production")
         }
         domain.mirrors.log = { [logger] in logger.warning("\($0)") }
         domain.eventLog = { [logger] in logger.error("\($0)") }

@@ -34,9 +34,13 @@ public final class ReplicationService: @unchecked Sendable {
     static let pingInterval = TimeAmount.seconds(2)
     static let maxBackoffSeconds = 10.0
 
+    /// A fault plan's link rules (tests and drills), applied below TLS on every connection.
+    private let linkFaults: LinkFaults?
+
     public init(domain: Domain, log: @escaping @Sendable (String) -> Void) {
         self.domain = domain
         self.log = log
+        linkFaults = domain.faultPlan?.linkFaults(report: log)
     }
 
     /// Listens on `hostPort` (nil: no inbound connections) and starts the outbound links.
@@ -192,6 +196,7 @@ public final class ReplicationService: @unchecked Sendable {
         }
         let decoder = ReplicationFrameDecoder()
         let ops = channel.pipeline.syncOperations
+        if let linkFaults { try ops.addHandler(LinkFaultHandler(linkFaults)) }
         try ops.addHandler(IdleStateHandler(readTimeout: Self.idleTimeout))
         try ops.addHandler(NIOSSLServerHandler(context: context))
         try ops.addHandler(ByteToMessageHandler(decoder, maximumBufferSize: 1 << 20))
@@ -269,6 +274,7 @@ public final class ReplicationService: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let decoder = ReplicationFrameDecoder()
                     let ops = channel.pipeline.syncOperations
+                    if let linkFaults { try ops.addHandler(LinkFaultHandler(linkFaults)) }
                     try ops.addHandler(IdleStateHandler(readTimeout: Self.idleTimeout))
                     try ops.addHandler(NIOSSLClientHandler(context: context, serverHostname: nil))
                     try ops.addHandler(ByteToMessageHandler(decoder, maximumBufferSize: 1 << 20))

@@ -21,9 +21,32 @@ import Foundation
 /// - `torn`: a write of more than `unit` bytes (default 4096) lands only partly, a seeded
 ///   number of whole units from its start, and the daemon kills itself with SIGKILL the
 ///   moment that part is on the device (a crash in the middle of a multi-block write).
+///
+/// `link_rules` act on the replication link (`LinkFaults`): `{"action": "drop" | "corrupt" |
+/// "delay", "after_bytes": N, "probability": P, "count": C, "delay_ms": D}`.
 public struct FaultPlan: Decodable, Sendable {
     public var seed: UInt64 = 1
     public var rules: [Rule]
+    public var linkRules: [LinkRule]
+
+    public struct LinkRule: Decodable, Sendable {
+        public var action: String
+        public var afterBytes: Int = 0
+        public var probability: Double = 1
+        public var count: Int?
+        public var delayMs: Int?
+
+        enum CodingKeys: String, CodingKey { case action, afterBytes = "after_bytes", probability, count, delayMs = "delay_ms" }
+
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            action = try c.decode(String.self, forKey: .action)
+            afterBytes = try c.decodeIfPresent(Int.self, forKey: .afterBytes) ?? 0
+            probability = try c.decodeIfPresent(Double.self, forKey: .probability) ?? 1
+            count = try c.decodeIfPresent(Int.self, forKey: .count)
+            delayMs = try c.decodeIfPresent(Int.self, forKey: .delayMs)
+        }
+    }
 
     public struct Rule: Decodable, Sendable {
         public var pool: String
@@ -58,12 +81,13 @@ public struct FaultPlan: Decodable, Sendable {
         }
     }
 
-    enum CodingKeys: String, CodingKey { case seed, rules }
+    enum CodingKeys: String, CodingKey { case seed, rules, linkRules = "link_rules" }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         seed = try c.decodeIfPresent(UInt64.self, forKey: .seed) ?? 1
-        rules = try c.decode([Rule].self, forKey: .rules)
+        rules = try c.decodeIfPresent([Rule].self, forKey: .rules) ?? []
+        linkRules = try c.decodeIfPresent([LinkRule].self, forKey: .linkRules) ?? []
     }
 
     /// Reads and checks a plan; every problem is one line naming the rule and field.
@@ -95,7 +119,24 @@ public struct FaultPlan: Decodable, Sendable {
                 guard r.unit >= 512, r.unit % 512 == 0, r.unit <= 1 << 20 else { throw DomainError("\(at): unit \(r.unit) (a multiple of 512 up to 1M)") }
             }
         }
+        for (i, r) in plan.linkRules.enumerated() {
+            let at = "--fault-plan \(path): link rule \(i + 1)"
+            guard ["drop", "corrupt", "delay"].contains(r.action) else { throw DomainError("\(at): action '\(r.action)' (drop, corrupt, delay)") }
+            if r.action == "delay" {
+                guard let ms = r.delayMs, (1...600_000).contains(ms) else { throw DomainError("\(at): delay needs delay_ms 1..600000") }
+            } else if r.delayMs != nil {
+                throw DomainError("\(at): delay_ms belongs to action delay, not '\(r.action)'")
+            }
+            guard (0...1).contains(r.probability) else { throw DomainError("\(at): probability \(r.probability) (0..1)") }
+            guard r.afterBytes >= 0, (r.count ?? 0) >= 0 else { throw DomainError("\(at): after_bytes and count are not negative") }
+        }
+        guard !plan.rules.isEmpty || !plan.linkRules.isEmpty else { throw DomainError("--fault-plan \(path): no rules and no link_rules") }
         return plan
+    }
+
+    /// The link faults of this plan, or nil when it has none.
+    func linkFaults(report: @escaping @Sendable (String) -> Void) -> LinkFaults? {
+        linkRules.isEmpty ? nil : LinkFaults(rules: linkRules, seed: seed, report: report)
     }
 
     private static func describe(_ error: Error) -> String {
@@ -154,24 +195,16 @@ public final class SchedulerFaults: @unchecked Sendable {
             if r.action == "torn", !whole || length <= r.unit || length % r.unit != 0 { continue }
             rules[i].matched += 1
             guard rules[i].matched > r.after, r.count.map({ rules[i].failed < $0 }) ?? true else { continue }
-            guard Double(next(&rules[i].state) >> 11) / Double(1 << 53) < r.probability else { continue }
+            guard Double(SplitMix.next(&rules[i].state) >> 11) / Double(1 << 53) < r.probability else { continue }
             rules[i].failed += 1
             switch r.action {
             case "delay": return .delay(ns: UInt64(r.delayMs ?? 0) * 1_000_000)
             case "stuck": return .stuck
-            case "torn": return .torn(bytes: r.unit * (1 + Int(next(&rules[i].state) % UInt64(length / r.unit - 1))))
+            case "torn": return .torn(bytes: r.unit * (1 + Int(SplitMix.next(&rules[i].state) % UInt64(length / r.unit - 1))))
             default: return .fail(r.errno)
             }
         }
         return nil
     }
 
-    /// splitmix64.
-    private func next(_ state: inout UInt64) -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
 }

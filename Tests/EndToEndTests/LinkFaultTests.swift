@@ -1,0 +1,43 @@
+import Foundation
+import XCTest
+
+/// A bad network between the sites, from a fault plan's `link_rules` at the destination:
+/// received bytes corrupted below TLS, the connection dropped, reads held back. Every
+/// cycle still arrives whole (TLS refuses a corrupted record, the link reconnects and the
+/// cycle resumes), the destination equals the source PiT byte for byte, pools are clean.
+final class LinkFaultTests: TwoSitesTestCase {
+    func testACorruptDroppingAndSlowLinkStillDeliversEveryCycleWhole() throws {
+        try requireNBDClients()
+        try startLinkedSites(linkProfile: "bandwidth: 1Gbit/s\nrtt: 1ms\npit_cycle: 1s\n")
+        let plan = dir.file("link-plan.json")
+        try #"""
+        {"seed": 9, "link_rules": [
+          {"action": "corrupt", "after_bytes": 200000, "probability": 0.05, "count": 3},
+          {"action": "drop", "after_bytes": 1000000, "probability": 0.05, "count": 2},
+          {"action": "delay", "delay_ms": 300, "probability": 0.02, "count": 4}]}
+        """#.write(toFile: plan, atomically: true, encoding: .utf8)
+        try restart("site-b", kill: SIGTERM, port: try address("site-b"), extra: ["--fault-plan", plan])
+        try waitFor("site-a", "site-b", "the link up again") { $0["outbound"] as? String == "connected" }
+
+        try ok("site-a", ["vdisk", "create", "v", "--pool", "p", "--size", "48M", "--thin"])
+        try ok("site-a", ["vdisk", "export", "v"])
+        _ = try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x11 0 6M", "-c", "write -P 0x5a 30M 6M", uri("site-a", "v")])
+        try ok("site-a", ["async", "create-group", "g", "--source", "v", "--peer", "site-b"])
+        var pit = try nextCycle(after: 0, seconds: 120)
+        XCTAssertEqual(try pitMD5("site-b", pit), try pitMD5("site-a", pit), "the initial copy, through the faults")
+
+        let cycle = try XCTUnwrap(try asyncGroup("site-a", "g")["cycle"] as? Int)
+        _ = try run("/usr/bin/qemu-io", ["-f", "raw", "-c", "write -P 0x33 1M 4M", "-c", "write -P 0x44 40M 2M", uri("site-a", "v")])
+        try ok("site-a", ["async", "continue-task", "g"])
+        pit = try nextCycle(after: cycle, seconds: 120)
+        XCTAssertEqual(try pitMD5("site-b", pit), try pitMD5("site-a", pit), "a later cycle, through the faults")
+        XCTAssertEqual(try pitMD5("site-b", pit), try md5("site-a", "v"))
+
+        let text = log("site-b")
+        XCTAssertTrue(text.contains("fault plan: flipped bit"), text)
+        XCTAssertTrue(text.contains("dropped after"), text)
+        XCTAssertTrue(text.contains("held 300 ms"), text)
+        XCTAssertTrue(log("site-a").contains("resumed at"), "a cut cycle resumes where the destination had it: \(log("site-a"))")
+        assertPoolsClean()
+    }
+}
