@@ -258,6 +258,7 @@ final class DaemonTests: XCTestCase {
         XCTAssertTrue(text.contains("svsp_lun_io_latency_seconds_bucket{pool=\"a\""), text)
         // 44 extents after the 4 MiB reserve: 4 for v1, 1 for the pool's metadata area.
         XCTAssertTrue(text.contains("svsp_pool_free_bytes{pool=\"a\"} \(Double(39 << 20))"), text)
+        XCTAssertTrue(text.contains("svsp_pool_stuck_luns{pool=\"a\"} 0"), text)
     }
 
     func mirror(_ name: String) throws -> [String: Any] {

@@ -109,7 +109,7 @@ public final class Daemon: @unchecked Sendable {
             let server = try MetricsServer(hostPort: listen) { [domain] in
                 let pools = domain.metadata.pools.map {
                     (name: $0.name, capacity: $0.capacityBytes, free: UInt64(domain.freeExtents(of: $0)) * $0.extentBytes,
-                     healthy: domain.isPoolHealthy($0))
+                     healthy: domain.isPoolHealthy($0), stuckLUNs: domain.stuckLUNs(of: $0).count)
                 }
                 domain.metrics.updatePools(pools)
                 let m = domain.metadata

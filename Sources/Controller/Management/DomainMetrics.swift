@@ -104,7 +104,7 @@ public final class DomainMetrics: @unchecked Sendable {
     }
 
     /// Pool capacity gauges, refreshed before each scrape.
-    public func updatePools(_ pools: [(name: String, capacity: UInt64, free: UInt64, healthy: Bool)]) {
+    public func updatePools(_ pools: [(name: String, capacity: UInt64, free: UInt64, healthy: Bool, stuckLUNs: Int)]) {
         for p in pools {
             registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "pool", metricName: "capacity", unitName: "bytes",
                                                  helpText: "Pool capacity"), labels: [("pool", p.name)]).set(to: Double(p.capacity))
@@ -113,6 +113,9 @@ public final class DomainMetrics: @unchecked Sendable {
             registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "pool", metricName: "healthy", unitName: "bool",
                                                  helpText: "1 when every LUN of the pool is present"),
                                labels: [("pool", p.name)]).set(to: p.healthy ? 1.0 : 0.0)
+            registry.makeGauge(descriptor: .init(namespace: "svsp", subsystem: "pool", metricName: "stuck", unitName: "luns",
+                                                 helpText: "LUNs of the pool declared stuck (an I/O outlived the array profile's io_timeout)"),
+                               labels: [("pool", p.name)]).set(to: Double(p.stuckLUNs))
         }
     }
 
