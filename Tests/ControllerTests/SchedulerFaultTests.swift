@@ -149,6 +149,46 @@ final class SchedulerFaultTests: XCTestCase {
         keepAlive(engine, lun) // the scheduler holds only their handles
     }
 
+    /// A torn write must still be whole logical blocks: on a 4096-byte-sector LUN a tear at a
+    /// multiple of 1536 bytes would be refused by the device (and, armed before it was sent,
+    /// would later have killed the process on an unrelated completion). It is not simulated:
+    /// the write lands whole.
+    func testATearThatIsNotWholeSectorsIsNotSimulated() throws {
+        guard getuid() == 0 else { throw XCTSkip("needs root for losetup") }
+        let file = dir + "/lun4k.img"
+        try LUN.createFile(path: file, sizeBytes: 4 << 20)
+        let loop = Process()
+        loop.executableURL = URL(fileURLWithPath: "/sbin/losetup")
+        loop.arguments = ["--find", "--show", "--direct-io=on", "--sector-size", "4096", file]
+        let out = Pipe()
+        loop.standardOutput = out
+        try loop.run()
+        loop.waitUntilExit()
+        let device = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        guard loop.terminationStatus == 0, device.hasPrefix("/dev/loop") else { throw XCTSkip("losetup failed (no loop devices here?)") }
+        defer { _ = try? Process.run(URL(fileURLWithPath: "/sbin/losetup"), arguments: ["-d", device]).waitUntilExit() }
+
+        let lun = try LUN(path: device, readWrite: true)
+        XCTAssertEqual(lun.handle.info.logicalBlockSize, 4096)
+        let engine = try Engine(queueDepth: 32)
+        let (scheduler, index) = try scheduler(engine, lun, timeoutMs: 5000,
+            plan: #"{"rules": [{"pool": "p", "op": "write", "action": "torn", "unit": 1536}]}"#, events: EventLog())
+        let data = try pattern(7)
+        let sink = OrderSink()
+        for cookie in UInt64(1)...8 { // each a whole 12 KiB write the rule matches; no tear fits
+            try scheduler.submit(.write, lun: index, buffer: data.pointer, length: 12288, offset: cookie << 16, sink: sink, cookie: cookie)
+        }
+        scheduler.kick()
+        XCTAssertTrue(sink.wait(8))
+        for cookie in UInt64(1)...8 { XCTAssertEqual(sink.result(cookie), 12288, "write \(cookie) lands whole") }
+        let expected = try AlignedBuffer(count: 12288)
+        memcpy(expected.pointer, data.pointer, 12288)
+        XCTAssertTrue(try holds(expected, scheduler, index, offset: 8 << 16))
+        keepAlive(data, expected, expected)
+        keepAlive(engine, lun)
+    }
+
     func testBadFaultActionsAreOneClearLine() throws {
         let cases = [
             (#"{"rules": [{"pool": "b", "action": "explode"}]}"#, "rule 1: action 'explode' (fail, delay, stuck, torn)"),

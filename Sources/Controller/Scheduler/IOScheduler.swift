@@ -340,6 +340,7 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         do throws(IOError) {
             var length = chunk
             var send = true
+            var tearing = false
             if let faults, let action = faults.action(lun: l, op: slot.op, ioClass: ioClass, length: chunk,
                                                        whole: slot.dispatchedBytes == 0 && chunk == slot.length) {
                 switch action {
@@ -352,12 +353,14 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
                     if let due { armTimer(at: due, now: now) }
                     send = false
                 case .torn(let bytes):
-                    length = bytes
-                    tornSlot = index
+                    // A tear the device cannot take (not whole logical blocks) is not simulated.
+                    tearing = bytes % Int(handles[l].info.logicalBlockSize) == 0
+                    if tearing { length = bytes }
                 }
             }
             if send {
                 try prep(index, lun: l, length: length, offset: offset, bufferOffset: slot.dispatchedBytes, engine: engine)
+                if tearing { tornSlot = index } // only once the torn part is really on its way
             }
         } catch {
             if error.code == EBUSY {
@@ -495,11 +498,12 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
     /// too, as a driver's own timeout would fail them; chunks in the kernel, and ones a plan
     /// delays, are answered when they answer.
     func checkTimeouts() {
-        let now = clock.nowNs()
         var failed: [(index: Int, result: Int64)] = []
         var events: [String] = []
         lock.withLock { _ in
             guard arrayInFlight > 0 else { return }
+            // Read under the lock: a dispatch stamped after an earlier reading would wrap `now &- since`.
+            let now = clock.nowNs()
             for i in 0..<capacity where slots[i].chunksInFlight > 0 && now &- slots[i].inFlightSinceNs > profile.ioTimeoutNs {
                 let l = Int(slots[i].lun)
                 guard !luns[l].stuck else { continue }
@@ -519,6 +523,15 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         }
         for e in events { onLUNEvent?(e) }
         for f in failed { ioCompleted(cookie: UInt64(f.index), result: f.result) }
+    }
+
+    /// The torn part of a write is on the device: say so in the daemon's log (the torture
+    /// harness counts these lines) and crash at once, as a power cut would.
+    private static func crashAfterTornWrite(_ path: String) -> Never {
+        let line = "svsp: fault plan: a torn write landed partly on \(path); killing the daemon (SIGKILL)\n"
+        _ = line.withCString { write(2, $0, strlen($0)) }
+        kill(getpid(), SIGKILL)
+        while true { pause() }
     }
 
     /// Fails every request queued for LUN `l` (partly sent ones finish when their chunks return).
@@ -542,8 +555,8 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
         var room: (@Sendable () -> Void)?
         var answeredAgain: String?
         let stagedOnDomainEngine: Bool = lock.withLock { _ in
-            if index == tornSlot { kill(getpid(), SIGKILL) } // the torn part is on the device: crash now
             let l = Int(slots[index].lun)
+            if index == tornSlot { Self.crashAfterTornWrite(luns[l].handle.path) }
             luns[l].inFlight -= 1
             arrayInFlight -= 1
             if slots[index].ioClass == .background { backgroundInFlight -= 1 }

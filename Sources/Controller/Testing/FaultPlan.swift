@@ -17,7 +17,8 @@ import Foundation
 /// `action` says what a chosen chunk does instead of failing (`fail`, the default):
 /// - `delay`: reaches the device `delay_ms` later (a latency spike);
 /// - `stuck`: never reaches the device nor answers, as a hung LUN; after the array
-///   profile's `io_timeout` the scheduler declares the LUN stuck and fails it with ETIMEDOUT;
+///   profile's `io_timeout` the scheduler declares the LUN stuck and fails it with ETIMEDOUT
+///   (then, with nothing else in flight, the LUN has answered all it held: stuck no longer);
 /// - `torn`: a write of more than `unit` bytes (default 4096) lands only partly, a seeded
 ///   number of whole units from its start, and the daemon kills itself with SIGKILL the
 ///   moment that part is on the device (a crash in the middle of a multi-block write).

@@ -7,7 +7,8 @@ import NIOCore
 /// - `drop`: the connection is closed (a cut link; the sender resumes after reconnecting);
 /// - `corrupt`: one seeded bit of the received bytes flips (TLS refuses the record and the
 ///   connection ends, as it must: nothing corrupted reaches the protocol);
-/// - `delay`: this read, and every later one on the connection, waits `delay_ms` (order kept).
+/// - `delay`: this read waits `delay_ms`; reads that arrive meanwhile wait behind it and are
+///   released with it (order kept), later ones pass unless a rule fires again.
 /// A rule arms once a connection has received `after_bytes`; then each read triggers it with
 /// `probability`, at most `count` times over the daemon's life. One generator per rule,
 /// seeded by the plan's seed.
@@ -62,6 +63,8 @@ final class LinkFaultHandler: ChannelInboundHandler {
     /// Reads held back by a delay (and every read after them, to keep the order).
     private var held: [ByteBuffer] = []
     private var releasing = false
+    /// The pending release of `held`; cancelled when the connection ends first.
+    private var release: Scheduled<Void>?
 
     init(_ faults: LinkFaults) { self.faults = faults }
 
@@ -87,7 +90,7 @@ final class LinkFaultHandler: ChannelInboundHandler {
             if !releasing {
                 releasing = true
                 let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-                context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { bound.value.0.release(bound.value.1) }
+                release = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { bound.value.0.releaseHeld(bound.value.1) }
             }
             return
         case nil:
@@ -101,11 +104,23 @@ final class LinkFaultHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        held.removeAll() // a cut link delivers nothing more
+        dropHeld() // a cut link delivers nothing more
         context.fireChannelInactive()
     }
 
-    private func release(_ context: ChannelHandlerContext) {
+    func handlerRemoved(context: ChannelHandlerContext) {
+        dropHeld() // the context must not be used after this
+    }
+
+    private func dropHeld() {
+        release?.cancel()
+        release = nil
+        releasing = false
+        held.removeAll()
+    }
+
+    private func releaseHeld(_ context: ChannelHandlerContext) {
+        release = nil
         releasing = false
         let now = held
         held.removeAll()
