@@ -196,7 +196,8 @@ final class SchedulerFaultTests: XCTestCase {
             (#"{"rules": [{"pool": "b", "action": "stuck", "delay_ms": 5}]}"#, "rule 1: delay_ms belongs to action delay, not 'stuck'"),
             (#"{"rules": [{"pool": "b", "op": "write"}, {"pool": "b", "action": "torn"}]}"#, "rule 2: torn needs op write, not 'any'"),
             (#"{"rules": [{"pool": "b", "op": "write", "action": "torn", "unit": 1000}]}"#, "rule 1: unit 1000 (a multiple of 512 up to 1M)"),
-            (#"{"link_rules": [{"action": "reorder"}]}"#, "link rule 1: action 'reorder' (drop, corrupt, delay)"),
+            (#"{"link_rules": [{"action": "shuffle"}]}"#, "link rule 1: action 'shuffle' (drop, corrupt, delay, reorder)"),
+            (#"{"link_rules": [{"action": "reorder"}]}"#, "link rule 1: reorder needs delay_ms 1..600000"),
             (#"{"link_rules": [{"action": "drop", "after_bytes": -1}]}"#, "link rule 1: after_bytes and count are not negative"),
             (#"{"seed": 3}"#, "no rules and no link_rules"),
         ]

@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOSSL
 import IOEngine
@@ -12,6 +13,12 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
 
     /// Sent through every open connection when the peers change: a removed peer's close.
     struct Recheck {}
+    /// Sent to an accepted connection when its peer connected again: this one is a link
+    /// the peer gave up on, and closes.
+    struct Superseded {}
+    /// From a fault plan's `reorder` link rule: the worker holds what it received for
+    /// `ms`, as a slow disk would, while the connection is cut.
+    struct HoldWork { let ms: Int }
 
     enum Role {
         /// We accepted it: who the client proved to be in the handshake.
@@ -39,6 +46,8 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
     private var closed = false
     /// Accepted side: requests and blocks, handled in order by one task.
     private var work: AsyncStream<ReplicationMessage>.Continuation?
+    /// Accepted side, fault plans only: the worker handles nothing before this uptime (ns).
+    private let workHeldUntil = NIOLockedValueBox<UInt64>(0)
 
     init(service: ReplicationService, role: Role, remote: String, decoder: ReplicationFrameDecoder) {
         self.service = service
@@ -81,7 +90,10 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
             let me = service.domain.metadata
             context.send(.welcome(version: chosen, domainId: me.domainId, domainName: me.name))
             established(chosen, peer: name, id: id)
-            startWorker(peer: name, version: chosen, channel: context.channel)
+            let channel = context.channel
+            service.adoptInbound(channel, peer: name) { previous in
+                startWorker(peer: name, version: chosen, channel: channel, after: previous)
+            }
             service.update(name) { $0.inbound += 1 }
             service.log("replication: peer '\(name)' connected from \(remote) (protocol v\(chosen))")
         case (.connected(let name, _), .welcome(let chosen, let id, let peerName)) where version == nil:
@@ -191,6 +203,15 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
             fail(context, version == nil ? "no handshake within \(seconds) s" : "nothing received for \(seconds) s")
             return
         }
+        if event is Superseded {
+            closeReason = "superseded: the peer connected again"
+            context.close(promise: nil)
+            return
+        }
+        if let hold = event as? HoldWork {
+            workHeldUntil.withLockedValue { $0 = DispatchTime.now().uptimeNanoseconds + UInt64(hold.ms) * 1_000_000 }
+            return
+        }
         if event is Recheck {
             if let peer, service.domain.metadata.peer(named: peer) == nil {
                 closeReason = "peer '\(peer)' was removed"
@@ -216,6 +237,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
         switch role {
         case .accepted:
             if version != nil, let peer {
+                service.forgetInbound(context.channel, peer: peer)
                 service.update(peer) { $0.inbound = max(0, $0.inbound - 1) }
                 service.log("replication: peer '\(peer)' disconnected (from \(remote))" + (closeReason.map { ": \($0)" } ?? ""))
             }
@@ -255,14 +277,27 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
     // MARK: requests and blocks (accepted side)
 
     /// Handles what the peer sends, one message at a time, in order, answering each.
-    private func startWorker(peer name: String, version: UInt16, channel: Channel) {
+    /// Starts the task that handles this connection's requests and blocks, once `previous`
+    /// (the worker of the peer's connection before this one) has ended: nothing an older
+    /// connection received is applied after anything of a newer one. What is still queued
+    /// when the connection closed is dropped, not applied: its answers could not reach the
+    /// peer, which sends it again on its new connection.
+    private func startWorker(peer name: String, version: UInt16, channel: Channel, after previous: Task<Void, Never>?) -> Task<Void, Never> {
         let (stream, continuation) = AsyncStream<ReplicationMessage>.makeStream()
         work = continuation
-        let domain = service.domain, service = service
-        Task {
+        let domain = service.domain, service = service, heldUntil = workHeldUntil
+        return Task {
+            await previous?.value
             guard let scratch = try? AlignedBuffer(count: BlockHeader.maxDataBytes) else { return }
             var group: String? // the group the last cycle-begin named: blocks go there
+            var dropped = 0
+            defer {
+                if dropped > 0 { service.log("replication: peer '\(name)': \(dropped) frame(s) received before its connection closed were not applied (it sends them again)") }
+            }
             for await message in stream {
+                let until = heldUntil.withLockedValue { $0 }, now = DispatchTime.now().uptimeNanoseconds
+                if until > now { try? await Task.sleep(nanoseconds: until - now) }
+                guard channel.isActive else { dropped += 1; continue }
                 let id: UInt64, outcome: Result<AsyncResponse, DomainError>
                 switch message {
                 case .request(let rid, let body):

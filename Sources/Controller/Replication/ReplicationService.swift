@@ -24,6 +24,8 @@ public final class ReplicationService: @unchecked Sendable {
     private var stopped = false
     /// Each peer's outbound session once negotiated: requests and blocks go through it.
     private var sessions: [String: PeerSession] = [:]
+    /// Each peer's newest accepted connection and the task handling what it receives.
+    private var inbound: [String: (channel: Channel, worker: Task<Void, Never>)] = [:]
     private var nextCallId: UInt64 = 0
     /// The last problem logged for a connection that named no known peer (logged once in a row).
     private var lastAnonymousProblem: String?
@@ -150,6 +152,23 @@ public final class ReplicationService: @unchecked Sendable {
             }
         }
         if fresh { log("replication: " + line) }
+    }
+
+    /// Makes `channel` the peer's accepted connection and starts its worker after the
+    /// previous connection's (`startWorker` gets that one's task). A peer keeps one outbound
+    /// connection, so an older accepted one is a link it gave up on: it is closed, and what
+    /// its worker still holds is dropped, never applied after the new connection's frames.
+    func adoptInbound(_ channel: Channel, peer: String, startWorker: (Task<Void, Never>?) -> Task<Void, Never>) {
+        let older: Channel? = lock.withLock {
+            let old = inbound[peer]
+            inbound[peer] = (channel, startWorker(old?.worker))
+            return old?.channel
+        }
+        older?.pipeline.fireUserInboundEventTriggered(PeerSession.Superseded())
+    }
+
+    func forgetInbound(_ channel: Channel, peer: String) {
+        lock.withLock { if inbound[peer]?.channel === channel { inbound[peer] = nil } }
     }
 
     func register(_ session: PeerSession, for peer: String) { lock.withLock { sessions[peer] = session } }

@@ -122,11 +122,13 @@ public struct FaultPlan: Decodable, Sendable {
         }
         for (i, r) in plan.linkRules.enumerated() {
             let at = "--fault-plan \(path): link rule \(i + 1)"
-            guard ["drop", "corrupt", "delay"].contains(r.action) else { throw DomainError("\(at): action '\(r.action)' (drop, corrupt, delay)") }
-            if r.action == "delay" {
-                guard let ms = r.delayMs, (1...600_000).contains(ms) else { throw DomainError("\(at): delay needs delay_ms 1..600000") }
+            guard ["drop", "corrupt", "delay", "reorder"].contains(r.action) else {
+                throw DomainError("\(at): action '\(r.action)' (drop, corrupt, delay, reorder)")
+            }
+            if r.action == "delay" || r.action == "reorder" {
+                guard let ms = r.delayMs, (1...600_000).contains(ms) else { throw DomainError("\(at): \(r.action) needs delay_ms 1..600000") }
             } else if r.delayMs != nil {
-                throw DomainError("\(at): delay_ms belongs to action delay, not '\(r.action)'")
+                throw DomainError("\(at): delay_ms belongs to actions delay and reorder, not '\(r.action)'")
             }
             guard (0...1).contains(r.probability) else { throw DomainError("\(at): probability \(r.probability) (0..1)") }
             guard r.afterBytes >= 0, (r.count ?? 0) >= 0 else { throw DomainError("\(at): after_bytes and count are not negative") }

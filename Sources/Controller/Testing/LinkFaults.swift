@@ -8,7 +8,11 @@ import NIOCore
 /// - `corrupt`: one seeded bit of the received bytes flips (TLS refuses the record and the
 ///   connection ends, as it must: nothing corrupted reaches the protocol);
 /// - `delay`: this read waits `delay_ms`; reads that arrive meanwhile wait behind it and are
-///   released with it (order kept), later ones pass unless a rule fires again.
+///   released with it (order kept), later ones pass unless a rule fires again;
+/// - `reorder`: what this connection received waits `delay_ms` in the receiver's queue (as
+///   behind a slow disk) and the connection is cut 300 ms later; the peer reconnects and
+///   sends again, so the old connection's frames reach the queue's end after the new
+///   connection's began (a reorder across reconnects: the receiver must not apply them).
 /// A rule arms once a connection has received `after_bytes`; then each read triggers it with
 /// `probability`, at most `count` times over the daemon's life. One generator per rule,
 /// seeded by the plan's seed.
@@ -17,6 +21,7 @@ public final class LinkFaults: Sendable {
         case drop
         case corrupt(bit: Int)
         case delay(ms: Int)
+        case reorder(ms: Int)
     }
 
     private struct Armed {
@@ -45,6 +50,7 @@ public final class LinkFaults: Sendable {
                 switch r.action {
                 case "drop": return .drop
                 case "delay": return .delay(ms: r.delayMs ?? 0)
+                case "reorder": return .reorder(ms: r.delayMs ?? 0)
                 default: return .corrupt(bit: Int(SplitMix.next(&rules[i].state) % UInt64(length * 8)))
                 }
             }
@@ -93,6 +99,11 @@ final class LinkFaultHandler: ChannelInboundHandler {
                 release = context.eventLoop.scheduleTask(in: .milliseconds(Int64(ms))) { bound.value.0.releaseHeld(bound.value.1) }
             }
             return
+        case .reorder(let ms):
+            faults.report("fault plan: replication link from \(peer) cut after \(received) bytes, what it received held \(ms) ms behind the reconnect")
+            context.fireUserInboundEventTriggered(PeerSession.HoldWork(ms: ms))
+            let channel = context.channel
+            context.eventLoop.scheduleTask(in: .milliseconds(300)) { channel.close(promise: nil) }
         case nil:
             break
         }
