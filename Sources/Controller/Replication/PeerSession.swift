@@ -46,8 +46,12 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
     private var closed = false
     /// Accepted side: requests and blocks, handled in order by one task.
     private var work: AsyncStream<ReplicationMessage>.Continuation?
-    /// Accepted side, fault plans only: the worker handles nothing before this uptime (ns).
+    /// Accepted side, fault plans only: the worker's next message is applied no earlier than
+    /// this uptime (ns), as behind a slow disk.
     private let workHeldUntil = NIOLockedValueBox<UInt64>(0)
+    /// Set once this side decided to close (TLS may keep the socket a few seconds longer for
+    /// its close_notify): the worker applies nothing it has not started.
+    private let ending = NIOLockedValueBox(false)
 
     init(service: ReplicationService, role: Role, remote: String, decoder: ReplicationFrameDecoder) {
         self.service = service
@@ -122,7 +126,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
             closeReason = "refused by the peer: \(reason)"
             service.update(name) { $0.outbound = .refused; $0.detail = "refused by the peer: \(reason)" }
             report("refused by the peer: \(reason)")
-            context.close(promise: nil)
+            end(context)
         case (.accepted, .request), (.accepted, .blocks):
             guard version != nil, let work else { return refuse(context, .malformed, "\(message.kind) frame before negotiation") }
             work.yield(message)
@@ -151,6 +155,12 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
         Task { try? await domain.pinPeerDomainId(name, id) }
     }
 
+    /// Closes the connection; from now its worker starts nothing more.
+    private func end(_ context: ChannelHandlerContext) {
+        ending.withLockedValue { $0 = true }
+        context.close(promise: nil)
+    }
+
     /// Answers `refuse` (best effort), reports once and closes.
     private func refuse(_ context: ChannelHandlerContext, _ code: ReplicationMessage.RefusalCode, _ reason: String) {
         context.send(.refuse(code: code, reason: reason), version: version ?? 1)
@@ -161,7 +171,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
         closeReason = reason
         if case .connected(let name, _) = role { service.update(name) { $0.outbound = .refused; $0.detail = reason } }
         report(reason)
-        context.close(promise: nil)
+        end(context)
     }
 
     /// One log line (and the peer's last problem) per connection.
@@ -194,7 +204,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
         }
         closeReason = reason
         report(reason)
-        context.close(promise: nil)
+        end(context)
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -205,7 +215,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
         }
         if event is Superseded {
             closeReason = "superseded: the peer connected again"
-            context.close(promise: nil)
+            end(context)
             return
         }
         if let hold = event as? HoldWork {
@@ -215,7 +225,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
         if event is Recheck {
             if let peer, service.domain.metadata.peer(named: peer) == nil {
                 closeReason = "peer '\(peer)' was removed"
-                context.close(promise: nil)
+                end(context)
             }
             return
         }
@@ -223,6 +233,7 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        ending.withLockedValue { $0 = true }
         pinger?.cancel()
         work?.finish()
         let waiting = callLock.withLock { () -> [CheckedContinuation<(ok: Bool, body: [UInt8]), Error>] in
@@ -279,13 +290,14 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
     /// Handles what the peer sends, one message at a time, in order, answering each.
     /// Starts the task that handles this connection's requests and blocks, once `previous`
     /// (the worker of the peer's connection before this one) has ended: nothing an older
-    /// connection received is applied after anything of a newer one. What is still queued
+    /// connection received is applied after anything of a newer one (a frame the older took
+    /// before its close, say behind a slow disk, is finished first). What is still queued
     /// when the connection closed is dropped, not applied: its answers could not reach the
     /// peer, which sends it again on its new connection.
     private func startWorker(peer name: String, version: UInt16, channel: Channel, after previous: Task<Void, Never>?) -> Task<Void, Never> {
         let (stream, continuation) = AsyncStream<ReplicationMessage>.makeStream()
         work = continuation
-        let domain = service.domain, service = service, heldUntil = workHeldUntil
+        let domain = service.domain, service = service, heldUntil = workHeldUntil, ending = ending
         return Task {
             await previous?.value
             guard let scratch = try? AlignedBuffer(count: BlockHeader.maxDataBytes) else { return }
@@ -295,9 +307,10 @@ final class PeerSession: ChannelInboundHandler, @unchecked Sendable {
                 if dropped > 0 { service.log("replication: peer '\(name)': \(dropped) frame(s) received before its connection closed were not applied (it sends them again)") }
             }
             for await message in stream {
+                guard !ending.withLockedValue({ $0 }), channel.isActive else { dropped += 1; continue }
+                // A fault plan's `reorder`: this message's apply waits (it may outlast the connection).
                 let until = heldUntil.withLockedValue { $0 }, now = DispatchTime.now().uptimeNanoseconds
                 if until > now { try? await Task.sleep(nanoseconds: until - now) }
-                guard channel.isActive else { dropped += 1; continue }
                 let id: UInt64, outcome: Result<AsyncResponse, DomainError>
                 switch message {
                 case .request(let rid, let body):

@@ -25,7 +25,7 @@ public final class ReplicationService: @unchecked Sendable {
     /// Each peer's outbound session once negotiated: requests and blocks go through it.
     private var sessions: [String: PeerSession] = [:]
     /// Each peer's newest accepted connection and the task handling what it receives.
-    private var inbound: [String: (channel: Channel, worker: Task<Void, Never>)] = [:]
+    private var inbound: [String: (channel: Channel?, worker: Task<Void, Never>)] = [:]
     private var nextCallId: UInt64 = 0
     /// The last problem logged for a connection that named no known peer (logged once in a row).
     private var lastAnonymousProblem: String?
@@ -167,8 +167,10 @@ public final class ReplicationService: @unchecked Sendable {
         older?.pipeline.fireUserInboundEventTriggered(PeerSession.Superseded())
     }
 
+    /// The connection closed; its worker stays the one the next connection waits for (it
+    /// may still be applying a frame it took before the close).
     func forgetInbound(_ channel: Channel, peer: String) {
-        lock.withLock { if inbound[peer]?.channel === channel { inbound[peer] = nil } }
+        lock.withLock { if inbound[peer]?.channel === channel { inbound[peer]?.channel = nil } }
     }
 
     func register(_ session: PeerSession, for peer: String) { lock.withLock { sessions[peer] = session } }
@@ -215,7 +217,7 @@ public final class ReplicationService: @unchecked Sendable {
         }
         let decoder = ReplicationFrameDecoder()
         let ops = channel.pipeline.syncOperations
-        if let linkFaults { try ops.addHandler(LinkFaultHandler(linkFaults)) }
+        if let linkFaults { try ops.addHandler(LinkFaultHandler(linkFaults, accepted: true)) }
         try ops.addHandler(IdleStateHandler(readTimeout: Self.idleTimeout))
         try ops.addHandler(NIOSSLServerHandler(context: context))
         try ops.addHandler(ByteToMessageHandler(decoder, maximumBufferSize: 1 << 20))
@@ -293,7 +295,7 @@ public final class ReplicationService: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let decoder = ReplicationFrameDecoder()
                     let ops = channel.pipeline.syncOperations
-                    if let linkFaults { try ops.addHandler(LinkFaultHandler(linkFaults)) }
+                    if let linkFaults { try ops.addHandler(LinkFaultHandler(linkFaults, accepted: false)) }
                     try ops.addHandler(IdleStateHandler(readTimeout: Self.idleTimeout))
                     try ops.addHandler(NIOSSLClientHandler(context: context, serverHostname: nil))
                     try ops.addHandler(ByteToMessageHandler(decoder, maximumBufferSize: 1 << 20))

@@ -206,16 +206,14 @@ public final class IOScheduler: CompletionSink, @unchecked Sendable {
 
     /// No host I/O in flight and none sent for `hostIdleNs`: background work may use the whole depth.
     public var hostsIdle: Bool {
-        let now = clock.nowNs()
-        return lock.withLock { _ in arrayInFlight == backgroundInFlight && now &- lastHostDispatchNs >= Self.hostIdleNs }
+        lock.withLock { _ in arrayInFlight == backgroundInFlight && clock.nowNs() &- lastHostDispatchNs >= Self.hostIdleNs }
     }
 
     /// What background work may use now: the whole queue depth (no host I/O in flight or
     /// sent for `hostIdleNs`) or its `background_share`; for `mirror status`.
     public var backgroundAllowance: String {
-        let now = clock.nowNs()
-        return lock.withLock { _ in
-            let idle = arrayInFlight == backgroundInFlight && now &- lastHostDispatchNs >= Self.hostIdleNs
+        lock.withLock { _ in
+            let idle = arrayInFlight == backgroundInFlight && clock.nowNs() &- lastHostDispatchNs >= Self.hostIdleNs
             return idle ? "whole queue depth (hosts idle)"
                 : "\(backgroundSharePercent)% of what is in flight, chunks of \(backgroundActiveChunkBytes >> 10) KiB (hosts active)"
         }

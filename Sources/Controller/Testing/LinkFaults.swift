@@ -9,10 +9,10 @@ import NIOCore
 ///   connection ends, as it must: nothing corrupted reaches the protocol);
 /// - `delay`: this read waits `delay_ms`; reads that arrive meanwhile wait behind it and are
 ///   released with it (order kept), later ones pass unless a rule fires again;
-/// - `reorder`: what this connection received waits `delay_ms` in the receiver's queue (as
-///   behind a slow disk) and the connection is cut 300 ms later; the peer reconnects and
-///   sends again, so the old connection's frames reach the queue's end after the new
-///   connection's began (a reorder across reconnects: the receiver must not apply them).
+/// - `reorder` (accepted connections only): the receiving worker's next message waits
+///   `delay_ms` before it is applied (as behind a slow disk) and the connection is cut 300 ms
+///   later; the peer reconnects and sends again while that apply still waits (a reorder
+///   across reconnects: nothing of the new connection may be applied before it ends).
 /// A rule arms once a connection has received `after_bytes`; then each read triggers it with
 /// `probability`, at most `count` times over the daemon's life. One generator per rule,
 /// seeded by the plan's seed.
@@ -40,10 +40,11 @@ public final class LinkFaults: Sendable {
     }
 
     /// What to do with a read of `length` bytes on a connection that had received `before`.
-    func action(before: Int, length: Int) -> Action? {
+    func action(before: Int, length: Int, accepted: Bool) -> Action? {
         armed.withLockedValue { rules in
             for i in rules.indices {
                 let r = rules[i].rule
+                if r.action == "reorder", !accepted { continue } // only a receiving worker can hold
                 guard before + length > r.afterBytes, r.count.map({ rules[i].fired < $0 }) ?? true else { continue }
                 guard Double(SplitMix.next(&rules[i].state) >> 11) / Double(1 << 53) < r.probability else { continue }
                 rules[i].fired += 1
@@ -65,6 +66,8 @@ final class LinkFaultHandler: ChannelInboundHandler {
     typealias InboundOut = ByteBuffer
 
     private let faults: LinkFaults
+    /// Whether this daemon accepted the connection (its worker applies what arrives).
+    private let accepted: Bool
     private var received = 0
     /// Reads held back by a delay (and every read after them, to keep the order).
     private var held: [ByteBuffer] = []
@@ -72,13 +75,16 @@ final class LinkFaultHandler: ChannelInboundHandler {
     /// The pending release of `held`; cancelled when the connection ends first.
     private var release: Scheduled<Void>?
 
-    init(_ faults: LinkFaults) { self.faults = faults }
+    init(_ faults: LinkFaults, accepted: Bool) {
+        self.faults = faults
+        self.accepted = accepted
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
         let length = bytes.readableBytes
         guard length > 0 else { return }
-        let action = faults.action(before: received, length: length)
+        let action = faults.action(before: received, length: length, accepted: accepted)
         received += length
         let peer = context.remoteAddress.map { "\($0)" } ?? "?"
         switch action {
@@ -100,7 +106,7 @@ final class LinkFaultHandler: ChannelInboundHandler {
             }
             return
         case .reorder(let ms):
-            faults.report("fault plan: replication link from \(peer) cut after \(received) bytes, what it received held \(ms) ms behind the reconnect")
+            faults.report("fault plan: replication link from \(peer) cut after \(received) bytes, the apply of its next frame held \(ms) ms behind the reconnect")
             context.fireUserInboundEventTriggered(PeerSession.HoldWork(ms: ms))
             let channel = context.channel
             context.eventLoop.scheduleTask(in: .milliseconds(300)) { channel.close(promise: nil) }
