@@ -55,8 +55,10 @@ extension PoolMetadata {
 }
 
 final class PoolMetadataTests: XCTestCase {
-    private func formatted(_ f: MetaFixture, chunks: UInt64, reserved: UInt64 = 0) async throws -> PoolMetadata {
-        let layout = MetaLayout.sized(forChunks: Int(chunks))
+    /// `journalPages`: a journal smaller than the pool's own (tests of what does not fit it).
+    private func formatted(_ f: MetaFixture, chunks: UInt64, reserved: UInt64 = 0, journalPages: UInt32? = nil) async throws -> PoolMetadata {
+        let sized = MetaLayout.sized(forChunks: Int(chunks))
+        let layout = journalPages.map { MetaLayout(journalPages: $0, pageCount: sized.pageCount - sized.journalPages + $0) } ?? sized
         XCTAssertLessThanOrEqual(layout.pageCount, f.pages)
         return try await PoolMetadata.format(area: f.area, layout: layout, poolId: f.poolId, chunkCount: chunks,
                                              reserved: reserved > 0 ? [0..<reserved] : [])
@@ -87,6 +89,43 @@ final class PoolMetadataTests: XCTestCase {
         let checkpointed = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
         XCTAssertEqual(try entries(checkpointed, map, 100), expected)
         XCTAssertEqual(checkpointed.store.journalUsed, 0)
+    }
+
+    /// The first writes after a PiT change a map page per redirect: a journal of a few
+    /// hundred pages filled every few commits, and each checkpoint stalled the commits
+    /// behind it (`benchmarks/pit-cost`). A large pool's journal takes 1/16 page per chunk.
+    func testALargePoolsJournalHoldsManyCommitsAndASmallPoolsStaysSmall() {
+        XCTAssertEqual(MetaLayout.sized(forChunks: 103_424).journalPages, 4096) // 6.3 GiB of 64 KiB extents
+        XCTAssertEqual(MetaLayout.sized(forChunks: 16_384).journalPages, 1024)
+        XCTAssertEqual(MetaLayout.sized(forChunks: 64).journalPages, 64)
+        XCTAssertEqual(MetaLayout.sized(forChunks: 100_000_000).journalPages, 16_384)
+    }
+
+    /// A checkpoint writes its pages in parallel: pages of many leaves, scattered, all
+    /// land in place (the reopened area has no journal left to replay them from).
+    func testACheckpointOfScatteredPagesWritesEveryOneInPlace() async throws {
+        let f = try MetaFixture("scattered", pages: MetaLayout.sized(forChunks: 300_000).pageCount)
+        let meta = try await formatted(f, chunks: 300_000)
+        let map = UUID()
+        try await meta.change { v throws(PageStore.Failure) in try v.createMap(map, chunks: 300_000) }
+        var expected = [UInt64?](repeating: nil, count: 300_000)
+        for batch in 0..<8 {
+            // One chunk in every 600th: a leaf page each, so runs of one page, many of them.
+            let placed = try await meta.change { v throws(PageStore.Failure) -> [(UInt64, UInt64)] in
+                var out: [(UInt64, UInt64)] = []
+                for i in stride(from: UInt64(batch * 75), to: 300_000, by: 600) {
+                    let run = try v.allocate(1)
+                    try v.map(map, at: i, to: run)
+                    out.append((i, run[0].lowerBound))
+                }
+                return out
+            }
+            for (i, c) in placed { expected[Int(i)] = c }
+        }
+        try await meta.store.checkpoint()
+        let reopened = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+        XCTAssertEqual(reopened.store.journalUsed, 0)
+        XCTAssertEqual(try entries(reopened, map, 300_000), expected)
     }
 
     func testATornJournalRecordIsDroppedWholeAndTheCommitBeforeItKept() async throws {
@@ -371,7 +410,7 @@ final class PoolMetadataTests: XCTestCase {
     /// keeps every entry.
     func testAMapTooLargeToReleaseInOneCommitIsReleasedInSteps() async throws {
         let f = try MetaFixture("steps", pages: MetaLayout.sized(forChunks: 300_000).pageCount)
-        let meta = try await formatted(f, chunks: 300_000)
+        let meta = try await formatted(f, chunks: 300_000, journalPages: 512)
         let (a, b) = (UUID(), UUID())
         try await meta.change { v throws(PageStore.Failure) in
             try v.createMap(a, chunks: 150_000)
@@ -408,7 +447,7 @@ final class PoolMetadataTests: XCTestCase {
 
     func testATransactionTooLargeForTheJournalIsRefusedAndChangesNothing() async throws {
         let f = try MetaFixture("big", pages: MetaLayout.sized(forChunks: 600_000).pageCount)
-        let meta = try await formatted(f, chunks: 600_000)
+        let meta = try await formatted(f, chunks: 600_000, journalPages: 512)
         let map = UUID()
         try await meta.change { v throws(PageStore.Failure) in try v.createMap(map, chunks: 600_000) }
         let free = meta.freeChunks

@@ -309,12 +309,17 @@ public final class PageStore: @unchecked Sendable {
         if !dirty.isEmpty {
             let buffer = try Self.alignedBuffer(pages: dirty.count)
             for (i, page) in dirty.enumerated() { page.encode(into: buffer.pointer + i * MetaPage.bytes) }
+            var runs: [(first: Int, count: Int)] = [] // runs of consecutive pages, one write each
             var i = 0
-            while i < dirty.count { // runs of consecutive pages, one write each
+            while i < dirty.count {
                 var n = 1
                 while i + n < dirty.count, dirty[i + n].number == dirty[i].number + UInt32(n) { n += 1 }
-                do { try await area.write(page: dirty[i].number, count: n, from: buffer.pointer + i * MetaPage.bytes, fua: false) } catch { throw .io(error) }
+                runs.append((i, n))
                 i += n
+            }
+            // Commits wait while a checkpoint runs: its writes go in parallel, not one by one.
+            if let failed = await writeInParallel(runs.map { (dirty[$0.first].number, $0.count, buffer.pointer + $0.first * MetaPage.bytes) }) {
+                throw .io(failed)
             }
             do { try await area.flush() } catch { throw .io(error) }
         }
@@ -328,6 +333,27 @@ public final class PageStore: @unchecked Sendable {
             used = 0
         }
     }
+
+    /// Writes each (first page, count, bytes), up to `checkpointWidth` at once; the first error, if any.
+    private func writeInParallel(_ writes: [(page: UInt32, count: Int, bytes: UnsafeMutableRawPointer)]) async -> IOError? {
+        let area = area
+        let all = writes.map { (page: $0.page, count: $0.count, bytes: UnsafeRawPointerBox(pointer: $0.bytes)) }
+        return await withTaskGroup(of: IOError?.self) { group -> IOError? in
+            var failed: IOError?
+            for (i, w) in all.enumerated() {
+                if i >= Self.checkpointWidth, let done = await group.next(), let error = done { failed = failed ?? error }
+                group.addTask { () -> IOError? in
+                    do throws(IOError) { try await area.write(page: w.page, count: w.count, from: w.bytes.pointer, fua: false) } catch { return error }
+                    return nil
+                }
+            }
+            for await done in group { if let error = done { failed = failed ?? error } }
+            return failed
+        }
+    }
+
+    /// Checkpoint writes in flight at once.
+    static let checkpointWidth = 32
 
     /// A checkpoint, taken in turn with commits (the daemon calls it when idle and at shutdown).
     public func checkpoint() async throws(Failure) {
@@ -477,4 +503,9 @@ extension UUID {
         }
         self.init(uuid: bytes)
     }
+}
+
+/// A page buffer's address handed to the tasks of one checkpoint (the buffer outlives them).
+private struct UnsafeRawPointerBox: @unchecked Sendable {
+    let pointer: UnsafeMutableRawPointer
 }

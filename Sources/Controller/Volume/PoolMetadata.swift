@@ -266,8 +266,9 @@ public final class PoolMetadata: @unchecked Sendable {
     }
 
     /// Pages one step of a long change (`deleteMapStep`) may change: a quarter of the
-    /// journal, leaving room for the other changes of its group commit.
-    public var stepPageBudget: Int { max(16, Int(store.layout.journalPages) / 4) }
+    /// journal, leaving room for the other changes of its group commit, and at most 256
+    /// (a 1 MiB record): host writes that allocate or redirect wait for the commit.
+    public var stepPageBudget: Int { max(16, min(256, Int(store.layout.journalPages) / 4)) }
 
     /// Chunks free to allocate now.
     public var freeChunks: UInt64 { store.locked { freeIndex.count } }
