@@ -35,7 +35,7 @@ public struct MetaLayout: Equatable, Sendable {
         // The journal: when it fills, a checkpoint (every changed page written in place)
         // stalls the commits behind it, and the first writes after a PiT change a map page
         // per redirect. 1/16 page per chunk (4 KiB per MiB of 64 KiB extents, at most 16 MiB)
-        // keeps those stalls rare: a 6 GiB pool of 64 KiB extents had 1.25 MiB.
+        // keeps those stalls rare: a 6 GiB pool of 64 KiB extents had 652 KiB.
         let journal = UInt32(min(max(64, trees / 8, min(4096, chunks / 16)), 16_384)) // 256 KiB .. 64 MiB
         return MetaLayout(journalPages: journal, pageCount: Self.superblockPages + Self.rootTablePages + journal + UInt32(trees))
     }
