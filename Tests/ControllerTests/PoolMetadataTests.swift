@@ -122,7 +122,22 @@ final class PoolMetadataTests: XCTestCase {
             }
             for (i, c) in placed { expected[Int(i)] = c }
         }
-        try await meta.store.checkpoint()
+        // A first checkpoint whose every 5th in-place write fails: it throws, and the
+        // journal (not yet released) still carries every change.
+        let treeStart = meta.store.layout.treeStart
+        let writes = WriteCounter()
+        meta.store.area.failWrites { page, _ in page >= treeStart && writes.next() % 5 == 4 }
+        do {
+            try await meta.store.checkpoint()
+            XCTFail("a checkpoint with failed writes succeeded")
+        } catch {}
+        XCTAssertGreaterThan(writes.count, 2 * PageStore.checkpointWidth, "more runs than are written at once")
+        meta.store.area.failWrites(when: nil)
+        let replayed = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
+        XCTAssertGreaterThan(replayed.store.journalUsed, 0)
+        XCTAssertEqual(try entries(replayed, map, 300_000), expected)
+
+        try await replayed.store.checkpoint()
         let reopened = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
         XCTAssertEqual(reopened.store.journalUsed, 0)
         XCTAssertEqual(try entries(reopened, map, 300_000), expected)
@@ -465,4 +480,13 @@ final class PoolMetadataTests: XCTestCase {
         let reopened = try await PoolMetadata.open(area: f.area, poolId: f.poolId)
         XCTAssertEqual(reopened.freeChunks, free)
     }
+}
+
+/// Counts the calls of a fault hook (it runs on the engine's tasks).
+final class WriteCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var calls = 0
+    var count: Int { lock.withLock { calls } }
+    /// The number of calls before this one.
+    func next() -> Int { lock.withLock { calls += 1; return calls - 1 } }
 }

@@ -16,7 +16,13 @@ final class PoolMetadataFuzz: @unchecked Sendable {
     private let engine: EngineBox
     private let lun: LUNBox
     private let poolId = UUID()
-    private let layout = MetaLayout.sized(forChunks: 4096)
+    /// A 64-page journal, as pools of 4096 chunks had before journals grew to 1/16 page per
+    /// chunk: the seeds (scripts/make-fuzz-seeds.py) edit tree pages from page 82 on, and a
+    /// small ring wraps within the baseline's commits.
+    private let layout: MetaLayout = {
+        let sized = MetaLayout.sized(forChunks: 4096)
+        return MetaLayout(journalPages: 64, pageCount: sized.pageCount - sized.journalPages + 64)
+    }()
     private let chunks: UInt64 = 4096
     /// The formatted area, as the edits start from it.
     private let baseline: [UInt8]

@@ -353,7 +353,7 @@ public final class PageStore: @unchecked Sendable {
     }
 
     /// Checkpoint writes in flight at once.
-    static let checkpointWidth = 32
+    public static let checkpointWidth = 32
 
     /// A checkpoint, taken in turn with commits (the daemon calls it when idle and at shutdown).
     public func checkpoint() async throws(Failure) {
